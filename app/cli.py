@@ -1,0 +1,87 @@
+"""`mixtral-chat` entry point: the TUI with no subcommand, else one of app/commands/*.
+
+Start-up stays light: torch, transformers-free engine code and Textual are imported by the
+command that needs them, never here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+# Each subcommand lives in app/commands/<module>.py with `register(subparsers)` and
+# `run(args) -> int`. Registering is cheap: the modules import nothing heavy at top level.
+COMMAND_MODULES = ("ask", "models", "quantize", "bench", "paths")
+
+
+class UsageError(Exception):
+    """Bad command-line usage: exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse prints usage and exits 2 itself
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mixtral-chat", description="Local chat with Mixtral-8x7B-Instruct.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--model", help="model for the chat app: catalog name, repo id or path")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"mixtral_chat.app.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"mixtral_chat.app.commands.{name}":
+                raise
+            continue  # a command not built yet
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = args.debug or bool(os.environ.get("MIXTRAL_CHAT_DEBUG"))
+    try:
+        if args.command is None:
+            from mixtral_chat.app.tui import run_tui
+
+            return run_tui(model=args.model)
+        return int(args.handler(args) or 0)
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"mixtral-chat: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        print(f"mixtral-chat: error: {one_line_error(exc)}", file=sys.stderr)
+        return 1
+
+
+def one_line_error(exc: BaseException) -> str:
+    """The message of a user-facing error; for anything else, its type and message on one line."""
+    from mixtral_chat.engine.errors import MixtralChatError
+
+    text = " ".join(str(exc).split())
+    if isinstance(exc, MixtralChatError):
+        return text
+    if isinstance(exc, MemoryError):
+        return "out of memory: try a smaller model, 4-bit quantization, or fewer experts per layer"
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    name = type(exc).__name__
+    return f"{name}: {text} (run with --debug for details)" if text else name
+
+
+if __name__ == "__main__":
+    sys.exit(main())

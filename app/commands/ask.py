@@ -1,0 +1,125 @@
+"""`mixtral-chat ask`: one answer, streamed to stdout. Diagnostics go to stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "ask",
+        help="answer one prompt, streamed to stdout",
+        description="Answer one prompt. PROMPT and piped stdin combine: "
+        "git diff | mixtral-chat ask 'review this'",
+    )
+    parser.add_argument("prompt", nargs="?", help="the question (stdin is appended when piped)")
+    parser.add_argument("--model", help="catalog name, repo id (org/name) or model directory")
+    parser.add_argument("--system", help="system prompt (none unless given)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
+    parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--quant", choices=["none", "int4", "nf4"], help="quantize a float model in memory")
+    parser.add_argument("--context", type=int, help="context length in tokens (default 4096)")
+    parser.set_defaults(handler=run)
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    from mixtral_chat.app.cli import UsageError
+
+    parts = [args.prompt] if args.prompt else []
+    if not sys.stdin.isatty():
+        piped = sys.stdin.read()
+        if piped.strip():
+            parts.append(piped)
+    if not parts:
+        raise UsageError("no prompt: give PROMPT or pipe text on stdin")
+    return "\n\n".join(part.strip("\n") for part in parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mixtral_chat.app.cli import UsageError
+
+    prompt = read_prompt(args)
+    if args.context is not None and args.context < 1:
+        raise UsageError("--context must be a positive number of tokens")
+    from mixtral_chat.engine.registry import resolve_model
+    from mixtral_chat.engine.runtime import Engine, GenerationConfig
+
+    from mixtral_chat.engine.errors import MixtralChatError
+
+    try:
+        config = GenerationConfig(
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            max_tokens=args.max_tokens,
+            seed=args.seed,
+        )
+    except MixtralChatError as exc:
+        raise UsageError(str(exc)) from None
+    resolved = resolve_model(args.model)
+    if resolved.is_demo and args.model is None:
+        print(
+            "mixtral-chat: using the bundled demo model; get Mixtral with "
+            "`mixtral-chat models pull mixtral-8x7b-instruct`",
+            file=sys.stderr,
+        )
+    engine = Engine.load(
+        resolved.path,
+        device=args.device,
+        dtype=args.dtype,
+        quant=args.quant,
+        context_length=args.context,
+        name=resolved.name,
+    )
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": prompt})
+    stop = threading.Event()
+    stream = engine.chat(messages, config, stop_event=stop)
+    for notice in stream.notices:
+        print(f"mixtral-chat: {notice}", file=sys.stderr)
+    pieces: list[str] = []
+    interrupted = False
+    try:
+        for piece in stream:
+            pieces.append(piece)
+            if not args.json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        # Ctrl+C stops generation; what was printed stays, and the JSON says "cancelled".
+        interrupted = True
+        stop.set()
+    stats = stream.stats
+    text = "".join(pieces)
+    if args.json:
+        finish = "cancelled" if interrupted or stats is None else stats.finish_reason
+        print(
+            json.dumps(
+                {
+                    "text": text,
+                    "finish_reason": finish,
+                    "model": engine.info.name,
+                    "usage": {
+                        "prompt_tokens": stats.prompt_tokens if stats else None,
+                        "completion_tokens": stats.completion_tokens if stats else len(pieces),
+                    },
+                    "timings": {
+                        "ttft_s": round(stats.ttft_s, 4) if stats else None,
+                        "decode_tok_s": round(stats.decode_tok_s, 2) if stats else None,
+                    },
+                },
+                ensure_ascii=False,
+            )
+        )
+    elif text and not text.endswith("\n"):
+        sys.stdout.write("\n")
+    return 130 if interrupted else 0

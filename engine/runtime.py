@@ -1,0 +1,263 @@
+"""The engine as the CLI and the TUI use it: load a model directory, chat, stream text."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from mixtral_chat.engine.errors import ContextTooLongError, MixtralChatError, OutOfMemoryError
+
+if TYPE_CHECKING:
+    import torch
+
+    from mixtral_chat.engine.model import Mixtral
+    from mixtral_chat.engine.tokenizer import Tokenizer
+
+DEFAULT_CONTEXT = 4096
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 512
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise MixtralChatError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise MixtralChatError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise MixtralChatError(f"top-k must be >= 0, got {self.top_k}")
+        if self.max_tokens < 1:
+            raise MixtralChatError(f"max tokens must be >= 1, got {self.max_tokens}")
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float
+    decode_tok_s: float
+    finish_reason: FinishReason
+    dropped_turns: int = 0
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    name: str
+    path: Path
+    device: str
+    dtype: str
+    scheme: str
+    context_length: int
+    n_params: int
+    n_active_params: int
+
+
+def resolve_device(device: str) -> torch.device:
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MixtralChatError("--device cuda was asked for, but no CUDA GPU is available")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise MixtralChatError(f"unknown device {device!r} (auto, cpu or cuda)")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    import torch
+
+    if dtype == "auto":
+        # bfloat16 halves memory and is fast on GPUs; most CPUs compute float32 faster.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise MixtralChatError(f"unknown dtype {dtype!r} (auto, float32 or bfloat16)")
+    return table[dtype]
+
+
+class ChatStream:
+    """Iterate to get text pieces as they are generated; `stats` is set once iteration ends."""
+
+    def __init__(self, pieces: Iterator[str]) -> None:
+        self._pieces = pieces
+        self.stats: GenerationStats | None = None
+        self.notices: list[str] = []
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+
+class Engine:
+    def __init__(self, model: Mixtral, tokenizer: Tokenizer, info: EngineInfo) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.info = info
+        self._cached_ids: list[int] = []  # tokens whose keys/values the KV cache holds
+        self._lock = threading.Lock()  # one generation at a time
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        quant: str | None = None,
+        context_length: int | None = None,
+        name: str | None = None,
+    ) -> Engine:
+        import torch
+
+        from mixtral_chat.engine.tokenizer import Tokenizer
+        from mixtral_chat.engine.weights import QUANT_CONFIG_FILE, load_model
+
+        model_dir = Path(model_dir)
+        torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+        tokenizer = Tokenizer(model_dir / "tokenizer.model")
+        try:
+            model = load_model(model_dir, torch_device, torch_dtype, quant=quant)
+            limit = model.args.max_position_embeddings
+            ctx = min(context_length or DEFAULT_CONTEXT, limit)
+            model.setup_cache(ctx)
+        except torch.OutOfMemoryError as exc:
+            raise OutOfMemoryError(f"out of {torch_device.type} memory loading {model_dir}: {exc}") from None
+        if tokenizer.vocab_size > model.args.vocab_size:
+            raise MixtralChatError(
+                f"{model_dir}: tokenizer has {tokenizer.vocab_size} tokens, the model only "
+                f"{model.args.vocab_size}"
+            )
+        scheme = quant or "none"
+        quant_config = model_dir / QUANT_CONFIG_FILE
+        if quant_config.exists():
+            import json
+
+            scheme = str(json.loads(quant_config.read_text()).get("scheme", "unknown"))
+        info = EngineInfo(
+            name=name or model_dir.name,
+            path=model_dir,
+            device=str(torch_device),
+            dtype=str(torch_dtype).removeprefix("torch."),
+            scheme=scheme,
+            context_length=ctx,
+            n_params=model.args.n_params,
+            n_active_params=model.args.n_active_params,
+        )
+        return cls(model, tokenizer, info)
+
+    def fit_prompt(self, messages: list[dict], max_tokens: int) -> tuple[list[int], int]:
+        """Encode messages, dropping the oldest turns (never the system prompt) to fit.
+
+        Returns the prompt ids and how many messages were dropped. Turns are dropped until the
+        prompt leaves room for max_tokens; the last user turn alone only has to leave room for one.
+        """
+        ctx = self.info.context_length
+        system = [m for m in messages[:1] if m.get("role") == "system"]
+        turns = messages[len(system) :]
+        dropped = 0
+        while True:
+            ids = self.tokenizer.encode_chat(system + turns)
+            if len(ids) + max_tokens <= ctx:
+                return ids, dropped
+            # Drop from the front, a user message with the assistant reply after it together.
+            cut = 1
+            while cut < len(turns) and turns[cut].get("role") != "user":
+                cut += 1
+            if cut >= len(turns):
+                if len(ids) < ctx:
+                    return ids, dropped
+                raise ContextTooLongError(
+                    f"the prompt is {len(ids)} tokens, more than the context of {ctx} tokens"
+                )
+            turns = turns[cut:]
+            dropped += cut
+
+    def chat(
+        self,
+        messages: list[dict],
+        config: GenerationConfig | None = None,
+        stop_event: threading.Event | None = None,
+    ) -> ChatStream:
+        """Start answering the conversation; nothing runs until the stream is iterated."""
+        config = config or GenerationConfig()
+        prompt, dropped = self.fit_prompt(messages, config.max_tokens)
+        stream = ChatStream(iter(()))
+        if dropped:
+            stream.notices.append(f"dropped the {dropped} oldest messages to fit the context")
+        stream._pieces = self._stream(prompt, config, stop_event, stream, dropped)
+        return stream
+
+    def _stream(
+        self,
+        prompt: list[int],
+        config: GenerationConfig,
+        stop_event: threading.Event | None,
+        stream: ChatStream,
+        dropped: int,
+    ) -> Iterator[str]:
+        from mixtral_chat.engine.generate import SamplingParams, TokenStreamState, generate_tokens
+        from mixtral_chat.engine.tokenizer import StreamingDetokenizer
+
+        params = SamplingParams(config.temperature, config.top_p, config.top_k)
+        detok = StreamingDetokenizer(self.tokenizer)
+        state = TokenStreamState([])
+        start = time.perf_counter()
+        first_at: float | None = None
+        completion = 0
+        with self._lock:
+            tokens = generate_tokens(
+                self.model,
+                prompt,
+                max_new_tokens=config.max_tokens,
+                eos_id=self.tokenizer.eos_id,
+                params=params,
+                seed=config.seed,
+                stop_event=stop_event,
+                cached_prefix=self._cached_ids,
+                state=state,
+            )
+            try:
+                for token in tokens:
+                    completion += 1
+                    if first_at is None:
+                        first_at = time.perf_counter()
+                    piece = detok.add(token)
+                    if piece:
+                        yield piece
+                tail = detok.flush()
+                if tail:
+                    yield tail
+            except GeneratorExit:  # the consumer stopped reading: a cancellation too
+                state.finish_reason = "cancelled"
+                raise
+            finally:
+                # Also when the consumer stops early (GeneratorExit): keep the cache consistent.
+                tokens.close()
+                self._cached_ids = state.cached_ids
+                end = time.perf_counter()
+                decode_time = end - first_at if first_at is not None else 0.0
+                stream.stats = GenerationStats(
+                    prompt_tokens=len(prompt),
+                    completion_tokens=completion,
+                    ttft_s=(first_at or end) - start,
+                    decode_tok_s=(completion - 1) / decode_time
+                    if completion > 1 and decode_time > 0
+                    else 0.0,
+                    finish_reason=state.finish_reason,  # type: ignore[arg-type]
+                    dropped_turns=dropped,
+                )
+
+    def cache_stats(self) -> dict | None:
+        """Expert-cache counters when experts are offloaded; None when all are resident."""
+        return None

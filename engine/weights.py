@@ -1,0 +1,250 @@
+"""Reading Hugging Face safetensors checkpoints tensor by tensor into a `Mixtral`.
+
+The model is built on the `meta` device (no memory), each tensor is read from its memory-mapped
+shard, converted and moved, then assigned: peak memory stays near the final model's size plus one
+tensor. Pickle checkpoints (.bin/.pt) are never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from mixtral_chat.engine.config import ModelArgs
+from mixtral_chat.engine.errors import WeightsError
+from mixtral_chat.engine.model import Mixtral
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+QUANT_CONFIG_FILE = "quant_config.json"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_FLOAT_DTYPES = {"F32", "F16", "BF16"}
+_TORCH_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def hf_to_module_name(key: str) -> str:
+    """`model.layers.0.self_attn.q_proj.weight` -> `layers.0.self_attn.q_proj.weight`."""
+    return key.removeprefix("model.")
+
+
+def module_to_hf_name(name: str) -> str:
+    return name if name.startswith("lm_head.") else f"model.{name}"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where each tensor of a safetensors checkpoint lives: key -> shard file."""
+
+    directory: Path
+    shards: dict[str, Path]
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted(set(self.shards.values()))
+
+    @classmethod
+    def open(cls, directory: str | Path) -> Checkpoint:
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise WeightsError(f"{directory}: model directory not found")
+        index = directory / INDEX_FILE
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                shards = {str(k): directory / str(v) for k, v in weight_map.items()}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise WeightsError(f"{index}: not a valid safetensors index ({exc})") from None
+            for shard in sorted(set(shards.values())):
+                if not shard.exists():
+                    raise WeightsError(f"{shard}: shard listed in {INDEX_FILE} is missing")
+            return cls(directory, shards)
+        single = directory / SINGLE_FILE
+        if single.exists():
+            return cls(directory, {key: single for key in _read_keys(single)})
+        pickles = [p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES]
+        if pickles:
+            raise WeightsError(
+                f"{directory}: only pickle weights ({pickles[0]}) found; mixtral-chat loads safetensors only"
+            )
+        raise WeightsError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} found")
+
+    def tensors(self, keys: list[str] | None = None) -> Iterator[tuple[str, Tensor]]:
+        """Yield (key, tensor) shard by shard, each read on its own into fresh memory.
+
+        Reading with pread rather than through safetensors' mmap keeps the file's pages out of
+        this process's RSS: peak memory is what the caller keeps plus one tensor.
+        """
+        wanted = set(self.shards) if keys is None else set(keys)
+        for file in self.files:
+            file_keys = sorted(k for k, f in self.shards.items() if f == file and k in wanted)
+            if not file_keys:
+                continue
+            header, data_start = _read_header(file)
+            with open(file, "rb") as handle:
+                for key in file_keys:
+                    info = header.get(key)
+                    if info is None:
+                        raise WeightsError(f"{file}: tensor '{key}' listed in the index is missing")
+                    yield key, _read_tensor(handle, file, key, info, data_start)
+
+
+def _read_tensor(handle, file: Path, key: str, info: dict, data_start: int) -> Tensor:
+    dtype = _TORCH_DTYPES.get(info.get("dtype", ""))
+    if dtype is None:
+        raise WeightsError(f"{file}: tensor '{key}' has unsupported dtype {info.get('dtype')!r}")
+    begin, end = info["data_offsets"]
+    shape = tuple(info["shape"])
+    nbytes = end - begin
+    if nbytes != math.prod(shape) * dtype.itemsize:
+        raise WeightsError(f"{file}: tensor '{key}' is corrupt (its size does not match its shape)")
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    view = memoryview(buffer.numpy()) if nbytes else memoryview(b"")
+    try:
+        handle.seek(data_start + begin)
+        read = handle.readinto(view) if nbytes else 0
+    except OSError as exc:
+        raise WeightsError(f"{file}: tensor '{key}' is unreadable ({exc.strerror or exc})") from None
+    if read != nbytes:
+        raise WeightsError(f"{file}: truncated safetensors file (tensor '{key}' is cut off)")
+    return buffer.view(dtype).reshape(shape)
+
+
+def _read_header(file: Path) -> tuple[dict[str, dict], int]:
+    """The safetensors JSON header (key -> {dtype, shape, data_offsets}) and where data starts.
+
+    Checks that every tensor lies inside the file, so a truncated download fails here, by name.
+    """
+    try:
+        with open(file, "rb") as f:
+            size_bytes = f.read(8)
+            if len(size_bytes) < 8:
+                raise WeightsError(f"{file}: truncated safetensors file (no header)")
+            header_len = int.from_bytes(size_bytes, "little")
+            file_len = file.stat().st_size
+            if header_len > file_len - 8:
+                raise WeightsError(f"{file}: corrupt safetensors header (length {header_len})")
+            header = json.loads(f.read(header_len))
+    except OSError as exc:
+        raise WeightsError(f"{file}: unreadable ({exc.strerror or exc})") from None
+    except ValueError:
+        raise WeightsError(f"{file}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{file}: corrupt safetensors header")
+    header.pop("__metadata__", None)
+    data_len = file_len - 8 - header_len
+    for key, info in header.items():
+        try:
+            begin, end = info["data_offsets"]
+            valid = (
+                isinstance(info["dtype"], str)
+                and all(isinstance(d, int) and d >= 0 for d in info["shape"])
+                and isinstance(begin, int)
+                and isinstance(end, int)
+                and 0 <= begin <= end
+            )
+        except (TypeError, KeyError, ValueError):
+            valid = False
+        if not valid:
+            raise WeightsError(f"{file}: corrupt safetensors header (entry '{key}')")
+        if end > data_len:
+            raise WeightsError(f"{file}: truncated safetensors file (tensor '{key}' is cut off)")
+    return header, 8 + header_len
+
+
+def _read_keys(file: Path) -> list[str]:
+    return list(_read_header(file)[0])
+
+
+def _dtype_name(dtype: str) -> str:
+    return {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(dtype, dtype)
+
+
+def check_checkpoint(checkpoint: Checkpoint, model: Mixtral) -> None:
+    """Every expected tensor present with the right shape and a float dtype; nothing unexpected."""
+    expected = {
+        module_to_hf_name(name): tuple(param.shape)
+        for name, param in model.state_dict().items()
+        if not (model.args.tie_word_embeddings and name == "lm_head.weight")
+    }
+    headers = {file: _read_header(file)[0] for file in checkpoint.files}
+    missing = sorted(set(expected) - set(checkpoint.shards))
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise WeightsError(f"{checkpoint.directory}: missing tensor '{missing[0]}'{more}")
+    unexpected = sorted(set(checkpoint.shards) - set(expected))
+    if unexpected:
+        more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
+        file = checkpoint.shards[unexpected[0]]
+        raise WeightsError(f"{file}: unexpected tensor '{unexpected[0]}'{more} (does config.json match?)")
+    for key, shape in expected.items():
+        file = checkpoint.shards[key]
+        info = headers[file].get(key)
+        if info is None:
+            raise WeightsError(f"{file}: tensor '{key}' listed in the index is missing")
+        if tuple(info["shape"]) != shape:
+            raise WeightsError(
+                f"{file}: tensor '{key}' has shape {tuple(info['shape'])}, config.json implies {shape}"
+            )
+        if info["dtype"] not in _FLOAT_DTYPES:
+            raise WeightsError(
+                f"{file}: tensor '{key}' has dtype {_dtype_name(info['dtype'])}, expected a float type"
+            )
+
+
+def build_on_meta(args: ModelArgs) -> Mixtral:
+    with torch.device("meta"):
+        return Mixtral(args)
+
+
+def load_model(
+    model_dir: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    quant: str | None = None,
+    group_size: int | None = None,
+) -> Mixtral:
+    """Load a model directory (HF safetensors, or a quantized directory with quant_config.json).
+
+    `quant` quantizes a float checkpoint in memory after loading (small models and tests).
+    """
+    model_dir = Path(model_dir)
+    args = ModelArgs.from_hf_config(model_dir)
+    model = build_on_meta(args)
+    device = torch.device(device)
+    if (model_dir / QUANT_CONFIG_FILE).exists():
+        from mixtral_chat.quant import load_quantized_model_weights
+
+        load_quantized_model_weights(model, model_dir, device, dtype)
+    else:
+        checkpoint = Checkpoint.open(model_dir)
+        check_checkpoint(checkpoint, model)
+        state = {
+            hf_to_module_name(key): tensor.to(device=device, dtype=dtype)
+            for key, tensor in checkpoint.tensors()
+        }
+        if args.tie_word_embeddings:
+            state["lm_head.weight"] = state["embed_tokens.weight"]
+        model.load_state_dict(state, strict=True, assign=True)
+        if quant and quant != "none":
+            from mixtral_chat.quant import quantize_model_in_memory
+
+            quantize_model_in_memory(model, quant, group_size)
+    model.requires_grad_(False)
+    return model.eval()

@@ -1,0 +1,96 @@
+"""Shared fixtures: tiny Mixtral checkpoints saved by transformers in the real HF layout."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+TINY_CONFIG = dict(
+    vocab_size=32000,  # Mixtral's real tokenizer (mistral-common's tokenizer.model.v1)
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    max_position_embeddings=256,
+)
+
+
+def mistral_tokenizer_path() -> Path:
+    """Mixtral's real sentencepiece model, as bundled with mistral-common (a test dependency)."""
+    import mistral_common
+
+    path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    assert path.exists(), path
+    return path
+
+
+def save_tiny_checkpoint(
+    directory: Path,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    with_tokenizer: bool = True,
+    **overrides: object,
+) -> Path:
+    """Random weights saved by transformers' MixtralForCausalLM.save_pretrained."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(**{**TINY_CONFIG, **overrides})
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(config).eval()
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(directory, **kwargs)
+    if with_tokenizer:
+        shutil.copy(mistral_tokenizer_path(), directory / "tokenizer.model")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny 4-expert top-2 Mixtral with Mixtral's real tokenizer (shared, read-only)."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-mixtral"))
+
+
+@pytest.fixture
+def make_checkpoint(tmp_path: Path) -> Callable[..., Path]:
+    counter = iter(range(1000))
+
+    def make(**overrides: object) -> Path:
+        directory = tmp_path / f"ckpt{next(counter)}"
+        return save_tiny_checkpoint(directory, **overrides)
+
+    return make
+
+
+@pytest.fixture
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Data, config and logs of mixtral-chat under a temporary folder."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("MIXTRAL_CHAT_HOME", str(home))
+    return home
+
+
+def run_cli(
+    *args: str, input: str | None = None, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """The real `mixtral-chat` CLI in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "mixtral_chat.app.cli", *args],
+        input=input if input is not None else "",
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )
