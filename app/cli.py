@@ -12,13 +12,11 @@ import os
 import sys
 from collections.abc import Sequence
 
+from mixtral_chat.app.errors import UsageError
+
 # Each subcommand lives in app/commands/<module>.py with `register(subparsers)` and
 # `run(args) -> int`. Registering is cheap: the modules import nothing heavy at top level.
 COMMAND_MODULES = ("ask", "models", "quantize", "bench", "paths")
-
-
-class UsageError(Exception):
-    """Bad command-line usage: exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):

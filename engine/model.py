@@ -124,8 +124,13 @@ class SparseMoE(nn.Module):
             Expert(args.hidden_size, args.intermediate_size) for _ in range(args.num_local_experts)
         )
         self.expert_source: ExpertSource = self._resident_experts
+        # How many experts the source can hold at once (an offloaded layer's cache slots).
+        self.experts_per_call = args.num_local_experts
+        # Called with the MoE input [T, D] before routing: speculative prefetch of the next
+        # layer's experts starts here, so their loading overlaps this layer's compute.
+        self.prefetch_hook: Callable[[Tensor], None] | None = None
         # Called with (router logits [T, E], chosen experts [T, K], weights [T, K]) after routing:
-        # the routing trace and the expert-cache panel listen here.
+        # the routing trace listens here.
         self.routing_hook: Callable[[Tensor, Tensor, Tensor], None] | None = None
 
     def _resident_experts(self, expert_ids: Sequence[int]) -> list[nn.Module]:
@@ -143,16 +148,21 @@ class SparseMoE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, S, D = x.shape
         x = x.view(B * S, D)  # [T, D]
+        if self.prefetch_hook is not None:
+            self.prefetch_hook(x)
         router_logits, chosen, weights = self.route(x)
         if self.routing_hook is not None:
             self.routing_hook(router_logits, chosen, weights)
         out = torch.zeros_like(x)  # [T, D]
         expert_ids = sorted(set(chosen.flatten().tolist()))
-        # Ascending expert order, whatever the source: offloaded output stays bit-identical.
-        for expert_id, expert in zip(expert_ids, self.expert_source(expert_ids), strict=True):
-            token_idx, slot = torch.where(chosen == expert_id)  # tokens routed here, and which of K
-            y = expert(x[token_idx]) * weights[token_idx, slot, None]  # [t, D], float32 weights
-            out.index_add_(0, token_idx, y.to(out.dtype))
+        # Ascending expert order whatever the source, so offloaded output stays bit-identical;
+        # in groups no larger than the source holds at once (a prefill can need every expert).
+        for start in range(0, len(expert_ids), self.experts_per_call):
+            group = expert_ids[start : start + self.experts_per_call]
+            for expert_id, expert in zip(group, self.expert_source(group), strict=True):
+                token_idx, slot = torch.where(chosen == expert_id)  # tokens routed here; which of K
+                y = expert(x[token_idx]) * weights[token_idx, slot, None]  # [t, D], float32 weights
+                out.index_add_(0, token_idx, y.to(out.dtype))
         return out.view(B, S, D)
 
 

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import torch
 
     from mixtral_chat.engine.model import Mixtral
+    from mixtral_chat.engine.offload import ExpertOffloader
     from mixtral_chat.engine.tokenizer import Tokenizer
 
 DEFAULT_CONTEXT = 4096
@@ -51,6 +52,18 @@ class GenerationStats:
 
 
 @dataclass(frozen=True)
+class OffloadOptions:
+    """Expert offloading: k experts per layer on the compute device, the rest in a store."""
+
+    experts_per_layer: int | None = None  # overrides the planner; = experts means all resident
+    memory_budget_gb: float | None = None  # for the planner; default: free device memory - margin
+    prefetch: bool = True
+    store: Literal["ram", "disk"] = "ram"
+    policy: str = "lru"
+    simulate_link_gbps: float | None = None  # CPU benchmarks: copies take bytes / bandwidth
+
+
+@dataclass(frozen=True)
 class EngineInfo:
     name: str
     path: Path
@@ -60,6 +73,7 @@ class EngineInfo:
     context_length: int
     n_params: int
     n_active_params: int
+    offload_plan: str | None = None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -99,10 +113,13 @@ class ChatStream:
 
 
 class Engine:
-    def __init__(self, model: Mixtral, tokenizer: Tokenizer, info: EngineInfo) -> None:
+    def __init__(
+        self, model: Mixtral, tokenizer: Tokenizer, info: EngineInfo, offloader: ExpertOffloader | None = None
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.info = info
+        self.offloader = offloader
         self._cached_ids: list[int] = []  # tokens whose keys/values the KV cache holds
         self._lock = threading.Lock()  # one generation at a time
 
@@ -116,6 +133,7 @@ class Engine:
         quant: str | None = None,
         context_length: int | None = None,
         name: str | None = None,
+        offload: OffloadOptions | None = None,
     ) -> Engine:
         import torch
 
@@ -126,10 +144,33 @@ class Engine:
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         tokenizer = Tokenizer(model_dir / "tokenizer.model")
+        offloader = None
         try:
-            model = load_model(model_dir, torch_device, torch_dtype, quant=quant)
+            # With offloading, weights load into host memory and only the resident part moves.
+            model = load_model(model_dir, "cpu" if offload else torch_device, torch_dtype, quant=quant)
             limit = model.args.max_position_embeddings
             ctx = min(context_length or DEFAULT_CONTEXT, limit)
+            if offload:
+                from mixtral_chat.engine.offload import ExpertOffloader, move_non_experts, plan_offload
+
+                move_non_experts(model, torch_device)
+                budget = offload.memory_budget_gb
+                if budget is None and offload.experts_per_layer is None:
+                    budget = default_memory_budget_gb(torch_device)
+                plan = plan_offload(
+                    model,
+                    ctx,
+                    budget_bytes=int(budget * 1e9) if budget is not None else None,
+                    experts_per_layer=offload.experts_per_layer,
+                    store=offload.store,
+                )
+                offloader = ExpertOffloader(
+                    model,
+                    plan,
+                    policy=offload.policy,
+                    prefetch=offload.prefetch,
+                    simulate_link_gbps=offload.simulate_link_gbps,
+                )
             model.setup_cache(ctx)
         except torch.OutOfMemoryError as exc:
             raise OutOfMemoryError(f"out of {torch_device.type} memory loading {model_dir}: {exc}") from None
@@ -153,8 +194,9 @@ class Engine:
             context_length=ctx,
             n_params=model.args.n_params,
             n_active_params=model.args.n_active_params,
+            offload_plan=offloader.plan.describe() if offloader else None,
         )
-        return cls(model, tokenizer, info)
+        return cls(model, tokenizer, info, offloader)
 
     def fit_prompt(self, messages: list[dict], max_tokens: int) -> tuple[list[int], int]:
         """Encode messages, dropping the oldest turns (never the system prompt) to fit.
@@ -260,4 +302,21 @@ class Engine:
 
     def cache_stats(self) -> dict | None:
         """Expert-cache counters when experts are offloaded; None when all are resident."""
-        return None
+        return self.offloader.stats() if self.offloader else None
+
+    def close(self) -> None:
+        if self.offloader:
+            self.offloader.close()
+
+
+def default_memory_budget_gb(device: torch.device) -> float:
+    """Free memory on the compute device minus a margin for activations and the allocator."""
+    import torch
+
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(free / 1e9 - 1.0, 0.0)
+    import os
+
+    pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(pages / 1e9 * 0.8, 0.0)

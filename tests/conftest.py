@@ -13,6 +13,10 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# One compute thread in tests and in the CLI subprocesses they start: the tiny models gain nothing
+# from two, and OpenMP threads that spin on a busy 2-core machine made steps 40x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 TINY_CONFIG = dict(
     vocab_size=32000,  # Mixtral's real tokenizer (mistral-common's tokenizer.model.v1)
     hidden_size=32,
@@ -85,12 +89,15 @@ def run_cli(
     *args: str, input: str | None = None, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     """The real `mixtral-chat` CLI in a subprocess."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run(
+    full_env = {**os.environ, "PYTHONIOENCODING": "utf-8", **(env or {})}
+    raw = subprocess.run(
         [sys.executable, "-m", "mixtral_chat.app.cli", *args],
-        input=input if input is not None else "",
+        input=(input or "").encode(),
         capture_output=True,
-        text=True,
         env=full_env,
         timeout=timeout,
+    )
+    # Decoded by hand: text mode would turn a generated "\r" into "\n".
+    return subprocess.CompletedProcess(
+        raw.args, raw.returncode, raw.stdout.decode("utf-8"), raw.stderr.decode("utf-8")
     )

@@ -94,7 +94,9 @@ def test_greedy_generation_matches_transformers_generate(tiny_model_dir: Path) -
     assert stream.stats.finish_reason == ("length" if len(expected) == 32 else "stop")
 
     # The CLI prints exactly the decoded text (plus one newline when it does not end with one).
-    result = run_cli("ask", "--model", str(tiny_model_dir), "--max-tokens", "32", "Tell me about lighthouses.")
+    result = run_cli(
+        "ask", "--model", str(tiny_model_dir), "--max-tokens", "32", "Tell me about lighthouses."
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == text + ("" if text.endswith("\n") else "\n")
 

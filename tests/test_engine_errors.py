@@ -80,7 +80,9 @@ def test_truncated_weights(model_copy: Path) -> None:
     path = model_copy / "model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(WeightsError, match=r"model.safetensors: truncated safetensors file \(tensor '.*' is cut off\)"):
+    with pytest.raises(
+        WeightsError, match=r"model.safetensors: truncated safetensors file \(tensor '.*' is cut off\)"
+    ):
         load_model(model_copy)
 
 
@@ -95,7 +97,11 @@ def test_corrupt_header(model_copy: Path) -> None:
 
 def test_shapes_that_do_not_match_the_config(model_copy: Path) -> None:
     edit_config(model_copy, intermediate_size=48)
-    with pytest.raises(WeightsError, match=r"tensor 'model.layers.0.block_sparse_moe.experts.0.w1.weight' has shape \(64, 32\), config.json implies \(48, 32\)"):
+    with pytest.raises(
+        WeightsError,
+        match=r"tensor 'model.layers.0.block_sparse_moe.experts.0.w1.weight' has shape \(64, 32\), "
+        r"config.json implies \(48, 32\)",
+    ):
         load_model(model_copy)
 
 
@@ -104,7 +110,7 @@ def rewrite_tensors(directory: Path, change) -> None:
 
     path = directory / "model.safetensors"
     with safe_open(str(path), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     change(tensors)
     save_file(tensors, str(path))
 
@@ -113,17 +119,32 @@ def test_missing_and_unexpected_and_wrong_dtype_tensors(model_copy: Path) -> Non
     rewrite_tensors(model_copy, lambda t: t.pop("model.layers.1.block_sparse_moe.gate.weight"))
     with pytest.raises(WeightsError, match=r"missing tensor 'model.layers.1.block_sparse_moe.gate.weight'"):
         load_model(model_copy)
-    rewrite_tensors(model_copy, lambda t: t.update({
-        "model.layers.1.block_sparse_moe.gate.weight": torch.zeros(4, 32),
-        "model.layers.9.mlp.weight": torch.zeros(2),
-    }))
+    rewrite_tensors(
+        model_copy,
+        lambda t: t.update(
+            {
+                "model.layers.1.block_sparse_moe.gate.weight": torch.zeros(4, 32),
+                "model.layers.9.mlp.weight": torch.zeros(2),
+            }
+        ),
+    )
     with pytest.raises(WeightsError, match=r"unexpected tensor 'model.layers.9.mlp.weight'"):
         load_model(model_copy)
-    rewrite_tensors(model_copy, lambda t: t.update({
-        "model.layers.9.mlp.weight": None,
-        "model.norm.weight": torch.ones(32, dtype=torch.int32),
-    }) or t.pop("model.layers.9.mlp.weight"))
-    with pytest.raises(WeightsError, match=r"tensor 'model.norm.weight' has dtype I32, expected a float type"):
+    rewrite_tensors(
+        model_copy,
+        lambda t: (
+            t.update(
+                {
+                    "model.layers.9.mlp.weight": None,
+                    "model.norm.weight": torch.ones(32, dtype=torch.int32),
+                }
+            )
+            or t.pop("model.layers.9.mlp.weight")
+        ),
+    )
+    with pytest.raises(
+        WeightsError, match=r"tensor 'model.norm.weight' has dtype I32, expected a float type"
+    ):
         load_model(model_copy)
 
 
@@ -131,7 +152,9 @@ def test_missing_shard(tmp_path: Path) -> None:
     directory = save_tiny_checkpoint(tmp_path / "sharded", with_tokenizer=False, max_shard_size="1MB")
     shard = sorted(directory.glob("model-*.safetensors"))[-1]
     shard.unlink()
-    with pytest.raises(WeightsError, match=rf"{shard.name}: shard listed in model.safetensors.index.json is missing"):
+    with pytest.raises(
+        WeightsError, match=rf"{shard.name}: shard listed in model.safetensors.index.json is missing"
+    ):
         load_model(directory)
 
 
@@ -170,7 +193,13 @@ def test_cli_prompt_longer_than_the_context(tiny_model_dir: Path) -> None:
 
 def test_cli_json_and_stdin(tiny_model_dir: Path) -> None:
     result = run_cli(
-        "ask", "--model", str(tiny_model_dir), "--max-tokens", "5", "--json", "review this",
+        "ask",
+        "--model",
+        str(tiny_model_dir),
+        "--max-tokens",
+        "5",
+        "--json",
+        "review this",
         input="diff --git a/x b/x\n",
     )
     assert result.returncode == 0, result.stderr
@@ -188,8 +217,14 @@ def test_cli_json_and_stdin(tiny_model_dir: Path) -> None:
 def test_loading_peak_memory_is_model_plus_one_tensor(tmp_path: Path) -> None:
     """A ~200 MB checkpoint: peak RSS while loading <= final size + largest tensor (+ small slack)."""
     config = dict(
-        vocab_size=1024, hidden_size=512, intermediate_size=2048, num_hidden_layers=2,
-        num_attention_heads=8, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+        vocab_size=1024,
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
         max_position_embeddings=128,
     )
     directory = tmp_path / "big"
@@ -227,11 +262,17 @@ def test_loading_peak_memory_is_model_plus_one_tensor(tmp_path: Path) -> None:
         """
     )
     out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True,
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     numbers = json.loads(out.stdout)
     growth = numbers["peak"] - numbers["before"]
-    print(f"checkpoint {total / 1e6:.1f} MB, largest tensor {largest / 1e6:.1f} MB, peak growth {growth / 1e6:.1f} MB")
+    print(
+        f"checkpoint {total / 1e6:.1f} MB, largest tensor {largest / 1e6:.1f} MB, "
+        f"peak growth {growth / 1e6:.1f} MB"
+    )
     assert total > 150e6
     assert growth <= total + largest + 16e6

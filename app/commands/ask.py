@@ -28,11 +28,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--quant", choices=["none", "int4", "nf4"], help="quantize a float model in memory")
     parser.add_argument("--context", type=int, help="context length in tokens (default 4096)")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    offload = parser.add_argument_group("expert offloading")
+    offload.add_argument(
+        "--experts-per-layer", type=int, metavar="K", help="experts kept on the compute device per layer"
+    )
+    offload.add_argument("--gpu-mem", type=float, metavar="GB", help="memory budget for the planner")
+    offload.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True)
+    offload.add_argument("--offload", choices=["ram", "disk"], help="where the other experts live")
+    offload.add_argument("--cache-policy", default="lru", choices=["lru", "lfu"])
+    offload.add_argument("--simulate-link-gbps", type=float, metavar="GBPS", help=argparse.SUPPRESS)
+    offload.add_argument("--stats", action="store_true", help="print expert-cache statistics to stderr")
+    offload.add_argument("--trace-routing", metavar="FILE", help="write chosen experts as JSON lines")
     parser.set_defaults(handler=run)
 
 
 def read_prompt(args: argparse.Namespace) -> str:
-    from mixtral_chat.app.cli import UsageError
+    from mixtral_chat.app.errors import UsageError
 
     parts = [args.prompt] if args.prompt else []
     if not sys.stdin.isatty():
@@ -45,15 +57,14 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mixtral_chat.app.cli import UsageError
+    from mixtral_chat.app.errors import UsageError
 
     prompt = read_prompt(args)
     if args.context is not None and args.context < 1:
         raise UsageError("--context must be a positive number of tokens")
+    from mixtral_chat.engine.errors import MixtralChatError
     from mixtral_chat.engine.registry import resolve_model
     from mixtral_chat.engine.runtime import Engine, GenerationConfig
-
-    from mixtral_chat.engine.errors import MixtralChatError
 
     try:
         config = GenerationConfig(
@@ -79,7 +90,16 @@ def run(args: argparse.Namespace) -> int:
         quant=args.quant,
         context_length=args.context,
         name=resolved.name,
+        offload=offload_options(args),
     )
+    if engine.info.offload_plan and args.stats:
+        print(f"mixtral-chat: offload plan: {engine.info.offload_plan}", file=sys.stderr)
+    trace_file = None
+    if args.trace_routing:
+        from mixtral_chat.engine.offload import RoutingTrace
+
+        trace_file = open(args.trace_routing, "w", encoding="utf-8")  # noqa: SIM115 (closed below)
+        RoutingTrace(engine.model, trace_file)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": prompt})
     stop = threading.Event()
@@ -98,7 +118,12 @@ def run(args: argparse.Namespace) -> int:
         # Ctrl+C stops generation; what was printed stays, and the JSON says "cancelled".
         interrupted = True
         stop.set()
+    finally:
+        if trace_file:
+            trace_file.close()
     stats = stream.stats
+    cache = engine.cache_stats()
+    engine.close()
     text = "".join(pieces)
     if args.json:
         finish = "cancelled" if interrupted or stats is None else stats.finish_reason
@@ -116,10 +141,50 @@ def run(args: argparse.Namespace) -> int:
                         "ttft_s": round(stats.ttft_s, 4) if stats else None,
                         "decode_tok_s": round(stats.decode_tok_s, 2) if stats else None,
                     },
+                    **({"cache": cache_summary(cache)} if cache and args.stats else {}),
                 },
                 ensure_ascii=False,
             )
         )
     elif text and not text.endswith("\n"):
         sys.stdout.write("\n")
+    if args.stats:
+        print_stats(stats, cache)
     return 130 if interrupted else 0
+
+
+def offload_options(args: argparse.Namespace):
+    from mixtral_chat.engine.runtime import OffloadOptions
+
+    wanted = args.experts_per_layer is not None or args.gpu_mem is not None or args.offload
+    if not wanted:
+        return None
+    return OffloadOptions(
+        experts_per_layer=args.experts_per_layer,
+        memory_budget_gb=args.gpu_mem,
+        prefetch=args.prefetch,
+        store=args.offload or "ram",
+        policy=args.cache_policy,
+        simulate_link_gbps=args.simulate_link_gbps,
+    )
+
+
+def cache_summary(cache: dict) -> dict:
+    return {k: v for k, v in cache.items() if k != "layers"}
+
+
+def print_stats(stats, cache: dict | None) -> None:
+    if stats:
+        print(
+            f"mixtral-chat: {stats.prompt_tokens} prompt + {stats.completion_tokens} completion tokens, "
+            f"ttft {stats.ttft_s:.3f} s, decode {stats.decode_tok_s:.2f} tok/s, {stats.finish_reason}",
+            file=sys.stderr,
+        )
+    if cache:
+        print(
+            f"mixtral-chat: expert cache: hit rate {cache['hit_rate']:.1%} ({cache['hits']} hits, "
+            f"{cache['misses']} misses), prefetch recall {cache['prefetch_recall']:.1%}, "
+            f"{cache['prefetch_hits']} prefetch hits, {cache['prefetch_wasted']} wasted, "
+            f"bytes moved {cache['bytes_moved'] / 1e6:.1f} MB, stalled {cache['stall_s']:.3f} s",
+            file=sys.stderr,
+        )

@@ -1,0 +1,186 @@
+"""Expert offloading: identical output to the resident model, and exact cache bookkeeping."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixtral_chat.engine.errors import MixtralChatError, OutOfMemoryError
+from mixtral_chat.engine.expert_cache import LFUPolicy, LRUPolicy, SlotMap
+from mixtral_chat.engine.offload import ExpertOffloader, RoutingTrace, plan_offload
+from mixtral_chat.engine.runtime import Engine, GenerationConfig, OffloadOptions
+from mixtral_chat.engine.weights import load_model
+from tests.conftest import run_cli, save_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def eight_expert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_checkpoint(
+        tmp_path_factory.mktemp("eight"), num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=3
+    )
+
+
+def logits_of(model, tokens: torch.Tensor) -> torch.Tensor:
+    """A prefill of 10 tokens then single-token decode steps: both MoE paths run."""
+    model.setup_cache(64)
+    with torch.no_grad():
+        steps = [model(tokens[:, :10], torch.arange(10))]
+        steps += [model(tokens[:, i : i + 1], torch.tensor([i])) for i in range(10, tokens.shape[1])]
+    return torch.cat(steps, dim=1)
+
+
+@pytest.mark.parametrize("store", ["ram", "disk"])
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no-prefetch"])
+def test_offloaded_logits_are_bit_identical(
+    eight_expert_dir: Path, store: str, prefetch: bool, tmp_path
+) -> None:
+    tokens = torch.randint(0, 32000, (1, 24), generator=torch.Generator().manual_seed(3))
+    expected = logits_of(load_model(eight_expert_dir), tokens)
+    for k in range(2, 9):  # top_k .. num_experts
+        model = load_model(eight_expert_dir)
+        plan = plan_offload(model, 64, experts_per_layer=k, store=store)
+        offloader = ExpertOffloader(model, plan, prefetch=prefetch, store_path=tmp_path / f"{k}.pack")
+        try:
+            got = logits_of(model, tokens)
+        finally:
+            offloader.close()
+        assert torch.equal(got, expected), f"k={k}"
+        counters = offloader.counters()
+        if k == 8:
+            assert counters.misses == 0  # everything fits: warm start loads all experts
+        else:
+            assert counters.hits + counters.misses > 0
+
+
+def test_offloaded_generation_matches_and_reports_stats(eight_expert_dir: Path) -> None:
+    messages = [{"role": "user", "content": "Tell me a story"}]
+    config = GenerationConfig(max_tokens=16)
+    resident = Engine.load(eight_expert_dir, device="cpu", dtype="float32")
+    expected = "".join(resident.chat(messages, config))
+    assert resident.cache_stats() is None
+    engine = Engine.load(
+        eight_expert_dir, device="cpu", dtype="float32", offload=OffloadOptions(experts_per_layer=3)
+    )
+    assert "".join(engine.chat(messages, config)) == expected
+    stats = engine.cache_stats()
+    assert stats is not None
+    assert stats["hits"] + stats["misses"] > 0
+    assert 0.0 <= stats["hit_rate"] <= 1.0
+    assert stats["bytes_moved"] > 0
+    assert len(stats["layers"]) == 3 and all(len(layer["resident"]) == 3 for layer in stats["layers"])
+    assert engine.info.offload_plan and "3 experts/layer" in engine.info.offload_plan
+    engine.close()
+
+
+def test_scripted_routing_lru_counters_and_eviction_order() -> None:
+    slots = SlotMap(3, LRUPolicy(), expert_bytes=100)
+    script = [[0, 1], [2, 0], [3, 1], [0, 2], [3, 0]]
+    results = [[(a.expert, a.hit) for a in slots.access(step)] for step in script]
+    assert results == [
+        [(0, False), (1, False)],
+        [(2, False), (0, True)],
+        [(3, False), (1, True)],  # 3 evicts 2: 1 is least recent but the step needs it
+        [(0, True), (2, False)],  # 2 evicts 3 (0 is protected, 1 was used after 3)
+        [(3, False), (0, True)],  # 3 evicts 1
+    ]
+    c = slots.counters
+    assert (c.hits, c.misses, c.loads, c.bytes_moved) == (4, 6, 6, 600)
+    assert slots.resident == [0, 2, 3]
+
+
+def test_a_miss_never_evicts_an_expert_the_step_needs() -> None:
+    slots = SlotMap(2, LRUPolicy())
+    slots.access([0, 1])
+    slots.access([1])  # 0 is now least recent
+    accesses = slots.access([0, 2])  # 0 hits; 2 must evict 1, not 0
+    assert [(a.expert, a.hit) for a in accesses] == [(0, True), (2, False)]
+    assert slots.resident == [0, 2]
+    with pytest.raises(ValueError, match="needs 3 experts but the layer has 2 slots"):
+        slots.access([3, 4, 5])
+
+
+def test_prefetch_counters() -> None:
+    slots = SlotMap(3, LRUPolicy(), expert_bytes=10)
+    slots.access([0, 1])
+    loads = slots.prefetch([1, 2])  # 1 resident already; 2 loads into the free slot
+    assert [a.expert for a in loads] == [2]
+    slots.access([1, 2])  # both predicted, both needed: recall 1, one prefetch hit
+    loads = slots.prefetch([3, 4])  # 3 evicts 0, 4 evicts 1 (least recent, not predicted)
+    assert [a.expert for a in loads] == [3, 4]
+    slots.access([1, 5])  # 1 evicts 2 (used: not wasted); 5 evicts 3 (never used: wasted)
+    c = slots.counters
+    assert c.prefetch_hits == 1 and c.prefetches == 3
+    assert c.predicted_needed == 2 and c.needed == 4  # step 1: {1,2} of {1,2}; step 2: none of {1,5}
+    assert c.prefetch_recall == 0.5
+    assert c.prefetch_wasted == 1
+    assert slots.resident == [1, 4, 5]
+
+
+def test_lfu_keeps_the_popular_expert() -> None:
+    slots = SlotMap(2, LFUPolicy())
+    for _ in range(3):
+        slots.access([0])
+    slots.access([1])
+    slots.access([2])  # evicts 1 (used once), not 0 (used 3 times)
+    assert slots.resident == [0, 2]
+
+
+def test_planner_chooses_k_from_a_budget_and_refuses_too_little(eight_expert_dir: Path) -> None:
+    model = load_model(eight_expert_dir)
+    small = plan_offload(model, 64, experts_per_layer=2)
+    per_expert = small.expert_bytes
+    base = small.resident_bytes + small.kv_cache_bytes
+    plan = plan_offload(model, 64, budget_bytes=base + 3 * 5 * per_expert + 10)
+    assert plan.experts_per_layer == 5
+    assert "5 experts/layer" in plan.describe()
+    with pytest.raises(OutOfMemoryError, match="is too small: resident weights"):
+        plan_offload(model, 64, budget_bytes=base + per_expert)
+    with pytest.raises(MixtralChatError, match="experts per layer must be between 2"):
+        plan_offload(model, 64, experts_per_layer=9)
+
+
+def test_routing_trace_records_every_generated_token_and_layer(eight_expert_dir: Path) -> None:
+    engine = Engine.load(eight_expert_dir, device="cpu", dtype="float32")
+    out = io.StringIO()
+    RoutingTrace(engine.model, out)
+    stream = engine.chat([{"role": "user", "content": "Hi"}], GenerationConfig(max_tokens=6))
+    "".join(stream)
+    rows = [json.loads(line) for line in out.getvalue().splitlines()]
+    fed = (
+        stream.stats.completion_tokens - 1
+        if stream.stats.finish_reason == "length"
+        else stream.stats.completion_tokens
+    )
+    assert len(rows) == 3 * fed
+    assert {r["layer"] for r in rows} == {0, 1, 2}
+    for row in rows:
+        assert len(row["experts"]) == 2 and len(row["gating_probs"]) == 2
+        assert row["gating_probs"][0] >= row["gating_probs"][1]
+
+
+def test_cli_offload_flags_and_stats(eight_expert_dir: Path, tmp_path: Path) -> None:
+    trace = tmp_path / "trace.jsonl"
+    args = ["ask", "--model", str(eight_expert_dir), "--max-tokens", "8", "hello"]
+    plain = run_cli(*args)
+    offloaded = run_cli(
+        *args,
+        "--experts-per-layer",
+        "2",
+        "--offload",
+        "disk",
+        "--stats",
+        "--trace-routing",
+        str(trace),
+        env={"MIXTRAL_CHAT_HOME": str(tmp_path / "home")},
+    )
+    assert offloaded.returncode == 0, offloaded.stderr
+    assert offloaded.stdout == plain.stdout
+    assert "hit rate" in offloaded.stderr and "bytes moved" in offloaded.stderr
+    assert trace.read_text().count("\n") > 0
+    as_json = run_cli(*args, "--experts-per-layer", "3", "--no-prefetch", "--json", "--stats")
+    payload = json.loads(as_json.stdout)
+    assert payload["cache"]["experts_per_layer"] == 3 and payload["cache"]["prefetch"] is False
