@@ -276,3 +276,44 @@ def test_loading_peak_memory_is_model_plus_one_tensor(tmp_path: Path) -> None:
     )
     assert total > 150e6
     assert growth <= total + largest + 16e6
+
+
+def test_ctrl_c_stops_generation_and_keeps_what_was_printed(tiny_model_dir: Path) -> None:
+    import select
+    import signal
+
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mixtral_chat.app.cli",
+            "ask",
+            "--model",
+            str(tiny_model_dir),
+            "--max-tokens",
+            "2000",
+            "--context",
+            "2048",
+            "Write a very long story",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
+    printed = b""
+    try:
+        while len(printed) < 20:
+            ready, _, _ = select.select([process.stdout], [], [], 60)
+            assert ready, "no output within 60 s"
+            chunk = os.read(process.stdout.fileno(), 4096)
+            assert chunk, process.stderr.read().decode()
+            printed += chunk
+        process.send_signal(signal.SIGINT)
+        rest, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert b"Traceback" not in stderr
+    # The partial answer stays on stdout, ended with a newline so the shell prompt starts clean.
+    assert (printed + rest).endswith(b"\n") and len(printed + rest) > len(printed) - 1
