@@ -316,4 +316,4 @@ def test_ctrl_c_stops_generation_and_keeps_what_was_printed(tiny_model_dir: Path
     assert process.returncode == 130
     assert b"Traceback" not in stderr
     # The partial answer stays on stdout, ended with a newline so the shell prompt starts clean.
-    assert (printed + rest).endswith(b"\n") and len(printed + rest) > len(printed) - 1
+    assert (printed + rest).endswith(b"\n")
