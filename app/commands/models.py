@@ -1,0 +1,323 @@
+"""`mixtral-chat models`: list, pull, rm, info, use, add.
+
+Registering is cheap (argparse only); the registry and huggingface_hub load when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from mixtral_chat.engine.registry import ModelEntry, PullProgress
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "models",
+        help="list, download, remove and choose models",
+        description="Manage models: the catalog, downloads from the Hugging Face hub, local directories.",
+    )
+    parser.set_defaults(handler=run, models_command=None)
+    actions = parser.add_subparsers(dest="models_command", metavar="ACTION", parser_class=type(parser))
+
+    list_parser = actions.add_parser(
+        "list", help="models in the catalog and on this machine (default action)"
+    )
+    list_parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+    pull = actions.add_parser(
+        "pull", help="download a model from the hub (resumable), then quantize it to 4-bit"
+    )
+    pull.add_argument(
+        "name", metavar="NAME", help="catalog name (e.g. mixtral-8x7b-instruct) or hub repo id org/name"
+    )
+    pull.add_argument("--no-quantize", action="store_true", help="keep only the original bf16 weights")
+    pull.add_argument(
+        "--scheme", choices=("int4", "nf4"), help="4-bit scheme (default: the best for this device)"
+    )
+    pull.add_argument("--group-size", type=int, choices=(32, 64, 128), help="quantization group size")
+    pull.add_argument(
+        "--keep-original", action="store_true", help="keep the bf16 originals after quantizing without asking"
+    )
+    pull.add_argument(
+        "--revision", metavar="R", help="branch, tag or commit (default: the catalog's, else main)"
+    )
+
+    rm = actions.add_parser("rm", help="delete a model's files and show the space freed")
+    rm.add_argument("name", metavar="NAME")
+
+    info = actions.add_parser("info", help="details of one model")
+    info.add_argument("name", metavar="NAME")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+
+    use = actions.add_parser("use", help="make a model the default for the app and `ask`")
+    use.add_argument("name", metavar="NAME", help="an installed model's name, repo id or directory")
+
+    add = actions.add_parser("add", help="register a local model directory or a hub repo id")
+    add.add_argument("source", metavar="PATH|REPO_ID")
+    add.add_argument("--name", help="the name to use for it (default: directory name or repo id)")
+
+
+def run(args: argparse.Namespace) -> int:
+    command = args.models_command or "list"
+    handler = {
+        "list": _list,
+        "pull": _pull,
+        "rm": _rm,
+        "info": _info,
+        "use": _use,
+        "add": _add,
+    }[command]
+    return handler(args)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _size(n: int | None) -> str:
+    from mixtral_chat.engine.hub import format_bytes
+
+    return format_bytes(n) if n else "-"
+
+
+def _list(args: argparse.Namespace) -> int:
+    from mixtral_chat.engine import registry
+
+    entries = registry.list_models()
+    if getattr(args, "json", False):
+        print(json.dumps([_entry_json(e) for e in entries], indent=2))
+        return 0
+    rows = [("", "NAME", "STATUS", "SIZE", "SCHEME", "PATH")]
+    for entry in entries:
+        status = entry.status
+        if entry.status == registry.PARTIAL and entry.partial_bytes:
+            status = f"partial ({_size(entry.partial_bytes)})"
+        size = _size(entry.size_on_disk)
+        if not entry.installed and entry.catalog is not None and entry.catalog.download_bytes:
+            size = f"({_size(entry.catalog.download_bytes)})"
+        path = str(entry.path) if entry.path is not None else "-"
+        rows.append(("*" if entry.is_default else "", entry.name, status, size, entry.scheme or "-", path))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=False))
+            + "  "
+            + row[-1]
+        )
+    print("\n* default model.  (N GB): download size.  `mixtral-chat models pull NAME` to download.")
+    return 0
+
+
+def _entry_json(entry: ModelEntry) -> dict[str, Any]:
+    data = entry.to_json()
+    catalog = data.pop("catalog", None)
+    if catalog is not None:
+        data["catalog"] = {
+            k: catalog[k] for k in ("title", "license", "gated", "recommended", "quantized_bytes")
+        }
+    return data
+
+
+def _info(args: argparse.Namespace) -> int:
+    from mixtral_chat.engine import registry
+
+    details = registry.model_info(args.name)
+    entry = details.entry
+    if args.json:
+        data = _entry_json(entry)
+        data["architecture"] = details.architecture
+        data["files"] = [{"name": name, "size": size} for name, size in details.files]
+        data["quant_config"] = details.quant_config
+        print(json.dumps(data, indent=2))
+        return 0
+    lines: list[tuple[str, str]] = [("name", entry.name + ("  (default)" if entry.is_default else ""))]
+    if entry.catalog is not None:
+        lines.append(("title", entry.catalog.title))
+        lines.append(("about", entry.catalog.description))
+    lines.append(("status", entry.status))
+    if entry.repo_id:
+        lines.append(
+            ("repo", f"{entry.repo_id} @ {entry.revision}" + (f" ({entry.commit})" if entry.commit else ""))
+        )
+    if entry.catalog is not None and not entry.catalog.bundled:
+        lines.append(
+            ("license", entry.catalog.license + ("; gated: needs a hub token" if entry.catalog.gated else ""))
+        )
+        lines.append(("download", _size(entry.catalog.download_bytes)))
+        lines.append(("4-bit size", f"~{_size(entry.catalog.quantized_bytes)} (estimate)"))
+    elif entry.catalog is not None:
+        lines.append(("license", entry.catalog.license))
+    arch = details.architecture
+    if arch:
+        lines.append(
+            (
+                "architecture",
+                f"{arch['layers']} layers, {arch['experts']} experts (top-{arch['experts_per_token']}), "
+                f"hidden {arch['hidden_size']}, vocab {arch['vocab_size']}, context {arch['context']}",
+            )
+        )
+        lines.append(
+            (
+                "parameters",
+                f"{arch['parameters'] / 1e9:.2f} B total, {arch['active_parameters'] / 1e9:.2f} B per token",
+            )
+        )
+    lines.append(("on disk", _size(entry.size_on_disk)))
+    if entry.scheme:
+        lines.append(
+            ("scheme", f"{entry.scheme} (group {entry.group_size})" if entry.group_size else entry.scheme)
+        )
+    lines.append(("loads from", str(entry.path) if entry.path else "-"))
+    if entry.original_path and entry.original_path != entry.path:
+        lines.append(("original", str(entry.original_path)))
+    width = max(len(key) for key, _ in lines)
+    for key, value in lines:
+        print(f"{key.ljust(width)}  {value}")
+    return 0
+
+
+def _use(args: argparse.Namespace) -> int:
+    from mixtral_chat.engine import registry
+
+    entry = registry.set_default(args.name)
+    print(f"default model: {entry.name} ({entry.path})")
+    return 0
+
+
+def _add(args: argparse.Namespace) -> int:
+    from mixtral_chat.engine import registry
+
+    entry = registry.add_model(args.source, name=args.name)
+    if entry.source == "local":
+        print(f"added {entry.name}: {entry.path}")
+    else:
+        print(
+            f"added {entry.name} ({entry.repo_id}); download it with `mixtral-chat models pull {entry.name}`"
+        )
+    return 0
+
+
+def _rm(args: argparse.Namespace) -> int:
+    from mixtral_chat.engine import registry
+
+    entry = registry.get_model(args.name)
+    freed = registry.remove_model(args.name)
+    if entry.source == "local":
+        print(f"removed {entry.name} from the list; its files at {entry.original_path} were left in place")
+    else:
+        print(f"removed {entry.name}: {_size(freed) if freed else '0 B'} freed")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# pull
+
+
+class _ProgressLine:
+    """One progress line on stderr: redrawn in place on a terminal, a line every few seconds otherwise."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.interval = 0.2 if self.tty else 5.0
+        self.last = 0.0
+        self.phase: str | None = None
+        self.finished = False
+        self.width = 0
+
+    def __call__(self, progress: PullProgress) -> None:
+        now = time.monotonic()
+        finished = progress.bytes_total > 0 and progress.bytes_done >= progress.bytes_total
+        if progress.phase != self.phase:
+            self.end()
+            self.phase = progress.phase
+            self.finished = False
+        elif self.finished or (now - self.last < self.interval and not finished):
+            return  # throttled, or the phase's 100% line is already out
+        self.finished = finished
+        self.last = now
+        text = _progress_text(progress)
+        if self.tty:
+            pad = max(self.width - len(text), 0)
+            self.stream.write("\r" + text + " " * pad)
+            self.width = len(text)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def end(self) -> None:
+        if self.tty and self.width:
+            self.stream.write("\n")
+            self.stream.flush()
+        self.width = 0
+
+
+def _progress_text(progress: PullProgress) -> str:
+    from mixtral_chat.engine.hub import format_bytes
+
+    percent = f"{100 * progress.fraction:5.1f}%" if progress.bytes_total else "  ?  "
+    amounts = f"{format_bytes(progress.bytes_done)} / {format_bytes(progress.bytes_total)}"
+    speed = f"{format_bytes(progress.speed)}/s" if progress.speed else "-"
+    eta = _duration(progress.eta_s) if progress.eta_s is not None else "?"
+    verb = "downloading" if progress.phase == "download" else "quantizing"
+    current = f"  {progress.file}" if progress.file else ""
+    return f"{verb} {percent}  {amounts}  {speed}  ETA {eta}{current}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from mixtral_chat.engine import registry
+
+    line = _ProgressLine(sys.stderr)
+    try:
+        entry = registry.pull_model(
+            args.name,
+            quantize=not args.no_quantize,
+            scheme=args.scheme,
+            group_size=args.group_size,
+            keep_original=True,  # asked below, after quantizing, when there is someone to ask
+            revision=args.revision,
+            progress=line,
+        )
+    except KeyboardInterrupt:
+        line.end()
+        print(
+            f"mixtral-chat: interrupted; run `mixtral-chat models pull {args.name}` again to resume",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        line.end()
+    if entry.original_path is not None:
+        print(f"{entry.name}: original at {entry.original_path} ({_size(_original_size(entry))})")
+    if entry.quantized_path is not None:
+        print(f"{entry.name}: {entry.scheme} model at {entry.quantized_path}")
+        if not args.keep_original and entry.original_path is not None and sys.stdin.isatty():
+            answer = input(
+                f"Delete the bf16 originals ({_size(_original_size(entry))}) from the Hugging Face cache? "
+                "The 4-bit model does not need them. [y/N] "
+            )
+            if answer.strip().lower() in ("y", "yes"):
+                freed = registry.delete_original(entry.name)
+                print(f"deleted the originals: {_size(freed)} freed")
+    if entry.is_default:
+        print(f"{entry.name} is the default model (change it with `mixtral-chat models use NAME`)")
+    return 0
+
+
+def _original_size(entry: ModelEntry) -> int:
+    from mixtral_chat.engine.hub import directory_size
+
+    return directory_size(entry.original_path) if entry.original_path is not None else 0

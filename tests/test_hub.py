@@ -1,0 +1,277 @@
+"""engine/hub.py against a local hub server speaking huggingface_hub's HTTP API (no mocks of the client)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+from hub_server import JUNK_FILES, HubServer, llama_files, tiny_mixtral_files
+
+from mixtral_chat.engine import hub
+
+REPO = "org/tiny"
+SHARD1 = "model-00001-of-00002.safetensors"
+SHARD2 = "model-00002-of-00002.safetensors"
+CHUNK = 10 * 1024 * 1024  # huggingface_hub's DOWNLOAD_CHUNK_SIZE: resumes happen at chunk boundaries
+WANTED = {
+    "config.json",
+    "generation_config.json",
+    "model.safetensors.index.json",
+    SHARD1,
+    SHARD2,
+    "tokenizer.model",
+    "tokenizer_config.json",
+}
+NEVER = {"pytorch_model.bin", "consolidated.00.pt", "README.md"}
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    return {**tiny_mixtral_files(tmp_path_factory.getbasetemp()), **JUNK_FILES}
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for name in (
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "HF_HUB_CACHE",
+        "HUGGINGFACE_HUB_CACHE",
+        "HF_HUB_OFFLINE",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("MIXTRAL_CHAT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    return tmp_path
+
+
+@pytest.fixture
+def server(env: Path, tiny_files: dict[str, bytes], monkeypatch: pytest.MonkeyPatch):
+    with HubServer() as srv:
+        srv.add_repo(REPO, tiny_files)
+        monkeypatch.setenv("HF_ENDPOINT", srv.endpoint)
+        yield srv
+
+
+def cache_blob(repo_id: str, name: str) -> Path:
+    return hub.repo_storage_dir(repo_id) / "blobs" / hashlib.sha256(name.encode()).hexdigest()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_pull_fetches_only_needed_files_into_the_standard_hub_cache(server: HubServer, tiny_files, env):
+    seen: list[hub.DownloadProgress] = []
+    snap = hub.download_model_files(REPO, progress=seen.append)
+
+    repo = server.repos[REPO]
+    assert snap.commit == repo.commit
+    assert snap.path == env / "hf" / "hub" / "models--org--tiny" / "snapshots" / repo.commit
+    assert set(snap.files) == WANTED
+    assert {p.name for p in snap.path.iterdir()} == WANTED
+    for name in WANTED:
+        assert (snap.path / name).read_bytes() == tiny_files[name]
+    # LFS files are stored under their sha256, regular files under their git blob id (as the hub's ETags say).
+    blob_of_shard = Path(os.path.realpath(snap.path / SHARD1))
+    assert blob_of_shard.name == sha256(tiny_files[SHARD1])
+    assert Path(os.path.realpath(snap.path / "config.json")).name == repo.files["config.json"].git_oid
+    assert (snap.path.parent.parent / "refs" / "main").read_text() == repo.commit
+
+    fetched = {r.filename for r in server.gets(REPO)}
+    assert fetched == WANTED
+    assert not fetched & NEVER
+    assert all(len(server.gets(REPO, name)) == 1 for name in WANTED)
+    assert snap.fetched_bytes == snap.total_bytes == sum(len(tiny_files[n]) for n in WANTED)
+    assert seen[-1].bytes_done == seen[-1].bytes_total == snap.total_bytes
+    assert [p.bytes_done for p in seen] == sorted(p.bytes_done for p in seen)
+
+    # huggingface_hub itself (what transformers calls) finds the files we cached: no new transfer.
+    from huggingface_hub import hf_hub_download
+
+    server.clear_log()
+    path = hf_hub_download(REPO, SHARD1, endpoint=server.endpoint, cache_dir=hub.hub_cache_dir())
+    assert Path(path) == snap.path / SHARD1
+    assert server.gets() == []
+
+    # Hub unreachable: one clear error, unless the cache holds a complete copy (as here).
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    offline = hub.download_model_files(REPO, endpoint=dead)
+    assert offline.from_cache_only and offline.path == snap.path
+    with pytest.raises(hub.HubUnreachableError, match=f"cannot reach the Hugging Face hub at {dead}"):
+        hub.download_model_files("org/other", endpoint=dead)
+
+
+def test_model_already_in_the_hub_cache_is_not_downloaded_again(server: HubServer, tiny_files):
+    from huggingface_hub import snapshot_download
+
+    # Another tool (transformers, `hf download`) fetched the model first.
+    snapshot_download(
+        REPO, endpoint=server.endpoint, allow_patterns=sorted(WANTED), cache_dir=hub.hub_cache_dir()
+    )
+    server.clear_log()
+
+    snap = hub.download_model_files(REPO)
+    assert server.gets() == []
+    assert snap.fetched_bytes == 0
+    assert [r.kind for r in server.requests] == ["api"]  # one listing call, no HEAD per file
+    assert (snap.path / SHARD2).read_bytes() == tiny_files[SHARD2]
+
+    server.clear_log()
+    hub.download_model_files(REPO)  # and again: still nothing transferred
+    assert server.gets() == []
+
+
+def test_dropped_connection_is_resumed_with_a_range_request(server: HubServer, tiny_files):
+    server.drop_once(REPO, SHARD1, after_bytes=CHUNK + 1_500_000)
+    snap = hub.download_model_files(REPO)
+
+    gets = server.gets(REPO, SHARD1)
+    assert [g.range for g in gets] == [None, f"bytes={CHUNK}-"]
+    assert [g.status for g in gets] == [200, 206]
+    assert (snap.path / SHARD1).read_bytes() == tiny_files[SHARD1]
+    assert not list(hub.repo_storage_dir(REPO).glob("blobs/*.incomplete"))
+
+
+def test_cancel_keeps_the_partial_file_and_the_next_pull_resumes_it(server: HubServer, tiny_files):
+    cancel = threading.Event()
+
+    def on_progress(p: hub.DownloadProgress) -> None:
+        if p.file == SHARD1 and p.bytes_done > CHUNK:
+            cancel.set()
+
+    with pytest.raises(hub.DownloadCancelled):
+        hub.download_model_files(REPO, progress=on_progress, cancel=cancel)
+    partial = hub.repo_storage_dir(REPO) / "blobs" / (sha256(tiny_files[SHARD1]) + ".incomplete")
+    assert partial.stat().st_size == CHUNK
+    assert hub.partial_bytes(REPO) == CHUNK
+    assert hub.find_cached_snapshot(REPO, "main") is None
+
+    server.clear_log()
+    seen: list[hub.DownloadProgress] = []
+    snap = hub.download_model_files(REPO, progress=seen.append)
+    assert [g.range for g in server.gets(REPO, SHARD1)] == [f"bytes={CHUNK}-"]
+    assert (snap.path / SHARD1).read_bytes() == tiny_files[SHARD1]
+    assert snap.fetched_bytes == snap.total_bytes - CHUNK - len(tiny_files["config.json"]) - len(
+        tiny_files["model.safetensors.index.json"]
+    )
+    assert not partial.exists()
+
+
+def test_corrupted_file_is_detected_and_not_kept(server: HubServer, tiny_files):
+    server.corrupt(REPO, SHARD2)
+    with pytest.raises(hub.ChecksumMismatchError) as info:
+        hub.download_model_files(REPO)
+    message = str(info.value)
+    assert "checksum mismatch" in message and SHARD2 in message and "\n" not in message
+    blobs = hub.repo_storage_dir(REPO) / "blobs"
+    assert not (blobs / sha256(tiny_files[SHARD2])).exists()
+    assert not list(blobs.glob("*.incomplete"))
+
+    server.corrupt(REPO, SHARD2, enabled=False)
+    server.clear_log()
+    snap = hub.download_model_files(REPO)
+    assert (snap.path / SHARD2).read_bytes() == tiny_files[SHARD2]
+    assert {r.filename for r in server.gets()} == {
+        SHARD2,
+        "tokenizer.model",
+        "generation_config.json",
+        "tokenizer_config.json",
+    }
+
+
+def test_gated_repo_needs_a_token(server: HubServer, tiny_files):
+    server.add_repo("gated/tiny", tiny_files, gated=True)
+    server.valid_tokens.add("hf_good_token")
+
+    with pytest.raises(hub.GatedRepoAccessError) as info:
+        hub.download_model_files("gated/tiny")
+    assert "HF_TOKEN" in str(info.value) and "hf auth login" in str(info.value)
+    assert server.gets("gated/tiny") == []
+
+    with pytest.raises(hub.HubAuthError) as info:
+        hub.download_model_files("gated/tiny", token="hf_wrong_token")
+    assert "hf_wrong_token" not in str(info.value)
+
+    server.repos["gated/tiny"].allowed_tokens = {"hf_someone_else"}
+    with pytest.raises(hub.GatedRepoAccessError) as info:
+        hub.download_model_files("gated/tiny", token="hf_good_token")
+    assert "no access" in str(info.value) and "hf_good_token" not in str(info.value)
+
+    server.repos["gated/tiny"].allowed_tokens = None
+    server.clear_log()
+    snap = hub.download_model_files("gated/tiny", token="hf_good_token")
+    assert (snap.path / SHARD1).read_bytes() == tiny_files[SHARD1]
+    resolves = [r for r in server.requests if r.kind == "resolve"]
+    cdn = [r for r in server.requests if r.kind == "cdn"]
+    assert resolves and all(r.authorized for r in resolves)
+    assert cdn and not any(r.authorized for r in cdn)  # the token never leaves the hub for the CDN
+
+
+def test_missing_repo_and_revision(server: HubServer):
+    with pytest.raises(hub.RepoNotFoundError, match="repository org/nope not found"):
+        hub.download_model_files("org/nope")
+    with pytest.raises(hub.RevisionNotFoundError, match="revision 'v9' not found in org/tiny"):
+        hub.download_model_files(REPO, "v9")
+    with pytest.raises(hub.RepoNotFoundError, match="not a hub repo id"):
+        hub.download_model_files("no-slash")
+
+
+def test_full_disk_mid_download_is_reported(server: HubServer, tiny_files):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full to produce a real ENOSPC")
+    blobs = hub.repo_storage_dir(REPO) / "blobs"
+    blobs.mkdir(parents=True)
+    partial = blobs / (sha256(tiny_files[SHARD1]) + ".incomplete")
+    partial.symlink_to("/dev/full")  # every write to the partial file fails with ENOSPC
+    with pytest.raises(hub.DiskFullError, match="disk full while downloading org/tiny/" + SHARD1):
+        hub.download_model_files(REPO)
+    partial.unlink()
+
+
+def test_disk_space_is_checked_before_weights_move(server: HubServer, tiny_files, monkeypatch):
+    monkeypatch.setattr(hub, "free_disk_bytes", lambda path: 5_000_000)
+
+    def check(config: dict, to_download: int) -> None:
+        hub.check_disk_space([(hub.hub_cache_dir(), to_download, "to download")])
+
+    with pytest.raises(hub.InsufficientDiskSpaceError) as info:
+        hub.download_model_files(REPO, before_weights=check)
+    message = str(info.value)
+    weights = sum(len(tiny_files[name]) for name in WANTED - {"config.json", "model.safetensors.index.json"})
+    assert f"needs {hub.format_bytes(weights)}" in message and "5.0 MB free" in message
+    assert {r.filename for r in server.gets()} == {"config.json", "model.safetensors.index.json"}
+
+
+def test_repos_without_what_mixtral_chat_needs_are_refused(server: HubServer, tiny_files):
+    pickles_only = {
+        k: v for k, v in tiny_files.items() if not k.endswith(".safetensors") and "index" not in k
+    }
+    server.add_repo("org/pickles", pickles_only)
+    with pytest.raises(hub.UnsupportedRepoError, match="no safetensors weights"):
+        hub.download_model_files("org/pickles")
+    assert not {r.filename for r in server.gets("org/pickles")} & NEVER
+
+    no_tokenizer = {k: v for k, v in tiny_files.items() if k != "tokenizer.model"}
+    server.add_repo("org/no-tokenizer", no_tokenizer)
+    with pytest.raises(hub.UnsupportedRepoError, match=r"has no tokenizer\.model"):
+        hub.download_model_files("org/no-tokenizer")
+    assert server.gets("org/no-tokenizer") == []
+
+    # The caller's check runs on the config before any weight byte moves.
+    server.add_repo("org/llama", llama_files())
+
+    def refuse(config: dict, to_download: int) -> None:
+        raise hub.UnsupportedRepoError(f"not a Mixtral: {config['model_type']}, {to_download} bytes")
+
+    weights = len(llama_files()["model.safetensors"]) + len(llama_files()["tokenizer.model"])
+    with pytest.raises(hub.UnsupportedRepoError, match=f"not a Mixtral: llama, {weights} bytes"):
+        hub.download_model_files("org/llama", before_weights=refuse)
+    assert {r.filename for r in server.gets("org/llama")} == {"config.json"}
