@@ -1,0 +1,41 @@
+"""Record one routing trace over several questions: one Engine, one RoutingTrace (token_idx continues).
+
+    python bench/record_trace.py MODEL_DIR TRACE.jsonl MAX_TOKENS
+    mixtral-chat bench cache --trace TRACE.jsonl --experts-per-layer 2..7 --policy all
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from mixtral_chat.engine.offload import RoutingTrace
+from mixtral_chat.engine.runtime import Engine, GenerationConfig
+
+QUESTIONS = [
+    "What is a lighthouse?",
+    "What is a volcano?",
+    "Use 'ephemeral' in a sentence.",
+    "What does 'benevolent' mean?",
+    "What is a violin?",
+    "Define 'harbor'.",
+    "What is photosynthesis?",
+    "Use 'reluctant' in a sentence.",
+    "What is a glacier?",
+    "What does 'meticulous' mean?",
+    "What is a carpenter?",
+    "Use 'abundant' in a sentence.",
+]
+
+torch.set_num_threads(1)
+model_dir, out_path, max_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
+engine = Engine.load(model_dir, device="cpu", dtype="float32")
+with open(out_path, "w", encoding="utf-8") as out:
+    trace = RoutingTrace(engine.model, out)
+    for question in QUESTIONS:
+        stream = engine.chat([{"role": "user", "content": question}], GenerationConfig(max_tokens=max_tokens))
+        answer = "".join(stream)
+        stats = stream.stats
+        print(f"{question!r} -> {answer!r} ({stats.completion_tokens} tokens, {stats.finish_reason})")
+print(f"{trace.token_idx} decode tokens traced")
