@@ -1,0 +1,243 @@
+"""Group-wise asymmetric int4 on PyTorch's packed int4 kernels (tinygemm on CUDA, ATen on CPU).
+
+Stored form (device independent, what quantized directories hold), for a weight W [N, K]
+(N = out_features, K = in_features) and group size g:
+
+- `qweight` uint8 [N, Kp/2]: 4-bit codes q in 0..15, two per byte, the even column in the high
+  nibble (the layout `_convert_weight_to_int4pack` takes on CUDA).
+- `scales`, `zeros` bfloat16 [N, Kp/g]: W[n, k] ~= (q[n, k] - 8) * scales[n, k // g] + zeros[n, k // g],
+  the convention of the kernels' `qScaleAndZeros` (the zero is the value of code 8).
+
+Kp is K rounded up to a multiple of g: when K is not a multiple of g, the weight is padded by
+repeating its last column (so the padding does not widen the last group's range) and the layer
+pads its input with zeros, so padded columns never contribute. N may be anything: the runtime
+layer pads rows to the kernels' multiple of 16 and drops the padded outputs. Group sizes: 32, 64,
+128, 256 (what the kernels take); anything else is a QuantizationError.
+
+At load time the codes are converted to the kernel's packed layout, which differs between CPU
+(`_convert_weight_to_int4pack_for_cpu`, int32 [N, K] in, layout depends on the CPU's vector
+width) and CUDA (`_convert_weight_to_int4pack`, uint8 [N, K/2] in).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mixtral_chat.engine.errors import QuantizationError
+from mixtral_chat.quant.common import PartSpec
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+# Rows quantized at once: bounds the float32 temporaries to ~64 MB whatever the matrix size.
+_CHUNK_ELEMENTS = 1 << 24
+# CPU kernel: N must be a multiple of 16; CUDA kernel: a multiple of 8. Pad to 16 everywhere.
+_ROW_MULTIPLE = 16
+
+
+def padded_in_features(in_features: int, group_size: int) -> int:
+    return -(-in_features // group_size) * group_size
+
+
+def check_group_size(group_size: int) -> None:
+    if group_size not in INT4_GROUP_SIZES:
+        sizes = ", ".join(map(str, INT4_GROUP_SIZES))
+        raise QuantizationError(f"int4 group size must be one of {sizes}, got {group_size}")
+
+
+def int4_part_specs(out_features: int, in_features: int, group_size: int) -> list[PartSpec]:
+    kp = padded_in_features(in_features, group_size)
+    groups = kp // group_size
+    return [
+        PartSpec("qweight", torch.uint8, (out_features, kp // 2)),
+        PartSpec("scales", torch.bfloat16, (out_features, groups)),
+        PartSpec("zeros", torch.bfloat16, (out_features, groups)),
+    ]
+
+
+@torch.no_grad()
+def quantize_int4(weight: Tensor, group_size: int) -> dict[str, Tensor]:
+    """W [N, K] (any float dtype, any device) -> {"qweight", "scales", "zeros"} on W's device.
+
+    Computed in float32 from W's values, in chunks of rows, so the result does not depend on
+    the chunking nor on W's dtype when its values are the same (bf16 loaded as fp32 included).
+    """
+    check_group_size(group_size)
+    if weight.dim() != 2:
+        raise QuantizationError(f"int4 quantizes 2-D weights, got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    if n == 0 or k == 0:
+        raise QuantizationError(f"cannot quantize an empty weight of shape {(n, k)}")
+    kp = padded_in_features(k, group_size)
+    groups = kp // group_size
+    qweight = torch.empty(n, kp // 2, dtype=torch.uint8, device=weight.device)
+    scales = torch.empty(n, groups, dtype=torch.bfloat16, device=weight.device)
+    zeros = torch.empty(n, groups, dtype=torch.bfloat16, device=weight.device)
+    rows = max(1, _CHUNK_ELEMENTS // kp)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        w = weight[r0:r1].to(torch.float32)  # [R, K]
+        if kp != k:
+            w = torch.cat([w, w[:, -1:].expand(r1 - r0, kp - k)], dim=1)  # [R, Kp]
+        grouped = w.view(r1 - r0, groups, group_size)  # [R, G, g]
+        lo = grouped.amin(dim=-1)  # [R, G]
+        hi = grouped.amax(dim=-1)
+        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+            raise QuantizationError("cannot quantize a weight that contains NaN or infinity")
+        # Codes are computed against the bf16-rounded scale and zero actually stored, so that
+        # rounding them costs at most half a step, not a shifted grid.
+        scale_b = ((hi - lo).clamp_(min=1e-6) / 15).to(torch.bfloat16)  # [R, G]
+        zero_b = (lo + 8 * scale_b.float()).to(torch.bfloat16)
+        scale, zero = scale_b.float().unsqueeze(-1), zero_b.float().unsqueeze(-1)  # [R, G, 1]
+        # Out of place first: `w` may be the caller's own float32 tensor.
+        codes = (grouped - zero).div_(scale).round_().add_(8).clamp_(0, 15).to(torch.uint8)
+        codes = codes.view(r1 - r0, kp)  # [R, Kp]
+        qweight[r0:r1] = (codes[:, 0::2] << 4) | codes[:, 1::2]
+        scales[r0:r1] = scale_b
+        zeros[r0:r1] = zero_b
+    return {"qweight": qweight, "scales": scales, "zeros": zeros}
+
+
+def unpack_int4_codes(qweight: Tensor, dtype: torch.dtype = torch.uint8) -> Tensor:
+    """uint8 [N, Kp/2] -> codes [N, Kp] in `dtype` (even column from the high nibble)."""
+    n, half = qweight.shape
+    codes = torch.empty(n, half, 2, dtype=dtype, device=qweight.device)  # [N, Kp/2, 2]
+    codes[..., 0] = qweight >> 4
+    codes[..., 1] = qweight & 0x0F
+    return codes.view(n, half * 2)
+
+
+@torch.no_grad()
+def dequantize_int4(
+    parts: dict[str, Tensor], in_features: int, group_size: int, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """The float weight [N, in_features] the kernels compute with: (q - 8) * scale + zero."""
+    qweight, scales, zeros = parts["qweight"], parts["scales"], parts["zeros"]
+    n = qweight.shape[0]
+    codes = unpack_int4_codes(qweight).float()  # [N, Kp]
+    groups = codes.shape[1] // group_size
+    grouped = codes.view(n, groups, group_size)  # [N, G, g]
+    w = (grouped - 8) * scales.float().unsqueeze(-1) + zeros.float().unsqueeze(-1)
+    return w.view(n, groups * group_size)[:, :in_features].to(dtype)
+
+
+def check_int4_parts(
+    parts: dict[str, Tensor], out_features: int, in_features: int, group_size: int, where: str
+) -> None:
+    """Clear errors for a missing part or one whose shape does not fit the layer and group size."""
+    for spec in int4_part_specs(out_features, in_features, group_size):
+        tensor = parts.get(spec.name)
+        if tensor is None:
+            raise QuantizationError(f"{where}: missing '{spec.name}' tensor (incomplete quantized model)")
+        if tensor.dtype != spec.dtype:
+            raise QuantizationError(
+                f"{where}: '{spec.name}' has dtype {tensor.dtype}, int4 stores {spec.dtype}"
+            )
+        if tuple(tensor.shape) != spec.shape:
+            hint = (
+                f" (was it quantized with another group size than {group_size}?)"
+                if tensor.dim() == 2 and tensor.shape[0] == out_features
+                else ""
+            )
+            raise QuantizationError(
+                f"{where}: '{spec.name}' has shape {tuple(tensor.shape)}, expected {spec.shape}{hint}"
+            )
+
+
+def _inner_k_tiles(kp: int) -> int:
+    # tinygemm (CUDA) wants K % (innerKTiles * 16) == 0; any group size >= 32 allows at least 2.
+    for tiles in (8, 4, 2):
+        if kp % (tiles * 16) == 0:
+            return tiles
+    raise QuantizationError(f"int4 needs in_features padded to a multiple of 32, got {kp}")
+
+
+class Int4Linear(nn.Module):
+    """A bias-free linear layer on packed int4 weights: forward(x [..., in]) -> [..., out].
+
+    Computes in bfloat16 on CPU and CUDA: tinygemm (CUDA) takes nothing else, and ATen's CPU
+    kernel is vectorized for bfloat16 only (measured here: float32 activations run 6x slower).
+    x of another float dtype is cast in and the result cast back, so the layer takes float32
+    and bfloat16 inputs like nn.Linear (the bfloat16 rounding of x adds ~0.3% relative error,
+    small next to 4-bit quantization's ~9%). The packed layout is device specific: build the
+    layer on the device it runs on (`from_parts`), do not move it with `.to()`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        group_size: int,
+        weight_packed: Tensor,
+        scales_and_zeros: Tensor,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = group_size
+        self.padded_in = padded_in_features(in_features, group_size)
+        self.padded_out = scales_and_zeros.shape[1]
+        self.register_buffer("weight_packed", weight_packed)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)  # [Kp/g, Np, 2]
+
+    @classmethod
+    @torch.no_grad()
+    def from_parts(
+        cls,
+        parts: dict[str, Tensor],
+        out_features: int,
+        in_features: int,
+        group_size: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> Int4Linear:
+        """`dtype` is the model's dtype, accepted for a uniform interface: int4 computes in bf16."""
+        device = torch.device(device)
+        check_int4_parts(parts, out_features, in_features, group_size, "int4 layer")
+        qweight = parts["qweight"].to(device)
+        scales_and_zeros = torch.stack([parts["scales"], parts["zeros"]], dim=-1).to(device)  # [N, G, 2]
+        padded_out = -(-out_features // _ROW_MULTIPLE) * _ROW_MULTIPLE
+        if padded_out != out_features:
+            extra = padded_out - out_features
+            qweight = F.pad(qweight, (0, 0, 0, extra))
+            scales_and_zeros = F.pad(scales_and_zeros, (0, 0, 0, 0, 0, extra))
+        kp = qweight.shape[1] * 2
+        compute_dtype = torch.bfloat16  # see the class docstring
+        if device.type == "cuda":
+            packed = torch.ops.aten._convert_weight_to_int4pack(qweight.contiguous(), _inner_k_tiles(kp))
+        elif device.type == "cpu":
+            codes = unpack_int4_codes(qweight, torch.int32)  # [Np, Kp] int32, as the CPU op takes
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            del codes
+        else:
+            raise QuantizationError(f"int4 runs on CPU and CUDA, not on {device.type}")
+        scales_and_zeros = scales_and_zeros.transpose(0, 1).contiguous().to(compute_dtype)  # [G, Np, 2]
+        return cls(in_features, out_features, group_size, packed, scales_and_zeros)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.scales_and_zeros.dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)  # [M, K]
+        if self.padded_in != self.in_features:
+            x2 = F.pad(x2, (0, self.padded_in - self.in_features))  # [M, Kp]
+        x2 = x2.contiguous()
+        if self.weight_packed.device.type == "cuda":
+            y = torch.ops.aten._weight_int4pack_mm(
+                x2, self.weight_packed, self.group_size, self.scales_and_zeros
+            )
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2, self.weight_packed, self.group_size, self.scales_and_zeros
+            )  # [M, Np]
+        if self.padded_out != self.out_features:
+            y = y[:, : self.out_features]
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"group_size={self.group_size}, compute_dtype={self.compute_dtype}"
+        )

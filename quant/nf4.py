@@ -1,0 +1,230 @@
+"""bitsandbytes NF4: 4-bit NormalFloat codes with one absmax per block of `blocksize` values.
+
+Stored form for a weight W [N, K] (flattened row-major into N*K values, blocks of `blocksize`):
+
+- `qweight` uint8 [(N*K+1)//2]: codes, two per byte, the first value in the high nibble (bnb's).
+- `absmax` float32 [ceil(N*K / blocksize)]: each block's absolute maximum; with double
+  quantization uint8 codes of (absmax - absmax_offset) instead, plus
+  `nested_absmax` float32 [ceil(blocks / 256)], `nested_quant_map` float32 [256] and
+  `absmax_offset` float32 [1] (bnb's `compress_statistics`).
+- `quant_map` float32 [16]: the NF4 code book.
+
+Any shape works (bnb pads the last block). The form is bnb's own, so it runs on bnb's CPU and
+CUDA kernels as is: the runtime layer keeps the stored tensors (views of an expert's blob
+included) and builds a `QuantState` around them per call.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mixtral_chat.engine.errors import QuantizationError
+from mixtral_chat.quant.common import PartSpec
+
+NF4_BLOCKSIZES = (32, 64, 128, 256)
+NF4_DEFAULT_BLOCKSIZE = 64
+NESTED_BLOCKSIZE = 256  # bnb's block size for double quantization of absmax
+# Values quantized per bnb call: bounds the float32 copy to ~64 MB whatever the matrix size.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def check_blocksize(blocksize: int) -> None:
+    if blocksize not in NF4_BLOCKSIZES:
+        sizes = ", ".join(map(str, NF4_BLOCKSIZES))
+        raise QuantizationError(f"nf4 block size must be one of {sizes}, got {blocksize}")
+
+
+def nf4_part_specs(out_features: int, in_features: int, blocksize: int, double_quant: bool) -> list[PartSpec]:
+    n = out_features * in_features
+    blocks = -(-n // blocksize)
+    specs = [
+        PartSpec("qweight", torch.uint8, ((n + 1) // 2,)),
+        PartSpec("absmax", torch.uint8 if double_quant else torch.float32, (blocks,)),
+        PartSpec("quant_map", torch.float32, (16,)),
+    ]
+    if double_quant:
+        specs += [
+            PartSpec("nested_absmax", torch.float32, (-(-blocks // NESTED_BLOCKSIZE),)),
+            PartSpec("nested_quant_map", torch.float32, (256,)),
+            PartSpec("absmax_offset", torch.float32, (1,)),
+        ]
+    return specs
+
+
+@torch.no_grad()
+def quantize_nf4(
+    weight: Tensor, blocksize: int = NF4_DEFAULT_BLOCKSIZE, double_quant: bool = False
+) -> dict[str, Tensor]:
+    """W [N, K] (any float dtype) -> the stored NF4 parts, computed from W's values in float32.
+
+    Quantized in chunks of whole blocks: identical to one `bnb.functional.quantize_4bit` call
+    on the whole float32 matrix (a test checks it), with bounded temporary memory.
+    """
+    import bitsandbytes.functional as bnbf
+
+    check_blocksize(blocksize)
+    if weight.dim() != 2:
+        raise QuantizationError(f"nf4 quantizes 2-D weights, got shape {tuple(weight.shape)}")
+    if weight.numel() == 0:
+        raise QuantizationError(f"cannot quantize an empty weight of shape {tuple(weight.shape)}")
+    flat = weight.contiguous().view(-1)
+    n = flat.numel()
+    chunk = max(1, _CHUNK_ELEMENTS // blocksize) * blocksize  # whole blocks, an even count
+    codes: list[Tensor] = []
+    absmaxes: list[Tensor] = []
+    for start in range(0, n, chunk):
+        values = flat[start : start + chunk].to(torch.float32)
+        if not torch.isfinite(values).all():
+            raise QuantizationError("cannot quantize a weight that contains NaN or infinity")
+        packed, state = bnbf.quantize_4bit(values, blocksize=blocksize, quant_type="nf4")
+        codes.append(packed.view(-1))
+        absmaxes.append(state.absmax.view(-1).float())
+    absmax = torch.cat(absmaxes)
+    parts = {
+        "qweight": torch.cat(codes),
+        "absmax": absmax,
+        "quant_map": bnbf.get_4bit_type("nf4", device=weight.device).float(),
+    }
+    if double_quant:
+        # What bnb's quantize_4bit(compress_statistics=True) does, on the whole absmax vector.
+        offset = absmax.mean()
+        qabsmax, nested = bnbf.quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
+        parts.update(
+            absmax=qabsmax,
+            nested_absmax=nested.absmax.float(),
+            nested_quant_map=nested.code.float(),
+            absmax_offset=offset.reshape(1).float(),
+        )
+    return parts
+
+
+def check_nf4_parts(
+    parts: dict[str, Tensor],
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+    double_quant: bool,
+    where: str,
+) -> None:
+    for spec in nf4_part_specs(out_features, in_features, blocksize, double_quant):
+        tensor = parts.get(spec.name)
+        if tensor is None:
+            raise QuantizationError(f"{where}: missing '{spec.name}' tensor (incomplete quantized model)")
+        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            hint = (
+                f" (was it quantized with another block size than {blocksize}?)"
+                if spec.name == "absmax" and tensor.dim() == 1
+                else ""
+            )
+            raise QuantizationError(
+                f"{where}: '{spec.name}' is {tensor.dtype} {tuple(tensor.shape)}, expected "
+                f"{spec.dtype} {spec.shape}{hint}"
+            )
+
+
+def _quant_state(
+    parts: dict[str, Tensor], out_features: int, in_features: int, blocksize: int, dtype: torch.dtype
+):
+    import bitsandbytes.functional as bnbf
+
+    nested = None
+    offset = None
+    if "nested_absmax" in parts:
+        nested = bnbf.QuantState(
+            absmax=parts["nested_absmax"],
+            code=parts["nested_quant_map"],
+            blocksize=NESTED_BLOCKSIZE,
+            dtype=torch.float32,
+        )
+        offset = parts["absmax_offset"].view(())
+    return bnbf.QuantState(
+        absmax=parts["absmax"],
+        shape=torch.Size((out_features, in_features)),
+        code=parts["quant_map"],
+        blocksize=blocksize,
+        quant_type="nf4",
+        dtype=dtype,
+        offset=offset,
+        state2=nested,
+    )
+
+
+@torch.no_grad()
+def dequantize_nf4(
+    parts: dict[str, Tensor],
+    out_features: int,
+    in_features: int,
+    blocksize: int = NF4_DEFAULT_BLOCKSIZE,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """The float weight [N, K] that the stored NF4 parts stand for."""
+    import bitsandbytes.functional as bnbf
+
+    state = _quant_state(parts, out_features, in_features, blocksize, dtype)
+    return bnbf.dequantize_4bit(parts["qweight"].view(-1, 1), state)
+
+
+class Nf4Linear(nn.Module):
+    """A bias-free linear layer on NF4 weights via `bitsandbytes.matmul_4bit` (CPU and CUDA).
+
+    Computes in the dtype it was built for (float32, bfloat16 or float16); inputs of another
+    float dtype are cast in and the result cast back.
+    """
+
+    _PART_NAMES = ("qweight", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "absmax_offset")
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        blocksize: int,
+        parts: dict[str, Tensor],
+        compute_dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.blocksize = blocksize
+        self.compute_dtype = compute_dtype
+        self.double_quant = "nested_absmax" in parts
+        for name in self._PART_NAMES:
+            if name in parts:
+                self.register_buffer(name, parts[name])
+
+    @classmethod
+    def from_parts(
+        cls,
+        parts: dict[str, Tensor],
+        out_features: int,
+        in_features: int,
+        blocksize: int,
+        double_quant: bool,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> Nf4Linear:
+        """Parts already on `device` are used in place (no copy): views of a blob stay views."""
+        check_nf4_parts(parts, out_features, in_features, blocksize, double_quant, "nf4 layer")
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise QuantizationError(f"nf4 computes in float32, bfloat16 or float16, not {dtype}")
+        on_device = {name: t.to(device) for name, t in parts.items() if name in cls._PART_NAMES}
+        on_device["qweight"] = on_device["qweight"].view(-1, 1)  # bnb's [(N*K+1)//2, 1]
+        return cls(in_features, out_features, blocksize, on_device, dtype)
+
+    def _parts(self) -> dict[str, Tensor]:
+        return {name: getattr(self, name) for name in self._PART_NAMES if hasattr(self, name)}
+
+    def forward(self, x: Tensor) -> Tensor:
+        import bitsandbytes as bnb
+
+        state = _quant_state(
+            self._parts(), self.out_features, self.in_features, self.blocksize, self.compute_dtype
+        )
+        y = bnb.matmul_4bit(x.to(self.compute_dtype), self.qweight.t(), quant_state=state)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, blocksize={self.blocksize}, "
+            f"double_quant={self.double_quant}, compute_dtype={self.compute_dtype}"
+        )
