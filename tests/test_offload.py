@@ -184,3 +184,17 @@ def test_cli_offload_flags_and_stats(eight_expert_dir: Path, tmp_path: Path) -> 
     as_json = run_cli(*args, "--experts-per-layer", "3", "--no-prefetch", "--json", "--stats")
     payload = json.loads(as_json.stdout)
     assert payload["cache"]["experts_per_layer"] == 3 and payload["cache"]["prefetch"] is False
+
+
+@pytest.mark.parametrize("scheme", ["int4", "nf4"])
+def test_offloaded_quantized_experts_are_bit_identical(eight_expert_dir: Path, scheme: str) -> None:
+    """Quantized experts keep all their state in buffers, so one blob copy moves them too."""
+    tokens = torch.randint(0, 32000, (1, 16), generator=torch.Generator().manual_seed(5))
+    expected = logits_of(load_model(eight_expert_dir, quant=scheme), tokens)
+    model = load_model(eight_expert_dir, quant=scheme)
+    offloader = ExpertOffloader(model, plan_offload(model, 64, experts_per_layer=3), prefetch=True)
+    try:
+        assert torch.equal(logits_of(model, tokens), expected)
+    finally:
+        offloader.close()
+    assert offloader.counters().misses > 0
