@@ -153,6 +153,8 @@ class SparseMoE(nn.Module):
         router_logits, chosen, weights = self.route(x)
         if self.routing_hook is not None:
             self.routing_hook(router_logits, chosen, weights)
+        if B * S == 1:
+            return self._one_token(x, chosen, weights).view(B, S, D)
         out = torch.zeros_like(x)  # [T, D]
         expert_ids = sorted(set(chosen.flatten().tolist()))
         # Ascending expert order whatever the source, so offloaded output stays bit-identical;
@@ -164,6 +166,20 @@ class SparseMoE(nn.Module):
                 y = expert(x[token_idx]) * weights[token_idx, slot, None]  # [t, D], float32 weights
                 out.index_add_(0, token_idx, y.to(out.dtype))
         return out.view(B, S, D)
+
+    def _one_token(self, x: Tensor, chosen: Tensor, weights: Tensor) -> Tensor:
+        """Decode: the K outputs summed in ascending expert order, as the general path sums them.
+
+        No zeros/where/index_add_: each small op costs a parallel region, and on a busy CPU
+        those dominated a decode step (2.1x slower; bench/bench_engine.py --profile).
+        """
+        ids = chosen[0].tolist()
+        order = sorted(range(len(ids)), key=ids.__getitem__)
+        out = None
+        for j, expert in zip(order, self.expert_source([ids[j] for j in order]), strict=True):
+            y = (expert(x) * weights[:, j : j + 1]).to(x.dtype)  # [1, D], float32 weight
+            out = y if out is None else out + y
+        return out
 
 
 class DecoderLayer(nn.Module):
