@@ -1,0 +1,209 @@
+"""The Textual app: holds the storage, the settings and the loaded engine; the screens do the rest.
+
+Start-up never imports torch or the engine's model code: the first screen is drawn, then the
+model loads in a thread worker while the user can already type (a message sent before the model
+is ready is saved and answered when it is).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+from textual import work
+from textual.app import App
+from textual.binding import Binding, BindingType
+from textual.reactive import reactive
+
+from mixtral_chat.app.screens.chat import ChatScreen
+from mixtral_chat.app.screens.lifecycle import ModelLoad
+from mixtral_chat.app.screens.palette import ChatCommands
+from mixtral_chat.app.settings import Settings, SettingsError, save_settings
+from mixtral_chat.app.storage import Storage
+
+if TYPE_CHECKING:
+    from mixtral_chat.engine.runtime import Engine
+
+# Set to a file path, the app appends the wall-clock times at which its first screen became
+# interactive and the latest chat was shown to that file, then exits (bench/bench_startup.py).
+STARTUP_REPORT_ENV = "MIXTRAL_CHAT_STARTUP_REPORT"
+
+ModelState = Literal["idle", "loading", "ready", "failed"]
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    state: ModelState = "idle"
+    name: str | None = None
+    error: str | None = None
+
+
+class ChatApp(App[int]):
+    CSS_PATH = "app.tcss"
+    TITLE = "mixtral-chat"
+    COMMANDS: ClassVar = App.COMMANDS | {ChatCommands}
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("ctrl+q", "quit", "Quit", id="app.quit", priority=True),
+        Binding("f3", "settings", "Settings", id="app.settings"),
+    ]
+
+    model_status: reactive[ModelStatus] = reactive(ModelStatus, init=False)
+
+    def __init__(
+        self,
+        storage: Storage,
+        settings: Settings,
+        *,
+        model: str | None = None,
+        settings_writable: bool = True,
+        startup_notice: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.storage = storage
+        self.settings = settings
+        self.model_spec = model if model is not None else settings.model
+        self.settings_writable = settings_writable
+        self.startup_notice = startup_notice
+        self.engine: Engine | None = None
+        self.chat_screen = ChatScreen()
+        self._startup_report = os.environ.get(STARTUP_REPORT_ENV)
+        # Threads inside Engine.load: a cancelled worker's thread runs on until the load returns.
+        self.loading_threads: set[threading.Thread] = set()
+        # Which load is current: a superseded load that finishes late is dropped, not used.
+        self._load_serial = 0
+
+    @property
+    def model_name(self) -> str | None:
+        return self.engine.info.name if self.engine is not None else None
+
+    def on_mount(self) -> None:
+        if self.settings.theme in self.available_themes:
+            self.theme = self.settings.theme
+        if self.settings.keymap:
+            self.set_keymap(self.settings.keymap)
+        self.push_screen(self.chat_screen)
+        if self.startup_notice:
+            self.notify(self.startup_notice, severity="error", timeout=15)
+
+    def screen_interactive(self) -> None:
+        """The chat screen is drawn and its prompt focused: typing works from here."""
+        if self._startup_report:
+            with open(self._startup_report, "a", encoding="utf-8") as report:
+                report.write(f"interactive {time.time():.6f}\n")
+
+    def history_shown(self) -> None:
+        """The latest conversation is on screen: now the model may load."""
+        if self._startup_report:
+            with open(self._startup_report, "a", encoding="utf-8") as report:
+                report.write(f"history {time.time():.6f}\n")
+            self.exit(0)
+            return
+        self.load_model(self.model_spec)
+
+    # -- model loading ---------------------------------------------------------------------------
+
+    def load_model(self, spec: str | None) -> None:
+        if self.chat_screen.is_generating:
+            self.notify("Stop the answer being written before loading another model.", severity="warning")
+            return
+        previous, self.engine = self.engine, None
+        if previous is not None:
+            previous.close()  # offload transfers and stores; the weights go with the last reference
+        self.model_status = ModelStatus("loading", spec)
+        self._load_serial += 1
+        self._load_model_worker(spec, self._load_serial)
+
+    @work(thread=True, exclusive=True, group="load-model", exit_on_error=False)
+    def _load_model_worker(self, spec: str | None, serial: int) -> None:
+        from mixtral_chat.app.tui import error_line
+
+        started = time.monotonic()
+        self.loading_threads.add(threading.current_thread())
+        try:
+            from mixtral_chat.engine.registry import resolve_model
+            from mixtral_chat.engine.runtime import Engine, OffloadOptions
+
+            resolved = resolve_model(spec)
+            self.call_from_thread(self._resolved, serial, resolved.name, resolved.is_demo)
+            engine_settings = self.settings.engine
+            engine = Engine.load(
+                resolved.path,
+                device=engine_settings.device,
+                dtype=engine_settings.dtype,
+                quant=engine_settings.quant,
+                context_length=engine_settings.context_length,
+                name=resolved.name,
+                offload=OffloadOptions(
+                    experts_per_layer=engine_settings.experts_per_layer,
+                    memory_budget_gb=engine_settings.gpu_budget_gb,
+                    prefetch=engine_settings.prefetch,
+                    store=engine_settings.offload_store,  # type: ignore[arg-type]
+                )
+                if engine_settings.offload
+                else None,
+            )
+        except Exception as exc:  # shown as a notification; the chat stays usable
+            self.post_message(ModelLoad.Failed(serial, spec, error_line(exc, "loading the model")))
+            return
+        finally:
+            self.loading_threads.discard(threading.current_thread())
+        self.post_message(ModelLoad.Finished(serial, engine, time.monotonic() - started))
+
+    def _resolved(self, serial: int, name: str, is_demo: bool) -> None:
+        if serial != self._load_serial:
+            return
+        self.model_status = ModelStatus("loading", name)
+        if is_demo and self.model_spec is None:
+            self.notify(
+                "Using the small bundled demo model. Download Mixtral in Settings (F3).",
+                title="Demo model",
+                timeout=8,
+            )
+
+    def on_model_load_finished(self, message: ModelLoad.Finished) -> None:
+        if message.serial != self._load_serial:
+            message.engine.close()  # superseded by a later load
+            return
+        self.engine = message.engine
+        self.model_status = ModelStatus("ready", message.engine.info.name)
+        self.notify(f"{message.engine.info.name} loaded in {message.seconds:.1f} s.", timeout=3)
+
+    def on_model_load_failed(self, message: ModelLoad.Failed) -> None:
+        if message.serial != self._load_serial:
+            return
+        self.engine = None
+        self.model_status = ModelStatus("failed", message.spec, message.error)
+        self.notify(message.error, title="The model did not load", severity="error", timeout=15)
+
+    # -- settings --------------------------------------------------------------------------------
+
+    def save_settings(self) -> bool:
+        if not self.settings_writable:
+            self.notify(
+                "The config file has errors, so it is not overwritten: fix or delete it first.",
+                severity="error",
+            )
+            return False
+        try:
+            save_settings(self.settings)
+        except (OSError, SettingsError) as exc:
+            self.notify(f"Could not save the settings: {exc}", severity="error")
+            return False
+        return True
+
+    def action_settings(self) -> None:
+        from mixtral_chat.app.screens.settings import SettingsScreen
+
+        if isinstance(self.screen, SettingsScreen):
+            return
+        if not self.is_screen_installed("settings"):
+            # Installed, not just pushed: popping keeps it (and a running download) alive.
+            self.install_screen(SettingsScreen(), "settings")
+        self.push_screen("settings")
+
+    async def action_quit(self) -> None:
+        self.chat_screen.save_partial_answer()
+        self.exit(0)

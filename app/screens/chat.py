@@ -1,0 +1,740 @@
+"""The chat screen: sidebar of conversations, the messages, the prompt, the live status line and
+the expert-cache panel. Answers are generated in a thread worker; the worker talks to the UI only
+through `Generation.*` messages (post_message is thread-safe)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.widgets import Footer, Label, OptionList
+
+from mixtral_chat.app.screens.lifecycle import Generation
+from mixtral_chat.app.settings import GenerationDefaults
+from mixtral_chat.app.storage import (
+    DEFAULT_TITLE,
+    Conversation,
+    PartialAnswerSaver,
+    SearchHit,
+    Storage,
+    StorageError,
+    StoredMessage,
+    title_from_text,
+)
+from mixtral_chat.app.widgets.cache_panel import ExpertCachePanel
+from mixtral_chat.app.widgets.message_view import MessageList, MessageView
+from mixtral_chat.app.widgets.prompt import PromptInput
+from mixtral_chat.app.widgets.sidebar import ConversationList, ModelLoadingBar
+from mixtral_chat.app.widgets.status_bar import StatusBar
+from mixtral_chat.engine.errors import MixtralChatError
+
+if TYPE_CHECKING:
+    from mixtral_chat.app.chat_app import ChatApp, ModelStatus
+    from mixtral_chat.app.screens.dialogs import ChatOptions
+    from mixtral_chat.engine.runtime import Engine, GenerationConfig
+
+# The worker posts text at most this often: a fast model yields hundreds of pieces a second,
+# which would flood the message queue; a slow one still shows every token as it comes.
+CHUNK_INTERVAL_S = 0.03
+# A streaming answer is saved at least this often, so a crash loses at most this much text.
+SAVE_INTERVAL_S = 1.0
+GENERATION_FIELDS = tuple(item.name for item in fields(GenerationDefaults))
+
+
+def shows_errors(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A storage or engine error in a UI handler becomes a notification, never a crash (what
+    the user typed stays in the prompt: it is cleared only after it is saved)."""
+    if inspect.iscoroutinefunction(method):
+
+        @functools.wraps(method)
+        async def async_wrapper(self: Screen[Any], *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await method(self, *args, **kwargs)
+            except MixtralChatError as exc:
+                self.notify(str(exc), severity="error", timeout=10)
+                return None
+
+        return async_wrapper
+
+    @functools.wraps(method)
+    def wrapper(self: Screen[Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except MixtralChatError as exc:
+            self.notify(str(exc), severity="error", timeout=10)
+            return None
+
+    return wrapper
+
+
+@dataclass
+class ActiveGeneration:
+    """The answer being written right now (at most one: the engine runs one at a time)."""
+
+    conversation_id: int
+    message_id: int
+    saver: PartialAnswerSaver
+    stop_event: threading.Event
+    view: MessageView | None
+    started: float
+    pieces: int = 0
+    first_piece_at: float | None = None
+    chat_deleted: bool = False  # the user deleted its chat: nothing left to save into
+    save_error_shown: bool = False
+
+
+class ChatScreen(Screen[None]):
+    # The footer shows the everyday keys (every footer key is widgets to lay out at start-up);
+    # the command palette (Ctrl+P) lists every action with its key.
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "stop", "Stop", id="chat.stop"),
+        Binding("ctrl+n", "new_chat", "New chat", id="chat.new"),
+        Binding("ctrl+r", "regenerate", "Regenerate", id="chat.regenerate"),
+        Binding("ctrl+f", "search", "Search", id="chat.search"),
+        Binding("ctrl+o", "options", "Options", id="chat.options"),
+        Binding("f2", "rename", "Rename", id="chat.rename", show=False),
+        Binding("f8", "delete_chat", "Delete", id="chat.delete", show=False),
+        Binding("f9", "export", "Export", id="chat.export", show=False),
+        Binding("ctrl+b", "toggle_sidebar", "Sidebar", id="chat.toggle_sidebar", show=False),
+        Binding("ctrl+g", "toggle_cache_panel", "Experts", id="chat.toggle_cache_panel", show=False),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__(id="chat-screen")
+        self.conversation_id: int | None = None
+        self.generation: ActiveGeneration | None = None
+        self.editing_message_id: int | None = None
+        # A conversation whose answer waits for the model to finish loading.
+        self.pending_conversation_id: int | None = None
+
+    # -- typed access ----------------------------------------------------------------------------
+
+    @property
+    def chat_app(self) -> ChatApp:
+        return self.app  # type: ignore[return-value]
+
+    @property
+    def storage(self) -> Storage:
+        return self.chat_app.storage
+
+    @property
+    def message_list(self) -> MessageList:
+        return self.query_one("#messages", MessageList)
+
+    @property
+    def prompt(self) -> PromptInput:
+        return self.query_one("#prompt", PromptInput)
+
+    @property
+    def conversation_list(self) -> ConversationList:
+        return self.query_one("#conversations", ConversationList)
+
+    @property
+    def status_bar(self) -> StatusBar:
+        return self.query_one("#status-bar", StatusBar)
+
+    @property
+    def cache_panel(self) -> ExpertCachePanel:
+        return self.query_one("#cache-panel", ExpertCachePanel)
+
+    @property
+    def loading_bar(self) -> ModelLoadingBar:
+        return self.query_one("#loading", ModelLoadingBar)
+
+    @property
+    def is_generating(self) -> bool:
+        return self.generation is not None
+
+    # -- layout ----------------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="body"):
+            with Vertical(id="sidebar"):
+                yield Label("Chats", classes="sidebar-title")
+                yield ConversationList(id="conversations")
+            with Vertical(id="chat-column"):
+                yield Label(DEFAULT_TITLE, id="chat-title")
+                yield MessageList(id="messages")
+                yield ModelLoadingBar(id="loading")
+                yield PromptInput(self.storage.recent_user_prompts(), id="prompt")
+                yield StatusBar(id="status-bar")
+            yield ExpertCachePanel(id="cache-panel")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        settings = self.chat_app.settings
+        self.query_one("#sidebar").display = settings.show_sidebar
+        self.cache_panel.display = settings.show_cache_panel
+        self.loading_bar.display = False
+        self.prompt.focus()
+        self.watch(self.chat_app, "model_status", self._model_status_changed)
+        self.call_after_refresh(self._first_frame_drawn)
+
+    @shows_errors
+    async def _first_frame_drawn(self) -> None:
+        """The empty screen is drawn and the prompt takes keys. Then the latest chat is shown
+        (a prompt sent meanwhile waits in this screen's queue, so it lands in that chat), and
+        then the model starts loading, so its imports do not slow the first frames."""
+        self.chat_app.screen_interactive()
+        conversations = self.storage.list_conversations()
+        if conversations:
+            await self.open_conversation(conversations[0].id)
+        else:
+            await self.new_chat()
+        self.call_after_refresh(self.chat_app.history_shown)
+
+    # -- conversations ---------------------------------------------------------------------------
+
+    def refresh_sidebar(self) -> None:
+        self.conversation_list.show(self.storage.list_conversations(), self.conversation_id)
+
+    def _set_title(self, title: str) -> None:
+        self.query_one("#chat-title", Label).update(title)
+
+    async def new_chat(self) -> None:
+        self._cancel_edit()
+        self.conversation_id = None
+        if self.generation is not None:
+            self.generation.view = None  # still written to storage, no longer shown
+        await self.message_list.show([])
+        self._set_title(DEFAULT_TITLE)
+        self.status_bar.update_info(context_used=None, tok_s=None, ttft_s=None)
+        self.refresh_sidebar()
+
+    async def open_conversation(self, conversation_id: int, *, include_id: int | None = None) -> None:
+        try:
+            conversation = self.storage.get_conversation(conversation_id)
+        except StorageError as exc:
+            self.notify(str(exc), severity="error")
+            self.refresh_sidebar()
+            return
+        self._cancel_edit()
+        self.conversation_id = conversation.id
+        generation = self.generation
+        streaming_id = (
+            generation.message_id if generation and generation.conversation_id == conversation.id else None
+        )
+        if generation is not None:
+            generation.view = None  # its view is about to be replaced
+        messages = self.storage.messages(conversation.id)
+        await self.message_list.show(messages, streaming_id=streaming_id, include_id=include_id)
+        if generation is not None and streaming_id is not None:
+            # Back to the chat whose answer is still being written: stream into the new view.
+            view = self.message_list.view_for(streaming_id)
+            if view is not None:
+                await view.start_stream(generation.saver.text)
+                generation.view = view
+        self._set_title(conversation.title)
+        # Context in use as of the last answer (its prompt plus what it wrote).
+        last_stats = next((m.stats for m in reversed(messages) if m.stats), None)
+        used = (
+            last_stats.get("prompt_tokens", 0) + last_stats.get("completion_tokens", 0)
+            if last_stats
+            else None
+        )
+        self.status_bar.update_info(context_used=used)
+        self.refresh_sidebar()
+
+    def current_conversation(self) -> Conversation | None:
+        if self.conversation_id is None:
+            return None
+        try:
+            return self.storage.get_conversation(self.conversation_id)
+        except StorageError:
+            return None
+
+    def _ensure_conversation(self, first_prompt: str) -> int:
+        if self.conversation_id is None:
+            conversation = self.storage.create_conversation(
+                title_from_text(first_prompt), model=self.chat_app.model_name
+            )
+            self.conversation_id = conversation.id
+            self._set_title(conversation.title)
+        return self.conversation_id
+
+    @on(OptionList.OptionSelected, "#conversations")
+    @shows_errors
+    async def _conversation_chosen(self, event: OptionList.OptionSelected) -> None:
+        conversation_id = ConversationList.conversation_id(event.option)
+        if conversation_id != self.conversation_id:
+            await self.open_conversation(conversation_id)
+        self.prompt.focus()
+
+    # -- sending ---------------------------------------------------------------------------------
+
+    @on(PromptInput.Submitted)
+    @shows_errors
+    async def _prompt_submitted(self, event: PromptInput.Submitted) -> None:
+        text = event.text.strip()
+        if not text:
+            return
+        if self.is_generating:
+            self.notify("An answer is still being written: press Esc to stop it first.", severity="warning")
+            return
+        if self.editing_message_id is not None:
+            await self._resend_edited(self.editing_message_id, text)
+            return
+        await self.send(text)
+
+    async def send(self, text: str) -> None:
+        """Commit the prompt, show it, and start the answer."""
+        conversation_id = self._ensure_conversation(text)
+        stored = self.storage.add_message(conversation_id, "user", text)  # committed before generating
+        self.prompt.clear()
+        self.prompt.remember(text)
+        await self.message_list.add(stored)
+        self.refresh_sidebar()
+        await self.start_generation()
+
+    async def start_generation(self) -> None:
+        """Answer the current conversation as it is stored."""
+        conversation = self.current_conversation()
+        if conversation is None:
+            return
+        engine = self.chat_app.engine
+        if engine is None:
+            state = self.chat_app.model_status.state
+            if state in ("idle", "loading"):  # idle: the load starts right after the first frames
+                self.pending_conversation_id = conversation.id
+                self.notify("The model is still loading; the answer starts as soon as it is ready.")
+            else:
+                self.notify(
+                    "No model is loaded: choose one in Settings (F3). Your message is saved.",
+                    severity="error",
+                )
+            return
+        try:
+            config = self.generation_config(conversation)
+        except (MixtralChatError, TypeError, ValueError) as exc:  # bad per-chat settings: say so
+            self.notify(f"Invalid generation settings: {exc}", severity="error")
+            return
+        history = self.storage.messages(conversation.id)
+        messages = (
+            [{"role": "system", "content": conversation.system_prompt}] if conversation.system_prompt else []
+        )
+        # Answers that never got a word (stopped at once, failed) carry nothing for the model.
+        messages += [{"role": m.role, "content": m.content} for m in history if m.content or m.role == "user"]
+        answer = self.storage.add_message(conversation.id, "assistant", "", status="streaming")
+        view = await self.message_list.add(answer)
+        await view.start_stream()
+        self.generation = ActiveGeneration(
+            conversation_id=conversation.id,
+            message_id=answer.id,
+            saver=PartialAnswerSaver(self.storage, answer.id, interval_s=SAVE_INTERVAL_S),
+            stop_event=threading.Event(),
+            view=view,
+            started=time.monotonic(),
+        )
+        self.status_bar.update_info(generating=True, tok_s=None, ttft_s=None)
+        self.refresh_bindings()
+        self.generate(engine, messages, config, answer.id, self.generation.stop_event)
+
+    def generation_config(self, conversation: Conversation) -> GenerationConfig:
+        from mixtral_chat.engine.runtime import GenerationConfig
+
+        values = asdict(self.chat_app.settings.generation)
+        values.update({k: v for k, v in conversation.generation.items() if k in GENERATION_FIELDS})
+        return GenerationConfig(**values)
+
+    @work(thread=True, exclusive=True, group="generate", exit_on_error=False)
+    def generate(
+        self,
+        engine: Engine,
+        messages: list[dict[str, str]],
+        config: GenerationConfig,
+        message_id: int,
+        stop_event: threading.Event,
+    ) -> None:
+        """The engine loop, off the UI thread. Stops within one token of `stop_event`."""
+        from mixtral_chat.app.tui import error_line
+
+        self.post_message(Generation.Started(message_id))
+        batch: list[str] = []
+        last_post = time.monotonic()
+        try:
+            stream = engine.chat(messages, config, stop_event=stop_event)
+            for piece in stream:
+                batch.append(piece)
+                now = time.monotonic()
+                if now - last_post >= CHUNK_INTERVAL_S:
+                    self.post_message(
+                        Generation.Chunk(message_id, "".join(batch), len(batch), engine.cache_stats())
+                    )
+                    batch = []
+                    last_post = now
+            if batch:
+                self.post_message(
+                    Generation.Chunk(message_id, "".join(batch), len(batch), engine.cache_stats())
+                )
+            self.post_message(
+                Generation.Finished(message_id, stream.stats, list(stream.notices), engine.cache_stats())
+            )
+        except Exception as exc:  # any failure becomes a notification; the partial answer is kept
+            if batch:
+                self.post_message(Generation.Chunk(message_id, "".join(batch), len(batch)))
+            self.post_message(Generation.Failed(message_id, error_line(exc, "generation")))
+
+    @shows_errors
+    async def on_generation_chunk(self, message: Generation.Chunk) -> None:
+        generation = self.generation
+        if generation is None or generation.message_id != message.message_id:
+            return
+        now = time.monotonic()
+        if generation.first_piece_at is None:
+            generation.first_piece_at = now
+            self.status_bar.update_info(ttft_s=now - generation.started)
+        generation.pieces += message.pieces
+        try:
+            generation.saver.append(message.text)
+        except StorageError as exc:
+            # Keep streaming (the text stays in memory for the final save); say so once.
+            if not generation.chat_deleted and not generation.save_error_shown:
+                generation.save_error_shown = True
+                self.notify(str(exc), title="The answer could not be saved yet", severity="error")
+        if generation.view is not None and generation.view.is_attached:
+            await generation.view.append(message.text)
+        elapsed = now - generation.first_piece_at
+        if elapsed > 0.2:
+            self.status_bar.update_info(tok_s=(generation.pieces - 1) / elapsed)
+        self._show_cache_stats(message.cache_stats)
+
+    @shows_errors
+    async def on_generation_finished(self, message: Generation.Finished) -> None:
+        stats = message.stats
+        status = "stopped" if stats is not None and stats.finish_reason == "cancelled" else "complete"
+        await self._end_generation(message.message_id, status, asdict(stats) if stats else None)
+        for notice in message.notices:
+            self.notify(notice, title="Context")
+        if stats is not None:
+            self.status_bar.update_info(
+                tok_s=stats.decode_tok_s or None,
+                ttft_s=stats.ttft_s,
+                context_used=stats.prompt_tokens + stats.completion_tokens,
+            )
+            if stats.finish_reason == "length":
+                self.notify(
+                    "The answer reached the max tokens limit (Chat options: Ctrl+O).", severity="warning"
+                )
+        self._show_cache_stats(message.cache_stats)
+
+    @shows_errors
+    async def on_generation_failed(self, message: Generation.Failed) -> None:
+        await self._end_generation(message.message_id, "error", None)
+        self.notify(message.error, title="Generation failed", severity="error", timeout=10)
+
+    async def _end_generation(self, message_id: int, status: str, stats: dict[str, Any] | None) -> None:
+        generation = self.generation
+        if generation is None or generation.message_id != message_id:
+            return
+        # StorageError: the chat was deleted while the answer was being written.
+        with contextlib.suppress(StorageError):
+            generation.saver.finish(status, stats)
+        if generation.view is not None and generation.view.is_attached:
+            await generation.view.finish(generation.saver.text, status)
+        self.generation = None
+        self.status_bar.update_info(generating=False)
+        self.refresh_bindings()
+        self.refresh_sidebar()
+
+    def save_partial_answer(self) -> None:
+        """On exit: stop the engine and keep what was written, marked stopped."""
+        generation = self.generation
+        if generation is None:
+            return
+        generation.stop_event.set()
+        with contextlib.suppress(StorageError):
+            generation.saver.finish("stopped")
+
+    def _show_cache_stats(self, stats: dict[str, Any] | None) -> None:
+        if stats is None:
+            return
+        if stats.get("hit_rate") is not None:
+            self.status_bar.update_info(cache_hit_rate=float(stats["hit_rate"]))
+        if self.cache_panel.display:
+            self.cache_panel.show_stats(stats)
+
+    # -- model -----------------------------------------------------------------------------------
+
+    @shows_errors
+    async def _model_status_changed(self, status: ModelStatus) -> None:
+        if status.state == "loading":
+            self.loading_bar.begin(status.name or "the default model")
+            self.status_bar.update_info(model=status.name or "model", loading=True, scheme="", device="")
+            return
+        self.loading_bar.end()
+        engine = self.chat_app.engine
+        if status.state == "ready" and engine is not None:
+            info = engine.info
+            self.status_bar.update_info(
+                model=info.name,
+                loading=False,
+                scheme=info.scheme,
+                device=f"{info.device} {info.dtype}",
+                context_total=info.context_length,
+            )
+            args = getattr(getattr(engine, "model", None), "args", None)
+            if args is not None:
+                self.cache_panel.set_model_shape(args.num_hidden_layers, args.num_local_experts)
+            self._show_cache_stats(engine.cache_stats())
+            pending, self.pending_conversation_id = self.pending_conversation_id, None
+            if pending is not None and pending == self.conversation_id and not self.is_generating:
+                await self.start_generation()
+        else:
+            self.status_bar.update_info(
+                model="no model", loading=False, scheme="", device="", context_total=None
+            )
+            if status.state == "failed" and self.pending_conversation_id is not None:
+                self.pending_conversation_id = None
+                self.notify(
+                    "The model did not load, so the saved message was not answered.", severity="warning"
+                )
+
+    # -- actions ---------------------------------------------------------------------------------
+
+    def _guarded(self, callback: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """A dialog's result callback whose storage errors become notifications."""
+
+        async def run(result: Any) -> None:
+            try:
+                value = callback(result)
+                if inspect.isawaitable(value):
+                    await value
+            except MixtralChatError as exc:
+                self.notify(str(exc), severity="error", timeout=10)
+
+        return run
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # Greyed out (None) in the footer when they cannot run now.
+        if action == "regenerate":
+            return None if self.is_generating or self.conversation_id is None else True
+        if action in ("rename", "delete_chat", "export"):
+            return None if self.conversation_id is None else True
+        return True
+
+    def action_stop(self) -> None:
+        if self.generation is not None:
+            self.generation.stop_event.set()
+            self.notify("Stopping: the answer so far is kept.", timeout=2)
+        elif self.editing_message_id is not None:
+            self._cancel_edit()
+            self.prompt.clear()
+        else:
+            self.prompt.focus()
+
+    @shows_errors
+    async def action_new_chat(self) -> None:
+        await self.new_chat()
+        self.prompt.focus()
+
+    @shows_errors
+    async def action_regenerate(self) -> None:
+        if self.is_generating:
+            self.notify("An answer is still being written: press Esc to stop it first.", severity="warning")
+            return
+        if self.conversation_id is None:
+            return
+        messages = self.storage.messages(self.conversation_id)
+        last_user = next((m for m in reversed(messages) if m.role == "user"), None)
+        if last_user is None:
+            self.notify("Nothing to answer yet.", severity="warning")
+            return
+        if messages[-1].id != last_user.id:
+            self.storage.delete_messages_from(self.conversation_id, last_user.id + 1)
+            await self.open_conversation(self.conversation_id)
+        await self.start_generation()
+
+    @on(MessageView.EditRequested)
+    @shows_errors
+    def _edit_requested(self, event: MessageView.EditRequested) -> None:
+        if self.is_generating:
+            self.notify("An answer is still being written: press Esc to stop it first.", severity="warning")
+            return
+        self.editing_message_id = event.view.message_id
+        self.prompt.set_text(event.view.text)
+        self.prompt.border_title = "Editing an earlier message: Enter answers again from there, Esc cancels"
+        self.prompt.add_class("-editing")
+        self.prompt.focus()
+
+    def _cancel_edit(self) -> None:
+        if self.editing_message_id is not None:
+            self.editing_message_id = None
+            self.prompt.border_title = None
+            self.prompt.remove_class("-editing")
+
+    async def _resend_edited(self, message_id: int, text: str) -> None:
+        """Replace an earlier prompt, drop everything after it, and answer again."""
+        self._cancel_edit()
+        try:
+            edited = self.storage.get_message(message_id)
+        except StorageError as exc:
+            self.notify(str(exc), severity="error")
+            return
+        self.storage.update_message(message_id, text)
+        self.storage.delete_messages_from(edited.conversation_id, message_id + 1)
+        self.prompt.clear()
+        self.prompt.remember(text)
+        await self.open_conversation(edited.conversation_id)
+        await self.start_generation()
+
+    @shows_errors
+    def action_search(self) -> None:
+        from mixtral_chat.app.screens.dialogs import SearchScreen  # dialogs load on first use
+
+        async def opened(hit: SearchHit | None) -> None:
+            if hit is not None:
+                await self._show_hit(hit)
+
+        self.app.push_screen(SearchScreen(self.storage), self._guarded(opened))
+
+    async def _show_hit(self, hit: SearchHit) -> None:
+        await self.open_conversation(hit.conversation_id, include_id=hit.message_id)
+        view = self.message_list.view_for(hit.message_id)
+        if view is not None:
+            self.message_list.release_anchor()
+            view.add_class("-found")
+            view.focus()
+            self.message_list.scroll_to_widget(view, animate=False, top=True)
+
+    @shows_errors
+    def action_rename(self) -> None:
+        from mixtral_chat.app.screens.dialogs import TextInputScreen
+
+        conversation = self.current_conversation()
+        if conversation is None:
+            return
+
+        def renamed(title: str | None) -> None:
+            if title is not None and title.strip():
+                self.storage.rename_conversation(conversation.id, title)
+                if self.conversation_id == conversation.id:
+                    self._set_title(self.storage.get_conversation(conversation.id).title)
+                self.refresh_sidebar()
+
+        self.app.push_screen(TextInputScreen("Rename this chat", conversation.title), self._guarded(renamed))
+
+    @shows_errors
+    def action_delete_chat(self) -> None:
+        from mixtral_chat.app.screens.dialogs import ConfirmScreen
+
+        conversation = self.current_conversation()
+        if conversation is None:
+            return
+        count = len(self.storage.messages(conversation.id))
+
+        async def answered(confirmed: bool | None) -> None:
+            if not confirmed:
+                return
+            if self.generation is not None and self.generation.conversation_id == conversation.id:
+                self.generation.stop_event.set()
+                self.generation.chat_deleted = True
+            self.storage.delete_conversation(conversation.id)
+            self.notify(f"Deleted “{conversation.title}”.")
+            remaining = self.storage.list_conversations()
+            if remaining:
+                await self.open_conversation(remaining[0].id)
+            else:
+                await self.new_chat()
+
+        self.app.push_screen(
+            ConfirmScreen(f"Delete “{conversation.title}” and its {count} messages? This cannot be undone."),
+            self._guarded(answered),
+        )
+
+    @shows_errors
+    def action_export(self) -> None:
+        if self.conversation_id is None:
+            return
+        from mixtral_chat.engine.paths import data_dir
+
+        try:
+            paths = self.storage.export(self.conversation_id, data_dir() / "exports")
+        except OSError as exc:
+            self.notify(f"Export failed: {exc.strerror or exc}", severity="error")
+            return
+        self.notify("Exported to\n" + "\n".join(str(path) for path in paths), title="Export", timeout=8)
+
+    @shows_errors
+    def action_options(self) -> None:
+        from mixtral_chat.app.screens.dialogs import ChatOptions, ChatOptionsScreen
+
+        settings = self.chat_app.settings
+        conversation = self.current_conversation()
+        generation = asdict(settings.generation)
+        if conversation is not None:
+            generation.update({k: v for k, v in conversation.generation.items() if k in GENERATION_FIELDS})
+        options = ChatOptions(
+            system_prompt=conversation.system_prompt if conversation else "",
+            persona=conversation.persona if conversation else None,
+            generation=generation,
+        )
+
+        def saved(result: ChatOptions | None) -> None:
+            if result is None:
+                return
+            conversation_id = self.conversation_id
+            if conversation_id is None:
+                conversation_id = self.storage.create_conversation(model=self.chat_app.model_name).id
+                self.conversation_id = conversation_id
+            self.storage.update_conversation_settings(
+                conversation_id,
+                system_prompt=result.system_prompt,
+                persona=result.persona,
+                generation=result.generation,
+            )
+            if result.save_persona_as:
+                settings.personas[result.save_persona_as] = result.system_prompt
+                self.chat_app.save_settings()
+            self.refresh_sidebar()
+            self.notify("Chat options saved.")
+
+        self.app.push_screen(ChatOptionsScreen(options, dict(settings.personas)), self._guarded(saved))
+
+    def action_toggle_sidebar(self) -> None:
+        sidebar = self.query_one("#sidebar")
+        sidebar.display = not sidebar.display
+
+    def action_toggle_cache_panel(self) -> None:
+        panel = self.cache_panel
+        panel.display = not panel.display
+        if panel.display:
+            engine = self.chat_app.engine
+            panel.show_stats(engine.cache_stats() if engine is not None else None)
+
+    def last_answer(self) -> StoredMessage | None:
+        if self.conversation_id is None:
+            return None
+        return next(
+            (m for m in reversed(self.storage.messages(self.conversation_id)) if m.role == "assistant"), None
+        )
+
+    @shows_errors
+    def action_copy_last_answer(self) -> None:
+        answer = self.last_answer()
+        if answer is None:
+            self.notify("No answer to copy yet.", severity="warning")
+            return
+        self.app.copy_to_clipboard(answer.content)
+        self.notify(f"Copied the last answer ({len(answer.content)} characters).")
+
+    @shows_errors
+    def action_copy_last_code_block(self) -> None:
+        views = [view for view in self.message_list.views if view.role == "assistant"]
+        if not views:
+            self.notify("No answer to copy from yet.", severity="warning")
+            return
+        views[-1].action_copy_code()
+
+    async def on_unmount(self) -> None:
+        self.save_partial_answer()

@@ -1,0 +1,72 @@
+"""Command palette (Ctrl+P) entries: the chat actions, and "Open chat: <title>" for each chat."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING
+
+from textual.command import DiscoveryHit, Hit, Hits, Provider
+
+if TYPE_CHECKING:
+    from mixtral_chat.app.chat_app import ChatApp
+
+# (title, help, action on the chat screen)
+CHAT_ACTIONS: tuple[tuple[str, str, str], ...] = (
+    ("New chat", "Start an empty conversation (Ctrl+N)", "new_chat"),
+    ("Stop answer", "Stop the answer being written; keep what is there (Esc)", "stop"),
+    ("Regenerate answer", "Answer the last prompt again (Ctrl+R)", "regenerate"),
+    ("Search conversations", "Full-text search over every chat (Ctrl+F)", "search"),
+    ("Chat options", "System prompt, persona, temperature, top-p, max tokens, seed (Ctrl+O)", "options"),
+    ("Rename chat", "Give this conversation a new title (F2)", "rename"),
+    ("Delete chat", "Delete this conversation after a confirmation (F8)", "delete_chat"),
+    ("Export chat", "Write this conversation as Markdown and JSON (F9)", "export"),
+    ("Copy last answer", "Copy the last answer to the clipboard", "copy_last_answer"),
+    (
+        "Copy last code block",
+        "Copy a code block of the last answer (repeat for the next)",
+        "copy_last_code_block",
+    ),
+    ("Toggle sidebar", "Show or hide the list of chats (Ctrl+B)", "toggle_sidebar"),
+    (
+        "Toggle expert cache panel",
+        "Show which experts are resident, hit, missed, prefetched (Ctrl+G)",
+        "toggle_cache_panel",
+    ),
+)
+
+
+class ChatCommands(Provider):
+    @property
+    def chat_app(self) -> ChatApp:
+        return self.app  # type: ignore[return-value]
+
+    def _commands(self) -> list[tuple[str, str, Callable[[], object]]]:
+        app = self.chat_app
+        screen = app.chat_screen
+        commands: list[tuple[str, str, Callable[[], object]]] = []
+        if self.screen is screen:
+            commands += [
+                (title, help, partial(screen.run_action, action)) for title, help, action in CHAT_ACTIONS
+            ]
+        commands.append(("Settings", "Models, downloads, engine options, theme (F3)", app.action_settings))
+        return commands
+
+    async def discover(self) -> Hits:
+        for title, help, command in self._commands():
+            yield DiscoveryHit(title, command, help=help)
+
+    async def search(self, query: str) -> Hits:
+        matcher = self.matcher(query)
+        for title, help, command in self._commands():
+            score = matcher.match(title)
+            if score > 0:
+                yield Hit(score, matcher.highlight(title), command, help=help)
+        screen = self.chat_app.chat_screen
+        if self.screen is not screen:
+            return
+        for conversation in self.chat_app.storage.list_conversations():
+            title = f"Open chat: {conversation.title}"
+            score = matcher.match(title)
+            if score > 0:
+                yield Hit(score, matcher.highlight(title), partial(screen.open_conversation, conversation.id))

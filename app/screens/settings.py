@@ -1,0 +1,616 @@
+"""The settings screen: models (download, quantize, delete, use) and engine options.
+
+The download and quantize backends are `engine.registry` (resumable, verified pulls into the
+Hugging Face cache; quantization into the data folder); this screen runs them in a thread worker
+and shows their progress. The screen is installed once, so a download keeps running (and its
+progress keeps counting) while the user is back in the chat.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Grid, Horizontal, VerticalScroll
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import (
+    Button,
+    DataTable,
+    Footer,
+    Input,
+    Label,
+    ProgressBar,
+    Select,
+    Switch,
+    TabbedContent,
+    TabPane,
+)
+from textual.widgets.data_table import CellDoesNotExist
+
+from mixtral_chat.app.screens.dialogs import ConfirmScreen
+
+if TYPE_CHECKING:
+    from mixtral_chat.app.chat_app import ChatApp, ModelStatus
+    from mixtral_chat.engine.registry import ModelEntry, PullProgress
+
+PROGRESS_INTERVAL_S = 0.2  # progress messages per second from a pull: at most 5
+
+
+def format_size(count: float | None) -> str:
+    if not count:
+        return "-"
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count:.0f} B"
+
+
+def format_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    if seconds >= 60:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds} s"
+
+
+def free_disk_bytes(path: Path) -> int:
+    from mixtral_chat.engine.hub import free_disk_bytes as hub_free_disk_bytes
+
+    return hub_free_disk_bytes(path)
+
+
+class Pull:
+    """Messages from the pull (download / quantize) worker."""
+
+    @dataclass(eq=False)
+    class Progress(Message):
+        name: str
+        progress: PullProgress
+
+    @dataclass(eq=False)
+    class Done(Message):
+        name: str
+        action: str  # "download" | "quantize"
+        error: str | None  # None: success
+        cancelled: bool = False
+
+
+class SettingsScreen(Screen[None]):
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "close", "Back to chat", id="settings.close"),
+        Binding("f3", "close", "Back to chat", id="settings.toggle", show=False),
+        Binding("ctrl+r", "refresh_models", "Refresh", id="settings.refresh"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__(id="settings-screen")
+        self.entries: dict[str, ModelEntry] = {}
+        self.pulling: str | None = None  # model name being downloaded / quantized
+        self.pull_action = ""
+        self.pull_cancel: threading.Event | None = None
+        self.last_progress: PullProgress | None = None
+        self._last_progress_post = 0.0
+
+    @property
+    def chat_app(self) -> ChatApp:
+        return self.app  # type: ignore[return-value]
+
+    @property
+    def models_table(self) -> DataTable[Any]:
+        return self.query_one("#models-table", DataTable)
+
+    # -- layout ----------------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        settings = self.chat_app.settings
+        engine = settings.engine
+        yield Label("Settings", id="settings-title")
+        with TabbedContent(initial="models-tab"):
+            with TabPane("Models", id="models-tab"), VerticalScroll():
+                yield Label("", id="disk-free", classes="settings-note")
+                yield DataTable(id="models-table", cursor_type="row", zebra_stripes=True)
+                yield Label("", id="model-detail", classes="settings-note")
+                with Horizontal(classes="settings-buttons"):
+                    yield Button("Use", id="use-model", variant="primary")
+                    yield Button("Download", id="download-model")
+                    yield Button("Quantize", id="quantize-model")
+                    yield Button("Delete", id="delete-model", variant="error")
+                    yield Button("Cancel", id="cancel-pull", disabled=True)
+                with Horizontal(id="download-row"):
+                    yield ProgressBar(id="download-progress", show_eta=False)
+                    yield Label("", id="download-label")
+                with Horizontal(id="add-model-row"):
+                    yield Input(
+                        placeholder="Add a hub repo id (org/name) or a model directory", id="add-model-input"
+                    )
+                    yield Button("Add", id="add-model")
+            with TabPane("Engine", id="engine-tab"), VerticalScroll():
+                with Grid(classes="engine-grid"):
+                    yield Label("Device")
+                    yield Select(
+                        [("auto", "auto"), ("CPU", "cpu"), ("CUDA GPU", "cuda")],
+                        value=engine.device if engine.device in ("auto", "cpu", "cuda") else "auto",
+                        allow_blank=False,
+                        id="device",
+                    )
+                    yield Label("Weights dtype")
+                    yield Select(
+                        [("auto", "auto"), ("float32", "float32"), ("bfloat16", "bfloat16")],
+                        value=engine.dtype if engine.dtype in ("auto", "float32", "bfloat16") else "auto",
+                        allow_blank=False,
+                        id="dtype",
+                    )
+                    yield Label("Quantize at load (float models)")
+                    yield Select(
+                        [("as stored", "stored"), ("none", "none"), ("int4", "int4"), ("nf4", "nf4")],
+                        value=engine.quant or "stored",
+                        allow_blank=False,
+                        id="quant",
+                    )
+                    yield Label("Offload experts")
+                    yield Switch(engine.offload, id="offload")
+                    yield Label("Experts on device per layer")
+                    yield Input(
+                        _text(engine.experts_per_layer),
+                        placeholder="planner decides",
+                        type="integer",
+                        id="experts-per-layer",
+                    )
+                    yield Label("Device memory budget (GB)")
+                    yield Input(
+                        _text(engine.gpu_budget_gb), placeholder="free memory", type="number", id="gpu-budget"
+                    )
+                    yield Label("Prefetch experts")
+                    yield Switch(engine.prefetch, id="prefetch")
+                    yield Label("Offloaded experts live in")
+                    yield Select(
+                        [("RAM", "ram"), ("disk", "disk")],
+                        value=engine.offload_store if engine.offload_store in ("ram", "disk") else "ram",
+                        allow_blank=False,
+                        id="offload-store",
+                    )
+                    yield Label("Context length (tokens)")
+                    yield Input(
+                        _text(engine.context_length), placeholder="4096", type="integer", id="context-length"
+                    )
+                    yield Label("Theme")
+                    yield Select(
+                        [(name, name) for name in sorted(self.app.available_themes)],
+                        value=self.app.theme,
+                        allow_blank=False,
+                        id="theme",
+                    )
+                yield Label("", id="plan-note", classes="settings-note")
+                with Horizontal(classes="settings-buttons"):
+                    yield Button("Save", id="save-engine", variant="primary")
+                    yield Button("Save and reload the model", id="save-reload")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        table = self.models_table
+        table.add_column("", key="marks", width=2)
+        table.add_column("Model", key="name")
+        table.add_column("Status", key="status")
+        table.add_column("On disk", key="size")
+        table.add_column("Download", key="download")
+        table.add_column("Scheme", key="scheme")
+        table.add_column("Source", key="source")
+        self.query_one("#download-row").display = False
+        self.refresh_models()
+        self.watch(self.chat_app, "model_status", self._model_status_changed)
+
+    def on_screen_resume(self) -> None:
+        self.refresh_models()
+
+    # -- models ----------------------------------------------------------------------------------
+
+    def refresh_models(self) -> None:
+        from mixtral_chat.engine import paths
+        from mixtral_chat.engine.errors import MixtralChatError
+        from mixtral_chat.engine.hub import hub_cache_dir
+        from mixtral_chat.engine.registry import list_models
+
+        try:
+            entries = list_models()
+        except MixtralChatError as exc:
+            self.notify(str(exc), severity="error")
+            entries = []
+        self.entries = {entry.name: entry for entry in entries}
+        table = self.models_table
+        selected = self.selected_name()
+        table.clear()
+        active = self.chat_app.engine.info.path.resolve() if self.chat_app.engine is not None else None
+        for entry in entries:
+            marks = (
+                "●"
+                if active is not None and entry.path is not None and entry.path.resolve() == active
+                else ""
+            )
+            marks += "★" if entry.is_default else ""
+            table.add_row(
+                marks,
+                entry.name,
+                self._status_text(entry, active),
+                format_size(entry.size_on_disk),
+                format_size(entry.download_bytes),
+                entry.scheme or "-",
+                entry.repo_id or (str(entry.path) if entry.path else entry.source),
+                key=entry.name,
+            )
+        engine = self.chat_app.engine
+        if (
+            engine is not None
+            and active is not None
+            and not any(entry.path is not None and entry.path.resolve() == active for entry in entries)
+        ):
+            # Loaded from a directory given with --model, not in the registry.
+            table.add_row(
+                "●",
+                engine.info.name,
+                "active (not registered)",
+                "-",
+                "-",
+                engine.info.scheme,
+                str(active),
+                key=None if engine.info.name in self.entries else engine.info.name,
+            )
+        if selected in self.entries:
+            table.move_cursor(row=table.get_row_index(selected))
+        cache = hub_cache_dir()
+        data = _existing(paths.data_dir())
+        parts = [
+            f"Free disk: {format_size(free_disk_bytes(_existing(cache)))} for downloads ({cache})",
+            f"Free disk: {format_size(free_disk_bytes(data))} for quantized copies ({data})",
+        ]
+        self.query_one("#disk-free", Label).update("\n".join(parts))
+        self._show_detail()
+
+    def _status_text(self, entry: ModelEntry, active: Path | None) -> str:
+        if entry.name == self.pulling and self.last_progress is not None:
+            verb = "downloading" if self.last_progress.phase == "download" else "quantizing"
+            return f"{verb} {self.last_progress.fraction * 100:.0f}%"
+        status = entry.status
+        if entry.status == "partial" and entry.partial_bytes:
+            status = f"partial ({format_size(entry.partial_bytes)})"
+        if active is not None and entry.path is not None and entry.path.resolve() == active:
+            status += ", active"
+        return status
+
+    def selected_name(self) -> str | None:
+        table = self.models_table
+        if table.row_count == 0:
+            return None
+        try:
+            row_key, _ = table.coordinate_to_cell_key(table.cursor_coordinate)
+        except Exception:
+            return None
+        return str(row_key.value) if row_key.value is not None else None
+
+    def selected_entry(self) -> ModelEntry | None:
+        name = self.selected_name()
+        return self.entries.get(name) if name else None
+
+    @on(DataTable.RowHighlighted, "#models-table")
+    def _row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self._show_detail()
+
+    def _show_detail(self) -> None:
+        entry = self.selected_entry()
+        label = self.query_one("#model-detail", Label)
+        if entry is None:
+            label.update("")
+            return
+        lines = []
+        if entry.catalog is not None and getattr(entry.catalog, "description", None):
+            lines.append(str(entry.catalog.description))
+        if entry.path is not None:
+            lines.append(f"loads from {entry.path}")
+        if entry.original_path is not None and entry.original_path != entry.path:
+            lines.append(f"original in {entry.original_path}")
+        label.update("\n".join(lines))
+        busy = self.pulling is not None
+        downloadable = entry.source in ("catalog", "hub")
+        self.query_one("#use-model", Button).disabled = not entry.installed
+        self.query_one("#download-model", Button).disabled = busy or not downloadable or entry.installed
+        self.query_one("#quantize-model", Button).disabled = (
+            busy or not downloadable or entry.status not in ("downloaded", "quantized")
+        )
+        self.query_one("#delete-model", Button).disabled = busy or entry.source == "bundled"
+
+    def action_refresh_models(self) -> None:
+        self.refresh_models()
+
+    @on(Button.Pressed, "#use-model")
+    def _use(self) -> None:
+        from mixtral_chat.engine.errors import MixtralChatError
+        from mixtral_chat.engine.registry import set_default
+
+        entry = self.selected_entry()
+        if entry is None:
+            return
+        try:
+            set_default(entry.name)
+        except MixtralChatError as exc:
+            self.notify(str(exc), severity="error")
+            return
+        self.chat_app.model_spec = entry.name
+        self.chat_app.load_model(entry.name)
+        self.refresh_models()
+
+    @on(Button.Pressed, "#download-model")
+    def _download(self) -> None:
+        entry = self.selected_entry()
+        if entry is None:
+            return
+        from mixtral_chat.engine.hub import hub_cache_dir
+
+        free = free_disk_bytes(_existing(hub_cache_dir()))
+        needed = (entry.download_bytes or 0) - entry.partial_bytes
+        size = format_size(entry.download_bytes) if entry.download_bytes else "size unknown"
+        resume = f", resuming {format_size(entry.partial_bytes)} already here" if entry.partial_bytes else ""
+        question = f"Download {entry.name} ({size}{resume})?\nFree disk space: {format_size(free)}."
+
+        if needed > free:
+            question += " That is not enough: the download will stop before it starts."
+
+        def answered(confirmed: bool | None) -> None:
+            if confirmed:
+                self._start_pull(entry.name, "download")
+
+        self.app.push_screen(ConfirmScreen(question, "Download", danger=False), answered)
+
+    @on(Button.Pressed, "#quantize-model")
+    def _quantize(self) -> None:
+        entry = self.selected_entry()
+        if entry is not None:
+            self._start_pull(entry.name, "quantize")
+
+    def _start_pull(self, name: str, action: str) -> None:
+        self.pulling = name
+        self.pull_action = action
+        self.pull_cancel = threading.Event()
+        self.last_progress = None
+        self.query_one("#download-row").display = True
+        self.query_one("#download-progress", ProgressBar).update(total=None, progress=0)
+        self.query_one("#download-label", Label).update(f"{action}ing {name}: starting…")
+        self.query_one("#cancel-pull", Button).disabled = False
+        self._show_detail()
+        scheme = self.chat_app.settings.engine.quant
+        self._pull_worker(name, action, self.pull_cancel, scheme if scheme in ("int4", "nf4") else None)
+
+    @work(thread=True, exclusive=True, group="pull", exit_on_error=False)
+    def _pull_worker(self, name: str, action: str, cancel: threading.Event, scheme: str | None) -> None:
+        from mixtral_chat.app.tui import error_line
+        from mixtral_chat.engine.hub import DownloadCancelled
+        from mixtral_chat.engine.registry import pull_model
+
+        def progress(update: PullProgress) -> None:
+            now = time.monotonic()
+            if (
+                now - self._last_progress_post >= PROGRESS_INTERVAL_S
+                or update.bytes_done >= update.bytes_total
+            ):
+                self._last_progress_post = now
+                self.post_message(Pull.Progress(name, update))
+
+        try:
+            pull_model(name, quantize=action == "quantize", scheme=scheme, progress=progress, cancel=cancel)
+        except Exception as exc:
+            # DownloadCancelled, or the quantizer's own QuantizationCancelled: either way the
+            # user asked for it, and the next pull resumes.
+            if cancel.is_set() or isinstance(exc, DownloadCancelled):
+                self.post_message(Pull.Done(name, action, None, cancelled=True))
+            else:
+                self.post_message(Pull.Done(name, action, error_line(exc, action)))
+            return
+        self.post_message(Pull.Done(name, action, None))
+
+    def on_pull_progress(self, message: Pull.Progress) -> None:
+        update = message.progress
+        self.last_progress = update
+        bar = self.query_one("#download-progress", ProgressBar)
+        bar.update(total=update.bytes_total or None, progress=update.bytes_done)
+        verb = "Downloading" if update.phase == "download" else "Quantizing"
+        text = f"{verb} {message.name}: {format_size(update.bytes_done)} of {format_size(update.bytes_total)}"
+        if update.speed:
+            text += f" at {format_size(update.speed)}/s, {format_eta(update.eta_s)} left"
+        if update.file:
+            text += f" ({update.file})"
+        self.query_one("#download-label", Label).update(text)
+        if message.name in self.entries:
+            # CellDoesNotExist: the row was refreshed away; the next refresh shows it again.
+            with contextlib.suppress(CellDoesNotExist):
+                self.models_table.update_cell(
+                    message.name, "status", self._status_text(self.entries[message.name], None)
+                )
+
+    def on_pull_done(self, message: Pull.Done) -> None:
+        self.pulling = None
+        self.pull_cancel = None
+        self.last_progress = None
+        self.query_one("#cancel-pull", Button).disabled = True
+        self.query_one("#download-row").display = False
+        if message.cancelled:
+            self.notify(
+                f"{message.action.capitalize()} of {message.name} cancelled; the next one resumes it."
+            )
+        elif message.error:
+            self.notify(
+                message.error, title=f"{message.action.capitalize()} failed", severity="error", timeout=12
+            )
+        else:
+            self.notify(f"{message.name}: {message.action} finished.")
+        self.refresh_models()
+
+    @on(Button.Pressed, "#cancel-pull")
+    def _cancel_pull(self) -> None:
+        if self.pull_cancel is not None:
+            self.pull_cancel.set()
+            self.query_one("#download-label", Label).update("Cancelling… (the partial download is kept)")
+
+    @on(Button.Pressed, "#delete-model")
+    def _delete(self) -> None:
+        entry = self.selected_entry()
+        if entry is None:
+            return
+        engine = self.chat_app.engine
+        if (
+            engine is not None
+            and entry.path is not None
+            and entry.path.resolve() == engine.info.path.resolve()
+        ):
+            self.notify("This model is loaded: use another one before deleting it.", severity="warning")
+            return
+        freed_estimate = entry.size_on_disk + entry.partial_bytes
+        what = (
+            f"Forget {entry.name}? Its directory {entry.path} is not deleted."
+            if entry.source == "local"
+            else f"Delete {entry.name}? This frees about {format_size(freed_estimate)}."
+        )
+
+        def answered(confirmed: bool | None) -> None:
+            if not confirmed:
+                return
+            from mixtral_chat.engine.errors import MixtralChatError
+            from mixtral_chat.engine.registry import remove_model
+
+            try:
+                freed = remove_model(entry.name)
+            except MixtralChatError as exc:
+                self.notify(str(exc), severity="error")
+                return
+            self.notify(f"Removed {entry.name}; freed {format_size(freed) if freed else 'nothing'}.")
+            self.refresh_models()
+
+        self.app.push_screen(ConfirmScreen(what, "Delete" if entry.source != "local" else "Forget"), answered)
+
+    @on(Button.Pressed, "#add-model")
+    @on(Input.Submitted, "#add-model-input")
+    def _add(self) -> None:
+        source = self.query_one("#add-model-input", Input).value.strip()
+        if source:
+            self._add_worker(source)
+
+    @work(thread=True, exclusive=True, group="add-model", exit_on_error=False)
+    def _add_worker(self, source: str) -> None:
+        from mixtral_chat.app.tui import error_line
+        from mixtral_chat.engine.registry import add_model
+
+        try:
+            entry = add_model(source)
+        except Exception as exc:
+            self.app.call_from_thread(self.notify, error_line(exc, "adding a model"), severity="error")
+            return
+        self.app.call_from_thread(self._added, entry.name)
+
+    def _added(self, name: str) -> None:
+        self.query_one("#add-model-input", Input).value = ""
+        self.notify(f"Added {name}.")
+        self.refresh_models()
+
+    def _model_status_changed(self, status: ModelStatus) -> None:
+        engine = self.chat_app.engine
+        plan = getattr(engine.info, "offload_plan", None) if engine is not None else None
+        note = f"Loaded: {engine.info.name} on {engine.info.device} ({engine.info.scheme})" if engine else ""
+        if plan:
+            note += f"\nOffload plan: {plan}"
+        elif engine is not None:
+            note += "; all experts resident (no offloading)"
+        if status.state == "loading":
+            note = f"Loading {status.name or 'the default model'}…"
+        elif status.state == "failed":
+            note = f"The model did not load: {status.error}"
+        self.query_one("#plan-note", Label).update(note)
+        if self.is_mounted:
+            self.refresh_models()
+
+    # -- engine ----------------------------------------------------------------------------------
+
+    def _read_engine_settings(self) -> bool:
+        settings = self.chat_app.settings
+        engine = settings.engine
+        try:
+            experts = _optional_int(self.query_one("#experts-per-layer", Input).value, "experts per layer", 1)
+            budget = _optional_float(self.query_one("#gpu-budget", Input).value, "memory budget")
+            context = _optional_int(self.query_one("#context-length", Input).value, "context length", 16)
+        except ValueError as exc:
+            self.notify(str(exc), severity="error")
+            return False
+        engine.device = str(self.query_one("#device", Select).value)
+        engine.dtype = str(self.query_one("#dtype", Select).value)
+        quant = str(self.query_one("#quant", Select).value)
+        engine.quant = None if quant == "stored" else quant
+        engine.offload = self.query_one("#offload", Switch).value
+        engine.experts_per_layer = experts
+        engine.gpu_budget_gb = budget
+        engine.prefetch = self.query_one("#prefetch", Switch).value
+        engine.offload_store = str(self.query_one("#offload-store", Select).value)
+        engine.context_length = context
+        settings.theme = str(self.query_one("#theme", Select).value)
+        return True
+
+    @on(Select.Changed, "#theme")
+    def _theme_changed(self, event: Select.Changed) -> None:
+        if isinstance(event.value, str) and event.value in self.app.available_themes:
+            self.app.theme = event.value
+
+    @on(Button.Pressed, "#save-engine")
+    def _save(self) -> None:
+        if self._read_engine_settings() and self.chat_app.save_settings():
+            self.notify("Saved. Engine options apply when a model is next loaded.")
+
+    @on(Button.Pressed, "#save-reload")
+    def _save_reload(self) -> None:
+        if self._read_engine_settings() and self.chat_app.save_settings():
+            self.chat_app.load_model(self.chat_app.model_spec)
+
+    def action_close(self) -> None:
+        self.app.pop_screen()
+
+
+def _text(value: object) -> str:
+    return "" if value is None else str(value)
+
+
+def _existing(path: Path) -> Path:
+    """The nearest existing folder (free space is asked of a folder that may not exist yet)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _optional_int(text: str, what: str, minimum: int) -> int | None:
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{what}: {text!r} is not a whole number") from None
+    if value < minimum:
+        raise ValueError(f"{what} must be at least {minimum}")
+    return value
+
+
+def _optional_float(text: str, what: str) -> float | None:
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{what}: {text!r} is not a number") from None
+    if not value > 0:
+        raise ValueError(f"{what} must be positive")
+    return value

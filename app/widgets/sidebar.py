@@ -1,0 +1,82 @@
+"""The conversation list in the sidebar, and the model-loading line."""
+
+from __future__ import annotations
+
+import time
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Horizontal
+from textual.widgets import Label, LoadingIndicator, OptionList
+from textual.widgets.option_list import Option
+
+from mixtral_chat.app.storage import Conversation
+
+
+def relative_time(timestamp: float, now: float | None = None) -> str:
+    seconds = max(0.0, (now or time.time()) - timestamp)
+    if seconds < 60:
+        return "now"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f} min"
+    if seconds < 86400:
+        return f"{seconds // 3600:.0f} h"
+    return f"{seconds // 86400:.0f} d"
+
+
+class ConversationList(OptionList):
+    """Conversations, most recently used first; option ids are `chat-<id>`."""
+
+    def show(self, conversations: list[Conversation], current_id: int | None) -> None:
+        now = time.time()
+        self.clear_options()
+        options = []
+        for conversation in conversations:
+            label = Text(conversation.title, no_wrap=True, overflow="ellipsis")
+            label.append(f"  {relative_time(conversation.updated_at, now)}", style="dim")
+            options.append(Option(label, id=f"chat-{conversation.id}"))
+        self.add_options(options)
+        self.select_conversation(current_id)
+
+    def select_conversation(self, conversation_id: int | None) -> None:
+        if conversation_id is None:
+            self.highlighted = None
+            return
+        try:
+            self.highlighted = self.get_option_index(f"chat-{conversation_id}")
+        except Exception:  # not in the list (deleted elsewhere)
+            self.highlighted = None
+
+    @staticmethod
+    def conversation_id(option: Option) -> int:
+        return int(str(option.id).removeprefix("chat-"))
+
+
+class ModelLoadingBar(Horizontal):
+    """Shown while a model loads: a spinner and what is being loaded, with the seconds so far."""
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self._what = ""
+        self._started = 0.0
+
+    def compose(self) -> ComposeResult:
+        yield LoadingIndicator()
+        yield Label("", classes="loading-label")
+
+    def on_mount(self) -> None:
+        self.set_interval(0.5, self._tick)
+
+    def begin(self, what: str) -> None:
+        self._what = what
+        self._started = time.monotonic()
+        self.display = True
+        self._tick()
+
+    def end(self) -> None:
+        self.display = False
+
+    def _tick(self) -> None:
+        if self.display:
+            elapsed = time.monotonic() - self._started
+            self.query_one(".loading-label", Label).update(f"Loading {self._what}… {elapsed:.0f} s")
