@@ -14,6 +14,11 @@ from collections.abc import Sequence
 
 from mixtral_chat.app.errors import UsageError
 
+# Before torch loads OpenMP: threads that sleep instead of spinning when they wait. On a busy
+# 2-core machine spinning threads made decode 2-14x slower (docs/BENCHMARKS.md), and the TUI
+# needs a core for itself while tokens stream.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # Each subcommand lives in app/commands/<module>.py with `register(subparsers)` and
 # `run(args) -> int`. Registering is cheap: the modules import nothing heavy at top level.
 COMMAND_MODULES = ("ask", "models", "quantize", "bench", "paths")

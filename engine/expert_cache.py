@@ -97,6 +97,7 @@ class CacheCounters:
     prefetch_hits: int = 0  # needed, resident only because a prefetch brought it
     prefetches: int = 0  # loads started by prefetch
     prefetch_wasted: int = 0  # prefetched, then evicted before any use
+    prefetch_cancelled: int = 0  # wrong predictions dropped before their copy started
     predicted: int = 0  # experts the prefetcher predicted for a step
     predicted_needed: int = 0  # ...of which the step then needed
     needed: int = 0  # experts needed by steps that had a prediction
@@ -196,6 +197,27 @@ class SlotMap:
             self.counters.bytes_moved += self.expert_bytes
             accesses.append(Access(expert, slot, hit=False, load=True))
         return accesses
+
+    def start_warm(self, experts: Sequence[int]) -> None:
+        """Fill slots before the first step (no counters, no prediction)."""
+        for expert in experts[: len(self._free)]:
+            self.slot_of[expert] = self._free.pop()
+            self.policy.inserted(expert)
+
+    def cancel_prefetch(self, expert: int) -> None:
+        """A prefetched expert whose copy never started: its slot is free again."""
+        if expert not in self._prefetched_unused:
+            raise ValueError(f"expert {expert} has no prefetch in flight")
+        self._prefetched_unused.discard(expert)
+        self._free.append(self.slot_of.pop(expert))
+        self.policy.evicted(expert)
+        self.counters.prefetches -= 1
+        self.counters.loads -= 1
+        self.counters.bytes_moved -= self.expert_bytes
+        self.counters.prefetch_cancelled += 1
+
+    def prefetched_unused(self) -> set[int]:
+        return set(self._prefetched_unused)
 
     def prefetch(self, predicted: Sequence[int], keep: Iterable[int] = ()) -> list[Access]:
         """Start loading predicted experts that are not resident; never evicts `keep` or them."""

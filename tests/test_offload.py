@@ -184,6 +184,8 @@ def test_cli_offload_flags_and_stats(eight_expert_dir: Path, tmp_path: Path) -> 
     as_json = run_cli(*args, "--experts-per-layer", "3", "--no-prefetch", "--json", "--stats")
     payload = json.loads(as_json.stdout)
     assert payload["cache"]["experts_per_layer"] == 3 and payload["cache"]["prefetch"] is False
+    # The warm start is no prediction: without prefetch, nothing was predicted.
+    assert payload["cache"]["prefetch_recall"] == 0.0 and payload["cache"]["prefetch_hits"] == 0
 
 
 @pytest.mark.parametrize("scheme", ["int4", "nf4"])
@@ -198,3 +200,19 @@ def test_offloaded_quantized_experts_are_bit_identical(eight_expert_dir: Path, s
     finally:
         offloader.close()
     assert offloader.counters().misses > 0
+
+
+def test_a_cancelled_prefetch_frees_its_slot_and_uncounts_its_bytes() -> None:
+    slots = SlotMap(3, LRUPolicy(), expert_bytes=10)
+    slots.start_warm([0])
+    slots.prefetch([1, 2])
+    assert slots.counters.bytes_moved == 20
+    slots.cancel_prefetch(2)  # the step needs 0 and 1 only; 2's copy had not started
+    assert slots.resident == [0, 1]
+    c = slots.counters
+    assert (c.prefetches, c.loads, c.bytes_moved, c.prefetch_cancelled) == (1, 1, 10, 1)
+    accesses = slots.access([0, 1, 3])  # 3 takes 2's freed slot: no eviction
+    assert [(a.expert, a.hit) for a in accesses] == [(0, True), (1, True), (3, False)]
+    assert slots.counters.prefetch_hits == 1 and slots.counters.prefetch_wasted == 0
+    with pytest.raises(ValueError, match="no prefetch in flight"):
+        slots.cancel_prefetch(0)
