@@ -127,7 +127,7 @@ def test_a_quantized_directory_loads_to_the_in_memory_model_bit_for_bit(
         assert (
             type(loaded.layers[1].block_sparse_moe.experts[3].w2).__name__ == f"{scheme.capitalize()}Linear"
         )
-        assert type(loaded.layers[0].block_sparse_moe.gate) is torch.nn.Linear  # router stays float
+        assert isinstance(loaded.layers[0].block_sparse_moe.gate, torch.nn.Linear)  # router stays float
 
 
 def test_bfloat16_checkpoint_loads_bit_identical_in_bfloat16(tmp_path: Path) -> None:
