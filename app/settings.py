@@ -68,7 +68,7 @@ class EngineSettings:
     offload: bool = False  # experts in host RAM (or on disk), a cache of them on the device
     experts_per_layer: int | None = None  # offloading: experts kept on the device per layer
     gpu_budget_gb: float | None = None  # offloading: memory budget for the planner
-    prefetch: bool = True  # offloading: speculative expert loading
+    prefetch: bool = False  # offloading: speculative expert loading (measured slower; see BENCHMARKS)
     offload_store: str = "ram"  # "ram" | "disk"
     context_length: int | None = None  # None: the model's own
 

@@ -91,7 +91,10 @@ class ExpertStore:
         self.num_layers = num_layers
         self.num_experts = num_experts
 
-    def copy_into(self, layer: int, expert: int, out: Tensor, non_blocking: bool) -> None:
+    def copy_into(
+        self, layer: int, expert: int, out: Tensor, start: int, end: int, non_blocking: bool
+    ) -> None:
+        """Copy bytes [start, end) of the expert's blob into the same bytes of `out`."""
         raise NotImplementedError
 
     def put(self, layer: int, expert: int, module: nn.Module) -> None:
@@ -118,8 +121,10 @@ class RamStore(ExpertStore):
     def put(self, layer: int, expert: int, module: nn.Module) -> None:
         self.layout.pack(module, self._blob(layer, expert))
 
-    def copy_into(self, layer: int, expert: int, out: Tensor, non_blocking: bool) -> None:
-        out.copy_(self._blob(layer, expert), non_blocking=non_blocking)
+    def copy_into(
+        self, layer: int, expert: int, out: Tensor, start: int, end: int, non_blocking: bool
+    ) -> None:
+        out[start:end].copy_(self._blob(layer, expert)[start:end], non_blocking=non_blocking)
 
     def close(self) -> None:
         self.buffer = torch.empty(0, dtype=torch.uint8)
@@ -148,19 +153,21 @@ class DiskStore(ExpertStore):
         if written != self.layout.nbytes:
             raise MixtralChatError(f"{self.path}: short write while building the expert store (disk full?)")
 
-    def copy_into(self, layer: int, expert: int, out: Tensor, non_blocking: bool) -> None:
+    def copy_into(
+        self, layer: int, expert: int, out: Tensor, start: int, end: int, non_blocking: bool
+    ) -> None:
         if out.device.type == "cpu":
-            target = out
+            target = out[start:end]
         else:
             key = threading.get_ident()
             if key not in self._staging:
                 self._staging[key] = torch.empty(self.layout.nbytes, dtype=torch.uint8, pin_memory=True)
-            target = self._staging[key]
-        read = os.preadv(self._fd, [memoryview(target.numpy())], self._offset(layer, expert))
-        if read != self.layout.nbytes:
+            target = self._staging[key][: end - start]
+        read = os.preadv(self._fd, [memoryview(target.numpy())], self._offset(layer, expert) + start)
+        if read != end - start:
             raise MixtralChatError(f"{self.path}: expert store is truncated")
-        if target is not out:
-            out.copy_(target, non_blocking=False)
+        if out.device.type != "cpu":
+            out[start:end].copy_(target, non_blocking=False)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -169,12 +176,21 @@ class DiskStore(ExpertStore):
             self.path.unlink(missing_ok=True)
 
 
+@dataclass
+class Transfer:
+    future: Future
+    stop: threading.Event  # set: the copy ends at its next chunk (a wrong prefetch)
+
+
 class Transfers:
     """Runs copies off the compute path: a CUDA copy stream, or one background thread on CPU.
 
-    `simulate_gbps` makes each copy take at least bytes / bandwidth, so the overlap of prefetch
-    and compute can be measured on a machine without a GPU link.
+    Copies go in chunks so a wrong prefetch can be stopped part-way instead of holding the queue
+    for a whole expert. `simulate_gbps` makes each chunk take at least bytes / bandwidth, so the
+    overlap of prefetch and compute can be measured on a machine without a GPU link.
     """
+
+    CHUNK = 8 << 20  # bytes
 
     def __init__(self, device: torch.device, simulate_gbps: float | None = None) -> None:
         self.device = device
@@ -183,31 +199,38 @@ class Transfers:
         self._stream = torch.cuda.Stream(device) if self.cuda else None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="expert-copy")
 
-    def submit(self, store: ExpertStore, layer: int, expert: int, out: Tensor) -> Future:
+    def submit(self, store: ExpertStore, layer: int, expert: int, out: Tensor) -> Transfer:
         compute_stream = torch.cuda.current_stream(self.device) if self.cuda else None
+        stop = threading.Event()
+
+        def copy_chunks(non_blocking: bool) -> None:
+            for start in range(0, store.layout.nbytes, self.CHUNK):
+                if stop.is_set():
+                    return
+                began = time.perf_counter()
+                end = min(start + self.CHUNK, store.layout.nbytes)
+                store.copy_into(layer, expert, out, start, end, non_blocking)
+                if self.simulate_gbps:
+                    remaining = (end - start) / (self.simulate_gbps * 1e9) - (time.perf_counter() - began)
+                    if remaining > 0:
+                        time.sleep(remaining)
 
         def run() -> object:
-            started = time.perf_counter()
-            if self._stream is not None:
-                with torch.cuda.stream(self._stream):
-                    # The slot may still be read by compute queued earlier: wait for it first.
-                    self._stream.wait_stream(compute_stream)
-                    store.copy_into(layer, expert, out, non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record(self._stream)
-            else:
-                store.copy_into(layer, expert, out, non_blocking=False)
-                event = None
-            if self.simulate_gbps:
-                remaining = store.layout.nbytes / (self.simulate_gbps * 1e9) - (time.perf_counter() - started)
-                if remaining > 0:
-                    time.sleep(remaining)
+            if self._stream is None:
+                copy_chunks(non_blocking=False)
+                return None
+            with torch.cuda.stream(self._stream):
+                # The slot may still be read by compute queued earlier: wait for it first.
+                self._stream.wait_stream(compute_stream)
+                copy_chunks(non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self._stream)
             return event
 
-        return self._pool.submit(run)
+        return Transfer(self._pool.submit(run), stop)
 
-    def wait(self, future: Future) -> None:
-        event = future.result()
+    def wait(self, transfer: Transfer) -> None:
+        event = transfer.future.result()
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
 
@@ -249,7 +272,7 @@ class LayerExpertCache:
             module = copy.deepcopy(template)  # a meta shell: copying it costs nothing
             store.layout.bind(module, buffer)
             self.modules.append(module)
-        self.pending: dict[int, Future] = {}  # slot -> transfer in flight
+        self.pending: dict[int, Transfer] = {}  # slot -> transfer in flight
         self.activity = LayerActivity()
 
     def warm_start(self, expert_ids: Sequence[int]) -> None:
@@ -270,9 +293,9 @@ class LayerExpertCache:
                 self._load(access.expert, access.slot)
         started = time.perf_counter()
         for access in accesses:
-            future = self.pending.pop(access.slot, None)
-            if future is not None:
-                self.transfers.wait(future)
+            transfer = self.pending.pop(access.slot, None)
+            if transfer is not None:
+                self.transfers.wait(transfer)
         self.slots.counters.stall_s += time.perf_counter() - started
         return [self.modules[a.slot] for a in accesses]
 
@@ -284,10 +307,15 @@ class LayerExpertCache:
         """
         for expert in self.slots.prefetched_unused() - set(needed):
             slot = self.slots.slot_of[expert]
-            future = self.pending.get(slot)
-            if future is not None and future.cancel():
-                del self.pending[slot]
-                self.slots.cancel_prefetch(expert)
+            transfer = self.pending.get(slot)
+            if transfer is None or transfer.future.done():
+                continue  # already copied: keep it, it may be used later
+            del self.pending[slot]
+            # Not started: never runs. Running: ends at its next chunk. Either way the slot is
+            # free, and a later copy into it queues behind this one.
+            transfer.stop.set()
+            transfer.future.cancel()
+            self.slots.cancel_prefetch(expert)
 
     def prefetch(self, expert_ids: Sequence[int]) -> None:
         loads = self.slots.prefetch(expert_ids)

@@ -57,7 +57,9 @@ class OffloadOptions:
 
     experts_per_layer: int | None = None  # overrides the planner; = experts means all resident
     memory_budget_gb: float | None = None  # for the planner; default: free device memory - margin
-    prefetch: bool = True
+    # Off by default: one-layer-ahead speculation measured 11-16% slower decode at a Mixtral-like
+    # copy/compute ratio even with wrong guesses stopped mid-copy (docs/BENCHMARKS.md).
+    prefetch: bool = False
     store: Literal["ram", "disk"] = "ram"
     policy: str = "lru"
     simulate_link_gbps: float | None = None  # CPU benchmarks: copies take bytes / bandwidth

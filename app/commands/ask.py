@@ -34,7 +34,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--experts-per-layer", type=int, metavar="K", help="experts kept on the compute device per layer"
     )
     offload.add_argument("--gpu-mem", type=float, metavar="GB", help="memory budget for the planner")
-    offload.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True)
+    offload.add_argument(
+        "--prefetch",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="speculative loading of the next layer's experts (off: it measured slower, docs/BENCHMARKS.md)",
+    )
     offload.add_argument("--offload", choices=["ram", "disk"], help="where the other experts live")
     offload.add_argument("--cache-policy", default="lru", choices=["lru", "lfu"])
     offload.add_argument("--simulate-link-gbps", type=float, metavar="GBPS", help=argparse.SUPPRESS)
