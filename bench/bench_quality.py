@@ -1,0 +1,81 @@
+"""Held-out perplexity of a model in float and in each 4-bit scheme, side by side.
+
+    python bench/bench_quality.py [--model assets/demo] [--heldout tests/data/demo_heldout.jsonl]
+
+The held-out file holds single-turn chats ({"messages": [user, assistant]}); the loss is the mean
+NLL of the reply tokens and their </s>, as assets/demo/eval.json defines it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
+
+import torch
+
+from mixtral_chat.engine.tokenizer import Tokenizer
+from mixtral_chat.engine.weights import load_model
+
+REPO = Path(__file__).resolve().parent.parent
+VARIANTS = [  # (label, scheme, group size, double quant)
+    ("float32", None, None, False),
+    ("int4 g32", "int4", 32, False),
+    ("int4 g64", "int4", 64, False),
+    ("int4 g128", "int4", 128, False),
+    ("nf4 b64", "nf4", 64, False),
+    ("nf4 b64 double-quant", "nf4", 64, True),
+]
+
+
+def heldout_nll(model, tokenizer: Tokenizer, chats: list[list[dict]]) -> tuple[float, int]:
+    total, count = 0.0, 0
+    for chat in chats:
+        prompt = tokenizer.encode_chat(chat[:1])
+        ids = [*prompt, *tokenizer.encode(chat[1]["content"]), tokenizer.eos_id]
+        model.setup_cache(len(ids))
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]), torch.arange(len(ids)))[0]  # [S, V]
+        logprobs = torch.log_softmax(logits[len(prompt) - 1 : -1].double(), dim=-1)  # [R, V]
+        targets = torch.tensor(ids[len(prompt) :])  # [R]
+        total -= float(logprobs.gather(-1, targets[:, None]).sum())
+        count += len(targets)
+    return total, count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=REPO / "assets" / "demo")
+    parser.add_argument("--heldout", type=Path, default=REPO / "tests" / "data" / "demo_heldout.jsonl")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from mixtral_chat.quant import quantize_model_in_memory
+
+    chats = [json.loads(line)["messages"] for line in args.heldout.read_text().splitlines()]
+    tokenizer = Tokenizer(args.model / "tokenizer.model")
+    print(f"$ python bench/bench_quality.py --model {args.model} --heldout {args.heldout}")
+    print(f"{len(chats)} held-out chats\n")
+    print("| variant | held-out loss | perplexity | vs float32 | seconds |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    base = None
+    for label, scheme, group, double_quant in VARIANTS:
+        started = time.perf_counter()
+        model = load_model(args.model, "cpu", torch.float32)
+        if scheme:
+            quantize_model_in_memory(model, scheme, group, double_quant)
+        nll, count = heldout_nll(model, tokenizer, chats)
+        loss = nll / count
+        ppl = math.exp(loss)
+        base = base or ppl
+        change = "-" if scheme is None else f"{(ppl / base - 1) * 100:+.2f}%"
+        print(f"| {label} | {loss:.4f} | {ppl:.3f} | {change} | {time.perf_counter() - started:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
