@@ -1,11 +1,14 @@
 """Record one routing trace over several questions: one Engine, one RoutingTrace (token_idx continues).
 
-    python bench/record_trace.py MODEL_DIR TRACE.jsonl MAX_TOKENS
+    python bench/record_trace.py MODEL_DIR TRACE.jsonl MAX_TOKENS [CHATS.jsonl]
+
+With CHATS.jsonl (lines of {"messages": [user, ...]}), its user questions replace the built-in ones.
     mixtral-chat bench cache --trace TRACE.jsonl --experts-per-layer 2..7 --policy all
 """
 
 from __future__ import annotations
 
+import json
 import sys
 
 import torch
@@ -30,6 +33,9 @@ QUESTIONS = [
 
 torch.set_num_threads(1)
 model_dir, out_path, max_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if len(sys.argv) > 4:
+    with open(sys.argv[4], encoding="utf-8") as chats:
+        QUESTIONS = [json.loads(line)["messages"][0]["content"] for line in chats]
 engine = Engine.load(model_dir, device="cpu", dtype="float32")
 with open(out_path, "w", encoding="utf-8") as out:
     trace = RoutingTrace(engine.model, out)
