@@ -8,7 +8,6 @@ tensor. Pickle checkpoints (.bin/.pt) are never loaded.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,24 +18,13 @@ from torch import Tensor
 from mixtral_chat.engine.config import ModelArgs
 from mixtral_chat.engine.errors import WeightsError
 from mixtral_chat.engine.model import Mixtral
+from mixtral_chat.engine.safetensors_io import read_header, read_tensor
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 QUANT_CONFIG_FILE = "quant_config.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _FLOAT_DTYPES = {"F32", "F16", "BF16"}
-_TORCH_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 
 def hf_to_module_name(key: str) -> str:
@@ -96,80 +84,17 @@ class Checkpoint:
             file_keys = sorted(k for k, f in self.shards.items() if f == file and k in wanted)
             if not file_keys:
                 continue
-            header, data_start = _read_header(file)
+            header, data_start = read_header(file)
             with open(file, "rb") as handle:
                 for key in file_keys:
                     info = header.get(key)
                     if info is None:
                         raise WeightsError(f"{file}: tensor '{key}' listed in the index is missing")
-                    yield key, _read_tensor(handle, file, key, info, data_start)
-
-
-def _read_tensor(handle, file: Path, key: str, info: dict, data_start: int) -> Tensor:
-    dtype = _TORCH_DTYPES.get(info.get("dtype", ""))
-    if dtype is None:
-        raise WeightsError(f"{file}: tensor '{key}' has unsupported dtype {info.get('dtype')!r}")
-    begin, end = info["data_offsets"]
-    shape = tuple(info["shape"])
-    nbytes = end - begin
-    if nbytes != math.prod(shape) * dtype.itemsize:
-        raise WeightsError(f"{file}: tensor '{key}' is corrupt (its size does not match its shape)")
-    buffer = torch.empty(nbytes, dtype=torch.uint8)
-    view = memoryview(buffer.numpy()) if nbytes else memoryview(b"")
-    try:
-        handle.seek(data_start + begin)
-        read = handle.readinto(view) if nbytes else 0
-    except OSError as exc:
-        raise WeightsError(f"{file}: tensor '{key}' is unreadable ({exc.strerror or exc})") from None
-    if read != nbytes:
-        raise WeightsError(f"{file}: truncated safetensors file (tensor '{key}' is cut off)")
-    return buffer.view(dtype).reshape(shape)
-
-
-def _read_header(file: Path) -> tuple[dict[str, dict], int]:
-    """The safetensors JSON header (key -> {dtype, shape, data_offsets}) and where data starts.
-
-    Checks that every tensor lies inside the file, so a truncated download fails here, by name.
-    """
-    try:
-        with open(file, "rb") as f:
-            size_bytes = f.read(8)
-            if len(size_bytes) < 8:
-                raise WeightsError(f"{file}: truncated safetensors file (no header)")
-            header_len = int.from_bytes(size_bytes, "little")
-            file_len = file.stat().st_size
-            if header_len > file_len - 8:
-                raise WeightsError(f"{file}: corrupt safetensors header (length {header_len})")
-            header = json.loads(f.read(header_len))
-    except OSError as exc:
-        raise WeightsError(f"{file}: unreadable ({exc.strerror or exc})") from None
-    except ValueError:
-        raise WeightsError(f"{file}: corrupt safetensors header (not JSON)") from None
-    if not isinstance(header, dict):
-        raise WeightsError(f"{file}: corrupt safetensors header")
-    header.pop("__metadata__", None)
-    data_len = file_len - 8 - header_len
-    for key, info in header.items():
-        try:
-            begin, end = info["data_offsets"]
-            valid = (
-                isinstance(info["dtype"], str)
-                and all(isinstance(d, int) and d >= 0 for d in info["shape"])
-                and isinstance(begin, int)
-                and isinstance(end, int)
-                and 0 <= begin <= end
-            )
-        except (TypeError, KeyError, ValueError):
-            valid = False
-        if not valid:
-            raise WeightsError(f"{file}: corrupt safetensors header (entry '{key}')")
-        if end > data_len:
-            raise WeightsError(f"{file}: truncated safetensors file (tensor '{key}' is cut off)")
-    return header, 8 + header_len
+                    yield key, read_tensor(handle, file, key, info, data_start)
 
 
 def _read_keys(file: Path) -> list[str]:
-    return list(_read_header(file)[0])
+    return list(read_header(file)[0])
 
 
 def _dtype_name(dtype: str) -> str:
@@ -183,7 +108,7 @@ def check_checkpoint(checkpoint: Checkpoint, model: Mixtral) -> None:
         for name, param in model.state_dict().items()
         if not (model.args.tie_word_embeddings and name == "lm_head.weight")
     }
-    headers = {file: _read_header(file)[0] for file in checkpoint.files}
+    headers = {file: read_header(file)[0] for file in checkpoint.files}
     missing = sorted(set(expected) - set(checkpoint.shards))
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""

@@ -22,20 +22,6 @@ _EXPERT_BLOB_KEY = re.compile(r"^(?:model\.)?layers\.(\d+)\.block_sparse_moe\.ex
 
 EXPERT_LINEARS = ("w1", "w2", "w3")
 
-# safetensors dtype names <-> torch dtypes (those a quantized directory may hold).
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-DTYPE_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -70,11 +56,6 @@ def expert_weight_key(layer: int, expert: int, linear: str) -> str:
 
 def expert_module_name(layer: int, expert: int) -> str:
     return f"layers.{layer}.block_sparse_moe.experts.{expert}"
-
-
-def hf_to_module_name(key: str) -> str:
-    """`model.layers.0.self_attn.q_proj.weight` -> `layers.0.self_attn.q_proj.weight`."""
-    return key.removeprefix("model.")
 
 
 def dtype_name(dtype: torch.dtype) -> str:

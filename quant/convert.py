@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from mixtral_chat.engine.errors import QuantizationError, WeightsError
+from mixtral_chat.engine.safetensors_io import read_header, read_tensor, tensor_dtype, tensor_nbytes
 from mixtral_chat.quant.blob import ExpertBlobLayout
 from mixtral_chat.quant.common import (
     EXPERT_LINEARS,
@@ -47,7 +48,7 @@ from mixtral_chat.quant.config import (
 )
 from mixtral_chat.quant.load import INDEX_FILE, shard_files
 from mixtral_chat.quant.schemes import NoneScheme, QuantScheme, get_scheme
-from mixtral_chat.quant.st_io import StreamWriter, read_header, read_tensor, tensor_dtype, tensor_nbytes
+from mixtral_chat.quant.st_io import StreamWriter
 
 PROGRESS_FILE = "progress.json"
 # Copied next to the weights so that DST is a complete model directory.

@@ -11,13 +11,14 @@ import torch
 from torch import Tensor, nn
 
 from mixtral_chat.engine.errors import QuantizationError, WeightsError
+from mixtral_chat.engine.safetensors_io import read_header, read_tensor
+from mixtral_chat.engine.weights import hf_to_module_name
 from mixtral_chat.quant.blob import ExpertBlobLayout, expert_linears_from_blob
 from mixtral_chat.quant.common import (
     EXPERT_LINEARS,
     expert_blob_key,
     expert_module_name,
     find_linear,
-    hf_to_module_name,
     is_attention_weight,
     is_quantizable,
     parse_expert_blob_key,
@@ -26,7 +27,6 @@ from mixtral_chat.quant.common import (
 )
 from mixtral_chat.quant.config import QuantConfig
 from mixtral_chat.quant.schemes import NoneScheme, QuantScheme, get_scheme
-from mixtral_chat.quant.st_io import read_header, read_tensor
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

@@ -1,9 +1,8 @@
-"""safetensors files read and written tensor by tensor, without holding a whole shard.
+"""safetensors files written tensor by tensor, without holding a whole shard.
 
-Reading uses the JSON header and plain reads at the recorded offsets (into fresh or caller
-given memory), so a shard's pages never pile up in this process's RSS. Writing streams: the
-header is computed up front from the tensors' dtypes and shapes, then each tensor is appended
-as soon as it is ready. The files are standard safetensors (tests read them with `safe_open`).
+The header is computed up front from the tensors' dtypes and shapes, then each tensor is appended
+as soon as it is ready. The files are standard safetensors (tests read them with `safe_open`);
+reading is engine/safetensors_io.py's.
 """
 
 from __future__ import annotations
@@ -12,99 +11,11 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 from torch import Tensor
 
-from mixtral_chat.engine.errors import WeightsError
-from mixtral_chat.quant.common import DTYPE_TO_SAFETENSORS, SAFETENSORS_DTYPES
-
-Header = dict[str, dict]
-
-
-def read_header(file: Path) -> tuple[Header, int]:
-    """(key -> {dtype, shape, data_offsets}, absolute offset where the data starts).
-
-    Checks every entry and that it lies inside the file, so truncation fails here, by name.
-    """
-    try:
-        with open(file, "rb") as f:
-            size_bytes = f.read(8)
-            file_len = file.stat().st_size
-            if len(size_bytes) < 8:
-                raise WeightsError(f"{file}: truncated safetensors file (no header)")
-            header_len = int.from_bytes(size_bytes, "little")
-            if header_len > file_len - 8:
-                raise WeightsError(f"{file}: corrupt safetensors header (length {header_len})")
-            header = json.loads(f.read(header_len))
-    except OSError as exc:
-        raise WeightsError(f"{file}: unreadable ({exc.strerror or exc})") from None
-    except ValueError:
-        raise WeightsError(f"{file}: corrupt safetensors header (not JSON)") from None
-    if not isinstance(header, dict):
-        raise WeightsError(f"{file}: corrupt safetensors header")
-    header.pop("__metadata__", None)
-    data_len = file_len - 8 - header_len
-    for key, info in header.items():
-        try:
-            begin, end = info["data_offsets"]
-            dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-            shape = info["shape"]
-            valid = (
-                dtype is not None
-                and isinstance(shape, list)
-                and all(isinstance(d, int) and d >= 0 for d in shape)
-                and isinstance(begin, int)
-                and isinstance(end, int)
-                and 0 <= begin <= end
-                and end - begin == math.prod(shape) * dtype.itemsize
-            )
-        except (TypeError, KeyError, ValueError):
-            valid = False
-        if not valid:
-            raise WeightsError(f"{file}: corrupt safetensors header (entry '{key}')")
-        if end > data_len:
-            raise WeightsError(f"{file}: truncated safetensors file (tensor '{key}' is cut off)")
-    return header, 8 + header_len
-
-
-def tensor_dtype(info: dict) -> torch.dtype:
-    return SAFETENSORS_DTYPES[info["dtype"]]
-
-
-def tensor_nbytes(info: dict) -> int:
-    begin, end = info["data_offsets"]
-    return end - begin
-
-
-def read_tensor(
-    handle: BinaryIO, file: Path, key: str, info: dict, data_start: int, out: Tensor | None = None
-) -> Tensor:
-    """One tensor read into fresh memory (or into `out`, a contiguous CPU uint8 tensor)."""
-    dtype = tensor_dtype(info)
-    begin, end = info["data_offsets"]
-    nbytes = end - begin
-    if out is None:
-        buffer = torch.empty(nbytes, dtype=torch.uint8)
-    else:
-        if (
-            out.dtype != torch.uint8
-            or out.numel() != nbytes
-            or not out.is_contiguous()
-            or out.device.type != "cpu"
-        ):
-            raise ValueError(f"out must be a contiguous CPU uint8 tensor of {nbytes} bytes")
-        buffer = out.view(-1)
-    if nbytes:
-        try:
-            handle.seek(data_start + begin)
-            read = handle.readinto(memoryview(buffer.numpy()))
-        except OSError as exc:
-            raise WeightsError(f"{file}: tensor '{key}' is unreadable ({exc.strerror or exc})") from None
-        if read != nbytes:
-            raise WeightsError(f"{file}: truncated safetensors file (tensor '{key}' is cut off)")
-    return buffer.view(dtype).reshape(info["shape"])
+from mixtral_chat.engine.safetensors_io import DTYPE_TO_SAFETENSORS
 
 
 class StreamWriter:
