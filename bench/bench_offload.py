@@ -732,7 +732,7 @@ def disk_child(spec: dict[str, Any]) -> dict[str, Any]:
     )
     load_s = time.perf_counter() - t0
     model, offloader = engine.model, engine.offloader
-    pack = offloader.store.path
+    pack = Path(f"/proc/self/fd/{offloader.store.fileno()}")  # the store unlinks its file at once
     replay = install_replay(model, TraceChoice(Path(spec["trace"]), "", spec["wrap_layers"]), spec["recall"])
     hooks = [layer.block_sparse_moe.prefetch_hook for layer in model.layers]
     # The load's peak: read now, since resetting VmHWM (clear_refs) resets ru_maxrss too.

@@ -142,7 +142,13 @@ class DiskStore(ExpertStore):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        # Unlinked at once: the open descriptor keeps the data, and a crash leaves no
+        # gigabytes behind.
+        path.unlink()
         self._staging: dict[int, Tensor] = {}  # per thread, for GPU targets
+
+    def fileno(self) -> int:
+        return self._fd
 
     def _offset(self, layer: int, expert: int) -> int:
         return (layer * self.num_experts + expert) * self.layout.nbytes
@@ -173,7 +179,6 @@ class DiskStore(ExpertStore):
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-            self.path.unlink(missing_ok=True)
 
 
 @dataclass
