@@ -63,7 +63,10 @@ def test_offloaded_generation_matches_and_reports_stats(eight_expert_dir: Path) 
     expected = "".join(resident.chat(messages, config))
     assert resident.cache_stats() is None
     engine = Engine.load(
-        eight_expert_dir, device="cpu", dtype="float32", offload=OffloadOptions(experts_per_layer=3, prefetch=True)
+        eight_expert_dir,
+        device="cpu",
+        dtype="float32",
+        offload=OffloadOptions(experts_per_layer=3, prefetch=True),
     )
     assert "".join(engine.chat(messages, config)) == expected
     stats = engine.cache_stats()
