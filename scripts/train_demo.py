@@ -631,8 +631,10 @@ the same first expert (random: 1/8 = 0.125):
 - Anything but a dictionary: no facts, arithmetic, code, reasoning or conversation beyond a few
   fixed greetings. Other questions get a definition-shaped reply that is usually wrong.
 - Reliable definitions: a {facts["params_total"] / 1e6:.1f}M-parameter model cannot memorise
-  {facts["word_count"]:,} definitions. Common words often come out right or close; rare and unseen words get
-  fluent but invented definitions.
+  {facts["word_count"]:,} definitions. Common words often come out right or close (see the recall numbers
+  above); rare and unseen words get fluent but invented definitions.
+- Unknown or made-up words: it may change the word itself in its answer ("glimmerstone" above),
+  because it copies words it has never seen piece by piece.
 - Long chats: it saw at most two turns and {MAX_TOKENS} tokens; its context is {context} tokens.
 - Sampling: it was trained for greedy decoding; with temperature it drifts quickly.
 - Grammar: the article is chosen from the first letter ("an hour" comes out "a hour"), and mass
