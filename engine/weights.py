@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,10 +42,18 @@ class Checkpoint:
 
     directory: Path
     shards: dict[str, Path]
+    # Each shard's header is read once, then checked (check_checkpoint) and used (tensors).
+    _headers: dict[Path, tuple[dict[str, dict], int]] = field(default_factory=dict, compare=False)
 
     @property
     def files(self) -> list[Path]:
         return sorted(set(self.shards.values()))
+
+    def header(self, file: Path) -> tuple[dict[str, dict], int]:
+        """The shard's header (key -> {dtype, shape, data_offsets}) and where its data starts."""
+        if file not in self._headers:
+            self._headers[file] = read_header(file)
+        return self._headers[file]
 
     @classmethod
     def open(cls, directory: str | Path) -> Checkpoint:
@@ -65,7 +73,8 @@ class Checkpoint:
             return cls(directory, shards)
         single = directory / SINGLE_FILE
         if single.exists():
-            return cls(directory, {key: single for key in _read_keys(single)})
+            header = read_header(single)
+            return cls(directory, dict.fromkeys(header[0], single), {single: header})
         pickles = [p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES]
         if pickles:
             raise WeightsError(
@@ -84,17 +93,13 @@ class Checkpoint:
             file_keys = sorted(k for k, f in self.shards.items() if f == file and k in wanted)
             if not file_keys:
                 continue
-            header, data_start = read_header(file)
+            header, data_start = self.header(file)
             with open(file, "rb") as handle:
                 for key in file_keys:
                     info = header.get(key)
                     if info is None:
                         raise WeightsError(f"{file}: tensor '{key}' listed in the index is missing")
                     yield key, read_tensor(handle, file, key, info, data_start)
-
-
-def _read_keys(file: Path) -> list[str]:
-    return list(read_header(file)[0])
 
 
 def _dtype_name(dtype: str) -> str:
@@ -108,7 +113,7 @@ def check_checkpoint(checkpoint: Checkpoint, model: Mixtral) -> None:
         for name, param in model.state_dict().items()
         if not (model.args.tie_word_embeddings and name == "lm_head.weight")
     }
-    headers = {file: read_header(file)[0] for file in checkpoint.files}
+    headers = {file: checkpoint.header(file)[0] for file in checkpoint.files}
     missing = sorted(set(expected) - set(checkpoint.shards))
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
