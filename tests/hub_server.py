@@ -517,6 +517,29 @@ class _HubHandler(BaseHTTPRequestHandler):
 # A tiny Mixtral checkpoint in the real Hugging Face layout.
 
 
+# What could point huggingface_hub at the user's own cache, token or offline switch.
+_USER_HF_VARIABLES = (
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "HF_HUB_CACHE",
+    "HUGGINGFACE_HUB_CACHE",
+    "HF_HUB_OFFLINE",
+)
+
+
+def isolate_hf_env(monkeypatch, hf_home: Path, **extra: str) -> dict[str, str]:
+    """A private Hugging Face cache and no user token, for this process and CLI subprocesses.
+
+    `extra` variables (e.g. MIXTRAL_CHAT_HOME) are set too; returns everything that was set.
+    """
+    for name in _USER_HF_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    values = {"HF_HOME": str(hf_home), "HF_HUB_DISABLE_TELEMETRY": "1", **extra}
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    return values
+
+
 def tokenizer_model_path() -> Path:
     """mistral-common's bundled Mixtral v1 sentencepiece model (32000 pieces)."""
     import mistral_common

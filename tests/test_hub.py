@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from hub_server import JUNK_FILES, HubServer, llama_files, tiny_mixtral_files
+from hub_server import JUNK_FILES, HubServer, isolate_hf_env, llama_files, tiny_mixtral_files
 
 from mixtral_chat.engine import hub
 
@@ -36,17 +36,7 @@ def tiny_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
 
 @pytest.fixture
 def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for name in (
-        "HF_TOKEN",
-        "HUGGING_FACE_HUB_TOKEN",
-        "HF_HUB_CACHE",
-        "HUGGINGFACE_HUB_CACHE",
-        "HF_HUB_OFFLINE",
-    ):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("MIXTRAL_CHAT_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    isolate_hf_env(monkeypatch, tmp_path / "hf", MIXTRAL_CHAT_HOME=str(tmp_path / "home"))
     return tmp_path
 
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from hub_server import HubServer, llama_files, tiny_mixtral_files
+from hub_server import HubServer, isolate_hf_env, llama_files, tiny_mixtral_files
 
 from mixtral_chat.engine import hub, registry
 from mixtral_chat.engine.errors import MixtralChatError, ModelNotFoundError
@@ -40,22 +40,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory, tiny_files: dict[str, byt
 @pytest.fixture
 def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Isolated mixtral-chat home and Hugging Face cache, for this process and CLI subprocesses."""
-    for name in (
-        "HF_TOKEN",
-        "HUGGING_FACE_HUB_TOKEN",
-        "HF_HUB_CACHE",
-        "HUGGINGFACE_HUB_CACHE",
-        "HF_HUB_OFFLINE",
-    ):
-        monkeypatch.delenv(name, raising=False)
-    values = {
-        "HF_HOME": str(tmp_path / "hf"),
-        "MIXTRAL_CHAT_HOME": str(tmp_path / "home"),
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-    }
-    for key, value in values.items():
-        monkeypatch.setenv(key, value)
-    return values
+    return isolate_hf_env(monkeypatch, tmp_path / "hf", MIXTRAL_CHAT_HOME=str(tmp_path / "home"))
 
 
 @pytest.fixture

@@ -505,18 +505,9 @@ def test_expert_cache_panel_without_offloading(home: Path, chat_model_dir: Path)
 @pytest.fixture
 def local_hub(home: Path, tmp_path: Path, chat_model_dir: Path, monkeypatch: pytest.MonkeyPatch):
     """A local hub (tests/hub_server.py) serving the tiny model as org/tiny; a private HF cache."""
-    from hub_server import HubServer
+    from hub_server import HubServer, isolate_hf_env
 
-    for name in (
-        "HF_TOKEN",
-        "HUGGING_FACE_HUB_TOKEN",
-        "HF_HUB_CACHE",
-        "HUGGINGFACE_HUB_CACHE",
-        "HF_HUB_OFFLINE",
-    ):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    isolate_hf_env(monkeypatch, tmp_path / "hf")
     with HubServer() as server:
         server.add_repo("org/tiny", chat_model_dir)
         monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
