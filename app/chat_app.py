@@ -136,6 +136,7 @@ class ChatApp(App[int]):
                 quant=engine_settings.quant,
                 context_length=engine_settings.context_length,
                 name=resolved.name,
+                # Offloading switched off in the settings still starts when the model does not fit.
                 offload=OffloadOptions(
                     experts_per_layer=engine_settings.experts_per_layer,
                     memory_budget_gb=engine_settings.gpu_budget_gb,
@@ -143,7 +144,7 @@ class ChatApp(App[int]):
                     store=engine_settings.offload_store,  # type: ignore[arg-type]
                 )
                 if engine_settings.offload
-                else None,
+                else OffloadOptions(only_if_needed=True),
             )
         except Exception as exc:  # shown as a notification; the chat stays usable
             self.post_message(ModelLoad.Failed(serial, spec, error_line(exc, "loading the model")))

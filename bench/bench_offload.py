@@ -26,10 +26,13 @@ machine: with the default (spinning) policy, 2 threads ran the all-resident mode
   44 MB float32 expert at the default 0.4 GB/s takes 110 ms, against 9-18 ms per layer measured
   here depending on the machine's load: ratio 6-12. The table prints the ratio the run actually
   had (`--link-ratio R` instead calibrates the link from the run's own resident time).
-- `disk`: the pack-file store with a RAM cache of k experts per layer (each k a fresh process):
-  decode read cold (the pack file's pages dropped from the page cache: fsync + posix_fadvise
-  DONTNEED, which needs no root and leaves other files' cache alone) and warm; /proc/self/io
-  read_bytes says how much really came from the disk; RSS next to the store's size.
+- `disk`: the disk store with a RAM cache of k experts per layer (each k a fresh process). With
+  `--disk-scheme int4|nf4` (default int4) the checkpoint is quantized once and the store is the
+  quantized shards themselves (`StoredExperts`: no expert is loaded at start-up); with `none`,
+  the float checkpoint is loaded and packed into a pack file. Decode read cold (the store files'
+  pages dropped from the page cache: fsync + posix_fadvise DONTNEED, which needs no root and
+  leaves other files' cache alone) and warm; /proc/self/io read_bytes says how much really came
+  from the disk; RSS next to the store's size.
 
 GPU section (`gpu`): a full-size Mixtral-8x7B-shaped model with random weights at 4 bits (int4 on
 PyTorch's tinygemm kernels; bitsandbytes is not needed) built on the device layer by layer,
@@ -684,7 +687,7 @@ def run_link(args: argparse.Namespace, model_dir: Path, trace: TraceChoice) -> N
 
 
 # --------------------------------------------------------------------------------------------
-# disk: the pack file as the store, a RAM cache of k experts per layer
+# disk: the quantized shards (or a pack file) as the store, a RAM cache of k experts per layer
 
 
 def proc_status(name: str) -> int:
@@ -724,7 +727,7 @@ def disk_child(spec: dict[str, Any]) -> dict[str, Any]:
     from mixtral_chat.engine.runtime import Engine, OffloadOptions
 
     torch.set_num_threads(spec["threads"])
-    os.environ["MIXTRAL_CHAT_HOME"] = spec["home"]  # the pack file goes under it
+    os.environ["MIXTRAL_CHAT_HOME"] = spec["home"]  # a pack file goes under it
     offload = OffloadOptions(experts_per_layer=spec["k"], prefetch=True, store="disk")
     t0 = time.perf_counter()
     engine = Engine.load(
@@ -732,12 +735,19 @@ def disk_child(spec: dict[str, Any]) -> dict[str, Any]:
     )
     load_s = time.perf_counter() - t0
     model, offloader = engine.model, engine.offloader
-    pack = Path(f"/proc/self/fd/{offloader.store.fileno()}")  # the store unlinks its file at once
+    # The store's open files: the quantized shards, or the pack file (unlinked at once).
+    files = [Path(f"/proc/self/fd/{fd}") for fd in offloader.store.fds]
+    store_bytes = offloader.store.layout.nbytes * offloader.store.num_layers * offloader.store.num_experts
     replay = install_replay(model, TraceChoice(Path(spec["trace"]), "", spec["wrap_layers"]), spec["recall"])
     hooks = [layer.block_sparse_moe.prefetch_hook for layer in model.layers]
     # The load's peak: read now, since resetting VmHWM (clear_refs) resets ru_maxrss too.
     load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out: dict[str, Any] = {"load_s": load_s, "load_peak": load_peak, "store_bytes": pack.stat().st_size}
+    out: dict[str, Any] = {
+        "load_s": load_s,
+        "load_peak": load_peak,
+        "store_bytes": store_bytes,
+        "from_files": offloader.from_files,
+    }
     for prefetch in spec["order"]:
         for layer, hook in zip(model.layers, hooks, strict=True):
             layer.block_sparse_moe.prefetch_hook = hook if prefetch else None
@@ -745,10 +755,11 @@ def disk_child(spec: dict[str, Any]) -> dict[str, Any]:
             io_start, rss = [0], [0]
 
             def prepare(phase: str = phase, io_start: list[int] = io_start, rss: list[int] = rss) -> None:
-                if phase == "cold":
-                    drop_file_cache(pack)
-                else:
-                    read_whole_file(pack)
+                for file in files:
+                    if phase == "cold":
+                        drop_file_cache(file)
+                    else:
+                        read_whole_file(file)
                 rss[0] = proc_status("VmRSS")
                 Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: peak from here on
                 io_start[0] = proc_read_bytes()
@@ -766,10 +777,20 @@ def disk_child(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_disk(args: argparse.Namespace, model_dir: Path, trace: TraceChoice, workdir: Path) -> None:
     config = CPU_CONFIG
-    ebytes = expert_nbytes(config, torch_dtype(args.dtype))
     ks = [int(k) for k in args.disk_ks.split(",")]
+    if args.disk_scheme != "none":
+        from mixtral_chat.quant import quantize_model_dir
+
+        quantized = workdir / f"{model_dir.name}-{args.disk_scheme}"
+        if not quantized.exists():
+            t0 = time.perf_counter()
+            quantize_model_dir(model_dir, quantized, args.disk_scheme)
+            print(f"quantized to {quantized} in {time.perf_counter() - t0:.0f} s", flush=True)
+        model_dir = quantized
+    what = "the quantized shards" if args.disk_scheme != "none" else "a pack file"
     print(
-        f"\n## disk: pack-file store, RAM cache of k experts/layer ({args.disk_repeats} rounds)\n", flush=True
+        f"\n## disk: {what} as the store, RAM cache of k experts/layer ({args.disk_repeats} rounds)\n",
+        flush=True,
     )
     results: dict[int, list[dict[str, Any]]] = {}
     for rnd in range(args.disk_repeats):
@@ -819,13 +840,17 @@ def run_disk(args: argparse.Namespace, model_dir: Path, trace: TraceChoice, work
                         fmt_bytes(median([r["load_peak"] for r in raws])),
                     ]
                 )
-    store = results[ks[0]][0]["store_bytes"]
+    first = results[ks[0]][0]
+    store = first["store_bytes"]
+    ebytes = store // (config["num_hidden_layers"] * config["num_local_experts"])
+    source = f"the {args.disk_scheme} shards" if first["from_files"] else "a pack file"
     print(
-        f"\nModel: {describe_config(config)}, {args.dtype}. Expert store (pack file): {fmt_bytes(store)}; "
+        f"\nModel: {describe_config(config)}, {args.dtype}, experts {args.disk_scheme}. Expert store "
+        f"({source}): {fmt_bytes(store)}; "
         f"RAM cache: k x {config['num_hidden_layers']} layers x {fmt_bytes(ebytes)}. "
         f"{args.tokens} timed tokens after {args.warmup} warm-up, median of {args.disk_repeats}; torch "
         f"threads {args.threads}, OMP_WAIT_POLICY {args.omp_wait_policy}. "
-        f"cold: the pack file's pages dropped from the page cache after the "
+        f"cold: the store files' pages dropped from the page cache after the "
         f"warm-up; warm: the whole file read first. 'read from disk' is /proc/self/io read_bytes "
         f"(storage reads, not page-cache hits), as a share of the expert bytes the cache loaded. "
         f"RSS: VmRSS before the timed tokens; peak while decoding: VmHWM, reset (/proc/self/clear_refs) "
@@ -1017,6 +1042,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="CPU checkpoint")
     parser.add_argument("--ks", default="2,4,6,8", help="link: experts per layer")
     parser.add_argument("--disk-ks", default="2,4", help="disk: experts per layer")
+    parser.add_argument(
+        "--disk-scheme", default="int4", choices=["int4", "nf4", "none"], help="disk: experts quantized as"
+    )
     parser.add_argument("--threads-k", type=int, default=4, help="threads: experts per layer")
     parser.add_argument("--tokens", type=int, default=None, help="timed tokens (CPU 6, gpu 64)")
     parser.add_argument("--threads-tokens", type=int, default=6, help="threads: timed tokens")

@@ -1,7 +1,10 @@
 """Expert offloading: every expert in a host store, k per layer in slots on the compute device.
 
 - Expert store: one contiguous byte blob per expert (all its weights and scales), in host RAM
-  (pinned when CUDA is used) or in a pack file on disk read with pread, so a miss is one copy.
+  (pinned when CUDA is used) or on disk read with pread, so a miss is one copy. When the runtime
+  experts are plain views of the blobs a quantized directory stores (`StoredExperts`), the store
+  is filled from those files directly, and the disk tier is the quantized shards themselves:
+  no expert is ever materialised outside the cache.
 - Expert cache: per layer, k preallocated slot buffers on the compute device, each with a slot
   module whose tensors are views into it: loading expert e into slot s is one copy, no
   allocation per token. Which expert sits where is `expert_cache.SlotMap`'s business.
@@ -58,6 +61,19 @@ class ExpertLayout:
             specs.append(TensorSpec(name, tensor.dtype, tuple(tensor.shape), offset, nbytes))
             offset += -(-nbytes // _ALIGN) * _ALIGN
         return cls(tuple(specs), offset)
+
+    @classmethod
+    def viewing(cls, expert: nn.Module, blob: Tensor) -> ExpertLayout | None:
+        """The layout of an expert whose tensors all are views into `blob`; None if any is not."""
+        specs = []
+        for name, tensor in _module_tensors(expert):
+            offset = tensor.data_ptr() - blob.data_ptr()
+            nbytes = tensor.numel() * tensor.element_size()
+            inside = tensor.device == blob.device and offset >= 0 and offset + nbytes <= blob.numel()
+            if not (inside and tensor.is_contiguous()):
+                return None
+            specs.append(TensorSpec(name, tensor.dtype, tuple(tensor.shape), offset, nbytes))
+        return cls(tuple(specs), blob.numel())
 
     def pack(self, expert: nn.Module, out: Tensor) -> Tensor:
         """Copy an expert's tensors into `out` (uint8 [nbytes])."""
@@ -126,42 +142,35 @@ class RamStore(ExpertStore):
     ) -> None:
         out[start:end].copy_(self._blob(layer, expert)[start:end], non_blocking=non_blocking)
 
+    def fill_from(self, source: ExpertStore) -> None:
+        """Every expert's blob read from another store (the quantized files)."""
+        for layer in range(self.num_layers):
+            for expert in range(self.num_experts):
+                source.copy_into(layer, expert, self._blob(layer, expert), 0, self.layout.nbytes, False)
+
     def close(self) -> None:
         self.buffer = torch.empty(0, dtype=torch.uint8)
 
 
-class DiskStore(ExpertStore):
-    """A pack file of blobs, read with pread straight into the slot (or a pinned staging buffer).
+class FileStore(ExpertStore):
+    """Blobs at known offsets in open files, read with pread straight into the slot (or into a
+    pinned staging buffer for a GPU slot).
 
     pread rather than mmap: the file's pages then stay in the kernel's page cache, which it can
     drop under pressure, instead of counting as this process's memory.
     """
 
-    def __init__(self, layout: ExpertLayout, num_layers: int, num_experts: int, path: Path) -> None:
+    def __init__(self, layout: ExpertLayout, num_layers: int, num_experts: int, where: str) -> None:
         super().__init__(layout, num_layers, num_experts)
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        # Unlinked at once: the open descriptor keeps the data, and a crash leaves no
-        # gigabytes behind.
-        path.unlink()
+        self.where = where
+        self._fds: list[int] = []
+        self._location: dict[tuple[int, int], tuple[int, int]] = {}  # (layer, expert) -> (fd, offset)
         self._staging: dict[int, Tensor] = {}  # per thread, for GPU targets
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def _offset(self, layer: int, expert: int) -> int:
-        return (layer * self.num_experts + expert) * self.layout.nbytes
-
-    def put(self, layer: int, expert: int, module: nn.Module) -> None:
-        blob = self.layout.pack(module, torch.empty(self.layout.nbytes, dtype=torch.uint8))
-        written = os.pwrite(self._fd, memoryview(blob.numpy()), self._offset(layer, expert))
-        if written != self.layout.nbytes:
-            raise MixtralChatError(f"{self.path}: short write while building the expert store (disk full?)")
 
     def copy_into(
         self, layer: int, expert: int, out: Tensor, start: int, end: int, non_blocking: bool
     ) -> None:
+        fd, offset = self._location[(layer, expert)]
         if out.device.type == "cpu":
             target = out[start:end]
         else:
@@ -169,16 +178,104 @@ class DiskStore(ExpertStore):
             if key not in self._staging:
                 self._staging[key] = torch.empty(self.layout.nbytes, dtype=torch.uint8, pin_memory=True)
             target = self._staging[key][: end - start]
-        read = os.preadv(self._fd, [memoryview(target.numpy())], self._offset(layer, expert) + start)
+        read = os.preadv(fd, [memoryview(target.numpy())], offset + start)
         if read != end - start:
-            raise MixtralChatError(f"{self.path}: expert store is truncated")
+            raise MixtralChatError(f"{self.where}: expert {expert} of layer {layer} is truncated")
         if out.device.type != "cpu":
             out[start:end].copy_(target, non_blocking=False)
 
+    @property
+    def fds(self) -> list[int]:
+        """The open files the blobs are read from."""
+        return list(self._fds)
+
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+
+
+class DiskStore(FileStore):
+    """A pack file of runtime blobs, written at start-up from the loaded experts."""
+
+    def __init__(self, layout: ExpertLayout, num_layers: int, num_experts: int, path: Path) -> None:
+        super().__init__(layout, num_layers, num_experts, str(path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        # Unlinked at once: the open descriptor keeps the data, and a crash leaves no
+        # gigabytes behind.
+        path.unlink()
+        self._fds.append(self._fd)
+        for layer in range(num_layers):
+            for expert in range(num_experts):
+                self._location[(layer, expert)] = (self._fd, (layer * num_experts + expert) * layout.nbytes)
+
+    def put(self, layer: int, expert: int, module: nn.Module) -> None:
+        blob = self.layout.pack(module, torch.empty(self.layout.nbytes, dtype=torch.uint8))
+        written = os.pwrite(self._fd, memoryview(blob.numpy()), self._location[(layer, expert)][1])
+        if written != self.layout.nbytes:
+            raise MixtralChatError(f"{self.where}: short write while building the expert store (disk full?)")
+
+
+class StoredExperts:
+    """The expert blobs of a quantized directory, when the runtime experts are views of them.
+
+    True for nf4 (CPU and CUDA) and int4 with the native CPU kernel: their runtime modules
+    compute on the stored parts in place. Then an expert moves as the stored bytes, and the
+    store is filled from (RAM) or is (disk) the quantized shards, read expert by expert.
+    `open` returns None when the runtime form differs (int4 on CUDA repacks for tinygemm, a
+    float model converts dtypes): the experts are then loaded and packed as before.
+    """
+
+    def __init__(self, model_dir: Path, reader: object, layout: ExpertLayout, template: nn.Module) -> None:
+        self.model_dir = model_dir
+        self.reader = reader  # quant.load.ExpertBlobReader
+        self.layout = layout
+        self.template = template  # a meta shell of the runtime expert, for the cache's slots
+
+    @classmethod
+    def open(cls, model_dir: Path, device: torch.device, dtype: torch.dtype) -> StoredExperts | None:
+        from mixtral_chat.engine.config import ModelArgs
+        from mixtral_chat.engine.model import Expert
+        from mixtral_chat.quant.blob import expert_linears_from_blob
+        from mixtral_chat.quant.load import ExpertBlobReader
+
+        reader = ExpertBlobReader(model_dir)
+        args = ModelArgs.from_hf_config(model_dir)
+        if not reader.experts():
+            return None
+        with torch.device("meta"):
+            template = Expert(args.hidden_size, args.intermediate_size)
+        blob = reader.read(*reader.experts()[0]).to(device)
+        linears = expert_linears_from_blob(blob, reader.layout, reader.scheme, device, dtype)
+        for name, module in linears.items():
+            setattr(template, name, module)
+        layout = ExpertLayout.viewing(template, blob)
+        if layout is None:
+            return None
+        return cls(model_dir, reader, layout, template.to("meta"))
+
+    def file_store(self, num_layers: int, num_experts: int) -> FileStore:
+        """The quantized shards as a store: every expert's blob where the file has it."""
+        store = FileStore(self.layout, num_layers, num_experts, str(self.model_dir))
+        fds: dict[Path, int] = {}
+        try:
+            for layer in range(num_layers):
+                for expert in range(num_experts):
+                    file, offset, nbytes = self.reader.location(layer, expert)
+                    if nbytes != self.layout.nbytes:
+                        raise MixtralChatError(
+                            f"{file}: expert {expert} of layer {layer} is {nbytes} bytes, "
+                            f"quant_config.json says {self.layout.nbytes}"
+                        )
+                    if file not in fds:
+                        fds[file] = os.open(file, os.O_RDONLY)
+                        store._fds.append(fds[file])
+                    store._location[(layer, expert)] = (fds[file], offset)
+        except BaseException:
+            store.close()
+            raise
+        return store
 
 
 @dataclass
@@ -357,10 +454,15 @@ def plan_offload(
     budget_bytes: int | None = None,
     experts_per_layer: int | None = None,
     store: str = "ram",
+    expert_bytes: int | None = None,
 ) -> OffloadPlan:
-    """Choose k per layer from a memory budget (or take the user's k), with the numbers."""
+    """Choose k per layer from a memory budget (or take the user's k), with the numbers.
+
+    `expert_bytes`: one expert's blob size, when the experts are not loaded (`StoredExperts`).
+    """
     args = model.args
-    layout = ExpertLayout.of(model.layers[0].block_sparse_moe.experts[0])
+    if expert_bytes is None:
+        expert_bytes = ExpertLayout.of(model.layers[0].block_sparse_moe.experts[0]).nbytes
     expert_ids = {
         id(t) for layer in model.layers for e in layer.block_sparse_moe.experts for _, t in _module_tensors(e)
     }
@@ -375,9 +477,9 @@ def plan_offload(
         if budget_bytes is None:
             raise ValueError("give a memory budget or experts per layer")
         available = budget_bytes - resident - kv
-        experts_per_layer = min(args.num_local_experts, available // (args.num_hidden_layers * layout.nbytes))
+        experts_per_layer = min(args.num_local_experts, available // (args.num_hidden_layers * expert_bytes))
         if experts_per_layer < args.num_experts_per_tok:
-            need = resident + kv + args.num_hidden_layers * args.num_experts_per_tok * layout.nbytes
+            need = resident + kv + args.num_hidden_layers * args.num_experts_per_tok * expert_bytes
             raise OutOfMemoryError(
                 f"a memory budget of {budget_bytes / 1e9:.2f} GB is too small: resident weights "
                 f"{resident / 1e9:.2f} GB + KV cache {kv / 1e9:.2f} GB + {args.num_experts_per_tok} "
@@ -390,17 +492,17 @@ def plan_offload(
         )
     return OffloadPlan(
         experts_per_layer=int(experts_per_layer),
-        expert_bytes=layout.nbytes,
+        expert_bytes=expert_bytes,
         resident_bytes=resident,
         kv_cache_bytes=kv,
-        cache_bytes=int(experts_per_layer) * args.num_hidden_layers * layout.nbytes,
+        cache_bytes=int(experts_per_layer) * args.num_hidden_layers * expert_bytes,
         budget_bytes=budget_bytes,
         store=store,
     )
 
 
 class ExpertOffloader:
-    """Moves a loaded model's experts into a store and serves them through per-layer caches."""
+    """Puts a model's experts in a store and serves them through per-layer caches."""
 
     def __init__(
         self,
@@ -411,27 +513,43 @@ class ExpertOffloader:
         prefetch: bool = True,
         store_path: Path | None = None,
         simulate_link_gbps: float | None = None,
+        stored: StoredExperts | None = None,
     ) -> None:
+        """`stored`: the experts come from the quantized files (the model holds meta shells of
+        them); otherwise the model's loaded experts are packed into the store."""
         self.model = model
         self.plan = plan
         self.prefetch_enabled = prefetch
+        self.from_files = stored is not None
         device = model.device
         layers = model.layers
-        template = layers[0].block_sparse_moe.experts[0]
-        layout = ExpertLayout.of(template)
         L, E = len(layers), model.args.num_local_experts
-        if plan.store == "disk":
-            from mixtral_chat.engine.paths import data_dir
-
-            path = store_path or data_dir() / "offload" / f"experts-{os.getpid()}-{id(self)}.pack"
-            self.store: ExpertStore = DiskStore(layout, L, E, path)
+        if stored is not None:
+            layout, template = stored.layout, stored.template
+            files = stored.file_store(L, E)
+            if plan.store == "disk":
+                self.store: ExpertStore = files
+            else:
+                self.store = RamStore(layout, L, E, pin=device.type == "cuda")
+                try:
+                    self.store.fill_from(files)
+                finally:
+                    files.close()
         else:
-            self.store = RamStore(layout, L, E, pin=device.type == "cuda")
-        for li, layer in enumerate(layers):
-            for e, expert in enumerate(layer.block_sparse_moe.experts):
-                self.store.put(li, e, expert)
+            template = layers[0].block_sparse_moe.experts[0]
+            layout = ExpertLayout.of(template)
+            if plan.store == "disk":
+                from mixtral_chat.engine.paths import data_dir
+
+                path = store_path or data_dir() / "offload" / f"experts-{os.getpid()}-{id(self)}.pack"
+                self.store = DiskStore(layout, L, E, path)
+            else:
+                self.store = RamStore(layout, L, E, pin=device.type == "cuda")
+            for li, layer in enumerate(layers):
+                for e, expert in enumerate(layer.block_sparse_moe.experts):
+                    self.store.put(li, e, expert)
+            template = copy.deepcopy(template).to("meta")
         # The experts now live in the store: the model keeps empty (meta) shells of them.
-        template = copy.deepcopy(template).to("meta")
         for layer in layers:
             layer.block_sparse_moe.experts.to("meta")
             layer.block_sparse_moe.experts_per_call = plan.experts_per_layer
@@ -472,6 +590,7 @@ class ExpertOffloader:
         return {
             "experts_per_layer": self.plan.experts_per_layer,
             "store": self.plan.store,
+            "store_from_files": self.from_files,
             "prefetch": self.prefetch_enabled,
             "hit_rate": round(total.hit_rate, 4),
             "hits": total.hits,

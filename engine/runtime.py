@@ -60,9 +60,13 @@ class OffloadOptions:
     # Off by default: one-layer-ahead speculation measured 11-16% slower decode at a Mixtral-like
     # copy/compute ratio even with wrong guesses stopped mid-copy (docs/BENCHMARKS.md).
     prefetch: bool = False
-    store: Literal["ram", "disk"] = "ram"
+    # None: host RAM, or the disk when offloading on a CPU because RAM is short (`only_if_needed`).
+    store: Literal["ram", "disk"] | None = None
     policy: str = "lru"
     simulate_link_gbps: float | None = None  # CPU benchmarks: copies take bytes / bandwidth
+    # Offload only when the model does not fit the budget (what the CLI and the TUI do unless
+    # told otherwise): a model that fits stays all resident, one that does not still runs.
+    only_if_needed: bool = False
 
 
 @dataclass(frozen=True)
@@ -147,9 +151,34 @@ class Engine:
         torch_dtype = resolve_dtype(dtype, torch_device)
         tokenizer = Tokenizer(model_dir / "tokenizer.model")
         offloader = None
+        stored = None
+        shortfall = None  # why offloading was turned on, when it was automatic
+        if offload is not None and offload.only_if_needed:
+            offload, shortfall = _offload_if_needed(
+                model_dir, torch_device, torch_dtype, context_length, offload
+            )
         try:
+            if offload and (model_dir / QUANT_CONFIG_FILE).exists() and not quant:
+                from mixtral_chat.engine.offload import StoredExperts
+
+                # The experts are read from the quantized files by the store, never loaded whole.
+                stored = StoredExperts.open(model_dir, torch_device, torch_dtype)
+            if shortfall and torch_device.type == "cpu" and stored is None:
+                # Offloading a model that is not streamed from its files loads it whole first.
+                how = (
+                    "its experts cannot be read from the files in place on this machine"
+                    if (model_dir / QUANT_CONFIG_FILE).exists()
+                    else "quantize it (mixtral-chat quantize) so that its experts are read from disk"
+                )
+                raise OutOfMemoryError(f"{model_dir}: {shortfall}; {how}")
             # With offloading, weights load into host memory and only the resident part moves.
-            model = load_model(model_dir, "cpu" if offload else torch_device, torch_dtype, quant=quant)
+            model = load_model(
+                model_dir,
+                "cpu" if offload else torch_device,
+                torch_dtype,
+                quant=quant,
+                skip_experts=stored is not None,
+            )
             limit = model.args.max_position_embeddings
             ctx = min(context_length or DEFAULT_CONTEXT, limit)
             if offload:
@@ -164,7 +193,8 @@ class Engine:
                     ctx,
                     budget_bytes=int(budget * 1e9) if budget is not None else None,
                     experts_per_layer=offload.experts_per_layer,
-                    store=offload.store,
+                    store=offload.store or "ram",
+                    expert_bytes=stored.layout.nbytes if stored else None,
                 )
                 offloader = ExpertOffloader(
                     model,
@@ -172,6 +202,7 @@ class Engine:
                     policy=offload.policy,
                     prefetch=offload.prefetch,
                     simulate_link_gbps=offload.simulate_link_gbps,
+                    stored=stored,
                 )
             model.setup_cache(ctx)
         except torch.OutOfMemoryError as exc:
@@ -196,7 +227,9 @@ class Engine:
             context_length=ctx,
             n_params=model.args.n_params,
             n_active_params=model.args.n_active_params,
-            offload_plan=offloader.plan.describe() if offloader else None,
+            offload_plan=(f"auto ({shortfall}): " if shortfall else "") + offloader.plan.describe()
+            if offloader
+            else None,
         )
         return cls(model, tokenizer, info, offloader)
 
@@ -318,7 +351,47 @@ def default_memory_budget_gb(device: torch.device) -> float:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return max(free / 1e9 - 1.0, 0.0)
+    return max(available_ram_bytes() / 1e9 * 0.8, 0.0)
+
+
+def available_ram_bytes() -> int:
+    """RAM a new allocation can get: MemAvailable counts the page cache the kernel can drop,
+    unlike free pages (which a machine that has read a few files has little of)."""
     import os
 
-    pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return max(pages / 1e9 * 0.8, 0.0)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _offload_if_needed(
+    model_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    context_length: int | None,
+    options: OffloadOptions,
+) -> tuple[OffloadOptions | None, str | None]:
+    """The options to load with and why: None when the model fits the budget (all resident),
+    else offloading with the planner, the experts in host RAM (GPU) or read from disk (CPU)."""
+    import dataclasses
+
+    from mixtral_chat.engine.config import ModelArgs
+    from mixtral_chat.engine.weights import loaded_weight_bytes
+
+    args = ModelArgs.from_hf_config(model_dir)
+    ctx = min(context_length or DEFAULT_CONTEXT, args.max_position_embeddings)
+    kv = 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * ctx * dtype.itemsize
+    need = loaded_weight_bytes(model_dir, dtype) + kv
+    budget_gb = options.memory_budget_gb
+    if budget_gb is None:
+        budget_gb = default_memory_budget_gb(device)
+    if need <= budget_gb * 1e9:
+        return None, None
+    store = options.store or ("disk" if device.type == "cpu" else "ram")
+    options = dataclasses.replace(options, memory_budget_gb=budget_gb, store=store, only_if_needed=False)
+    return options, f"the model needs {need / 1e9:.2f} GB, the {device.type} budget is {budget_gb:.2f} GB"

@@ -8,6 +8,7 @@ tensor. Pickle checkpoints (.bin/.pt) are never loaded.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from torch import Tensor
 from mixtral_chat.engine.config import ModelArgs
 from mixtral_chat.engine.errors import WeightsError
 from mixtral_chat.engine.model import Mixtral
-from mixtral_chat.engine.safetensors_io import read_header, read_tensor
+from mixtral_chat.engine.safetensors_io import SAFETENSORS_DTYPES, read_header, read_tensor
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -143,16 +144,33 @@ def build_on_meta(args: ModelArgs) -> Mixtral:
         return Mixtral(args)
 
 
+def loaded_weight_bytes(model_dir: str | Path, dtype: torch.dtype) -> int:
+    """What the weights take once loaded in `dtype`: float tensors converted to it, quantized
+    parts (integer tensors) as stored. Read from the headers only."""
+    checkpoint = Checkpoint.open(model_dir)
+    total = 0
+    for file in checkpoint.files:
+        header, _ = checkpoint.header(file)
+        for info in header.values():
+            stored = SAFETENSORS_DTYPES[info["dtype"]]
+            itemsize = dtype.itemsize if stored.is_floating_point else stored.itemsize
+            total += math.prod(info["shape"]) * itemsize
+    return total
+
+
 def load_model(
     model_dir: str | Path,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     quant: str | None = None,
     group_size: int | None = None,
+    skip_experts: bool = False,
 ) -> Mixtral:
     """Load a model directory (HF safetensors, or a quantized directory with quant_config.json).
 
     `quant` quantizes a float checkpoint in memory after loading (small models and tests).
+    `skip_experts` (quantized directories only) leaves the experts as meta shells, unread: an
+    offloading expert store reads them from the files (`engine.offload.StoredExperts`).
     """
     model_dir = Path(model_dir)
     args = ModelArgs.from_hf_config(model_dir)
@@ -161,7 +179,9 @@ def load_model(
     if (model_dir / QUANT_CONFIG_FILE).exists():
         from mixtral_chat.quant import load_quantized_model_weights
 
-        load_quantized_model_weights(model, model_dir, device, dtype)
+        load_quantized_model_weights(model, model_dir, device, dtype, skip_experts=skip_experts)
+    elif skip_experts:
+        raise ValueError("skip_experts needs a quantized model directory")
     else:
         checkpoint = Checkpoint.open(model_dir)
         check_checkpoint(checkpoint, model)

@@ -42,6 +42,8 @@ class RuntimeAssembler:
     Experts (`.packed` blobs) become three runtime linears, attention parts are collected until
     complete and then become one runtime linear, every other tensor is assigned as a parameter
     or buffer in `dtype` (floats) on `device`. `finish()` checks that nothing is missing.
+    With `skip_experts`, expert blobs are not wanted (`wants`) and the experts stay meta shells:
+    the offloading expert store reads them from the files itself.
     """
 
     def __init__(
@@ -52,8 +54,10 @@ class RuntimeAssembler:
         dtype: torch.dtype,
         layout: ExpertBlobLayout | None = None,
         where: str = "quantized weights",
+        skip_experts: bool = False,
     ) -> None:
         self.model = model
+        self.skip_experts = skip_experts
         self.scheme = scheme
         self.device = device
         self.dtype = dtype
@@ -61,7 +65,12 @@ class RuntimeAssembler:
         self.where = where
         self._pending: dict[str, dict[str, Tensor]] = {}
 
+    def wants(self, key: str) -> bool:
+        return not (self.skip_experts and parse_expert_blob_key(key) is not None)
+
     def add(self, key: str, tensor: Tensor) -> None:
+        if not self.wants(key):
+            return
         blob_id = parse_expert_blob_key(key)
         if blob_id is not None:
             self._add_expert(blob_id[0], blob_id[1], tensor)
@@ -161,7 +170,11 @@ class RuntimeAssembler:
             and lm_head.weight.is_meta
         ):
             lm_head.weight = embed.weight
-        missing = [name for name, t in self.model.state_dict(keep_vars=True).items() if t.is_meta]
+        missing = [
+            name
+            for name, t in self.model.state_dict(keep_vars=True).items()
+            if t.is_meta and not (self.skip_experts and parse_expert_key(f"model.{name}"))
+        ]
         if missing:
             first = missing[0]
             key = "lm_head.weight" if first.startswith("lm_head.") else f"model.{first}"
@@ -224,22 +237,34 @@ def shard_files(model_dir: Path) -> list[Path]:
 
 
 def load_quantized_model_weights(
-    model: nn.Module, model_dir: str | Path, device: torch.device | str, dtype: torch.dtype
+    model: nn.Module,
+    model_dir: str | Path,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    skip_experts: bool = False,
 ) -> QuantConfig:
     """Load a quantized directory into `model` (built on the meta device): reads
     quant_config.json, then every tensor shard by shard, one at a time; swaps the quantized
-    linears for runtime modules and assigns all other tensors in `dtype` on `device`."""
+    linears for runtime modules and assigns all other tensors in `dtype` on `device`.
+    `skip_experts` leaves the experts unread (meta shells) for an expert store that reads them."""
     model_dir = Path(model_dir)
     config = QuantConfig.read(model_dir)
     scheme = config.handler()
     assembler = RuntimeAssembler(
-        model, scheme, torch.device(device), dtype, config.expert_layout, where=str(model_dir)
+        model,
+        scheme,
+        torch.device(device),
+        dtype,
+        config.expert_layout,
+        where=str(model_dir),
+        skip_experts=skip_experts,
     )
     for file in shard_files(model_dir):
         header, data_start = read_header(file)
         with open(file, "rb") as handle:
             for key, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-                assembler.add(key, read_tensor(handle, file, key, info, data_start))
+                if assembler.wants(key):
+                    assembler.add(key, read_tensor(handle, file, key, info, data_start))
     assembler.finish()
     return config
 

@@ -219,3 +219,104 @@ def test_a_cancelled_prefetch_frees_its_slot_and_uncounts_its_bytes() -> None:
     assert slots.counters.prefetch_hits == 1 and slots.counters.prefetch_wasted == 0
     with pytest.raises(ValueError, match="no prefetch in flight"):
         slots.cancel_prefetch(0)
+
+
+@pytest.fixture(scope="module")
+def nf4_dir(eight_expert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mixtral_chat.quant import quantize_model_dir
+
+    return quantize_model_dir(eight_expert_dir, tmp_path_factory.mktemp("q") / "nf4", "nf4")
+
+
+@pytest.mark.parametrize("store", ["ram", "disk"])
+def test_experts_stream_from_the_quantized_files(nf4_dir: Path, store: str) -> None:
+    """nf4 experts compute on their stored blobs in place: the store reads the shards, expert by
+    expert, and the model never holds a loaded expert; output equals the resident model's."""
+    from mixtral_chat.engine.offload import StoredExperts
+
+    tokens = torch.randint(0, 32000, (1, 16), generator=torch.Generator().manual_seed(7))
+    expected = logits_of(load_model(nf4_dir), tokens)
+    stored = StoredExperts.open(nf4_dir, torch.device("cpu"), torch.float32)
+    assert stored is not None
+    model = load_model(nf4_dir, skip_experts=True)
+    assert all(t.is_meta for _, t in model.layers[0].block_sparse_moe.experts.named_parameters())
+    assert not any(t.is_meta for n, t in model.named_parameters() if ".experts." not in n)
+    plan = plan_offload(model, 64, experts_per_layer=3, store=store, expert_bytes=stored.layout.nbytes)
+    offloader = ExpertOffloader(model, plan, prefetch=True, stored=stored)
+    try:
+        assert torch.equal(logits_of(model, tokens), expected)
+        assert offloader.stats()["store_from_files"] is True
+        assert offloader.counters().misses > 0
+    finally:
+        offloader.close()
+
+
+def test_engine_offloads_a_quantized_directory_from_its_files(nf4_dir: Path) -> None:
+    messages = [{"role": "user", "content": "Tell me a story"}]
+    config = GenerationConfig(max_tokens=12)
+    expected = "".join(Engine.load(nf4_dir, device="cpu").chat(messages, config))
+    engine = Engine.load(nf4_dir, device="cpu", offload=OffloadOptions(experts_per_layer=2, store="disk"))
+    try:
+        assert "".join(engine.chat(messages, config)) == expected
+        stats = engine.cache_stats()
+        assert stats is not None and stats["store_from_files"] is True and stats["store"] == "disk"
+    finally:
+        engine.close()
+
+
+def test_a_truncated_quantized_shard_is_a_clear_error(nf4_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    broken = Path(shutil.copytree(nf4_dir, tmp_path / "broken"))
+    shard = max(broken.glob("*.safetensors"), key=lambda p: p.stat().st_size)
+    with open(shard, "r+b") as handle:
+        handle.truncate(shard.stat().st_size - 4096)
+    cut_off = r"truncated safetensors file \(tensor '.*experts\.\d+\.packed' is cut off"
+    with pytest.raises(MixtralChatError, match=cut_off):
+        Engine.load(broken, device="cpu", offload=OffloadOptions(experts_per_layer=2, store="disk"))
+
+
+def test_a_model_that_does_not_fit_is_offloaded_automatically(nf4_dir: Path) -> None:
+    from mixtral_chat.engine.weights import loaded_weight_bytes
+
+    need = loaded_weight_bytes(nf4_dir, torch.float32)
+    assert need == sum(t.numel() * t.element_size() for t in load_model(nf4_dir).state_dict().values())
+    messages = [{"role": "user", "content": "Hi"}]
+    config = GenerationConfig(max_tokens=8)
+    roomy = Engine.load(
+        nf4_dir, device="cpu", offload=OffloadOptions(only_if_needed=True, memory_budget_gb=10)
+    )
+    assert roomy.offloader is None and roomy.info.offload_plan is None
+    expected = "".join(roomy.chat(messages, config))
+    # Room for the resident part, the KV cache and 3.5 experts per layer, not for all 8.
+    from mixtral_chat.engine.offload import StoredExperts
+
+    stored = StoredExperts.open(nf4_dir, torch.device("cpu"), torch.float32)
+    assert stored is not None
+    plan = plan_offload(
+        load_model(nf4_dir, skip_experts=True), 64, experts_per_layer=3, expert_bytes=stored.layout.nbytes
+    )
+    budget = (plan.resident_bytes + plan.kv_cache_bytes + 3.5 * 3 * plan.expert_bytes) / 1e9
+    tight = Engine.load(
+        nf4_dir,
+        device="cpu",
+        context_length=64,
+        offload=OffloadOptions(only_if_needed=True, memory_budget_gb=budget),
+    )
+    try:
+        assert tight.info.offload_plan and tight.info.offload_plan.startswith("auto (the model needs")
+        stats = tight.cache_stats()
+        assert stats is not None and stats["store"] == "disk" and stats["store_from_files"] is True
+        assert stats["experts_per_layer"] == 3
+        assert "".join(tight.chat(messages, config)) == expected
+    finally:
+        tight.close()
+
+
+def test_a_float_model_too_big_for_ram_asks_to_be_quantized(eight_expert_dir: Path) -> None:
+    with pytest.raises(OutOfMemoryError, match=r"the model needs .* GB.*mixtral-chat quantize"):
+        Engine.load(
+            eight_expert_dir,
+            device="cpu",
+            offload=OffloadOptions(only_if_needed=True, memory_budget_gb=0.0001),
+        )

@@ -97,8 +97,10 @@ def run(args: argparse.Namespace) -> int:
         name=resolved.name,
         offload=offload_options(args),
     )
-    if engine.info.offload_plan and args.stats:
-        print(f"mixtral-chat: offload plan: {engine.info.offload_plan}", file=sys.stderr)
+    plan = engine.info.offload_plan
+    # Automatic offloading is always announced: it explains a slower answer.
+    if plan and (args.stats or plan.startswith("auto")):
+        print(f"mixtral-chat: offload plan: {plan}", file=sys.stderr)
     trace_file = None
     if args.trace_routing:
         from mixtral_chat.engine.offload import RoutingTrace
@@ -161,16 +163,16 @@ def run(args: argparse.Namespace) -> int:
 def offload_options(args: argparse.Namespace):
     from mixtral_chat.engine.runtime import OffloadOptions
 
-    wanted = args.experts_per_layer is not None or args.gpu_mem is not None or args.offload
-    if not wanted:
-        return None
+    # Without a flag that asks for it, offloading starts only when the model does not fit.
+    asked = args.experts_per_layer is not None or args.gpu_mem is not None or args.offload
     return OffloadOptions(
         experts_per_layer=args.experts_per_layer,
         memory_budget_gb=args.gpu_mem,
         prefetch=args.prefetch,
-        store=args.offload or "ram",
+        store=args.offload,
         policy=args.cache_policy,
         simulate_link_gbps=args.simulate_link_gbps,
+        only_if_needed=not asked,
     )
 
 
