@@ -946,6 +946,8 @@ def pull_model(
     estimate_group = group_size or DEFAULT_GROUP_SIZE
     quant_dir = models_dir() / f"{_safe_name(item.name)}-{scheme}" if quantize else None
 
+    prequantized = False  # a repo saved already 4-bit (bitsandbytes) is used as it is
+
     lock_path = _pull_lock_path(item.name)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(lock_path, timeout=0, is_singleton=False)
@@ -957,9 +959,11 @@ def pull_model(
 
         def before_weights(config: dict[str, Any], to_download: int) -> None:
             # The repo exists, its config is a Mixtral and the pull fits: from here it is ours.
+            nonlocal prequantized
             args = validate_config(config, f"{repo_id}/config.json")
+            prequantized = config.get("quantization_config") is not None
             needs = [(hub.hub_cache_dir(), to_download, "to download")]
-            if quant_dir is not None and not (quant_dir / "config.json").is_file():
+            if quant_dir is not None and not prequantized and not (quant_dir / "config.json").is_file():
                 needs.append(
                     (quant_dir.parent, quantized_size_estimate(args, estimate_group), "for the 4-bit copy")
                 )
@@ -996,7 +1000,10 @@ def pull_model(
             if not data.get("default"):
                 data["default"] = item.name  # the first real model becomes the default
 
-        if quantizer is not None and quant_dir is not None and scheme is not None:
+        from mixtral_chat.quant.bnb_checkpoint import quantization_config
+
+        prequantized = prequantized or quantization_config(snapshot.path) is not None
+        if quantizer is not None and quant_dir is not None and scheme is not None and not prequantized:
             _quantize(
                 item.name, quantizer, snapshot.path, quant_dir, scheme, estimate_group, progress, cancel
             )

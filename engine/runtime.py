@@ -165,9 +165,12 @@ class Engine:
                 stored = StoredExperts.open(model_dir, torch_device, torch_dtype)
             if shortfall and torch_device.type == "cpu" and stored is None:
                 # Offloading a model that is not streamed from its files loads it whole first.
+                from mixtral_chat.quant.bnb_checkpoint import quantization_config
+
+                prequantized = (model_dir / QUANT_CONFIG_FILE).exists() or quantization_config(model_dir)
                 how = (
                     "its experts cannot be read from the files in place on this machine"
-                    if (model_dir / QUANT_CONFIG_FILE).exists()
+                    if prequantized
                     else "quantize it (mixtral-chat quantize) so that its experts are read from disk"
                 )
                 raise OutOfMemoryError(f"{model_dir}: {shortfall}; {how}")
@@ -218,6 +221,11 @@ class Engine:
             import json
 
             scheme = str(json.loads(quant_config.read_text()).get("scheme", "unknown"))
+        else:
+            from mixtral_chat.quant.bnb_checkpoint import is_bnb_4bit_checkpoint, read_bnb_4bit_config
+
+            if is_bnb_4bit_checkpoint(model_dir):
+                scheme = read_bnb_4bit_config(model_dir).describe()  # "nf4 (bitsandbytes checkpoint)"
         info = EngineInfo(
             name=name or model_dir.name,
             path=model_dir,

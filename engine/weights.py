@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from mixtral_chat.engine.config import ModelArgs
-from mixtral_chat.engine.errors import WeightsError
+from mixtral_chat.engine.errors import QuantizationError, WeightsError
 from mixtral_chat.engine.model import Mixtral
 from mixtral_chat.engine.safetensors_io import SAFETENSORS_DTYPES, read_header, read_tensor
 
@@ -166,12 +166,19 @@ def load_model(
     group_size: int | None = None,
     skip_experts: bool = False,
 ) -> Mixtral:
-    """Load a model directory (HF safetensors, or a quantized directory with quant_config.json).
+    """Load a model directory (HF safetensors, or a quantized directory with quant_config.json,
+    or a bitsandbytes 4-bit checkpoint: config.json with a quantization_config).
 
     `quant` quantizes a float checkpoint in memory after loading (small models and tests).
     `skip_experts` (quantized directories only) leaves the experts as meta shells, unread: an
     offloading expert store reads them from the files (`engine.offload.StoredExperts`).
     """
+    from mixtral_chat.quant.bnb_checkpoint import (
+        load_bnb_4bit_weights,
+        quantization_config,
+        read_bnb_4bit_config,
+    )
+
     model_dir = Path(model_dir)
     args = ModelArgs.from_hf_config(model_dir)
     model = build_on_meta(args)
@@ -182,6 +189,12 @@ def load_model(
         load_quantized_model_weights(model, model_dir, device, dtype, skip_experts=skip_experts)
     elif skip_experts:
         raise ValueError("skip_experts needs a quantized model directory")
+    elif quantization_config(model_dir) is not None:
+        # A checkpoint transformers saved quantized: bitsandbytes 4-bit is loaded as it is.
+        described = read_bnb_4bit_config(model_dir).describe()  # other kinds: a clear error
+        if quant and quant != "none":
+            raise QuantizationError(f"{model_dir}: already 4-bit ({described}); load it without --quant")
+        load_bnb_4bit_weights(model, model_dir, device, dtype)
     else:
         checkpoint = Checkpoint.open(model_dir)
         check_checkpoint(checkpoint, model)

@@ -25,6 +25,12 @@ Directories:
     QuantConfig.read(model_dir)
         the checked contents of quant_config.json.
 
+bitsandbytes 4-bit checkpoints (config.json with a transformers `quantization_config`, e.g. the
+prequantized Mixtral repos on the hub), loaded without re-quantizing:
+    is_bnb_4bit_checkpoint(model_dir) -> bool; read_bnb_4bit_config(model_dir) -> Bnb4bitConfig
+    load_bnb_4bit_weights(model, model_dir, device, dtype) -> Bnb4bitConfig
+        4-bit attention/expert linears become Nf4Linear (nf4 or fp4), the rest float in `dtype`.
+
 Experts for offloading: each expert is one contiguous uint8 blob
 (`model.layers.N.block_sparse_moe.experts.E.packed`, layout in quant_config.json, see
 `quant.blob`). `ExpertBlobReader(model_dir)` gives `.location(layer, expert)` (file, offset,
@@ -68,6 +74,10 @@ _EXPORTS = {
     "quantize_model_in_memory": "load",
     "quantize_state_dict": "load",
     "ExpertBlobReader": "load",
+    "is_bnb_4bit_checkpoint": "bnb_checkpoint",
+    "read_bnb_4bit_config": "bnb_checkpoint",
+    "load_bnb_4bit_weights": "bnb_checkpoint",
+    "Bnb4bitConfig": "bnb_checkpoint",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -25,6 +25,8 @@ from mixtral_chat.quant.common import PartSpec
 NF4_BLOCKSIZES = (32, 64, 128, 256)
 NF4_DEFAULT_BLOCKSIZE = 64
 NESTED_BLOCKSIZE = 256  # bnb's block size for double quantization of absmax
+# bnb's 4-bit code books: ours is always nf4; bitsandbytes checkpoints may also hold fp4.
+QUANT_TYPES = ("nf4", "fp4")
 # Values quantized per bnb call: bounds the float32 copy to ~64 MB whatever the matrix size.
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -124,7 +126,12 @@ def check_nf4_parts(
 
 
 def _quant_state(
-    parts: dict[str, Tensor], out_features: int, in_features: int, blocksize: int, dtype: torch.dtype
+    parts: dict[str, Tensor],
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+    dtype: torch.dtype,
+    quant_type: str = "nf4",
 ):
     import bitsandbytes.functional as bnbf
 
@@ -143,7 +150,7 @@ def _quant_state(
         shape=torch.Size((out_features, in_features)),
         code=parts["quant_map"],
         blocksize=blocksize,
-        quant_type="nf4",
+        quant_type=quant_type,
         dtype=dtype,
         offset=offset,
         state2=nested,
@@ -157,11 +164,12 @@ def dequantize_nf4(
     in_features: int,
     blocksize: int = NF4_DEFAULT_BLOCKSIZE,
     dtype: torch.dtype = torch.float32,
+    quant_type: str = "nf4",
 ) -> Tensor:
-    """The float weight [N, K] that the stored NF4 parts stand for."""
+    """The float weight [N, K] that the stored NF4 (or fp4) parts stand for."""
     import bitsandbytes.functional as bnbf
 
-    state = _quant_state(parts, out_features, in_features, blocksize, dtype)
+    state = _quant_state(parts, out_features, in_features, blocksize, dtype, quant_type)
     return bnbf.dequantize_4bit(parts["qweight"].view(-1, 1), state)
 
 
@@ -169,7 +177,8 @@ class Nf4Linear(nn.Module):
     """A bias-free linear layer on NF4 weights via `bitsandbytes.matmul_4bit` (CPU and CUDA).
 
     Computes in the dtype it was built for (float32, bfloat16 or float16); inputs of another
-    float dtype are cast in and the result cast back.
+    float dtype are cast in and the result cast back. `quant_type` "fp4" (bnb's other code book,
+    only found in bitsandbytes checkpoints) runs the same way.
     """
 
     _PART_NAMES = ("qweight", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "absmax_offset")
@@ -181,12 +190,14 @@ class Nf4Linear(nn.Module):
         blocksize: int,
         parts: dict[str, Tensor],
         compute_dtype: torch.dtype,
+        quant_type: str = "nf4",
     ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.blocksize = blocksize
         self.compute_dtype = compute_dtype
+        self.quant_type = quant_type
         self.double_quant = "nested_absmax" in parts
         for name in self._PART_NAMES:
             if name in parts:
@@ -202,14 +213,17 @@ class Nf4Linear(nn.Module):
         double_quant: bool,
         device: torch.device | str,
         dtype: torch.dtype,
+        quant_type: str = "nf4",
     ) -> Nf4Linear:
         """Parts already on `device` are used in place (no copy): views of a blob stay views."""
-        check_nf4_parts(parts, out_features, in_features, blocksize, double_quant, "nf4 layer")
+        check_nf4_parts(parts, out_features, in_features, blocksize, double_quant, f"{quant_type} layer")
+        if quant_type not in QUANT_TYPES:
+            raise QuantizationError(f"unknown 4-bit quant type {quant_type!r} (nf4 or fp4)")
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise QuantizationError(f"nf4 computes in float32, bfloat16 or float16, not {dtype}")
         on_device = {name: t.to(device) for name, t in parts.items() if name in cls._PART_NAMES}
         on_device["qweight"] = on_device["qweight"].view(-1, 1)  # bnb's [(N*K+1)//2, 1]
-        return cls(in_features, out_features, blocksize, on_device, dtype)
+        return cls(in_features, out_features, blocksize, on_device, dtype, quant_type)
 
     def _parts(self) -> dict[str, Tensor]:
         return {name: getattr(self, name) for name in self._PART_NAMES if hasattr(self, name)}
@@ -218,7 +232,12 @@ class Nf4Linear(nn.Module):
         import bitsandbytes as bnb
 
         state = _quant_state(
-            self._parts(), self.out_features, self.in_features, self.blocksize, self.compute_dtype
+            self._parts(),
+            self.out_features,
+            self.in_features,
+            self.blocksize,
+            self.compute_dtype,
+            self.quant_type,
         )
         y = bnb.matmul_4bit(x.to(self.compute_dtype), self.qweight.t(), quant_state=state)
         return y.to(x.dtype)
@@ -227,4 +246,5 @@ class Nf4Linear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, blocksize={self.blocksize}, "
             f"double_quant={self.double_quant}, compute_dtype={self.compute_dtype}"
+            + (f", quant_type={self.quant_type}" if self.quant_type != "nf4" else "")
         )

@@ -431,3 +431,33 @@ def test_corrupt_registry_file_is_reported_and_left_alone(env, capfd):
     result = cli_in_process(capfd, "models", "list")
     assert result.returncode == 1 and "models.json is unreadable" in error_line(result)
     assert path.read_text(encoding="utf-8") == "{not json"
+
+
+def test_a_prequantized_bitsandbytes_repo_is_used_as_it_is(server: HubServer, tiny_dir: Path, tmp_path: Path):
+    """A repo transformers saved 4-bit: pulled, never re-quantized, loaded and answered from."""
+    import torch
+    from transformers import BitsAndBytesConfig, MixtralForCausalLM
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    model = MixtralForCausalLM.from_pretrained(tiny_dir, quantization_config=config, device_map="cpu")
+    saved = tmp_path / "bnb"
+    model.save_pretrained(saved)
+    files = {p.name: p.read_bytes() for p in saved.iterdir()}
+    files["tokenizer.model"] = (tiny_dir / "tokenizer.model").read_bytes()
+    server.add_repo("org/tiny-bnb-4bit", files)
+
+    entry = registry.pull_model("org/tiny-bnb-4bit")
+    assert entry.quantized_path is None and entry.path == entry.original_path
+    assert not (registry.models_dir() / "org--tiny-bnb-4bit-int4").exists()
+    from mixtral_chat.engine.runtime import Engine, GenerationConfig
+
+    (saved / "tokenizer.model").write_bytes(files["tokenizer.model"])
+    messages, config = [{"role": "user", "content": "hi"}], GenerationConfig(max_tokens=6)
+    engine = Engine.load(entry.path, device="cpu")
+    assert engine.info.scheme == "nf4 (bitsandbytes checkpoint)"
+    stream = engine.chat(messages, config)
+    answer = "".join(stream)
+    assert stream.stats is not None and stream.stats.completion_tokens > 0
+    assert answer == "".join(Engine.load(saved, device="cpu").chat(messages, config))
