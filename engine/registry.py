@@ -481,7 +481,7 @@ def _entry(item: _Known, default: str | None) -> ModelEntry:
             path=path if exists else None,
             original_path=path,
             quantized_path=path if quant else None,
-            scheme=(quant or {}).get("scheme"),
+            scheme=(quant or {}).get("scheme") or (_prequantized_scheme(path) if exists else None),
             group_size=(quant or {}).get("group_size"),
             size_on_disk=hub.directory_size(path) if exists else 0,
             is_default=is_default,
@@ -518,7 +518,7 @@ def _entry(item: _Known, default: str | None) -> ModelEntry:
         path=quantized or original,
         original_path=original,
         quantized_path=quantized,
-        scheme=record.get("scheme") if quantized is not None else None,
+        scheme=record.get("scheme") if quantized is not None else _prequantized_scheme(original),
         group_size=record.get("group_size") if quantized is not None else None,
         size_on_disk=size,
         is_default=is_default,
@@ -539,6 +539,19 @@ def _read_quant_config(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return raw if isinstance(raw, dict) else None
+
+
+def _prequantized_scheme(path: Path | None) -> str | None:
+    """ "nf4 (bitsandbytes)" for a checkpoint transformers saved 4-bit; None for a float one."""
+    if path is None:
+        return None
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(config, dict) or not config.get("load_in_4bit"):
+        return None
+    return f"{config.get('bnb_4bit_quant_type', 'fp4')} (bitsandbytes)"
 
 
 # ---------------------------------------------------------------------------------------------

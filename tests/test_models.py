@@ -450,6 +450,7 @@ def test_a_prequantized_bitsandbytes_repo_is_used_as_it_is(server: HubServer, ti
 
     entry = registry.pull_model("org/tiny-bnb-4bit")
     assert entry.quantized_path is None and entry.path == entry.original_path
+    assert entry.scheme == "nf4 (bitsandbytes)"
     assert not (registry.models_dir() / "org--tiny-bnb-4bit-int4").exists()
     from mixtral_chat.engine.runtime import Engine, GenerationConfig
 
