@@ -5,14 +5,20 @@
     python bench/bench_quant.py --mode quantize --size-gb 2.2      # quantize a synthetic checkpoint
 
 GEMV: y = W x for Mixtral's expert shapes (14336x4096 = w1/w3, 4096x14336 = w2), batch 1 and
-8, per scheme: float32, bfloat16 (F.linear), int4 group 32/64/128 (PyTorch's packed int4
-kernels), nf4 (bitsandbytes `matmul_4bit`). GB/s = bytes of stored weight (codes + scales)
-read per call / median wall time per call, next to this machine's memory bandwidth measured in
-the same run (before and after, best of two): a large tensor copy (read + write bytes) and a
-large sum (read bytes). "CPU ms/call" is the process's CPU time per call (all threads): on a
+8, per scheme: float32, bfloat16 (F.linear), int4 group 32/64/128 on PyTorch's packed int4
+kernels ("int4 aten") and, on CPU, on the native kernel ("int4 native", `quant/native.py`; "int4
+native f32" is its float variant, for comparison), nf4 (bitsandbytes `matmul_4bit`).
+GB/s = bytes of stored weight (codes + scales) read per call / median wall time per call, next
+to this machine's memory bandwidth measured in the same run (before and after, best of two): a
+large tensor copy (read + write bytes) and a large sum (read bytes). Each call uses the next of
+several copies of the layer, enough to read `--working-set-mb` (128) in turn, so the weights come
+from memory as in the model (each expert matrix once per token), not from a last-level cache
+that holds one 4-bit matrix (32 MB here: without the copies, int4 g128's 31 MB ran at 110% of
+the memory bandwidth). "CPU ms/call" is the process's CPU time per call (all threads): on a
 shared machine it shows the work a call costs when wall time is inflated by waiting for cores.
-"build s" is the time to turn stored parts into the runtime layer (int4: packing to the kernel
-layout, paid once per matrix at load time).
+"build s" is the time to turn stored parts into the runtime layer (int4 aten: packing to the
+kernel layout, paid once per matrix at load time; int4 native: none, it computes on the stored
+parts).
 
 Quantize: writes a Mixtral-shaped bf16 checkpoint of the given size, then runs
 `quantize_model_dir` for int4 and nf4, each in a fresh process whose peak RSS (VmHWM, reset
@@ -23,6 +29,7 @@ Prints markdown tables.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -83,69 +90,142 @@ def stored_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def gemv_rows(device: torch.device, batches: list[int]) -> list[dict]:
-    from mixtral_chat.quant import get_scheme
+class NativeF32Variant(torch.nn.Module):
+    """The native kernel's float variant (codes converted to float, FMA), for comparison."""
 
+    def __init__(self, parts: dict[str, torch.Tensor], group_size: int) -> None:
+        super().__init__()
+        from mixtral_chat.quant.native import int4_kernel
+
+        self.kernel = int4_kernel()
+        self.group_size = group_size
+        for name in ("qweight", "scales", "zeros"):
+            self.register_buffer(name, parts[name])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from mixtral_chat.quant.native import VARIANT_F32
+
+        x2 = x.float().contiguous()
+        y = torch.empty(x2.shape[0], self.qweight.shape[0])
+        self.kernel.linear(self.qweight, self.scales, self.zeros, x2, y, self.group_size, variant=VARIANT_F32)
+        return y.to(x.dtype)
+
+
+def build_int4(handler, parts, out_features, in_features, device, dtype, backend: str) -> torch.nn.Module:
+    """int4 layer on the given backend: "aten" (native kernel disabled), "native", "native f32"."""
+    from mixtral_chat.quant.native import NO_NATIVE_ENV
+
+    if backend == "native f32":
+        return NativeF32Variant(parts, handler.group_size)
+    saved = os.environ.get(NO_NATIVE_ENV)
+    os.environ[NO_NATIVE_ENV] = "1" if backend == "aten" else "0"
+    try:
+        layer = handler.build_linear(parts, out_features, in_features, device, dtype)
+    finally:
+        if saved is None:
+            del os.environ[NO_NATIVE_ENV]
+        else:
+            os.environ[NO_NATIVE_ENV] = saved
+    if getattr(layer, "backend", backend) != backend:
+        raise RuntimeError(f"int4 {backend} layer requested, got {layer.backend}")
+    return layer
+
+
+def build_layer(label, handler, weight, parts, device, dtype) -> torch.nn.Module:
+    """A runtime layer of its own memory (parts are copied) for a row of the GEMV table."""
+    out_features, in_features = weight.shape
+    if handler.name == "none":
+        layer = torch.nn.Linear(in_features, out_features, bias=False, device=device, dtype=dtype)
+        layer.weight.data.copy_(weight)
+        return layer.requires_grad_(False)
+    parts = {name: tensor.clone() for name, tensor in parts.items()}
+    if handler.name == "int4":
+        backend = label.removeprefix("int4 ").rsplit(" ", 1)[0]
+        return build_int4(handler, parts, out_features, in_features, device, dtype, backend)
+    return handler.build_linear(parts, out_features, in_features, device, dtype)
+
+
+def gemv_rows(device: torch.device, batches: list[int], working_set: int) -> list[dict]:
+    from mixtral_chat.quant import get_scheme
+    from mixtral_chat.quant.native import int4_kernel, native_unavailable_reason
+
+    native = device.type == "cpu" and int4_kernel() is not None
+    if device.type == "cpu" and not native:
+        print(f"native int4 kernel unavailable: {native_unavailable_reason()}", file=sys.stderr)
     variants = [
         ("float32", "none", None, torch.float32),
         ("bfloat16", "none", None, torch.bfloat16),
-        ("int4 g32", "int4", 32, torch.bfloat16),
-        ("int4 g64", "int4", 64, torch.bfloat16),
-        ("int4 g128", "int4", 128, torch.bfloat16),
-        ("nf4 b64", "nf4", 64, torch.bfloat16),
+        ("int4 aten g32", "int4", 32, torch.bfloat16),
+        ("int4 aten g64", "int4", 64, torch.bfloat16),
+        ("int4 aten g128", "int4", 128, torch.bfloat16),
     ]
+    if native:
+        variants += [
+            ("int4 native g32", "int4", 32, torch.bfloat16),
+            ("int4 native g64", "int4", 64, torch.bfloat16),
+            ("int4 native g128", "int4", 128, torch.bfloat16),
+            ("int4 native f32 g64", "int4", 64, torch.bfloat16),
+        ]
+    variants.append(("nf4 b64", "nf4", 64, torch.bfloat16))
     rows = []
     for out_features, in_features in SHAPES:
         weight = torch.randn(out_features, in_features) * 0.02
         for label, scheme, group, dtype in variants:
             handler = get_scheme(scheme, group)
+            parts = None if scheme == "none" else handler.quantize_weight(weight)
+
+            def build(label=label, handler=handler, weight=weight, parts=parts, dtype=dtype):
+                return build_layer(label, handler, weight, parts, device, dtype)
+
             t0 = time.perf_counter()
-            if scheme == "none":
-                layer = torch.nn.Linear(in_features, out_features, bias=False, device=device, dtype=dtype)
-                layer.weight.data.copy_(weight)
-                layer.requires_grad_(False)
-                build_s = 0.0
-            else:
-                parts = handler.quantize_weight(weight)
-                t0 = time.perf_counter()
-                layer = handler.build_linear(parts, out_features, in_features, device, dtype)
-                sync(device)
-                build_s = time.perf_counter() - t0
-                del parts
-            nbytes = stored_bytes(layer)
+            layers = [build()]
+            sync(device)
+            build_s = 0.0 if scheme == "none" else time.perf_counter() - t0
+            nbytes = stored_bytes(layers[0])
+            # Copies of the layer, called in turn, so that the weights come from memory, not
+            # from a last-level cache that holds one matrix (32 MB here).
+            layers += [build() for _ in range(-(-working_set // nbytes) - 1)]
             for batch in batches:
                 x = torch.randn(batch, in_features, device=device, dtype=dtype)
+                calls = itertools.cycle(layers)
                 with torch.no_grad():
-                    seconds, cpu_seconds = time_call(lambda layer=layer, x=x: layer(x), device)
+                    seconds, cpu_seconds = time_call(lambda x=x, calls=calls: next(calls)(x), device)
                 rows.append(
                     {
                         "shape": f"{out_features}x{in_features}",
                         "scheme": label,
                         "batch": batch,
                         "weight_mb": nbytes / 1e6,
+                        "copies": len(layers),
                         "ms": seconds * 1e3,
                         "cpu_ms": cpu_seconds * 1e3,
                         "gbps": nbytes / seconds / 1e9,
                         "build_s": build_s,
                     }
                 )
-            del layer
-    # Sanity: the quantized kernels compute what F.linear computes with the dequantized weight.
+            del layers, parts
+    # Sanity: the quantized kernels compute what F.linear computes with the dequantized weight
+    # (the native kernel rounds x to int8: ~0.6% relative error, the others to bf16: ~0.3%).
     check = torch.randn(256, 512) * 0.02
     x = torch.randn(3, 512)
-    for scheme in ("int4", "nf4"):
+    checks = [("int4", "aten", 1e-2), ("nf4", None, 1e-2)] + ([("int4", "native", 2e-2)] if native else [])
+    for scheme, backend, bound in checks:
         handler = get_scheme(scheme)
         parts = handler.quantize_weight(check)
-        y = handler.build_linear(parts, 256, 512, device, torch.float32)(x.to(device)).cpu()
+        if backend is None:
+            layer = handler.build_linear(parts, 256, 512, device, torch.float32)
+        else:
+            layer = build_int4(handler, parts, 256, 512, device, torch.float32, backend)
+        y = layer(x.to(device)).cpu()
         ref = F.linear(x, handler.dequantize_weight(parts, 256, 512))
-        assert float((y - ref).norm() / ref.norm()) < 1e-2, scheme
+        assert float((y - ref).norm() / ref.norm()) < bound, (scheme, backend)
     return rows
 
 
 def run_gemv(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     copy_gbps, read_gbps = memory_bandwidth(device)
-    rows = gemv_rows(device, args.batch)
+    rows = gemv_rows(device, args.batch, int(args.working_set_mb * 1e6))
     copy_again, read_again = memory_bandwidth(device)  # the machine is shared: bracket the run
     copy_gbps, read_gbps = max(copy_gbps, copy_again), max(read_gbps, read_again)
     name = (
@@ -302,6 +382,12 @@ def main() -> None:
     parser.add_argument("--workdir", help="quantize mode: where to write (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="quantize mode: keep the synthetic checkpoint")
     parser.add_argument("--json", help="gemv mode: also write the numbers here")
+    parser.add_argument(
+        "--working-set-mb",
+        type=float,
+        default=128,
+        help="gemv mode: call enough copies of each layer to read this many MB in turn (defeats caches)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))

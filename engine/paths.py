@@ -20,6 +20,7 @@ def _base(kind: str) -> Path:
         "data": platformdirs.user_data_dir,
         "config": platformdirs.user_config_dir,
         "log": platformdirs.user_log_dir,
+        "cache": platformdirs.user_cache_dir,
     }[kind]
     return Path(getter(APP_NAME, appauthor=False))
 
@@ -34,6 +35,11 @@ def config_dir() -> Path:
 
 def log_dir() -> Path:
     return _base("log")
+
+
+def cache_dir() -> Path:
+    """What can be made again (the compiled native kernel)."""
+    return _base("cache")
 
 
 def assets_dir() -> Path:

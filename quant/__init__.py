@@ -4,8 +4,9 @@ Importing this package is cheap; the names below load their module (and torch) o
 
 Schemes (`get_scheme(name, group_size, double_quant)` -> a handler, see `quant.schemes`):
     none   float, for reference and tests
-    int4   group-wise asymmetric int4 (group 32/64/128/256, default 64) on PyTorch's packed
-           int4 kernels: `_weight_int4pack_mm_for_cpu` (CPU), `_weight_int4pack_mm` (CUDA)
+    int4   group-wise asymmetric int4 (group 32/64/128/256, default 64): on CPU a native AVX2
+           kernel on the stored form (`quant.native`, compiled on first use), else PyTorch's
+           packed int4 kernels (`_weight_int4pack_mm_for_cpu`, `_weight_int4pack_mm` on CUDA)
     nf4    bitsandbytes NF4 (block size 64 by default, optional double quantization)
 Quantized: attention q/k/v/o projections and expert w1/w2/w3 (`is_quantizable(hf_key)`);
 embeddings, lm_head, norms and router gates stay as stored. `default_scheme(device)` is the

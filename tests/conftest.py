@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # One compute thread in tests and in the CLI subprocesses they start: the tiny models gain nothing
 # from two, and OpenMP threads that spin on a busy 2-core machine made steps 40x slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The native int4 kernel compiles once per test session (~2 s) into a session folder, whatever
+# MIXTRAL_CHAT_HOME a test sets: neither per test nor into the user's cache.
+os.environ.setdefault("MIXTRAL_CHAT_NATIVE_DIR", tempfile.mkdtemp(prefix="mixtral-chat-native-"))
 
 TINY_CONFIG = dict(
     vocab_size=32000,  # Mixtral's real tokenizer (mistral-common's tokenizer.model.v1)

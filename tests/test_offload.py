@@ -222,23 +222,42 @@ def test_a_cancelled_prefetch_frees_its_slot_and_uncounts_its_bytes() -> None:
 
 
 @pytest.fixture(scope="module")
-def nf4_dir(eight_expert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def quantized_dirs(eight_expert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from mixtral_chat.quant import quantize_model_dir
 
-    return quantize_model_dir(eight_expert_dir, tmp_path_factory.mktemp("q") / "nf4", "nf4")
+    base = tmp_path_factory.mktemp("q")
+    return {scheme: quantize_model_dir(eight_expert_dir, base / scheme, scheme) for scheme in ("nf4", "int4")}
+
+
+@pytest.fixture(scope="module")
+def nf4_dir(quantized_dirs: dict[str, Path]) -> Path:
+    return quantized_dirs["nf4"]
+
+
+def native_int4_available() -> bool:
+    from mixtral_chat.quant.native import int4_kernel
+
+    return int4_kernel() is not None
 
 
 @pytest.mark.parametrize("store", ["ram", "disk"])
-def test_experts_stream_from_the_quantized_files(nf4_dir: Path, store: str) -> None:
-    """nf4 experts compute on their stored blobs in place: the store reads the shards, expert by
-    expert, and the model never holds a loaded expert; output equals the resident model's."""
+@pytest.mark.parametrize("scheme", ["nf4", "int4"])
+def test_experts_stream_from_the_quantized_files(
+    quantized_dirs: dict[str, Path], scheme: str, store: str
+) -> None:
+    """nf4 experts, and int4 ones on the native CPU kernel, compute on their stored blobs in
+    place: the store reads the shards, expert by expert, and the model never holds a loaded
+    expert; output equals the resident model's."""
     from mixtral_chat.engine.offload import StoredExperts
 
+    if scheme == "int4" and not native_int4_available():
+        pytest.skip("no native int4 kernel here (no C compiler or no AVX2)")
+    directory = quantized_dirs[scheme]
     tokens = torch.randint(0, 32000, (1, 16), generator=torch.Generator().manual_seed(7))
-    expected = logits_of(load_model(nf4_dir), tokens)
-    stored = StoredExperts.open(nf4_dir, torch.device("cpu"), torch.float32)
+    expected = logits_of(load_model(directory), tokens)
+    stored = StoredExperts.open(directory, torch.device("cpu"), torch.float32)
     assert stored is not None
-    model = load_model(nf4_dir, skip_experts=True)
+    model = load_model(directory, skip_experts=True)
     assert all(t.is_meta for _, t in model.layers[0].block_sparse_moe.experts.named_parameters())
     assert not any(t.is_meta for n, t in model.named_parameters() if ".experts." not in n)
     plan = plan_offload(model, 64, experts_per_layer=3, store=store, expert_bytes=stored.layout.nbytes)
@@ -320,3 +339,24 @@ def test_a_float_model_too_big_for_ram_asks_to_be_quantized(eight_expert_dir: Pa
             device="cpu",
             offload=OffloadOptions(only_if_needed=True, memory_budget_gb=0.0001),
         )
+
+
+def test_int4_without_the_native_kernel_is_packed_from_loaded_experts(
+    quantized_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PyTorch's int4 kernels repack the codes, so the stored blobs are not the runtime form:
+    the experts are loaded and packed as before, with the same output."""
+    from mixtral_chat.engine.offload import StoredExperts
+    from mixtral_chat.quant import native
+
+    monkeypatch.setenv(native.NO_NATIVE_ENV, "1")
+    directory = quantized_dirs["int4"]
+    assert StoredExperts.open(directory, torch.device("cpu"), torch.float32) is None
+    messages, config = [{"role": "user", "content": "Hi"}], GenerationConfig(max_tokens=8)
+    expected = "".join(Engine.load(directory, device="cpu").chat(messages, config))
+    engine = Engine.load(directory, device="cpu", offload=OffloadOptions(experts_per_layer=2, store="disk"))
+    try:
+        assert engine.cache_stats()["store_from_files"] is False
+        assert "".join(engine.chat(messages, config)) == expected
+    finally:
+        engine.close()

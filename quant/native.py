@@ -1,0 +1,336 @@
+"""The native int4 GEMV kernel (quant/csrc/int4_gemv.c), compiled on first use and loaded by ctypes.
+
+`int4_kernel()` returns an `Int4Kernel`, or None when the kernel cannot be used here: no C
+compiler, a compile error, a CPU without AVX2 (the portable fallback is slower than PyTorch's
+kernel), or `MIXTRAL_CHAT_NO_NATIVE=1`. `native_unavailable_reason()` then says why. Neither
+raises nor prints; importing this module compiles nothing.
+
+Build: the compiler is `$CC` or the first of cc, gcc, clang on PATH; flags
+`-O3 -march=native -std=c11 -shared -fPIC -pthread` (retried without -march=native, which then
+gives the scalar fallback, if the compiler rejects it). The library is cached in
+`$MIXTRAL_CHAT_NATIVE_DIR`, else `cache_dir()/native` (under MIXTRAL_CHAT_HOME when set), under a
+name keyed by the source, the
+compiler's path and version, the flags and the CPU (model and feature flags), so a changed
+source, compiler or CPU builds anew; it is written to a temporary file and renamed, so
+concurrent processes are safe. A compile takes ~2 s (gcc 12, 2-core Zen), once; later
+processes load the cached library in ~3 ms.
+
+ctypes releases the GIL during the call; the kernel runs its own threads (pthreads, no OpenMP:
+torch bundles its own runtime).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from mixtral_chat.engine.errors import QuantizationError
+
+NO_NATIVE_ENV = "MIXTRAL_CHAT_NO_NATIVE"
+NATIVE_DIR_ENV = "MIXTRAL_CHAT_NATIVE_DIR"
+SOURCE = Path(__file__).resolve().parent / "csrc" / "int4_gemv.c"
+BASE_FLAGS = ("-O3", "-std=c11", "-shared", "-fPIC", "-pthread")
+NATIVE_FLAGS = ("-march=native",)
+COMPILE_TIMEOUT_S = 120
+
+# Kernel variants (INT4_VARIANT_* in the C source).
+VARIANT_Q8 = 0  # activations rounded to int8 per 32 columns, integer dot products (default)
+VARIANT_F32 = 1  # codes converted to float, FMA with float32 activations
+_GROUP_SIZES = (32, 64, 128, 256)
+_ERRORS = {1: "invalid arguments", 2: "out of memory"}
+
+_lock = threading.Lock()
+_kernel: Int4Kernel | None = None
+_reason: str | None = None
+_loaded = False
+
+
+class Int4Kernel:
+    """A loaded build of the kernel."""
+
+    def __init__(self, library: ctypes.CDLL, path: Path) -> None:
+        self.path = path
+        self._lib = library
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        args = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int]
+        library.int4_linear_f32_variant.argtypes = args
+        library.int4_linear_f32_variant.restype = ctypes.c_int
+        library.int4_native_has_avx2.argtypes = []
+        library.int4_native_has_avx2.restype = ctypes.c_int
+        self.has_avx2 = bool(library.int4_native_has_avx2())
+        self._run = library.int4_linear_f32_variant
+
+    # Layers hold the kernel: copying a layer (copy.deepcopy of a module) shares it.
+    def __copy__(self) -> Int4Kernel:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> Int4Kernel:
+        return self
+
+    def linear(
+        self,
+        qweight: Tensor,
+        scales: Tensor,
+        zeros: Tensor,
+        x: Tensor,
+        out: Tensor,
+        group_size: int,
+        threads: int | None = None,
+        variant: int = VARIANT_Q8,
+    ) -> Tensor:
+        """out [M, N] = x [M, Kp] @ W^T for W stored as (qweight, scales, zeros); returns `out`.
+
+        x and out are float32 and contiguous, on the CPU like the parts; `threads` defaults to
+        torch.get_num_threads().
+        """
+        if not _fits(qweight, scales, zeros, x, out, group_size):
+            _explain(qweight, scales, zeros, x, out, group_size)
+        if variant != VARIANT_Q8 and variant != VARIANT_F32:
+            raise QuantizationError(f"native int4: unknown variant {variant}")
+        n, half = qweight.shape
+        rc = self._run(
+            qweight.data_ptr(),
+            scales.data_ptr(),
+            zeros.data_ptr(),
+            x.data_ptr(),
+            out.data_ptr(),
+            x.shape[0],
+            n,
+            2 * half,
+            group_size,
+            _get_num_threads() if threads is None else threads,
+            variant,
+        )
+        if rc != 0:
+            raise QuantizationError(f"native int4 kernel failed: {_ERRORS.get(rc, f'error {rc}')}")
+        return out
+
+
+_U8, _BF16, _F32 = torch.uint8, torch.bfloat16, torch.float32
+_get_num_threads = torch.get_num_threads
+
+
+def _fits(qweight: Tensor, scales: Tensor, zeros: Tensor, x: Tensor, out: Tensor, group_size: int) -> bool:
+    """The arguments' dtypes, shapes, contiguity and device are what the kernel reads and writes.
+
+    Written for speed (~3 us): layers call it per forward."""
+    if qweight.dim() != 2 or x.dim() != 2:
+        return False
+    n, half = qweight.shape
+    m, kp = x.shape
+    groups = scales.shape
+    return (
+        kp == 2 * half
+        and group_size in _GROUP_SIZES
+        and kp % group_size == 0
+        and groups == zeros.shape
+        and groups == (n, kp // group_size)
+        and out.shape == (m, n)
+        and qweight.dtype is _U8
+        and scales.dtype is _BF16
+        and zeros.dtype is _BF16
+        and x.dtype is _F32
+        and out.dtype is _F32
+        and qweight.is_cpu
+        and scales.is_cpu
+        and zeros.is_cpu
+        and x.is_cpu
+        and out.is_cpu
+        and qweight.is_contiguous()
+        and scales.is_contiguous()
+        and zeros.is_contiguous()
+        and x.is_contiguous()
+        and out.is_contiguous()
+    )
+
+
+def _explain(qweight: Tensor, scales: Tensor, zeros: Tensor, x: Tensor, out: Tensor, group_size: int) -> None:
+    """Raises the QuantizationError that says what does not fit."""
+    if qweight.dim() != 2 or group_size not in _GROUP_SIZES or (qweight.shape[1] * 2) % group_size:
+        raise QuantizationError(
+            f"native int4: qweight {tuple(qweight.shape)} does not fit group size {group_size}"
+        )
+    n, kp = qweight.shape[0], qweight.shape[1] * 2
+    m = x.shape[0] if x.dim() == 2 else -1
+    expected = {
+        "qweight": (qweight, torch.uint8, (n, kp // 2)),
+        "scales": (scales, torch.bfloat16, (n, kp // group_size)),
+        "zeros": (zeros, torch.bfloat16, (n, kp // group_size)),
+        "x": (x, torch.float32, (m, kp)),
+        "out": (out, torch.float32, (m, n)),
+    }
+    for name, (tensor, dtype, shape) in expected.items():
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise QuantizationError(
+                f"native int4: '{name}' is {tensor.dtype} {tuple(tensor.shape)}, expected {dtype} {shape}"
+            )
+        if not (tensor.is_cpu and tensor.is_contiguous()):
+            raise QuantizationError(f"native int4: '{name}' must be a contiguous CPU tensor")
+    raise QuantizationError("native int4: invalid arguments")
+
+
+def _find_compiler() -> list[str] | None:
+    """The compiler command: `$CC` (which may carry arguments, e.g. "ccache gcc"), else cc/gcc/clang."""
+    cc = os.environ.get("CC", "").strip()
+    if cc:
+        try:
+            words = shlex.split(cc)
+        except ValueError:
+            return None
+        path = shutil.which(words[0]) if words else None
+        return [path, *words[1:]] if path else None
+    for name in ("cc", "gcc", "clang"):
+        path = shutil.which(name)
+        if path:
+            return [path]
+    return None
+
+
+def _compiler_version(cc: list[str]) -> str:
+    try:
+        result = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise RuntimeError(f"{' '.join(cc)} --version failed: {exc}") from None
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cc)} --version exited with status {result.returncode}")
+    return result.stdout.strip()
+
+
+def _cpu_identity() -> str:
+    """The CPU's model and feature flags where the OS says (Linux): a library built with
+    -march=native may use any of them, so a cache shared by several machines (a network home)
+    must not hand it to another CPU."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            lines = f.read(1 << 16).splitlines()
+    except OSError:
+        return platform.processor()
+    wanted = ("model name", "flags", "Features", "CPU part")
+    found = {}
+    for line in lines:
+        name = line.split(":", 1)[0].strip()
+        if name in wanted and name not in found:
+            found[name] = line
+    return "\n".join(found.values()) or platform.processor()
+
+
+def _library_path(source: str, cc: list[str], version: str, flags: tuple[str, ...]) -> Path:
+    machine = [platform.machine(), sys.platform, _cpu_identity()]
+    key = "\0".join([source, " ".join(cc), version, " ".join(flags), *machine])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return native_dir() / f"int4_gemv-{digest}.so"
+
+
+def native_dir() -> Path:
+    """Where compiled kernels are kept: $MIXTRAL_CHAT_NATIVE_DIR, else the cache folder."""
+    from mixtral_chat.engine.paths import cache_dir
+
+    override = os.environ.get(NATIVE_DIR_ENV)
+    return Path(override) if override else cache_dir() / "native"
+
+
+def _compile(cc: list[str], flags: tuple[str, ...], target: Path) -> str | None:
+    """Builds `target` (atomically); None, or the compiler's complaint."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run(
+            [*cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S
+        )
+        if result.returncode != 0:
+            lines = (result.stderr or result.stdout).strip().splitlines()
+            errors = [line for line in lines if "error" in line.lower()]
+            return (errors or lines or [f"exit status {result.returncode}"])[0].strip()
+        os.replace(tmp, target)
+        return None
+    except (OSError, subprocess.SubprocessError) as exc:
+        return str(exc)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def build_library(native: bool = True) -> Path:
+    """The cached library's path, compiling it if needed; RuntimeError with the reason otherwise.
+
+    `native=False` builds without -march=native (the portable scalar fallback on x86).
+    """
+    cc = _find_compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install cc, gcc or clang)")
+    version = _compiler_version(cc)
+    source = SOURCE.read_text(encoding="utf-8")
+    attempts = [NATIVE_FLAGS + BASE_FLAGS, BASE_FLAGS] if native else [BASE_FLAGS]
+    errors = []
+    for flags in attempts:
+        target = _library_path(source, cc, version, flags)
+        if target.exists():
+            return target
+        error = _compile(cc, flags, target)
+        if error is None:
+            return target
+        errors.append(f"{' '.join(cc)} {' '.join(flags)}: {error}")
+    raise RuntimeError("compiling the native int4 kernel failed: " + "; ".join(errors))
+
+
+def load_kernel(path: Path) -> Int4Kernel:
+    return Int4Kernel(ctypes.CDLL(str(path)), path)
+
+
+def _load() -> tuple[Int4Kernel | None, str | None]:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None, f"the native kernel is vectorized for x86-64 AVX2, not {platform.machine()}"
+    try:
+        kernel = load_kernel(build_library())
+    except Exception as exc:  # any failure means: use PyTorch's kernel instead
+        return None, str(exc) or type(exc).__name__
+    if not kernel.has_avx2:
+        return None, "this CPU (or compiler) has no AVX2: the scalar fallback is slower than PyTorch's"
+    return kernel, None
+
+
+def _disabled() -> str | None:
+    value = os.environ.get(NO_NATIVE_ENV, "")
+    return f"disabled by {NO_NATIVE_ENV}={value}" if value not in ("", "0") else None
+
+
+def int4_kernel() -> Int4Kernel | None:
+    """The kernel, built and loaded on the first call (cached); None when unavailable.
+
+    `MIXTRAL_CHAT_NO_NATIVE` is read on every call (layers ask when they are built).
+    """
+    global _kernel, _reason, _loaded
+    if _disabled():
+        return None
+    if _loaded:
+        return _kernel
+    with _lock:
+        if not _loaded:
+            _kernel, _reason = _load()
+            _loaded = True
+    return _kernel
+
+
+def native_unavailable_reason() -> str | None:
+    """Why `int4_kernel()` returns None (None when it gives a kernel or was not called yet)."""
+    return _disabled() or (_reason if _loaded else None)
+
+
+def reset_cache() -> None:
+    """Forget the loaded kernel, so the next `int4_kernel()` looks again (tests)."""
+    global _kernel, _reason, _loaded
+    with _lock:
+        _kernel, _reason, _loaded = None, None, False
