@@ -740,8 +740,10 @@ def disk_child(spec: dict[str, Any]) -> dict[str, Any]:
     store_bytes = offloader.store.layout.nbytes * offloader.store.num_layers * offloader.store.num_experts
     replay = install_replay(model, TraceChoice(Path(spec["trace"]), "", spec["wrap_layers"]), spec["recall"])
     hooks = [layer.block_sparse_moe.prefetch_hook for layer in model.layers]
-    # The load's peak: read now, since resetting VmHWM (clear_refs) resets ru_maxrss too.
-    load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # The load's peak: read now, before clear_refs resets it. VmHWM, not getrusage's ru_maxrss:
+    # Linux keeps ru_maxrss across execve, so a child started by a parent that had written and
+    # quantized gigabytes would report the parent's peak.
+    load_peak = proc_status("VmHWM")
     out: dict[str, Any] = {
         "load_s": load_s,
         "load_peak": load_peak,
@@ -776,7 +778,8 @@ def disk_child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_disk(args: argparse.Namespace, model_dir: Path, trace: TraceChoice, workdir: Path) -> None:
-    config = CPU_CONFIG
+    intermediate = args.disk_intermediate_size or CPU_CONFIG["intermediate_size"]
+    config = {**CPU_CONFIG, "intermediate_size": intermediate}
     ks = [int(k) for k in args.disk_ks.split(",")]
     if args.disk_scheme != "none":
         from mixtral_chat.quant import quantize_model_dir
@@ -854,7 +857,7 @@ def run_disk(args: argparse.Namespace, model_dir: Path, trace: TraceChoice, work
         f"warm-up; warm: the whole file read first. 'read from disk' is /proc/self/io read_bytes "
         f"(storage reads, not page-cache hits), as a share of the expert bytes the cache loaded. "
         f"RSS: VmRSS before the timed tokens; peak while decoding: VmHWM, reset (/proc/self/clear_refs) "
-        f"before the timed tokens; peak while loading: getrusage ru_maxrss after Engine.load.\n"
+        f"before the timed tokens; peak while loading: VmHWM after Engine.load.\n"
     )
     header = ["experts/layer", "prefetch", "page cache", "tok/s", "hit rate", "expert bytes/token"]
     header += ["read from disk/token", "stall ms/token", "RSS", "peak RSS decoding"]
@@ -1043,6 +1046,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--ks", default="2,4,6,8", help="link: experts per layer")
     parser.add_argument("--disk-ks", default="2,4", help="disk: experts per layer")
     parser.add_argument(
+        "--disk-intermediate-size", type=int, default=None, help="disk: bigger experts than the CPU model's"
+    )
+    parser.add_argument(
         "--disk-scheme", default="int4", choices=["int4", "nf4", "none"], help="disk: experts quantized as"
     )
     parser.add_argument("--threads-k", type=int, default=4, help="threads: experts per layer")
@@ -1100,11 +1106,20 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(f"routing: {trace.description}", flush=True)
         sections = ["threads", "link", "disk"] if args.section == "all" else [args.section]
-        model_dir = None
+        model_dir = disk_dir = None
         if "link" in sections or "disk" in sections:
             t0 = time.perf_counter()
             model_dir = write_checkpoint(workdir / f"ckpt-{args.dtype}", CPU_CONFIG, torch_dtype(args.dtype))
             print(f"checkpoint {model_dir} ready in {time.perf_counter() - t0:.0f} s", flush=True)
+        if args.disk_intermediate_size and "disk" in sections:
+            # Bigger experts for the disk section only: an expert store larger than what the
+            # process holds (torch itself and the resident weights are ~0.6 GB here).
+            big = {**CPU_CONFIG, "intermediate_size": args.disk_intermediate_size}
+            t0 = time.perf_counter()
+            disk_dir = write_checkpoint(
+                workdir / f"ckpt-{args.dtype}-i{args.disk_intermediate_size}", big, torch_dtype(args.dtype)
+            )
+            print(f"checkpoint {disk_dir} ready in {time.perf_counter() - t0:.0f} s", flush=True)
         for section in sections:
             section_start = time.perf_counter()
             if section == "threads":
@@ -1114,7 +1129,7 @@ def main(argv: list[str] | None = None) -> None:
                 run_link(args, model_dir, trace)
             else:
                 assert model_dir is not None
-                run_disk(args, model_dir, trace, workdir)
+                run_disk(args, disk_dir or model_dir, trace, workdir)
             print(f"\n({section}: {time.perf_counter() - section_start:.0f} s)", flush=True)
     print(
         f"\ntotal {time.perf_counter() - started:.0f} s; load average now {os.getloadavg()[0]:.1f}",

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,9 @@ from torch import Tensor, nn
 from mixtral_chat.engine.errors import MixtralChatError, OutOfMemoryError
 from mixtral_chat.engine.expert_cache import CacheCounters, SlotMap, make_policy
 from mixtral_chat.engine.model import Mixtral, SparseMoE
+
+if TYPE_CHECKING:
+    from mixtral_chat.quant.load import ExpertBlobReader
 
 _ALIGN = 64  # bytes: every tensor inside a blob starts on a 64-byte boundary
 
@@ -165,6 +168,7 @@ class FileStore(ExpertStore):
         self.where = where
         self._fds: list[int] = []
         self._location: dict[tuple[int, int], tuple[int, int]] = {}  # (layer, expert) -> (fd, offset)
+        self._fd_of: dict[Path, int] = {}
         self._staging: dict[int, Tensor] = {}  # per thread, for GPU targets
 
     def copy_into(
@@ -183,6 +187,13 @@ class FileStore(ExpertStore):
             raise MixtralChatError(f"{self.where}: expert {expert} of layer {layer} is truncated")
         if out.device.type != "cpu":
             out[start:end].copy_(target, non_blocking=False)
+
+    def place(self, layer: int, expert: int, path: Path, offset: int) -> None:
+        """The expert's blob is at `offset` in `path` (each file opened once, read-only)."""
+        if path not in self._fd_of:
+            self._fd_of[path] = os.open(path, os.O_RDONLY)
+            self._fds.append(self._fd_of[path])
+        self._location[(layer, expert)] = (self._fd_of[path], offset)
 
     @property
     def fds(self) -> list[int]:
@@ -227,9 +238,11 @@ class StoredExperts:
     float model converts dtypes): the experts are then loaded and packed as before.
     """
 
-    def __init__(self, model_dir: Path, reader: object, layout: ExpertLayout, template: nn.Module) -> None:
+    def __init__(
+        self, model_dir: Path, reader: ExpertBlobReader, layout: ExpertLayout, template: nn.Module
+    ) -> None:
         self.model_dir = model_dir
-        self.reader = reader  # quant.load.ExpertBlobReader
+        self.reader = reader
         self.layout = layout
         self.template = template  # a meta shell of the runtime expert, for the cache's slots
 
@@ -258,7 +271,6 @@ class StoredExperts:
     def file_store(self, num_layers: int, num_experts: int) -> FileStore:
         """The quantized shards as a store: every expert's blob where the file has it."""
         store = FileStore(self.layout, num_layers, num_experts, str(self.model_dir))
-        fds: dict[Path, int] = {}
         try:
             for layer in range(num_layers):
                 for expert in range(num_experts):
@@ -268,10 +280,7 @@ class StoredExperts:
                             f"{file}: expert {expert} of layer {layer} is {nbytes} bytes, "
                             f"quant_config.json says {self.layout.nbytes}"
                         )
-                    if file not in fds:
-                        fds[file] = os.open(file, os.O_RDONLY)
-                        store._fds.append(fds[file])
-                    store._location[(layer, expert)] = (fds[file], offset)
+                    store.place(layer, expert, file, offset)
         except BaseException:
             store.close()
             raise

@@ -8,11 +8,10 @@ raises nor prints; importing this module compiles nothing.
 Build: the compiler is `$CC` or the first of cc, gcc, clang on PATH; flags
 `-O3 -march=native -std=c11 -shared -fPIC -pthread` (retried without -march=native, which then
 gives the scalar fallback, if the compiler rejects it). The library is cached in
-`$MIXTRAL_CHAT_NATIVE_DIR`, else `cache_dir()/native` (under MIXTRAL_CHAT_HOME when set), under a
-name keyed by the source, the
-compiler's path and version, the flags and the CPU (model and feature flags), so a changed
-source, compiler or CPU builds anew; it is written to a temporary file and renamed, so
-concurrent processes are safe. A compile takes ~2 s (gcc 12, 2-core Zen), once; later
+`$MIXTRAL_CHAT_NATIVE_DIR`, else `cache_dir()/native` (under MIXTRAL_CHAT_HOME when set), under
+a name keyed by the source, the compiler's path and version, the flags and the CPU (model and
+feature flags), so a changed source, compiler or CPU builds anew; it is written to a temporary
+file and renamed, so concurrent processes are safe. A compile takes ~2 s (gcc 12, 2-core Zen), once; later
 processes load the cached library in ~3 ms.
 
 ctypes releases the GIL during the call; the kernel runs its own threads (pthreads, no OpenMP:
