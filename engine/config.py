@@ -41,6 +41,11 @@ class ModelArgs:
         """Parameters used per token (top-k experts)."""
         return self._params(self.num_experts_per_tok)
 
+    def kv_cache_bytes(self, context_length: int, itemsize: int) -> int:
+        """Keys and values of every layer for `context_length` tokens, `itemsize` bytes each."""
+        per_token = 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
+        return per_token * context_length * itemsize
+
     def _params(self, experts: int) -> int:
         d, h, kv = self.hidden_size, self.head_dim, self.num_key_value_heads
         attention = d * h * self.num_attention_heads * 2 + d * h * kv * 2

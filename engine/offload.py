@@ -480,8 +480,7 @@ def plan_offload(
         for name, t in _module_tensors(model)
         if id(t) not in expert_ids and ".kv_cache." not in name
     )
-    kv = 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * context_length
-    kv *= model.dtype.itemsize
+    kv = args.kv_cache_bytes(context_length, model.dtype.itemsize)
     if experts_per_layer is None:
         if budget_bytes is None:
             raise ValueError("give a memory budget or experts per layer")

@@ -393,8 +393,7 @@ def _offload_if_needed(
 
     args = ModelArgs.from_hf_config(model_dir)
     ctx = min(context_length or DEFAULT_CONTEXT, args.max_position_embeddings)
-    kv = 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * ctx * dtype.itemsize
-    need = loaded_weight_bytes(model_dir, dtype) + kv
+    need = loaded_weight_bytes(model_dir, dtype) + args.kv_cache_bytes(ctx, dtype.itemsize)
     budget_gb = options.memory_budget_gb
     if budget_gb is None:
         budget_gb = default_memory_budget_gb(device)
