@@ -166,9 +166,8 @@ class FileStore(ExpertStore):
     def __init__(self, layout: ExpertLayout, num_layers: int, num_experts: int, where: str) -> None:
         super().__init__(layout, num_layers, num_experts)
         self.where = where
-        self._fds: list[int] = []
         self._location: dict[tuple[int, int], tuple[int, int]] = {}  # (layer, expert) -> (fd, offset)
-        self._fd_of: dict[Path, int] = {}
+        self._fd_of: dict[Path, int] = {}  # every open file
         self._staging: dict[int, Tensor] = {}  # per thread, for GPU targets
 
     def copy_into(
@@ -192,18 +191,17 @@ class FileStore(ExpertStore):
         """The expert's blob is at `offset` in `path` (each file opened once, read-only)."""
         if path not in self._fd_of:
             self._fd_of[path] = os.open(path, os.O_RDONLY)
-            self._fds.append(self._fd_of[path])
         self._location[(layer, expert)] = (self._fd_of[path], offset)
 
     @property
     def fds(self) -> list[int]:
         """The open files the blobs are read from."""
-        return list(self._fds)
+        return list(self._fd_of.values())
 
     def close(self) -> None:
-        for fd in self._fds:
+        for fd in self._fd_of.values():
             os.close(fd)
-        self._fds.clear()
+        self._fd_of.clear()
 
 
 class DiskStore(FileStore):
@@ -216,7 +214,7 @@ class DiskStore(FileStore):
         # Unlinked at once: the open descriptor keeps the data, and a crash leaves no
         # gigabytes behind.
         path.unlink()
-        self._fds.append(self._fd)
+        self._fd_of[path] = self._fd
         for layer in range(num_layers):
             for expert in range(num_experts):
                 self._location[(layer, expert)] = (self._fd, (layer * num_experts + expert) * layout.nbytes)

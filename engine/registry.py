@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from mixtral_chat.engine import hub, paths
-from mixtral_chat.engine.config import ModelArgs
+from mixtral_chat.engine.config import ModelArgs, quantization_config
 from mixtral_chat.engine.errors import ConfigError, MixtralChatError, ModelNotFoundError, QuantizationError
 
 REGISTRY_FILE = "models.json"
@@ -545,10 +545,7 @@ def _prequantized_scheme(path: Path | None) -> str | None:
     """ "nf4 (bitsandbytes)" for a checkpoint transformers saved 4-bit; None for a float one."""
     if path is None:
         return None
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8")).get("quantization_config")
-    except (OSError, ValueError, AttributeError):
-        return None
+    config = quantization_config(path)
     if not isinstance(config, dict) or not config.get("load_in_4bit"):
         return None
     return f"{config.get('bnb_4bit_quant_type', 'fp4')} (bitsandbytes)"
@@ -1012,8 +1009,6 @@ def pull_model(
             )
             if not data.get("default"):
                 data["default"] = item.name  # the first real model becomes the default
-
-        from mixtral_chat.quant.bnb_checkpoint import quantization_config
 
         prequantized = prequantized or quantization_config(snapshot.path) is not None
         if quantizer is not None and quant_dir is not None and scheme is not None and not prequantized:

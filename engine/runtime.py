@@ -157,17 +157,18 @@ class Engine:
             offload, shortfall = _offload_if_needed(
                 model_dir, torch_device, torch_dtype, context_length, offload
             )
+        own_quantized = (model_dir / QUANT_CONFIG_FILE).exists()  # made by `mixtral-chat quantize`
         try:
-            if offload and (model_dir / QUANT_CONFIG_FILE).exists() and not quant:
+            if offload and own_quantized and not quant:
                 from mixtral_chat.engine.offload import StoredExperts
 
                 # The experts are read from the quantized files by the store, never loaded whole.
                 stored = StoredExperts.open(model_dir, torch_device, torch_dtype)
             if shortfall and torch_device.type == "cpu" and stored is None:
                 # Offloading a model that is not streamed from its files loads it whole first.
-                from mixtral_chat.quant.bnb_checkpoint import quantization_config
+                from mixtral_chat.engine.config import quantization_config
 
-                prequantized = (model_dir / QUANT_CONFIG_FILE).exists() or quantization_config(model_dir)
+                prequantized = own_quantized or quantization_config(model_dir)
                 how = (
                     "its experts cannot be read from the files in place on this machine"
                     if prequantized
@@ -216,11 +217,10 @@ class Engine:
                 f"{model.args.vocab_size}"
             )
         scheme = quant or "none"
-        quant_config = model_dir / QUANT_CONFIG_FILE
-        if quant_config.exists():
+        if own_quantized:
             import json
 
-            scheme = str(json.loads(quant_config.read_text()).get("scheme", "unknown"))
+            scheme = str(json.loads((model_dir / QUANT_CONFIG_FILE).read_text()).get("scheme", "unknown"))
         else:
             from mixtral_chat.quant.bnb_checkpoint import is_bnb_4bit_checkpoint, read_bnb_4bit_config
 

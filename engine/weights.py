@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mixtral_chat.engine.config import ModelArgs
+from mixtral_chat.engine.config import ModelArgs, quantization_config
 from mixtral_chat.engine.errors import QuantizationError, WeightsError
 from mixtral_chat.engine.model import Mixtral
 from mixtral_chat.engine.safetensors_io import SAFETENSORS_DTYPES, read_header, read_tensor
@@ -173,12 +173,6 @@ def load_model(
     `skip_experts` (quantized directories only) leaves the experts as meta shells, unread: an
     offloading expert store reads them from the files (`engine.offload.StoredExperts`).
     """
-    from mixtral_chat.quant.bnb_checkpoint import (
-        load_bnb_4bit_weights,
-        quantization_config,
-        read_bnb_4bit_config,
-    )
-
     model_dir = Path(model_dir)
     args = ModelArgs.from_hf_config(model_dir)
     model = build_on_meta(args)
@@ -191,6 +185,8 @@ def load_model(
         raise ValueError("skip_experts needs a quantized model directory")
     elif quantization_config(model_dir) is not None:
         # A checkpoint transformers saved quantized: bitsandbytes 4-bit is loaded as it is.
+        from mixtral_chat.quant.bnb_checkpoint import load_bnb_4bit_weights, read_bnb_4bit_config
+
         described = read_bnb_4bit_config(model_dir).describe()  # other kinds: a clear error
         if quant and quant != "none":
             raise QuantizationError(f"{model_dir}: already 4-bit ({described}); load it without --quant")

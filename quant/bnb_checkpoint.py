@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import Tensor, nn
 
-from mixtral_chat.engine.config import CONFIG_FILE
+from mixtral_chat.engine.config import CONFIG_FILE, quantization_config
 from mixtral_chat.engine.errors import QuantizationError, WeightsError
 from mixtral_chat.engine.safetensors_io import read_header, read_tensor, tensor_nbytes
 from mixtral_chat.engine.weights import hf_to_module_name, module_to_hf_name
@@ -55,16 +55,6 @@ class Bnb4bitConfig:
 
     def describe(self) -> str:
         return f"{self.quant_type} (bitsandbytes checkpoint)"
-
-
-def quantization_config(model_dir: str | Path) -> Any:
-    """config.json's `quantization_config` (None when it has none or cannot be read: reading the
-    model's config reports that)."""
-    try:
-        raw = json.loads((Path(model_dir) / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    return raw.get("quantization_config") if isinstance(raw, dict) else None
 
 
 def read_bnb_4bit_config(model_dir: str | Path) -> Bnb4bitConfig:
