@@ -2,6 +2,7 @@
 
     python bench/bench_quant.py --mode gemv --threads 2            # CPU GEMV table
     python bench/bench_quant.py --mode gemv --device cuda          # the same on a GPU
+    python bench/bench_quant.py --mode gemv --variants "int4 native g64"   # one scheme's rows
     python bench/bench_quant.py --mode quantize --size-gb 2.2      # quantize a synthetic checkpoint
 
 GEMV: y = W x for Mixtral's expert shapes (14336x4096 = w1/w3, 4096x14336 = w2), batch 1 and
@@ -10,15 +11,17 @@ kernels ("int4 aten") and, on CPU, on the native kernel ("int4 native", `quant/n
 native f32" is its float variant, for comparison), nf4 (bitsandbytes `matmul_4bit`).
 GB/s = bytes of stored weight (codes + scales) read per call / median wall time per call, next
 to this machine's memory bandwidth measured in the same run (before and after, best of two): a
-large tensor copy (read + write bytes) and a large sum (read bytes). Each call uses the next of
-several copies of the layer, enough to read `--working-set-mb` (128) in turn, so the weights come
-from memory as in the model (each expert matrix once per token), not from a last-level cache
-that holds one 4-bit matrix (32 MB here: without the copies, int4 g128's 31 MB ran at 110% of
-the memory bandwidth). "CPU ms/call" is the process's CPU time per call (all threads): on a
-shared machine it shows the work a call costs when wall time is inflated by waiting for cores.
-"build s" is the time to turn stored parts into the runtime layer (int4 aten: packing to the
-kernel layout, paid once per matrix at load time; int4 native: none, it computes on the stored
-parts).
+large tensor copy (read + write bytes) and a large sum (read bytes). "% of copy BW" pairs each
+row with the copy: five rounds of (a 256 MB copy, then the GEMV), the median of the per-round
+ratios, so that a shared machine's load, which slows both alike, cancels out of the ratio. Each
+call uses the next of several copies of the layer, enough to read `--working-set-mb` (128) in
+turn, so the weights come from memory as in the model (each expert matrix once per token), not
+from a last-level cache that holds one 4-bit matrix (32 MB here: without the copies, int4 g128's
+31 MB ran at 110% of the memory bandwidth). "CPU ms/call" is the process's CPU time per call
+(all threads): on a shared machine it shows the work a call costs when wall time is inflated by
+waiting for cores. "build s" is the time to turn stored parts into the runtime layer (int4 aten:
+packing to the kernel layout, paid once per matrix at load time; int4 native: none, it computes
+on the stored parts).
 
 Quantize: writes a Mixtral-shaped bf16 checkpoint of the given size, then runs
 `quantize_model_dir` for int4 and nf4, each in a fresh process whose peak RSS (VmHWM, reset
@@ -41,10 +44,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+# As the app does (app/cli.py), before torch loads OpenMP: its threads, spinning after a parallel
+# op (here converting a batch's bf16 activations), took the cores from the native kernel's own
+# threads: batch 8 ran 1.6x slower through the layer than the bare kernel.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch
 import torch.nn.functional as F
 
 SHAPES = [(14336, 4096), (4096, 14336)]  # (out_features, in_features): w1/w3, w2
+PAIRED_ROUNDS = 5  # rounds of (copy, GEMV) per row: "% of copy BW" is the median ratio
+PAIRED_COPY_BYTES = 256 << 20  # 8x this machine's last-level cache
 
 
 def sync(device: torch.device) -> None:
@@ -145,7 +155,9 @@ def build_layer(label, handler, weight, parts, device, dtype) -> torch.nn.Module
     return handler.build_linear(parts, out_features, in_features, device, dtype)
 
 
-def gemv_rows(device: torch.device, batches: list[int], working_set: int) -> list[dict]:
+def gemv_rows(
+    device: torch.device, batches: list[int], working_set: int, only: list[str] | None = None
+) -> list[dict]:
     from mixtral_chat.quant import get_scheme
     from mixtral_chat.quant.native import int4_kernel, native_unavailable_reason
 
@@ -167,6 +179,16 @@ def gemv_rows(device: torch.device, batches: list[int], working_set: int) -> lis
             ("int4 native f32 g64", "int4", 64, torch.bfloat16),
         ]
     variants.append(("nf4 b64", "nf4", 64, torch.bfloat16))
+    if only:
+        variants = [v for v in variants if v[0] in only]
+    copy_src = torch.ones(PAIRED_COPY_BYTES // 4, device=device)
+    copy_dst = torch.empty_like(copy_src)
+
+    def copy_probe() -> float:
+        """Copy GB/s (read + write) now, for the GEMV measured right after it."""
+        seconds = time_call(lambda: copy_dst.copy_(copy_src), device, min_time=0.1)[0]
+        return 2 * PAIRED_COPY_BYTES / seconds / 1e9
+
     rows = []
     for out_features, in_features in SHAPES:
         weight = torch.randn(out_features, in_features) * 0.02
@@ -188,8 +210,15 @@ def gemv_rows(device: torch.device, batches: list[int], working_set: int) -> lis
             for batch in batches:
                 x = torch.randn(batch, in_features, device=device, dtype=dtype)
                 calls = itertools.cycle(layers)
+                walls, cpus, ratios = [], [], []
                 with torch.no_grad():
-                    seconds, cpu_seconds = time_call(lambda x=x, calls=calls: next(calls)(x), device)
+                    for _ in range(PAIRED_ROUNDS):
+                        copy_gbps = copy_probe()
+                        wall, cpu = time_call(lambda x=x, calls=calls: next(calls)(x), device, min_time=0.1)
+                        walls.append(wall)
+                        cpus.append(cpu)
+                        ratios.append(nbytes / wall / 1e9 / copy_gbps)
+                seconds, cpu_seconds = statistics.median(walls), statistics.median(cpus)
                 rows.append(
                     {
                         "shape": f"{out_features}x{in_features}",
@@ -200,6 +229,7 @@ def gemv_rows(device: torch.device, batches: list[int], working_set: int) -> lis
                         "ms": seconds * 1e3,
                         "cpu_ms": cpu_seconds * 1e3,
                         "gbps": nbytes / seconds / 1e9,
+                        "pct_copy": 100 * statistics.median(ratios),
                         "build_s": build_s,
                     }
                 )
@@ -225,7 +255,7 @@ def gemv_rows(device: torch.device, batches: list[int], working_set: int) -> lis
 def run_gemv(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     copy_gbps, read_gbps = memory_bandwidth(device)
-    rows = gemv_rows(device, args.batch, int(args.working_set_mb * 1e6))
+    rows = gemv_rows(device, args.batch, int(args.working_set_mb * 1e6), args.variants)
     copy_again, read_again = memory_bandwidth(device)  # the machine is shared: bracket the run
     copy_gbps, read_gbps = max(copy_gbps, copy_again), max(read_gbps, read_again)
     name = (
@@ -238,7 +268,7 @@ def run_gemv(args: argparse.Namespace) -> None:
     for r in rows:
         print(
             f"| {r['shape']} | {r['scheme']} | {r['batch']} | {r['weight_mb']:.1f} | {r['ms']:.2f} | "
-            f"{r['gbps']:.2f} | {100 * r['gbps'] / copy_gbps:.0f}% | {r['cpu_ms']:.1f} | {r['build_s']:.2f} |"
+            f"{r['gbps']:.2f} | {r['pct_copy']:.0f}% | {r['cpu_ms']:.1f} | {r['build_s']:.2f} |"
         )
     if args.json:
         Path(args.json).write_text(json.dumps({"copy_gbps": copy_gbps, "read_gbps": read_gbps, "rows": rows}))
@@ -382,6 +412,9 @@ def main() -> None:
     parser.add_argument("--workdir", help="quantize mode: where to write (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="quantize mode: keep the synthetic checkpoint")
     parser.add_argument("--json", help="gemv mode: also write the numbers here")
+    parser.add_argument(
+        "--variants", nargs="+", help='gemv mode: only these rows, by label (e.g. "int4 native g64")'
+    )
     parser.add_argument(
         "--working-set-mb",
         type=float,

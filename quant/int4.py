@@ -167,11 +167,12 @@ class Int4Linear(nn.Module):
       expert's blob stay views), and the kernel computes on them in float32 with x rounded to
       int8 per 32 columns (llama.cpp's Q4 x Q8 scheme): ~0.6% relative error against the exact
       product with the dequantized weight, next to 4-bit quantization's ~9%. Measured on a
-      2-core AVX2 machine (Zen, ~28 GB/s copy bandwidth), 14336x4096 g64 at batch 1: 1.1-1.5 ms
-      (80-100% of the memory bandwidth, depending on the shared machine's load) against 4.4 ms
-      for ATen's kernel; batch 8: ~2x faster than ATen. It is faster than ATen, and than
-      dequantizing tiles for F.linear, at every batch size measured (up to 256), so it serves
-      prefill too.
+      2-core AVX2 machine (Zen 3, ~28-36 GB/s copy bandwidth), g64 at batch 1: 1.2-1.4 ms, a
+      median 95% (14336x4096) and 90% (4096x14336) of the copy bandwidth measured beside it,
+      against 4.2-4.7 ms for ATen's kernel; batch 8: 4.4-5.3 ms, 2.1-2.7x faster than ATen
+      (docs/BENCHMARKS.md; OpenMP threads must sleep, not spin, beside it: app/cli.py). It is
+      faster than ATen, and than dequantizing tiles for F.linear, at every batch size measured
+      (up to 256), so it serves prefill too.
     - "aten" (CUDA, or CPU without the native kernel): PyTorch's packed int4 kernels, tinygemm
       on CUDA and `_weight_int4pack_mm_for_cpu` on CPU, in bfloat16 (tinygemm takes nothing
       else, and ATen's CPU kernel is vectorized for bfloat16 only: float32 activations run 6x
