@@ -283,8 +283,11 @@ def get_scheme(
 def default_scheme(device: torch.device | str) -> str:
     """The 4-bit scheme to use on a device, chosen by measured GEMV speed (bench/bench_quant.py).
 
-    CPU: int4 (ATen's packed int4 kernel reads weights at memory bandwidth; bnb's NF4 CPU path
-    is ~30x slower, see docs/BENCHMARKS.md). CUDA: nf4 until the GEMV benchmark has been run on
-    a GPU (bench/bench_quant.py --device cuda); update this when it has.
+    CPU: int4 (on the native kernel a 14336x4096 g64 GEMV reads a median 95% of the copy
+    bandwidth, 1.2-1.4 ms; ATen's packed kernel, where the native one cannot be built, 4.2-4.7
+    ms; bnb's NF4 CPU path 91-112 ms: docs/BENCHMARKS.md). CUDA: nf4 (bitsandbytes' CUDA
+    kernels; its stored blocks are the runtime form, so offloaded experts stream from the files
+    as they are, where int4 is repacked for tinygemm) until the GEMV benchmark has been run on a
+    GPU (bench/gpu_quant.sh); update this when it has.
     """
     return "nf4" if torch.device(device).type == "cuda" else "int4"
