@@ -8,7 +8,8 @@
 GEMV: y = W x for Mixtral's expert shapes (14336x4096 = w1/w3, 4096x14336 = w2), batch 1 and
 8, per scheme: float32, bfloat16 (F.linear), int4 group 32/64/128 on PyTorch's packed int4
 kernels ("int4 aten") and, on CPU, on the native kernel ("int4 native", `quant/native.py`; "int4
-native f32" is its float variant, for comparison), nf4 (bitsandbytes `matmul_4bit`).
+native f32" is its float variant, for comparison), nf4 on bitsandbytes' `matmul_4bit` ("nf4
+bnb") and, on CPU, on the native kernel's code-book path ("nf4 native").
 GB/s = bytes of stored weight (codes + scales) read per call / median wall time per call, next
 to this machine's memory bandwidth measured in the same run (before and after, best of two): a
 large tensor copy (read + write bytes) and a large sum (read bytes). "% of copy BW" pairs each
@@ -121,14 +122,17 @@ class NativeF32Variant(torch.nn.Module):
         return y.to(x.dtype)
 
 
-def build_int4(handler, parts, out_features, in_features, device, dtype, backend: str) -> torch.nn.Module:
-    """int4 layer on the given backend: "aten" (native kernel disabled), "native", "native f32"."""
+def build_on_backend(
+    handler, parts, out_features, in_features, device, dtype, backend: str
+) -> torch.nn.Module:
+    """A 4-bit layer on the given backend: int4 "aten", nf4 "bnb" (the native kernel disabled),
+    "native", int4 "native f32"."""
     from mixtral_chat.quant.native import NO_NATIVE_ENV
 
     if backend == "native f32":
         return NativeF32Variant(parts, handler.group_size)
     saved = os.environ.get(NO_NATIVE_ENV)
-    os.environ[NO_NATIVE_ENV] = "1" if backend == "aten" else "0"
+    os.environ[NO_NATIVE_ENV] = "0" if backend == "native" else "1"
     try:
         layer = handler.build_linear(parts, out_features, in_features, device, dtype)
     finally:
@@ -137,7 +141,7 @@ def build_int4(handler, parts, out_features, in_features, device, dtype, backend
         else:
             os.environ[NO_NATIVE_ENV] = saved
     if getattr(layer, "backend", backend) != backend:
-        raise RuntimeError(f"int4 {backend} layer requested, got {layer.backend}")
+        raise RuntimeError(f"{handler.name} {backend} layer requested, got {layer.backend}")
     return layer
 
 
@@ -149,10 +153,8 @@ def build_layer(label, handler, weight, parts, device, dtype) -> torch.nn.Module
         layer.weight.data.copy_(weight)
         return layer.requires_grad_(False)
     parts = {name: tensor.clone() for name, tensor in parts.items()}
-    if handler.name == "int4":
-        backend = label.removeprefix("int4 ").rsplit(" ", 1)[0]
-        return build_int4(handler, parts, out_features, in_features, device, dtype, backend)
-    return handler.build_linear(parts, out_features, in_features, device, dtype)
+    backend = label.split(" ", 1)[1].rsplit(" ", 1)[0]  # "int4 native f32 g64" -> "native f32"
+    return build_on_backend(handler, parts, out_features, in_features, device, dtype, backend)
 
 
 def gemv_rows(
@@ -178,7 +180,9 @@ def gemv_rows(
             ("int4 native g128", "int4", 128, torch.bfloat16),
             ("int4 native f32 g64", "int4", 64, torch.bfloat16),
         ]
-    variants.append(("nf4 b64", "nf4", 64, torch.bfloat16))
+    variants.append(("nf4 bnb b64", "nf4", 64, torch.bfloat16))
+    if native:
+        variants.append(("nf4 native b64", "nf4", 64, torch.bfloat16))
     if only:
         variants = [v for v in variants if v[0] in only]
     copy_src = torch.ones(PAIRED_COPY_BYTES // 4, device=device)
@@ -235,17 +239,17 @@ def gemv_rows(
                 )
             del layers, parts
     # Sanity: the quantized kernels compute what F.linear computes with the dequantized weight
-    # (the native kernel rounds x to int8: ~0.6% relative error, the others to bf16: ~0.3%).
+    # (the native kernel rounds x to int8: ~0.6% relative error for int4, ~1.3% for nf4 whose
+    # code book it rounds too; the others round x to bf16: ~0.3%).
     check = torch.randn(256, 512) * 0.02
     x = torch.randn(3, 512)
-    checks = [("int4", "aten", 1e-2), ("nf4", None, 1e-2)] + ([("int4", "native", 2e-2)] if native else [])
+    checks = [("int4", "aten", 1e-2), ("nf4", "bnb", 1e-2)]
+    if native:
+        checks += [("int4", "native", 2e-2), ("nf4", "native", 3e-2)]
     for scheme, backend, bound in checks:
         handler = get_scheme(scheme)
         parts = handler.quantize_weight(check)
-        if backend is None:
-            layer = handler.build_linear(parts, 256, 512, device, torch.float32)
-        else:
-            layer = build_int4(handler, parts, 256, 512, device, torch.float32, backend)
+        layer = build_on_backend(handler, parts, 256, 512, device, torch.float32, backend)
         y = layer(x.to(device)).cpu()
         ref = F.linear(x, handler.dequantize_weight(parts, 256, 512))
         assert float((y - ref).norm() / ref.norm()) < bound, (scheme, backend)

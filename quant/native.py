@@ -48,6 +48,7 @@ COMPILE_TIMEOUT_S = 120
 VARIANT_Q8 = 0  # activations rounded to int8 per 32 columns, integer dot products (default)
 VARIANT_F32 = 1  # codes converted to float, FMA with float32 activations
 _GROUP_SIZES = (32, 64, 128, 256)
+_CODEBOOK_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' (codebook_linear)
 _ERRORS = {1: "invalid arguments", 2: "out of memory"}
 
 _lock = threading.Lock()
@@ -70,6 +71,11 @@ class Int4Kernel:
         library.int4_native_has_avx2.restype = ctypes.c_int
         self.has_avx2 = bool(library.int4_native_has_avx2())
         self._run = library.int4_linear_f32_variant
+        f32 = ctypes.c_float
+        cb_args = [ptr, ptr, ptr, ptr, ptr, f32, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
+        library.cb4_linear_f32.argtypes = cb_args
+        library.cb4_linear_f32.restype = ctypes.c_int
+        self._run_codebook = library.cb4_linear_f32
 
     # Layers hold the kernel: copying a layer (copy.deepcopy of a module) shares it.
     def __copy__(self) -> Int4Kernel:
@@ -115,6 +121,79 @@ class Int4Kernel:
         if rc != 0:
             raise QuantizationError(f"native int4 kernel failed: {_ERRORS.get(rc, f'error {rc}')}")
         return out
+
+    def codebook_linear(
+        self,
+        parts: dict[str, Tensor],
+        x: Tensor,
+        out: Tensor,
+        blocksize: int,
+        threads: int | None = None,
+    ) -> Tensor:
+        """out [M, N] = x [M, K] @ W^T for W stored as bitsandbytes 4-bit parts (nf4 or fp4, see
+        `mixtral_chat.quant.nf4`; with double quantization too); returns `out`.
+
+        The code book's 16 values are rounded to 1/63 of its largest before they meet x (rounded
+        to int8 per 32 columns, as in `linear`). Needs K % 32 == 0 and K % blocksize == 0 (no
+        block spans two rows: `codebook_fits`); x and out float32, contiguous, on the CPU.
+        """
+        m, k = x.shape
+        n = out.shape[1]
+        if not codebook_fits(parts, n, k, blocksize) or out.shape != (m, n):
+            raise QuantizationError(
+                f"native 4-bit: parts of a {n}x{k} weight with block size {blocksize} and x "
+                f"{tuple(x.shape)} -> out {tuple(out.shape)} do not fit the kernel"
+            )
+        if not (x.dtype is _F32 and out.dtype is _F32 and x.is_contiguous() and out.is_contiguous()):
+            raise QuantizationError("native 4-bit: x and out must be contiguous float32 CPU tensors")
+        double_quant = "nested_absmax" in parts
+        absmax = parts["absmax"]
+        rc = self._run_codebook(
+            parts["qweight"].data_ptr(),
+            None if double_quant else absmax.data_ptr(),
+            absmax.data_ptr() if double_quant else None,
+            parts["nested_absmax"].data_ptr() if double_quant else None,
+            parts["nested_quant_map"].data_ptr() if double_quant else None,
+            float(parts["absmax_offset"]) if double_quant else 0.0,
+            parts["quant_map"].data_ptr(),
+            x.data_ptr(),
+            out.data_ptr(),
+            m,
+            n,
+            k,
+            blocksize,
+            _get_num_threads() if threads is None else threads,
+        )
+        if rc != 0:
+            raise QuantizationError(f"native 4-bit kernel failed: {_ERRORS.get(rc, f'error {rc}')}")
+        return out
+
+
+def codebook_fits(parts: dict[str, Tensor], out_features: int, in_features: int, blocksize: int) -> bool:
+    """bitsandbytes 4-bit parts that `Int4Kernel.codebook_linear` can run: whole blocks per row,
+    contiguous CPU tensors of the dtypes and sizes it reads."""
+    if blocksize not in _CODEBOOK_BLOCKSIZES or in_features % 32 or in_features % blocksize:
+        return False
+    blocks = out_features * in_features // blocksize
+    double_quant = "nested_absmax" in parts
+    expected = {
+        "qweight": (_U8, out_features * in_features // 2),
+        "absmax": (_U8 if double_quant else _F32, blocks),
+        "quant_map": (_F32, 16),
+    }
+    if double_quant:
+        expected |= {
+            "nested_absmax": (_F32, -(-blocks // 256)),
+            "nested_quant_map": (_F32, 256),
+            "absmax_offset": (_F32, 1),
+        }
+    for name, (dtype, numel) in expected.items():
+        tensor = parts.get(name)
+        if tensor is None or tensor.dtype is not dtype or tensor.numel() != numel:
+            return False
+        if not (tensor.is_cpu and tensor.is_contiguous()):
+            return False
+    return True
 
 
 _U8, _BF16, _F32 = torch.uint8, torch.bfloat16, torch.float32

@@ -210,7 +210,24 @@ typedef struct {
     float *xp;    /* [M][nb * 64] float, permuted (F32) */
     float *xsum;  /* [M][G]: exact sum of x over each group */
     float *xqsum; /* [M][G]: sum of the rounded x the codes meet (Q8), or xsum itself (F32) */
+    /* Code-book weights (nf4, fp4): W[n, k] = quant_map[q[n, k]] * absmax[n * G + k / g]. */
+    int codebook;
+    const float *quant_map;  /* [16] (the portable path computes with it) */
+    int8_t lut[16];          /* 64 + round(63 * quant_map[c] / qmax): 1..127 */
+    float out_scale;         /* qmax / 63 */
+    const float *absmax;     /* [N * G] float32, or NULL with double quantization: */
+    const uint8_t *absmax_q; /* [N * G] codes of absmax - offset, */
+    const float *nested_absmax, *nested_map; /* one scale per 256 blocks, the 256-entry map, */
+    float absmax_offset;     /* and the offset */
+    int32_t *xcorr; /* [M][nb * 8]: per block 64 * (sum of the rounded x) of each 32 columns, in lanes 0 and 4 */
 } job_t;
+
+/* The absmax of block gi of row n. */
+static inline float cb_absmax(const job_t *J, int64_t n, int64_t gi) {
+    int64_t i = n * J->G + gi;
+    if (J->absmax) return J->absmax[i];
+    return J->nested_map[J->absmax_q[i]] * J->nested_absmax[i / 256] + J->absmax_offset;
+}
 
 /* Sum over groups of zero * xsum - 8 scale * xqsum, for the MT rows of x starting at m0.
  *
@@ -328,11 +345,13 @@ static void prepare_row(const job_t *J, int64_t m) {
         int64_t k0 = b * 64;
         int8_t *out = J->xq + m * J->nb * 64 + b * 64;
         float dx[2] = {0.0f, 0.0f};
+        int qs[2] = {0, 0};
         __m256i h[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
         for (int half = 0; half < 2 && k0 + half * 32 < J->Kp; half++) {
             float sum;
             int qsum;
             h[half] = quantize_half(x + k0 + half * 32, &dx[half], &sum, &qsum);
+            qs[half] = qsum;
             int64_t gi = (k0 + half * 32) / J->g;
             xsum[gi] += sum;
             xqsum[gi] += dx[half] * (float)qsum;
@@ -341,6 +360,8 @@ static void prepare_row(const job_t *J, int64_t m) {
         _mm256_storeu_si256((__m256i *)(out + 32), _mm256_permute2x128_si256(h[0], h[1], 0x31));
         _mm256_storeu_ps(J->dxv + m * J->nb * 8 + b * 8,
                          _mm256_set_m128(_mm_set1_ps(dx[1]), _mm_set1_ps(dx[0])));
+        if (J->xcorr) _mm256_storeu_si256((__m256i *)(J->xcorr + m * J->nb * 8 + b * 8),
+                                          _mm256_setr_epi32(64 * qs[0], 0, 0, 0, 64 * qs[1], 0, 0, 0));
     }
 }
 
@@ -433,6 +454,72 @@ static inline __attribute__((always_inline)) void tile_q8(const job_t *J, int64_
         zero_terms(J, n + r, m0, MT, zt);
         for (int i = 0; i < MT; i++) J->y[(m0 + i) * J->N + n + r] = hsum256(acc[r][i]) + zt[i];
     }
+}
+
+/* Code-book weights: the codes become u = 64 + L (L ~ 63 * quant_map / qmax, so u is 1..127)
+ * through a 16-entry byte table (vpshufb), and meet the int8 x like int4 codes do. Each product
+ * pair can reach 2 * 127 * 127, so the two halves are widened to int32 separately (int4's codes
+ * are small enough to add first), and 64 * (sum of x) comes off in integers (xcorr). */
+static inline __m256i block_dot_cb(__m256i hi, __m256i lo, const int8_t *xq, const int32_t *corr) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i a = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)xq)), ones);
+    __m256i b = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(xq + 32))), ones);
+    return _mm256_sub_epi32(_mm256_add_epi32(a, b), _mm256_loadu_si256((const __m256i *)corr));
+}
+
+/* tile_q8 for code-book weights: the same tiles, prefetch and order of operations. */
+static inline __attribute__((always_inline)) void tile_cb(const job_t *J, int64_t n, const int NR, int64_t m0,
+                                                          const int MT) {
+    const int64_t nb = J->nb, G = J->G, row_bytes = J->Kp / 2;
+    const uint8_t *w = J->qweight + n * row_bytes;
+    const int8_t *xq = J->xq + m0 * nb * 64;
+    const float *dxv = J->dxv + m0 * nb * 8;
+    const int32_t *xc = J->xcorr + m0 * nb * 8;
+    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)J->lut));
+    __m256 acc[8][4];
+    for (int r = 0; r < NR; r++)
+        for (int i = 0; i < MT; i++) acc[r][i] = _mm256_setzero_ps();
+    if (J->g == 32) {
+        for (int64_t b = 0; b < nb; b++) {
+            int half = (b + 1) * 64 > J->Kp;
+            prefetch_next_tile(w, row_bytes, b, NR, m0);
+            for (int r = 0; r < NR; r++) {
+                __m256i hi, lo;
+                load_codes(w + r * row_bytes + b * 32, half, &hi, &lo);
+                hi = _mm256_shuffle_epi8(lut, hi);
+                lo = _mm256_shuffle_epi8(lut, lo);
+                float a0 = cb_absmax(J, n + r, 2 * b), a1 = half ? 0.0f : cb_absmax(J, n + r, 2 * b + 1);
+                __m256 sv = _mm256_set_m128(_mm_set1_ps(a1), _mm_set1_ps(a0));
+                for (int i = 0; i < MT; i++) {
+                    __m256 d = _mm256_mul_ps(sv, _mm256_loadu_ps(dxv + i * nb * 8 + b * 8));
+                    __m256i dot = block_dot_cb(hi, lo, xq + i * nb * 64 + b * 64, xc + i * nb * 8 + b * 8);
+                    acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), d, acc[r][i]);
+                }
+            }
+        }
+    } else {
+        const int64_t bpg = J->g / 64;
+        for (int64_t gi = 0; gi < G; gi++) {
+            __m256 sv[8];
+            for (int r = 0; r < NR; r++) sv[r] = _mm256_set1_ps(cb_absmax(J, n + r, gi));
+            for (int64_t b = gi * bpg; b < (gi + 1) * bpg; b++) {
+                prefetch_next_tile(w, row_bytes, b, NR, m0);
+                for (int r = 0; r < NR; r++) {
+                    __m256i hi, lo;
+                    load_codes(w + r * row_bytes + b * 32, 0, &hi, &lo);
+                    hi = _mm256_shuffle_epi8(lut, hi);
+                    lo = _mm256_shuffle_epi8(lut, lo);
+                    for (int i = 0; i < MT; i++) {
+                        __m256 d = _mm256_mul_ps(sv[r], _mm256_loadu_ps(dxv + i * nb * 8 + b * 8));
+                        __m256i dot = block_dot_cb(hi, lo, xq + i * nb * 64 + b * 64, xc + i * nb * 8 + b * 8);
+                        acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), d, acc[r][i]);
+                    }
+                }
+            }
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int i = 0; i < MT; i++) J->y[(m0 + i) * J->N + n + r] = J->out_scale * hsum256(acc[r][i]);
 }
 
 /* Sum of q * x over the two 32-column halves of a block: (columns 0..31, columns 32..63). */
@@ -531,6 +618,22 @@ static void rows_q8(const job_t *J, int64_t n0, int64_t n1) {
     for (; n < n1; n++) tile_q8_ms(J, n, 1, 0, J->M);
 }
 
+static void rows_cb(const job_t *J, int64_t n0, int64_t n1) {
+    int64_t n = n0;
+    if (J->M == 1) {
+        for (; n + Q8_NR1 <= n1; n += Q8_NR1) tile_cb(J, n, Q8_NR1, 0, 1);
+        for (; n < n1; n++) tile_cb(J, n, 1, 0, 1);
+        return;
+    }
+    for (; n + Q8_NR <= n1; n += Q8_NR) {
+        int64_t m0 = 0;
+        for (; m0 + Q8_MT <= J->M; m0 += Q8_MT) tile_cb(J, n, Q8_NR, m0, Q8_MT);
+        for (; m0 < J->M; m0++) tile_cb(J, n, Q8_NR, m0, 1);
+    }
+    for (; n < n1; n++)
+        for (int64_t m0 = 0; m0 < J->M; m0++) tile_cb(J, n, 1, m0, 1);
+}
+
 static void rows_f32(const job_t *J, int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; n++) {
         int64_t m0 = 0;
@@ -570,7 +673,38 @@ static void rows_scalar(const job_t *J, int64_t n0, int64_t n1) {
     }
 }
 
+#ifndef INT4_SIMD
+/* Portable reference for code-book weights: float, the exact code book. */
+static void rows_scalar_cb(const job_t *J, int64_t n0, int64_t n1) {
+    const int64_t half = J->Kp / 2;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *w = J->qweight + n * half;
+        for (int64_t m = 0; m < J->M; m++) {
+            const float *x = J->x + m * J->Kp;
+            float total = 0.0f;
+            for (int64_t gi = 0; gi < J->G; gi++) {
+                float acc = 0.0f;
+                for (int64_t k = gi * J->g; k < (gi + 1) * J->g; k += 2) {
+                    uint8_t byte = w[k / 2];
+                    acc += J->quant_map[byte >> 4] * x[k] + J->quant_map[byte & 0x0F] * x[k + 1];
+                }
+                total += cb_absmax(J, n, gi) * acc;
+            }
+            J->y[m * J->N + n] = total;
+        }
+    }
+}
+#endif
+
 static void run_rows(const job_t *J, int64_t n0, int64_t n1) {
+    if (J->codebook) {
+#ifdef INT4_SIMD
+        rows_cb(J, n0, n1);
+#else
+        rows_scalar_cb(J, n0, n1);
+#endif
+        return;
+    }
 #ifdef INT4_SIMD
     if (J->variant == INT4_VARIANT_Q8) {
         rows_q8(J, n0, n1);
@@ -620,6 +754,55 @@ static int check_args(int64_t M, int64_t N, int64_t Kp, int64_t group_size) {
     return INT4_OK;
 }
 
+/* Prepares x (Q8: the int8 codes and their sums; F32: the permuted floats), then runs the rows
+ * of W on the thread pool. J holds the weights and shapes; the rest is set here. */
+static int run_job(job_t *J, int n_threads) {
+    const int64_t M = J->M, N = J->N, Kp = J->Kp;
+    const int variant = J->variant;
+    J->G = Kp / J->g;
+    J->nb = (Kp + 63) / 64;
+    void *scratch = NULL;
+#ifdef INT4_SIMD
+    {
+        size_t xsum_bytes = (size_t)M * J->G * sizeof(float) * (variant == INT4_VARIANT_Q8 ? 2 : 1);
+        size_t act_bytes = variant == INT4_VARIANT_Q8
+                               ? (size_t)M * J->nb * 64 + (size_t)M * J->nb * 8 * sizeof(float)
+                               : (size_t)M * J->nb * 64 * sizeof(float);
+        size_t corr_bytes = J->codebook ? (size_t)M * J->nb * 8 * sizeof(int32_t) : 0;
+        size_t total = ((xsum_bytes + 63) / 64) * 64 + ((act_bytes + 63) / 64) * 64 + corr_bytes;
+        scratch = aligned_alloc(64, total);
+        if (!scratch) return INT4_ENOMEM;
+        char *p = (char *)scratch;
+        J->xsum = (float *)p;
+        J->xqsum = variant == INT4_VARIANT_Q8 ? J->xsum + (size_t)M * J->G : J->xsum;
+        p += ((xsum_bytes + 63) / 64) * 64;
+        if (variant == INT4_VARIANT_Q8) {
+            J->dxv = (float *)p;
+            J->xq = (int8_t *)(p + (size_t)M * J->nb * 8 * sizeof(float));
+        } else {
+            J->xp = (float *)p;
+        }
+        p += ((act_bytes + 63) / 64) * 64;
+        if (J->codebook) J->xcorr = (int32_t *)p;
+        for (int64_t m = 0; m < M; m++) prepare_row(J, m);
+    }
+#else
+    (void)variant;
+    J->variant = -1;
+#endif
+    int64_t threads = n_threads < 1 ? 1 : n_threads;
+    int64_t by_work = (N * Kp * (M < 4 ? M : 4)) / MIN_WEIGHTS_PER_THREAD;
+    if (threads > by_work) threads = by_work < 1 ? 1 : by_work;
+    if (threads > N) threads = N;
+    /* ~16 chunks per thread, a multiple of the row tile, at least 16 rows. */
+    J->chunk = (N + threads * 16 - 1) / (threads * 16);
+    J->chunk = J->chunk < 16 ? 16 : (J->chunk + 7) / 8 * 8;
+    atomic_init(&J->next, 0);
+    run_parallel(run_range, J, (int)threads);
+    free(scratch);
+    return INT4_OK;
+}
+
 int int4_linear_f32_variant(const uint8_t *qweight, const uint16_t *scales, const uint16_t *zeros,
                             const float *x, float *y, int64_t M, int64_t N, int64_t Kp, int64_t group_size,
                             int n_threads, int variant) {
@@ -639,45 +822,48 @@ int int4_linear_f32_variant(const uint8_t *qweight, const uint16_t *scales, cons
     J.N = N;
     J.Kp = Kp;
     J.g = group_size;
-    J.G = Kp / group_size;
-    J.nb = (Kp + 63) / 64;
     J.variant = variant;
-    void *scratch = NULL;
-#ifdef INT4_SIMD
-    {
-        size_t xsum_bytes = (size_t)M * J.G * sizeof(float) * (variant == INT4_VARIANT_Q8 ? 2 : 1);
-        size_t act_bytes = variant == INT4_VARIANT_Q8
-                               ? (size_t)M * J.nb * 64 + (size_t)M * J.nb * 8 * sizeof(float)
-                               : (size_t)M * J.nb * 64 * sizeof(float);
-        size_t total = ((xsum_bytes + 63) / 64) * 64 + ((act_bytes + 63) / 64) * 64;
-        scratch = aligned_alloc(64, total);
-        if (!scratch) return INT4_ENOMEM;
-        char *p = (char *)scratch;
-        J.xsum = (float *)p;
-        J.xqsum = variant == INT4_VARIANT_Q8 ? J.xsum + (size_t)M * J.G : J.xsum;
-        p += ((xsum_bytes + 63) / 64) * 64;
-        if (variant == INT4_VARIANT_Q8) {
-            J.dxv = (float *)p;
-            J.xq = (int8_t *)(p + (size_t)M * J.nb * 8 * sizeof(float));
-        } else {
-            J.xp = (float *)p;
-        }
-        for (int64_t m = 0; m < M; m++) prepare_row(&J, m);
-    }
-#else
-    J.variant = -1;
-#endif
-    int64_t threads = n_threads < 1 ? 1 : n_threads;
-    int64_t by_work = (N * Kp * (M < 4 ? M : 4)) / MIN_WEIGHTS_PER_THREAD;
-    if (threads > by_work) threads = by_work < 1 ? 1 : by_work;
-    if (threads > N) threads = N;
-    /* ~16 chunks per thread, a multiple of the row tile, at least 16 rows. */
-    J.chunk = (N + threads * 16 - 1) / (threads * 16);
-    J.chunk = J.chunk < 16 ? 16 : (J.chunk + 7) / 8 * 8;
-    atomic_init(&J.next, 0);
-    run_parallel(run_range, &J, (int)threads);
-    free(scratch);
-    return INT4_OK;
+    return run_job(&J, n_threads);
+}
+
+/* y [M, N] = x [M, K] @ W^T for 4-bit code-book weights in bitsandbytes' layout (nf4, fp4):
+ * codes [N * K / 2] (the first of two values in the high nibble), W[n, k] =
+ * quant_map[code] * absmax[(n * K + k) / blocksize]. absmax is float32 [N * K / blocksize], or
+ * NULL with double quantization: absmax_q (uint8) through nested_map [256], times
+ * nested_absmax [one per 256 blocks], plus absmax_offset. K a multiple of 32 and of blocksize
+ * (a power of two, 32..4096), so that no block spans two rows. */
+int cb4_linear_f32(const uint8_t *codes, const float *absmax, const uint8_t *absmax_q,
+                   const float *nested_absmax, const float *nested_map, float absmax_offset,
+                   const float *quant_map, const float *x, float *y, int64_t M, int64_t N, int64_t K,
+                   int64_t blocksize, int n_threads) {
+    if (blocksize < 32 || blocksize > 4096 || (blocksize & (blocksize - 1)) != 0) return INT4_EBADARG;
+    if (M < 0 || N < 0 || K <= 0 || K % blocksize != 0 || K % 32 != 0) return INT4_EBADARG;
+    if (M == 0 || N == 0) return INT4_OK;
+    if (!codes || !quant_map || !x || !y) return INT4_EBADARG;
+    if (!absmax && (!absmax_q || !nested_absmax || !nested_map)) return INT4_EBADARG;
+    job_t J;
+    memset(&J, 0, sizeof J);
+    J.qweight = codes;
+    J.x = x;
+    J.y = y;
+    J.M = M;
+    J.N = N;
+    J.Kp = K;
+    J.g = blocksize;
+    J.variant = INT4_VARIANT_Q8;
+    J.codebook = 1;
+    J.quant_map = quant_map;
+    J.absmax = absmax;
+    J.absmax_q = absmax_q;
+    J.nested_absmax = nested_absmax;
+    J.nested_map = nested_map;
+    J.absmax_offset = absmax_offset;
+    float qmax = 0.0f;
+    for (int c = 0; c < 16; c++) qmax = fabsf(quant_map[c]) > qmax ? fabsf(quant_map[c]) : qmax;
+    if (!(qmax > 0.0f) || !isfinite(qmax)) return INT4_EBADARG;
+    for (int c = 0; c < 16; c++) J.lut[c] = (int8_t)(64 + lrintf(63.0f * quant_map[c] / qmax));
+    J.out_scale = qmax / 63.0f;
+    return run_job(&J, n_threads);
 }
 
 int int4_linear_f32(const uint8_t *qweight, const uint16_t *scales, const uint16_t *zeros, const float *x,
