@@ -1,4 +1,7 @@
-"""The native int4 GEMV kernel (quant/csrc/int4_gemv.c), compiled on first use and loaded by ctypes.
+"""The native 4-bit GEMV kernel (quant/csrc/int4_gemv.c), compiled on first use and loaded by ctypes.
+
+It computes on the stored form of int4 (`Int4Kernel.linear`) and of bitsandbytes' nf4/fp4
+(`Int4Kernel.codebook_linear`).
 
 `int4_kernel()` returns an `Int4Kernel`, or None when the kernel cannot be used here: no C
 compiler, a compile error, a CPU without AVX2 (the portable fallback is slower than PyTorch's

@@ -11,7 +11,9 @@ Stored form for a weight W [N, K] (flattened row-major into N*K values, blocks o
 
 Any shape works (bnb pads the last block). The form is bnb's own, so it runs on bnb's CPU and
 CUDA kernels as is: the runtime layer keeps the stored tensors (views of an expert's blob
-included) and builds a `QuantState` around them per call.
+included) and builds a `QuantState` around them per call. On CPU, where each row holds whole
+blocks (Mixtral's shapes do), the native kernel computes on the same tensors instead
+(`Nf4Linear`, `mixtral_chat.quant.native`): bitsandbytes' CPU path is ~50x slower.
 """
 
 from __future__ import annotations

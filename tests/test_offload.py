@@ -19,8 +19,14 @@ from tests.conftest import run_cli, save_tiny_checkpoint
 
 @pytest.fixture(scope="module")
 def eight_expert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Hidden 64: every row holds whole nf4 blocks of 64, so nf4 runs on the native CPU kernel too.
     return save_tiny_checkpoint(
-        tmp_path_factory.mktemp("eight"), num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=3
+        tmp_path_factory.mktemp("eight"),
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        num_hidden_layers=3,
+        hidden_size=64,
+        intermediate_size=128,
     )
 
 
@@ -260,6 +266,8 @@ def test_experts_stream_from_the_quantized_files(
     model = load_model(directory, skip_experts=True)
     assert all(t.is_meta for _, t in model.layers[0].block_sparse_moe.experts.named_parameters())
     assert not any(t.is_meta for n, t in model.named_parameters() if ".experts." not in n)
+    if native_int4_available():
+        assert model.layers[0].self_attn.q_proj.backend == "native"
     plan = plan_offload(model, 64, experts_per_layer=3, store=store, expert_bytes=stored.layout.nbytes)
     offloader = ExpertOffloader(model, plan, prefetch=True, stored=stored)
     try:

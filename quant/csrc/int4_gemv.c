@@ -18,6 +18,11 @@
  *                    instructions per weight byte, compute bound at ~half the Q8 variant's speed.
  * Both permute x once per call into the order in which a 32-byte load of codes unpacks (high
  * nibbles, then low nibbles) instead of shuffling the weights.
+ *
+ * cb4_linear_f32 runs 4-bit code-book weights (bitsandbytes' nf4 and fp4, whose rows are laid
+ * out like the int4 codes above) with the Q8 variant's tiles: a 16-entry byte table turns each
+ * code into 64 + its value rounded to 1/63 of the largest (vpshufb), and each block's absmax
+ * (float32, or double-quantized) replaces scale and zero. ~1.3% relative error (int4: ~0.6%).
  * Without AVX2 (another CPU, another architecture) a portable scalar loop computes the product in
  * float; int4_native_has_avx2() says which was compiled.
  *
