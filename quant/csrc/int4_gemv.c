@@ -408,16 +408,35 @@ static inline void prefetch_next_tile(const uint8_t *w, int64_t row_bytes, int64
     for (int r = 0; r < NR; r += 2) __builtin_prefetch(next + r * 32, 0, 3);
 }
 
+/* Code-book weights: the codes become u = 64 + L (L ~ 63 * quant_map / qmax, so u is 1..127)
+ * through a 16-entry byte table (vpshufb), and meet the int8 x like int4 codes do. Each product
+ * pair can reach 2 * 127 * 127, so the two halves are widened to int32 separately (int4's codes
+ * are small enough to add first), and 64 * (sum of x) comes off in integers (xcorr). */
+static inline __m256 block_dot_cb(__m256i hi, __m256i lo, const int8_t *xq, const int32_t *corr) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i a = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)xq)), ones);
+    __m256i b = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(xq + 32))), ones);
+    return _mm256_cvtepi32_ps(
+        _mm256_sub_epi32(_mm256_add_epi32(a, b), _mm256_loadu_si256((const __m256i *)corr)));
+}
+
 /* y[m0 .. m0+MT, n .. n+NR]: NR weight rows against MT rows of x, NR * MT <= 8 accumulators.
  * Several rows at once give independent FMA chains (one chain is latency bound) and share
- * the loads of x. */
+ * the loads of x. CB (a constant: each caller gets its own copy): code-book weights (absmax
+ * scales, codes through the table) instead of int4 (bf16 scales and zeros). */
 static inline __attribute__((always_inline)) void tile_q8(const job_t *J, int64_t n, const int NR, int64_t m0,
-                                                          const int MT) {
+                                                          const int MT, const int CB) {
     const int64_t nb = J->nb, G = J->G, row_bytes = J->Kp / 2;
     const uint8_t *w = J->qweight + n * row_bytes;
     const uint16_t *s = J->scales + n * G;
     const int8_t *xq = J->xq + m0 * nb * 64;
     const float *dxv = J->dxv + m0 * nb * 8;
+    const int32_t *xc = CB ? J->xcorr + m0 * nb * 8 : NULL;
+    const __m256i lut = CB ? _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)J->lut))
+                           : _mm256_setzero_si256();
+#define TILE_DOT(hi, lo, i, b)                                                            \
+    (CB ? block_dot_cb(hi, lo, xq + (i) * nb * 64 + (b) * 64, xc + (i) * nb * 8 + (b) * 8) \
+        : block_dot_q8(hi, lo, xq + (i) * nb * 64 + (b) * 64))
     __m256 acc[8][4];
     for (int r = 0; r < NR; r++)
         for (int i = 0; i < MT; i++) acc[r][i] = _mm256_setzero_ps();
@@ -428,10 +447,18 @@ static inline __attribute__((always_inline)) void tile_q8(const job_t *J, int64_
             for (int r = 0; r < NR; r++) {
                 __m256i hi, lo;
                 load_codes(w + r * row_bytes + b * 32, half, &hi, &lo);
-                __m256 sv = scale_pair(s + r * G, 2 * b, half);
+                __m256 sv;
+                if (CB) {
+                    hi = _mm256_shuffle_epi8(lut, hi);
+                    lo = _mm256_shuffle_epi8(lut, lo);
+                    float a1 = half ? 0.0f : cb_absmax(J, n + r, 2 * b + 1);
+                    sv = _mm256_set_m128(_mm_set1_ps(a1), _mm_set1_ps(cb_absmax(J, n + r, 2 * b)));
+                } else {
+                    sv = scale_pair(s + r * G, 2 * b, half);
+                }
                 for (int i = 0; i < MT; i++) {
                     __m256 d = _mm256_mul_ps(sv, _mm256_loadu_ps(dxv + i * nb * 8 + b * 8));
-                    acc[r][i] = _mm256_fmadd_ps(block_dot_q8(hi, lo, xq + i * nb * 64 + b * 64), d, acc[r][i]);
+                    acc[r][i] = _mm256_fmadd_ps(TILE_DOT(hi, lo, i, b), d, acc[r][i]);
                 }
             }
         }
@@ -439,92 +466,35 @@ static inline __attribute__((always_inline)) void tile_q8(const job_t *J, int64_
         const int64_t bpg = J->g / 64;
         for (int64_t gi = 0; gi < G; gi++) {
             __m256 sv[8];
-            for (int r = 0; r < NR; r++) sv[r] = _mm256_set1_ps(bf16_to_f32(s[r * G + gi]));
+            for (int r = 0; r < NR; r++)
+                sv[r] = _mm256_set1_ps(CB ? cb_absmax(J, n + r, gi) : bf16_to_f32(s[r * G + gi]));
             for (int64_t b = gi * bpg; b < (gi + 1) * bpg; b++) {
                 prefetch_next_tile(w, row_bytes, b, NR, m0);
                 for (int r = 0; r < NR; r++) {
                     __m256i hi, lo;
                     load_codes(w + r * row_bytes + b * 32, 0, &hi, &lo);
+                    if (CB) {
+                        hi = _mm256_shuffle_epi8(lut, hi);
+                        lo = _mm256_shuffle_epi8(lut, lo);
+                    }
                     for (int i = 0; i < MT; i++) {
                         __m256 d = _mm256_mul_ps(sv[r], _mm256_loadu_ps(dxv + i * nb * 8 + b * 8));
-                        acc[r][i] =
-                            _mm256_fmadd_ps(block_dot_q8(hi, lo, xq + i * nb * 64 + b * 64), d, acc[r][i]);
+                        acc[r][i] = _mm256_fmadd_ps(TILE_DOT(hi, lo, i, b), d, acc[r][i]);
                     }
                 }
             }
         }
     }
+#undef TILE_DOT
     for (int r = 0; r < NR; r++) {
+        if (CB) {
+            for (int i = 0; i < MT; i++) J->y[(m0 + i) * J->N + n + r] = J->out_scale * hsum256(acc[r][i]);
+            continue;
+        }
         float zt[M_TILE];
         zero_terms(J, n + r, m0, MT, zt);
         for (int i = 0; i < MT; i++) J->y[(m0 + i) * J->N + n + r] = hsum256(acc[r][i]) + zt[i];
     }
-}
-
-/* Code-book weights: the codes become u = 64 + L (L ~ 63 * quant_map / qmax, so u is 1..127)
- * through a 16-entry byte table (vpshufb), and meet the int8 x like int4 codes do. Each product
- * pair can reach 2 * 127 * 127, so the two halves are widened to int32 separately (int4's codes
- * are small enough to add first), and 64 * (sum of x) comes off in integers (xcorr). */
-static inline __m256i block_dot_cb(__m256i hi, __m256i lo, const int8_t *xq, const int32_t *corr) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i a = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)xq)), ones);
-    __m256i b = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(xq + 32))), ones);
-    return _mm256_sub_epi32(_mm256_add_epi32(a, b), _mm256_loadu_si256((const __m256i *)corr));
-}
-
-/* tile_q8 for code-book weights: the same tiles, prefetch and order of operations. */
-static inline __attribute__((always_inline)) void tile_cb(const job_t *J, int64_t n, const int NR, int64_t m0,
-                                                          const int MT) {
-    const int64_t nb = J->nb, G = J->G, row_bytes = J->Kp / 2;
-    const uint8_t *w = J->qweight + n * row_bytes;
-    const int8_t *xq = J->xq + m0 * nb * 64;
-    const float *dxv = J->dxv + m0 * nb * 8;
-    const int32_t *xc = J->xcorr + m0 * nb * 8;
-    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)J->lut));
-    __m256 acc[8][4];
-    for (int r = 0; r < NR; r++)
-        for (int i = 0; i < MT; i++) acc[r][i] = _mm256_setzero_ps();
-    if (J->g == 32) {
-        for (int64_t b = 0; b < nb; b++) {
-            int half = (b + 1) * 64 > J->Kp;
-            prefetch_next_tile(w, row_bytes, b, NR, m0);
-            for (int r = 0; r < NR; r++) {
-                __m256i hi, lo;
-                load_codes(w + r * row_bytes + b * 32, half, &hi, &lo);
-                hi = _mm256_shuffle_epi8(lut, hi);
-                lo = _mm256_shuffle_epi8(lut, lo);
-                float a0 = cb_absmax(J, n + r, 2 * b), a1 = half ? 0.0f : cb_absmax(J, n + r, 2 * b + 1);
-                __m256 sv = _mm256_set_m128(_mm_set1_ps(a1), _mm_set1_ps(a0));
-                for (int i = 0; i < MT; i++) {
-                    __m256 d = _mm256_mul_ps(sv, _mm256_loadu_ps(dxv + i * nb * 8 + b * 8));
-                    __m256i dot = block_dot_cb(hi, lo, xq + i * nb * 64 + b * 64, xc + i * nb * 8 + b * 8);
-                    acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), d, acc[r][i]);
-                }
-            }
-        }
-    } else {
-        const int64_t bpg = J->g / 64;
-        for (int64_t gi = 0; gi < G; gi++) {
-            __m256 sv[8];
-            for (int r = 0; r < NR; r++) sv[r] = _mm256_set1_ps(cb_absmax(J, n + r, gi));
-            for (int64_t b = gi * bpg; b < (gi + 1) * bpg; b++) {
-                prefetch_next_tile(w, row_bytes, b, NR, m0);
-                for (int r = 0; r < NR; r++) {
-                    __m256i hi, lo;
-                    load_codes(w + r * row_bytes + b * 32, 0, &hi, &lo);
-                    hi = _mm256_shuffle_epi8(lut, hi);
-                    lo = _mm256_shuffle_epi8(lut, lo);
-                    for (int i = 0; i < MT; i++) {
-                        __m256 d = _mm256_mul_ps(sv[r], _mm256_loadu_ps(dxv + i * nb * 8 + b * 8));
-                        __m256i dot = block_dot_cb(hi, lo, xq + i * nb * 64 + b * 64, xc + i * nb * 8 + b * 8);
-                        acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), d, acc[r][i]);
-                    }
-                }
-            }
-        }
-    }
-    for (int r = 0; r < NR; r++)
-        for (int i = 0; i < MT; i++) J->y[(m0 + i) * J->N + n + r] = J->out_scale * hsum256(acc[r][i]);
 }
 
 /* Sum of q * x over the two 32-column halves of a block: (columns 0..31, columns 32..63). */
@@ -598,45 +568,36 @@ static inline __attribute__((always_inline)) void row_f32(const job_t *J, int64_
 
 /* Rows m_begin..m_end of x, in tiles of Q8_MT (then the remainder), against NR weight rows. */
 static inline __attribute__((always_inline)) void tile_q8_ms(const job_t *J, int64_t n, const int NR,
-                                                             int64_t m_begin, int64_t m_end) {
+                                                             int64_t m_begin, int64_t m_end, const int CB) {
     int64_t m0 = m_begin;
-    for (; m0 + Q8_MT <= m_end; m0 += Q8_MT) tile_q8(J, n, NR, m0, Q8_MT);
+    for (; m0 + Q8_MT <= m_end; m0 += Q8_MT) tile_q8(J, n, NR, m0, Q8_MT, CB);
     switch (m_end - m0) {
-        case 1: tile_q8(J, n, NR, m0, 1); break;
-        case 2: if (Q8_MT > 2) tile_q8(J, n, NR, m0, 2); break;
-        case 3: if (Q8_MT > 3) tile_q8(J, n, NR, m0, 3); break;
+        case 1: tile_q8(J, n, NR, m0, 1, CB); break;
+        case 2: if (Q8_MT > 2) tile_q8(J, n, NR, m0, 2, CB); break;
+        case 3: if (Q8_MT > 3) tile_q8(J, n, NR, m0, 3, CB); break;
         default: break;
     }
 }
 
 /* Every output of a row is computed by the same sequence of operations whatever the tiling,
  * so results do not depend on the batch size, the chunking or the thread count. */
-static void rows_q8(const job_t *J, int64_t n0, int64_t n1) {
+static inline __attribute__((always_inline)) void rows_q8_of(const job_t *J, int64_t n0, int64_t n1,
+                                                             const int CB) {
+    int64_t n = n0;
     if (J->M == 1) {
-        int64_t n = n0;
-        for (; n + Q8_NR1 <= n1; n += Q8_NR1) tile_q8(J, n, Q8_NR1, 0, 1);
-        for (; n < n1; n++) tile_q8(J, n, 1, 0, 1);
+        for (; n + Q8_NR1 <= n1; n += Q8_NR1) tile_q8(J, n, Q8_NR1, 0, 1, CB);
+        for (; n < n1; n++) tile_q8(J, n, 1, 0, 1, CB);
         return;
     }
-    int64_t n = n0;
-    for (; n + Q8_NR <= n1; n += Q8_NR) tile_q8_ms(J, n, Q8_NR, 0, J->M);
-    for (; n < n1; n++) tile_q8_ms(J, n, 1, 0, J->M);
+    for (; n + Q8_NR <= n1; n += Q8_NR) tile_q8_ms(J, n, Q8_NR, 0, J->M, CB);
+    for (; n < n1; n++) tile_q8_ms(J, n, 1, 0, J->M, CB);
 }
 
-static void rows_cb(const job_t *J, int64_t n0, int64_t n1) {
-    int64_t n = n0;
-    if (J->M == 1) {
-        for (; n + Q8_NR1 <= n1; n += Q8_NR1) tile_cb(J, n, Q8_NR1, 0, 1);
-        for (; n < n1; n++) tile_cb(J, n, 1, 0, 1);
-        return;
-    }
-    for (; n + Q8_NR <= n1; n += Q8_NR) {
-        int64_t m0 = 0;
-        for (; m0 + Q8_MT <= J->M; m0 += Q8_MT) tile_cb(J, n, Q8_NR, m0, Q8_MT);
-        for (; m0 < J->M; m0++) tile_cb(J, n, Q8_NR, m0, 1);
-    }
-    for (; n < n1; n++)
-        for (int64_t m0 = 0; m0 < J->M; m0++) tile_cb(J, n, 1, m0, 1);
+static void rows_q8(const job_t *J, int64_t n0, int64_t n1) {
+    if (J->codebook)
+        rows_q8_of(J, n0, n1, 1);
+    else
+        rows_q8_of(J, n0, n1, 0);
 }
 
 static void rows_f32(const job_t *J, int64_t n0, int64_t n1) {
@@ -678,7 +639,6 @@ static void rows_scalar(const job_t *J, int64_t n0, int64_t n1) {
     }
 }
 
-#ifndef INT4_SIMD
 /* Portable reference for code-book weights: float, the exact code book. */
 static void rows_scalar_cb(const job_t *J, int64_t n0, int64_t n1) {
     const int64_t half = J->Kp / 2;
@@ -699,17 +659,8 @@ static void rows_scalar_cb(const job_t *J, int64_t n0, int64_t n1) {
         }
     }
 }
-#endif
 
 static void run_rows(const job_t *J, int64_t n0, int64_t n1) {
-    if (J->codebook) {
-#ifdef INT4_SIMD
-        rows_cb(J, n0, n1);
-#else
-        rows_scalar_cb(J, n0, n1);
-#endif
-        return;
-    }
 #ifdef INT4_SIMD
     if (J->variant == INT4_VARIANT_Q8) {
         rows_q8(J, n0, n1);
@@ -720,7 +671,10 @@ static void run_rows(const job_t *J, int64_t n0, int64_t n1) {
         return;
     }
 #endif
-    rows_scalar(J, n0, n1);
+    if (J->codebook)
+        rows_scalar_cb(J, n0, n1);
+    else
+        rows_scalar(J, n0, n1);
 }
 
 /* Each thread takes chunks of contiguous rows until none is left: on a busy machine a thread
