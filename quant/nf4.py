@@ -192,10 +192,10 @@ class Nf4Linear(nn.Module):
 
     - "native" (CPU, when `mixtral_chat.quant.native.int4_kernel()` is available and each row
       holds whole blocks): the native kernel's code-book path, in float32 with x rounded to int8
-      per 32 columns and the 16 code values to 1/63 of the largest: ~1.2% relative error against
-      the exact product with the dequantized weight (fp4 ~1.6%), next to NF4's own ~9%. 14336x4096
-      b64 at batch 1: ~1.5 ms (1.7 ms with double quantization), where bitsandbytes' CPU path
-      takes ~100 ms (docs/BENCHMARKS.md).
+      per 32 columns and the 16 code values to 1/63 of the largest: 1.2-1.5% relative error
+      against the exact product with the dequantized weight (fp4 1.7-2.3%), next to NF4's own
+      ~9%. 14336x4096 b64 at batch 1: ~1.5 ms (1.7 ms with double quantization), where
+      bitsandbytes' CPU path takes ~90 ms (docs/BENCHMARKS.md).
     - "bnb": `bitsandbytes.matmul_4bit` (CUDA, and CPU without the native kernel), computing in
       the dtype the layer was built for (float32, bfloat16 or float16).
 
@@ -252,7 +252,7 @@ class Nf4Linear(nn.Module):
         return {name: getattr(self, name) for name in self._PART_NAMES if hasattr(self, name)}
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._kernel is not None:
+        if self._kernel is not None and self._buffers["qweight"].is_cpu:  # (moved with .to(): bnb)
             return self._forward_native(x)
         import bitsandbytes as bnb
 
