@@ -24,7 +24,9 @@ torch bundles its own runtime).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
+import math
 import os
 import platform
 import shlex
@@ -39,6 +41,7 @@ import torch
 from torch import Tensor
 
 from mixtral_chat.engine.errors import QuantizationError
+from mixtral_chat.quant.nf4 import nf4_part_specs
 
 NO_NATIVE_ENV = "MIXTRAL_CHAT_NO_NATIVE"
 NATIVE_DIR_ENV = "MIXTRAL_CHAT_NATIVE_DIR"
@@ -174,25 +177,13 @@ class Int4Kernel:
 
 def codebook_fits(parts: dict[str, Tensor], out_features: int, in_features: int, blocksize: int) -> bool:
     """bitsandbytes 4-bit parts that `Int4Kernel.codebook_linear` can run: whole blocks per row,
-    contiguous CPU tensors of the dtypes and sizes it reads."""
+    and the tensors `nf4_part_specs` names as contiguous CPU tensors (of any shape: bnb keeps
+    its codes as [(N*K+1)//2, 1])."""
     if blocksize not in _CODEBOOK_BLOCKSIZES or in_features % 32 or in_features % blocksize:
         return False
-    blocks = out_features * in_features // blocksize
-    double_quant = "nested_absmax" in parts
-    expected = {
-        "qweight": (_U8, out_features * in_features // 2),
-        "absmax": (_U8 if double_quant else _F32, blocks),
-        "quant_map": (_F32, 16),
-    }
-    if double_quant:
-        expected |= {
-            "nested_absmax": (_F32, -(-blocks // 256)),
-            "nested_quant_map": (_F32, 256),
-            "absmax_offset": (_F32, 1),
-        }
-    for name, (dtype, numel) in expected.items():
-        tensor = parts.get(name)
-        if tensor is None or tensor.dtype is not dtype or tensor.numel() != numel:
+    for spec in _nf4_specs(out_features, in_features, blocksize, "nested_absmax" in parts):
+        tensor = parts.get(spec.name)
+        if tensor is None or tensor.dtype is not spec.dtype or tensor.numel() != math.prod(spec.shape):
             return False
         if not (tensor.is_cpu and tensor.is_contiguous()):
             return False
@@ -200,6 +191,7 @@ def codebook_fits(parts: dict[str, Tensor], out_features: int, in_features: int,
 
 
 _U8, _BF16, _F32 = torch.uint8, torch.bfloat16, torch.float32
+_nf4_specs = functools.lru_cache(maxsize=256)(nf4_part_specs)  # layers check their parts per call
 _get_num_threads = torch.get_num_threads
 
 
