@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from mixtral_chat.engine.errors import QuantizationError
 from mixtral_chat.quant.common import PartSpec
-from mixtral_chat.quant.native import Int4Kernel, int4_kernel
+from mixtral_chat.quant.native import Int4Kernel, int4_kernel, kernel_input, kernel_output
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 # Rows quantized at once: bounds the float32 temporaries to ~64 MB whatever the matrix size.
@@ -281,21 +281,11 @@ class Int4Linear(nn.Module):
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
     def _forward_native(self, x: Tensor) -> Tensor:
-        # Per-call overhead matters (hundreds of calls per token): skip no-op conversions and
-        # read the buffers from _buffers, not through nn.Module.__getattr__.
-        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # [M, K]
-        if x2.dtype is not torch.float32:
-            x2 = x2.float()
-        if self.padded_in != self.in_features:
-            x2 = F.pad(x2, (0, self.padded_in - self.in_features))  # [M, Kp]
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
+        x2 = kernel_input(x, self.in_features, self.padded_in)  # [M, Kp]
         y = x2.new_empty((x2.shape[0], self.out_features))
-        buffers = self._buffers
+        buffers = self._buffers  # not through nn.Module.__getattr__: hundreds of calls per token
         self._kernel.linear(buffers["qweight"], buffers["scales"], buffers["zeros"], x2, y, self.group_size)
-        if x.dim() != 2:
-            y = y.view(*x.shape[:-1], self.out_features)
-        return y if x.dtype is torch.float32 else y.to(x.dtype)
+        return kernel_output(y, x, self.out_features)
 
     def extra_repr(self) -> str:
         return (

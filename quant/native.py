@@ -38,10 +38,10 @@ import threading
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mixtral_chat.engine.errors import QuantizationError
-from mixtral_chat.quant.nf4 import nf4_part_specs
 
 NO_NATIVE_ENV = "MIXTRAL_CHAT_NO_NATIVE"
 NATIVE_DIR_ENV = "MIXTRAL_CHAT_NATIVE_DIR"
@@ -175,6 +175,25 @@ class Int4Kernel:
         return out
 
 
+def kernel_input(x: Tensor, in_features: int, padded_in: int) -> Tensor:
+    """x [..., in] as a layer passes it to the kernel: [M, padded_in] float32, contiguous,
+    zero-padded. Per-call overhead matters (hundreds of calls per token): no-op conversions are
+    skipped."""
+    x2 = x if x.dim() == 2 else x.reshape(-1, in_features)  # [M, K]
+    if x2.dtype is not torch.float32:
+        x2 = x2.float()
+    if padded_in != in_features:
+        x2 = F.pad(x2, (0, padded_in - in_features))  # [M, Kp]
+    return x2 if x2.is_contiguous() else x2.contiguous()
+
+
+def kernel_output(y: Tensor, x: Tensor, out_features: int) -> Tensor:
+    """The kernel's y [M, out] in the shape and dtype of the layer's input x [..., in]."""
+    if x.dim() != 2:
+        y = y.view(*x.shape[:-1], out_features)
+    return y if x.dtype is torch.float32 else y.to(x.dtype)
+
+
 def codebook_fits(parts: dict[str, Tensor], out_features: int, in_features: int, blocksize: int) -> bool:
     """bitsandbytes 4-bit parts that `Int4Kernel.codebook_linear` can run: whole blocks per row,
     and the tensors `nf4_part_specs` names as contiguous CPU tensors (of any shape: bnb keeps
@@ -191,7 +210,15 @@ def codebook_fits(parts: dict[str, Tensor], out_features: int, in_features: int,
 
 
 _U8, _BF16, _F32 = torch.uint8, torch.bfloat16, torch.float32
-_nf4_specs = functools.lru_cache(maxsize=256)(nf4_part_specs)  # layers check their parts per call
+
+
+@functools.lru_cache(maxsize=256)  # layers check their parts per call
+def _nf4_specs(out_features: int, in_features: int, blocksize: int, double_quant: bool) -> list:
+    from mixtral_chat.quant.nf4 import nf4_part_specs  # (nf4 imports this module)
+
+    return nf4_part_specs(out_features, in_features, blocksize, double_quant)
+
+
 _get_num_threads = torch.get_num_threads
 
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from mixtral_chat.engine.errors import QuantizationError
 from mixtral_chat.quant.common import PartSpec
+from mixtral_chat.quant.native import codebook_fits, int4_kernel, kernel_input, kernel_output
 
 NF4_BLOCKSIZES = (32, 64, 128, 256)
 NF4_DEFAULT_BLOCKSIZE = 64
@@ -163,8 +164,6 @@ def _native_kernel(parts: dict[str, Tensor], out_features: int, in_features: int
     """The native kernel when it can run these parts (on the CPU, whole blocks per row), else None."""
     if not parts["qweight"].is_cpu:
         return None
-    from mixtral_chat.quant.native import codebook_fits, int4_kernel
-
     if not codebook_fits(parts, out_features, in_features, blocksize):
         return None
     return int4_kernel()
@@ -268,15 +267,10 @@ class Nf4Linear(nn.Module):
         return y.to(x.dtype)
 
     def _forward_native(self, x: Tensor) -> Tensor:
-        x2 = x.reshape(-1, self.in_features)  # [M, K]
-        if x2.dtype is not torch.float32:
-            x2 = x2.float()
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
+        x2 = kernel_input(x, self.in_features, self.in_features)  # [M, K]
         y = x2.new_empty((x2.shape[0], self.out_features))
         self._kernel.codebook_linear(self._buffers, x2, y, self.blocksize)
-        y = y.view(*x.shape[:-1], self.out_features)
-        return y if x.dtype is torch.float32 else y.to(x.dtype)
+        return kernel_output(y, x, self.out_features)
 
     def extra_repr(self) -> str:
         return (
