@@ -770,18 +770,8 @@ int int4_linear_f32_variant(const uint8_t *qweight, const uint16_t *scales, cons
     if (variant != INT4_VARIANT_Q8 && variant != INT4_VARIANT_F32) return INT4_EBADARG;
     if (M == 0 || N == 0) return INT4_OK;
     if (!qweight || !scales || !zeros || !x || !y) return INT4_EBADARG;
-    job_t J;
-    memset(&J, 0, sizeof J);
-    J.qweight = qweight;
-    J.scales = scales;
-    J.zeros = zeros;
-    J.x = x;
-    J.y = y;
-    J.M = M;
-    J.N = N;
-    J.Kp = Kp;
-    J.g = group_size;
-    J.variant = variant;
+    job_t J = {.qweight = qweight, .scales = scales, .zeros = zeros, .x = x, .y = y,
+               .M = M, .N = N, .Kp = Kp, .g = group_size, .variant = variant};
     return run_job(&J, n_threads);
 }
 
@@ -800,23 +790,10 @@ int cb4_linear_f32(const uint8_t *codes, const float *absmax, const uint8_t *abs
     if (M == 0 || N == 0) return INT4_OK;
     if (!codes || !quant_map || !x || !y) return INT4_EBADARG;
     if (!absmax && (!absmax_q || !nested_absmax || !nested_map)) return INT4_EBADARG;
-    job_t J;
-    memset(&J, 0, sizeof J);
-    J.qweight = codes;
-    J.x = x;
-    J.y = y;
-    J.M = M;
-    J.N = N;
-    J.Kp = K;
-    J.g = blocksize;
-    J.variant = INT4_VARIANT_Q8;
-    J.codebook = 1;
-    J.quant_map = quant_map;
-    J.absmax = absmax;
-    J.absmax_q = absmax_q;
-    J.nested_absmax = nested_absmax;
-    J.nested_map = nested_map;
-    J.absmax_offset = absmax_offset;
+    job_t J = {.qweight = codes, .x = x, .y = y, .M = M, .N = N, .Kp = K, .g = blocksize,
+               .variant = INT4_VARIANT_Q8, .codebook = 1, .quant_map = quant_map, .absmax = absmax,
+               .absmax_q = absmax_q, .nested_absmax = nested_absmax, .nested_map = nested_map,
+               .absmax_offset = absmax_offset};
     float qmax = 0.0f;
     for (int c = 0; c < 16; c++) qmax = fabsf(quant_map[c]) > qmax ? fabsf(quant_map[c]) : qmax;
     if (!(qmax > 0.0f) || !isfinite(qmax)) return INT4_EBADARG;
