@@ -21,15 +21,22 @@ from mixtral_chat.quant import native
 from mixtral_chat.quant.int4 import unpack_int4_codes
 from mixtral_chat.quant.nf4 import Nf4Linear, dequantize_nf4, quantize_nf4
 from tests import test_int4_native
-from tests.test_int4_native import F32_BOUND, gaussian, relative_error
+from tests.test_int4_native import (
+    F32_BOUND,
+    assert_independent_of_batch_and_threads,
+    gaussian,
+    relative_error,
+)
 
 NF4_BOUND = 2.2e-2
 FP4_BOUND = 3.4e-2
 BACKENDS_BOUND = 2.0e-2
 
-# The int4 tests' fixtures: the kernel built once for the module; a fresh `int4_kernel()` cache.
+# The int4 tests' fixtures: the kernel built once for the module; a fresh `int4_kernel()` cache;
+# the layers finding that kernel.
 kernel = test_int4_native.kernel
 fresh_native = test_int4_native.fresh_native
+native_available = test_int4_native.native_available
 
 pytestmark = pytest.mark.skipif(
     platform.machine().lower() not in ("x86_64", "amd64"), reason="the kernel is vectorized for x86-64"
@@ -119,12 +126,7 @@ def test_kernel_computes_exactly_its_scheme(kernel, blocksize: int, double_quant
 
 def test_results_do_not_depend_on_batch_or_threads(kernel) -> None:
     parts = quantize_nf4(gaussian(1000, 256, seed=1), 64, double_quant=True)
-    x = gaussian(7, 256, seed=2)
-    batch = run(kernel, parts, x, 64, threads=1)
-    assert torch.equal(run(kernel, parts, x, 64, threads=2), batch)
-    assert torch.equal(run(kernel, parts, x, 64, threads=3), batch)
-    for m in (0, 6):
-        assert torch.equal(run(kernel, parts, x[m : m + 1], 64, threads=2), batch[m : m + 1])
+    assert_independent_of_batch_and_threads(lambda x, threads: run(kernel, parts, x, 64, threads))
 
 
 def test_portable_fallback_computes_with_the_exact_code_book(fresh_native) -> None:
@@ -154,15 +156,6 @@ def test_what_does_not_fit_is_refused(kernel) -> None:
 
 
 # Nf4Linear -------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def native_available(kernel, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Nf4Linear finds the module's kernel, whatever this process found before."""
-    monkeypatch.delenv(native.NO_NATIVE_ENV, raising=False)
-    monkeypatch.setattr(native, "_kernel", kernel)
-    monkeypatch.setattr(native, "_reason", None)
-    monkeypatch.setattr(native, "_loaded", True)
 
 
 def layer(parts, n: int, k: int, dtype: torch.dtype = torch.float32) -> Nf4Linear:
