@@ -428,7 +428,7 @@ static inline __attribute__((always_inline)) void tile_q8(const job_t *J, int64_
                                                           const int MT, const int CB) {
     const int64_t nb = J->nb, G = J->G, row_bytes = J->Kp / 2;
     const uint8_t *w = J->qweight + n * row_bytes;
-    const uint16_t *s = J->scales + n * G;
+    const uint16_t *s = CB ? NULL : J->scales + n * G; /* (code books have no bf16 scales) */
     const int8_t *xq = J->xq + m0 * nb * 64;
     const float *dxv = J->dxv + m0 * nb * 8;
     const int32_t *xc = CB ? J->xcorr + m0 * nb * 8 : NULL;
