@@ -7,7 +7,6 @@ tensor. Pickle checkpoints (.bin/.pt) are never loaded.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,12 +15,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mixtral_chat.engine.checkpoint_index import INDEX_FILE, read_weight_map
 from mixtral_chat.engine.config import ModelArgs, quantization_config
 from mixtral_chat.engine.errors import QuantizationError, WeightsError
 from mixtral_chat.engine.model import Mixtral
-from mixtral_chat.engine.safetensors_io import SAFETENSORS_DTYPES, read_header, read_tensor
+from mixtral_chat.engine.safetensors_io import SAFETENSORS_DTYPES, check_finite, read_header, read_tensor
 
-INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 QUANT_CONFIG_FILE = "quant_config.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -61,13 +60,9 @@ class Checkpoint:
         directory = Path(directory)
         if not directory.is_dir():
             raise WeightsError(f"{directory}: model directory not found")
-        index = directory / INDEX_FILE
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                shards = {str(k): directory / str(v) for k, v in weight_map.items()}
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise WeightsError(f"{index}: not a valid safetensors index ({exc})") from None
+        weight_map = read_weight_map(directory)
+        if weight_map is not None:
+            shards = {k: directory / v for k, v in weight_map.items()}
             for shard in sorted(set(shards.values())):
                 if not shard.exists():
                     raise WeightsError(f"{shard}: shard listed in {INDEX_FILE} is missing")
@@ -194,10 +189,14 @@ def load_model(
     else:
         checkpoint = Checkpoint.open(model_dir)
         check_checkpoint(checkpoint, model)
-        state = {
-            hf_to_module_name(key): tensor.to(device=device, dtype=dtype)
-            for key, tensor in checkpoint.tensors()
-        }
+        state = {}
+        for key, tensor in checkpoint.tensors():
+            loaded = tensor.to(device=device, dtype=dtype)
+            # A NaN/inf weight is named here, not met later as NaN logits. One sum per tensor: from
+            # the page cache, a 105 MB bf16 load took 42 ms instead of 32, 211 MB float32 116 ms
+            # instead of 100 (one core); on a GPU the sum runs there, after the copy.
+            check_finite(loaded, checkpoint.shards[key], key)
+            state[hf_to_module_name(key)] = loaded
         if args.tie_word_embeddings:
             state["lm_head.weight"] = state["embed_tokens.weight"]
         model.load_state_dict(state, strict=True, assign=True)
