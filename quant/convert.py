@@ -13,20 +13,29 @@ to DST only when complete, so DST never holds half a model.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mixtral_chat.engine.checkpoint_index import read_weight_map
 from mixtral_chat.engine.errors import QuantizationError, WeightsError
-from mixtral_chat.engine.safetensors_io import read_header, read_tensor, tensor_dtype, tensor_nbytes
+from mixtral_chat.engine.safetensors_io import (
+    check_finite,
+    read_header,
+    read_tensor,
+    tensor_dtype,
+    tensor_nbytes,
+)
 from mixtral_chat.quant.blob import ExpertBlobLayout
 from mixtral_chat.quant.common import (
     EXPERT_LINEARS,
@@ -49,8 +58,8 @@ from mixtral_chat.quant.config import (
 from mixtral_chat.quant.load import INDEX_FILE, shard_files
 from mixtral_chat.quant.schemes import NoneScheme, QuantScheme, get_scheme
 from mixtral_chat.quant.st_io import StreamWriter
+from mixtral_chat.quant.workdir import PROGRESS_FILE, partial_dir
 
-PROGRESS_FILE = "progress.json"
 # Copied next to the weights so that DST is a complete model directory.
 _AUX_EXACT = ("config.json", "generation_config.json", "README.md", "LICENSE", "LICENSE.txt")
 _AUX_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "chat_template")
@@ -263,6 +272,7 @@ def _format_bytes(n: float) -> str:
 def _check_source(src: Path) -> None:
     if not src.is_dir():
         raise QuantizationError(f"{src}: source model directory not found")
+    read_weight_map(src)  # a damaged index says so (WeightsError), before any planning
     if (src / QUANT_CONFIG_FILE).exists():
         raise QuantizationError(
             f"{src}: already quantized (it has a {QUANT_CONFIG_FILE}); quantize a float model"
@@ -314,19 +324,50 @@ def _prepare_partial(partial: Path, request: dict[str, Any], resume: dict[str, i
     if partial.exists():
         shutil.rmtree(partial)  # ours (it has a progress file), for another request
     partial.mkdir(parents=True)
-    write_json_atomic(partial / PROGRESS_FILE, {"request": request, "done": {}})
+    try:
+        write_json_atomic(partial / PROGRESS_FILE, {"request": request, "done": {}})
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # without a progress file it would block a re-run
+        raise
+
+
+def _bytes_needed(plan: _Plan, done: dict[str, int]) -> int:
+    """What is left to write: the shards not finished yet, the copied files, some slack."""
+    remaining = [s for s in plan.shards if s.name not in done]
+    need = sum(s.data_bytes + _HEADER_BYTES_PER_TENSOR * len(s.specs) for s in remaining)
+    return need + sum(f.stat().st_size for f in plan.aux_files) + (1 << 20)
 
 
 def _check_disk_space(plan: _Plan, done: dict[str, int], where: Path) -> None:
-    remaining = [s for s in plan.shards if s.name not in done]
-    need = sum(s.data_bytes + _HEADER_BYTES_PER_TENSOR * len(s.specs) for s in remaining)
-    need += sum(f.stat().st_size for f in plan.aux_files) + (1 << 20)
+    need = _bytes_needed(plan, done)
     free = shutil.disk_usage(where).free
     if need > free:
         raise QuantizationError(
             f"not enough disk space in {where}: the quantized model needs {_format_bytes(need)} "
             f"more, {_format_bytes(free)} free"
         )
+
+
+@contextmanager
+def _writing(path: Path, plan: _Plan, done: dict[str, int], where: Path) -> Iterator[None]:
+    """A full disk while writing `path` (ENOSPC, which the check before starting cannot rule
+    out: other writers, inodes) becomes one line saying where and how much is still needed.
+    What was half-written at `path` is removed; finished shards stay for a resume."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        for leftover in (path, path.with_name(f".{path.name}.tmp")):  # write_json_atomic's temp
+            if leftover.is_file() and leftover.name not in done and leftover.name != PROGRESS_FILE:
+                leftover.unlink(missing_ok=True)
+        usage = shutil.disk_usage(where)
+        stat = os.statvfs(where)
+        inodes = "; no free inodes" if stat.f_files and stat.f_favail == 0 else ""
+        raise QuantizationError(
+            f"no space left on device writing {path}: needs about {_format_bytes(_bytes_needed(plan, done))} "
+            f"more ({_format_bytes(usage.free)} free{inodes})"
+        ) from None
 
 
 class _Tracker:
@@ -380,7 +421,9 @@ class _SourceReader:
         handle = self._handles.get(source.file)
         if handle is None:
             handle = self._handles[source.file] = open(source.file, "rb")  # noqa: SIM115
-        return read_tensor(handle, source.file, source.key, source.info, source.data_start)
+        tensor = read_tensor(handle, source.file, source.key, source.info, source.data_start)
+        check_finite(tensor, source.file, source.key)  # a NaN weight is named, not quantized
+        return tensor
 
     def close(self) -> None:
         for handle in self._handles.values():
@@ -457,7 +500,7 @@ def quantize_model_dir(
         raise QuantizationError("the destination must differ from the source")
     plan = _plan(src, scheme, group_size, double_quant)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    partial = dst.parent / f".{dst.name}.partial"
+    partial = partial_dir(dst)
     request = {
         "format_version": FORMAT_VERSION,
         "scheme": plan.scheme.config(),
@@ -467,7 +510,8 @@ def quantize_model_dir(
     resume = _resume_state(partial, request)
     done = dict(resume or {})
     _check_disk_space(plan, done, dst.parent)  # before anything is written
-    _prepare_partial(partial, request, resume)
+    with _writing(partial / PROGRESS_FILE, plan, done, dst.parent):
+        _prepare_partial(partial, request, resume)
 
     tracker = _Tracker(plan, done, progress)
     tracker.emit("quantizing")
@@ -476,26 +520,43 @@ def quantize_model_dir(
             continue
         tmp_path = partial / f"{shard.name}.tmp"
         try:
-            size = _write_shard(shard, tmp_path, plan.scheme, plan.layout, tracker, cancel)
+            with _writing(tmp_path, plan, done, dst.parent):
+                size = _write_shard(shard, tmp_path, plan.scheme, plan.layout, tracker, cancel)
         except QuantizationCancelled:
             raise QuantizationCancelled(
                 f"quantization cancelled after {tracker.shards_done} of {tracker.shards_total} shards; "
                 f"run it again to resume (work kept in {partial})"
             ) from None
         os.replace(tmp_path, partial / shard.name)
+        with _writing(partial / PROGRESS_FILE, plan, done, dst.parent):
+            write_json_atomic(
+                partial / PROGRESS_FILE, {"request": request, "done": {**done, shard.name: size}}
+            )
         done[shard.name] = size
-        write_json_atomic(partial / PROGRESS_FILE, {"request": request, "done": done})
         tracker.shards_done += 1
         tracker.emit("quantizing", shard.name)
 
     tracker.emit("finishing")
     for aux in plan.aux_files:
-        shutil.copy2(aux, partial / aux.name)
+        with _writing(partial / aux.name, plan, done, dst.parent):
+            shutil.copy2(aux, partial / aux.name)
     weight_map = {name: shard.name for shard in plan.shards for name, _, _ in shard.specs}
     total_size = sum(shard.data_bytes for shard in plan.shards)
-    write_json_atomic(
-        partial / INDEX_FILE, {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-    )
+    with _writing(partial / INDEX_FILE, plan, done, dst.parent):
+        write_json_atomic(
+            partial / INDEX_FILE, {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+        )
+    with _writing(partial / QUANT_CONFIG_FILE, plan, done, dst.parent):
+        _write_quant_config(plan, partial)
+    if dst.exists():
+        raise QuantizationError(f"{dst} appeared while quantizing; the result is in {partial}")
+    os.rename(partial, dst)
+    (dst / PROGRESS_FILE).unlink(missing_ok=True)
+    tracker.emit("done")
+    return dst
+
+
+def _write_quant_config(plan: _Plan, partial: Path) -> None:
     scheme_cfg = plan.scheme.config()
     QuantConfig(
         scheme=scheme_cfg["scheme"],
@@ -507,9 +568,3 @@ def quantize_model_dir(
         libraries=library_versions(),
         created=utc_now(),
     ).write(partial)
-    if dst.exists():
-        raise QuantizationError(f"{dst} appeared while quantizing; the result is in {partial}")
-    os.rename(partial, dst)
-    (dst / PROGRESS_FILE).unlink(missing_ok=True)
-    tracker.emit("done")
-    return dst

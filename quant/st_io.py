@@ -46,8 +46,12 @@ class StreamWriter:
         self.data_bytes = offset
         self.total_bytes = 8 + len(raw) + offset
         self._handle = open(file, "wb")  # noqa: SIM115 - closed in close()/abort()
-        self._handle.write(len(raw).to_bytes(8, "little"))
-        self._handle.write(raw)
+        try:
+            self._handle.write(len(raw).to_bytes(8, "little"))
+            self._handle.write(raw)
+        except BaseException:
+            self.abort()  # e.g. a full disk: no file with a header and no data is left behind
+            raise
 
     def write(self, name: str, tensor: Tensor) -> None:
         if self._next >= len(self._expected):
@@ -69,11 +73,20 @@ class StreamWriter:
             missing = self._expected[self._next][0]
             self.abort()
             raise RuntimeError(f"{self.file}: tensor '{missing}' was never written")
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
-        self._handle.close()
+        try:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+        except BaseException:
+            self.abort()
+            raise
 
     def abort(self) -> None:
-        """Close and delete the unfinished file."""
-        self._handle.close()
-        self.file.unlink(missing_ok=True)
+        """Close and delete the unfinished file (also when closing fails: flushing the last
+        buffered bytes to a full disk raises ENOSPC again)."""
+        try:
+            self._handle.close()
+        except OSError:
+            pass
+        finally:
+            self.file.unlink(missing_ok=True)
