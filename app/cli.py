@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -26,8 +27,12 @@ COMMAND_MODULES = ("ask", "models", "quantize", "bench", "paths")
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse prints usage and exits 2 itself
+        # "argument --top-p: --top-p must be ..." (our validators name the flag): say it once.
+        match = re.match(r"argument ([^:]+): (.*)$", message, re.DOTALL)
+        if match and match[2].startswith(match[1].split("/")[-1] + " "):
+            message = match[2]
         self.print_usage(sys.stderr)
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"mixtral-chat: error: {' '.join(message.split())}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_tui(model=args.model)
         return int(args.handler(args) or 0)
     except UsageError as exc:
-        parser.print_usage(sys.stderr)
+        _command_parser(parser, args.command).print_usage(sys.stderr)
         print(f"mixtral-chat: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -68,6 +73,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"mixtral-chat: error: {one_line_error(exc)}", file=sys.stderr)
         return 1
+
+
+def _command_parser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
+    """The subcommand's parser (its usage line is the one that helps), else the main one."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return action.choices[command]
+    return parser
 
 
 def one_line_error(exc: BaseException) -> str:

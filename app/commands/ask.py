@@ -6,6 +6,9 @@ import argparse
 import json
 import sys
 import threading
+from pathlib import Path
+
+from mixtral_chat.app.argtypes import SEED_MAX, SEED_MIN, float_range, int_range
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,22 +21,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("prompt", nargs="?", help="the question (stdin is appended when piped)")
     parser.add_argument("--model", help="catalog name, repo id (org/name) or model directory")
     parser.add_argument("--system", help="system prompt (none unless given)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
-    parser.add_argument("--max-tokens", type=int, default=512)
-    parser.add_argument("--seed", type=int)
+    # Bounds as the engine's GenerationConfig has them, plus finite numbers (it lets NaN through).
+    parser.add_argument(
+        "--temperature", type=float_range("--temperature", 0), default=0.0, help="0 = greedy (default)"
+    )
+    parser.add_argument("--top-p", type=float_range("--top-p", 0, 1, low_open=True), default=1.0)
+    parser.add_argument("--top-k", type=int_range("--top-k", 0), default=0, help="0 = no top-k cut")
+    parser.add_argument("--max-tokens", type=int_range("--max-tokens", 1), default=512)
+    parser.add_argument("--seed", type=int_range("--seed", SEED_MIN, SEED_MAX))
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--quant", choices=["none", "int4", "nf4"], help="quantize a float model in memory")
-    parser.add_argument("--context", type=int, help="context length in tokens (default 4096)")
+    parser.add_argument(
+        "--context", type=int_range("--context", 1), help="context length in tokens (default 4096)"
+    )
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     offload = parser.add_argument_group("expert offloading")
     offload.add_argument(
-        "--experts-per-layer", type=int, metavar="K", help="experts kept on the compute device per layer"
+        "--experts-per-layer",
+        type=int_range("--experts-per-layer", 1),
+        metavar="K",
+        help="experts kept on the compute device per layer",
     )
-    offload.add_argument("--gpu-mem", type=float, metavar="GB", help="memory budget for the planner")
+    offload.add_argument(
+        "--gpu-mem", type=float_range("--gpu-mem", 0), metavar="GB", help="memory budget for the planner"
+    )
     offload.add_argument(
         "--prefetch",
         action=argparse.BooleanOptionalAction,
@@ -42,7 +55,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     offload.add_argument("--offload", choices=["ram", "disk"], help="where the other experts live")
     offload.add_argument("--cache-policy", default="lru", choices=["lru", "lfu"])
-    offload.add_argument("--simulate-link-gbps", type=float, metavar="GBPS", help=argparse.SUPPRESS)
+    offload.add_argument(
+        "--simulate-link-gbps",
+        type=float_range("--simulate-link-gbps", 0, low_open=True),
+        metavar="GBPS",
+        help=argparse.SUPPRESS,
+    )
     offload.add_argument("--stats", action="store_true", help="print expert-cache statistics to stderr")
     offload.add_argument("--trace-routing", metavar="FILE", help="write chosen experts as JSON lines")
     parser.set_defaults(handler=run)
@@ -51,7 +69,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def read_prompt(args: argparse.Namespace) -> str:
     from mixtral_chat.app.errors import UsageError
 
-    parts = [args.prompt] if args.prompt else []
+    # A blank PROMPT counts as none, as blank stdin does.
+    parts = [args.prompt] if args.prompt and args.prompt.strip() else []
     if not sys.stdin.isatty():
         piped = sys.stdin.read()
         if piped.strip():
@@ -65,8 +84,6 @@ def run(args: argparse.Namespace) -> int:
     from mixtral_chat.app.errors import UsageError
 
     prompt = read_prompt(args)
-    if args.context is not None and args.context < 1:
-        raise UsageError("--context must be a positive number of tokens")
     from mixtral_chat.engine.errors import MixtralChatError
     from mixtral_chat.engine.registry import resolve_model
     from mixtral_chat.engine.runtime import Engine, GenerationConfig
@@ -81,7 +98,13 @@ def run(args: argparse.Namespace) -> int:
         )
     except MixtralChatError as exc:
         raise UsageError(str(exc)) from None
+    if args.model is not None and Path(args.model).expanduser().is_dir():
+        # A damaged index, said as such (the registry would only find "no safetensors weights").
+        from mixtral_chat.engine.checkpoint_index import read_weight_map
+
+        read_weight_map(Path(args.model).expanduser())
     resolved = resolve_model(args.model)
+    check_experts_per_layer(args, resolved.path)
     if resolved.is_demo and args.model is None:
         print(
             "mixtral-chat: using the bundled demo model; get Mixtral with "
@@ -158,6 +181,22 @@ def run(args: argparse.Namespace) -> int:
     if args.stats:
         print_stats(stats, cache)
     return 130 if interrupted else 0
+
+
+def check_experts_per_layer(args: argparse.Namespace, model_dir: Path) -> None:
+    """--experts-per-layer against the model's config.json, before the weights load."""
+    if args.experts_per_layer is None:
+        return
+    from mixtral_chat.app.errors import UsageError
+    from mixtral_chat.engine.config import ModelArgs
+
+    model = ModelArgs.from_hf_config(model_dir)
+    low, high = model.num_experts_per_tok, model.num_local_experts
+    if not low <= args.experts_per_layer <= high:
+        raise UsageError(
+            f"--experts-per-layer must be between {low} (experts per token) and {high} for this "
+            f"model, got {args.experts_per_layer}"
+        )
 
 
 def offload_options(args: argparse.Namespace):

@@ -6,8 +6,18 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mixtral_chat.app.argtypes import int_range, one_of
+
+if TYPE_CHECKING:
+    from mixtral_chat.quant.convert import QuantProgress
 
 SCHEMES = ("int4", "nf4", "none")
+# The group sizes quant/ supports (int4.INT4_GROUP_SIZES, nf4.NF4_BLOCKSIZES: the same four),
+# restated here so that a bad one exits 2 before torch is imported; a test keeps them in step.
+GROUP_SIZES = (32, 64, 128, 256)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--group-size",
-        type=int,
+        type=one_of("--group-size", GROUP_SIZES),
         default=None,
         metavar="N",
         help="values per scale: int4 32/64/128/256, nf4 block size 32/64/128/256 (default: 64)",
@@ -41,32 +51,83 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="nf4: also quantize the block scales (~0.4 bit less per weight)",
     )
     parser.add_argument(
-        "--threads", type=int, default=None, metavar="N", help="CPU threads (default: all cores)"
+        "--threads",
+        type=int_range("--threads", 1),
+        default=None,
+        metavar="N",
+        help="CPU threads (default: all cores)",
     )
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from mixtral_chat.app.errors import UsageError
 
-    from mixtral_chat.quant import get_scheme, quantize_model_dir
-
-    threads = args.threads or os.cpu_count() or 1
-    if threads < 1:
-        from mixtral_chat.app.cli import UsageError
-
-        raise UsageError("--threads must be at least 1")
-    torch.set_num_threads(threads)
-    scheme = get_scheme(args.scheme, args.group_size, args.double_quant)  # bad options fail before any work
+    if args.double_quant and args.scheme != "nf4":
+        raise UsageError("--double-quant applies to --scheme nf4 only")
+    src, dst = Path(args.src), Path(args.dst)
+    check_runnable_source(src)  # before torch, and before anything is written
     line = _ProgressLine(sys.stderr)
     try:
-        dst = quantize_model_dir(
-            args.src, args.dst, args.scheme, args.group_size, double_quant=args.double_quant, progress=line
+        import torch
+
+        from mixtral_chat.quant import get_scheme, quantize_model_dir
+
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
+        scheme = get_scheme(args.scheme, args.group_size, args.double_quant)
+        result = quantize_model_dir(
+            src, dst, args.scheme, args.group_size, double_quant=args.double_quant, progress=line
         )
+    except KeyboardInterrupt:
+        line.close()
+        print(f"mixtral-chat: error: {interrupted_message(dst, line.last_progress)}", file=sys.stderr)
+        return 130
     finally:
         line.close()
-    print(f"quantized {args.src} -> {dst} ({scheme.describe()})")
+    print(f"quantized {args.src} -> {result} ({scheme.describe()})")
     return 0
+
+
+def check_runnable_source(src: Path) -> None:
+    """What `ask` needs of a model directory, checked on the source: a quantized copy of a model
+    that cannot run would only fail later, after the whole conversion. Reads no weights."""
+    from mixtral_chat.engine.checkpoint_index import read_weight_map
+    from mixtral_chat.engine.config import ModelArgs
+    from mixtral_chat.engine.errors import QuantizationError, TokenizerError
+    from mixtral_chat.engine.tokenizer import Tokenizer
+
+    if not src.is_dir():
+        raise QuantizationError(f"{src}: source model directory not found")
+    args = ModelArgs.from_hf_config(src)  # valid JSON, a Mixtral, top-k <= experts, ...
+    tokenizer_file = src / "tokenizer.model"
+    if not tokenizer_file.is_file():
+        raise TokenizerError(
+            f"{src}: no tokenizer.model (mixtral-chat needs the sentencepiece file to run the model)"
+        )
+    tokenizer = Tokenizer(tokenizer_file)
+    if tokenizer.vocab_size > args.vocab_size:
+        raise TokenizerError(
+            f"{src}: tokenizer has {tokenizer.vocab_size} tokens, the model only {args.vocab_size}"
+        )
+    read_weight_map(src)  # a damaged index, said as such
+
+
+def interrupted_message(dst: Path, progress: QuantProgress | None) -> str:
+    """Ctrl+C: what was kept and how to go on (finished shards stay in the partial directory)."""
+    from mixtral_chat.quant.workdir import partial_dir
+
+    partial = partial_dir(dst)
+    if progress is not None and progress.phase == "done":
+        return f"interrupted after the last step: {dst} is complete"
+    if progress is None or not partial.exists():
+        if partial.exists():
+            return f"interrupted; earlier work is kept in {partial}: run the same command to resume"
+        return "interrupted before anything was written"
+    if progress.phase == "quantizing":
+        done = f"{progress.shards_done} of {progress.shards_total} shards done"
+    else:
+        done = f"all {progress.shards_total} shards done"
+    return f"interrupted with {done}, kept in {partial}: run the same command to resume"
 
 
 def _format_duration(seconds: float | None) -> str:
@@ -86,8 +147,12 @@ class _ProgressLine:
         self.tty = stream.isatty()
         self.last = 0.0
         self.width = 0
+        self.last_progress = None  # the latest QuantProgress, for the Ctrl+C message
 
     def __call__(self, p) -> None:
+        if self.last_progress is None and p.shards_done:
+            self.stream.write(f"mixtral-chat: resuming: {p.shards_done} of {p.shards_total} shards done\n")
+        self.last_progress = p
         now = time.monotonic()
         final = p.phase in ("finishing", "done")
         if not final and now - self.last < (0.2 if self.tty else 10.0):
@@ -114,3 +179,4 @@ class _ProgressLine:
         if self.tty and self.width:
             self.stream.write("\n")
             self.stream.flush()
+            self.width = 0
