@@ -33,6 +33,7 @@ from mixtral_chat.engine.config import CONFIG_FILE, quantization_config
 from mixtral_chat.engine.errors import QuantizationError, WeightsError
 from mixtral_chat.engine.safetensors_io import read_header, read_tensor, tensor_nbytes
 from mixtral_chat.engine.weights import hf_to_module_name, module_to_hf_name
+from mixtral_chat.quant.bnb import bnb_functional
 from mixtral_chat.quant.common import find_linear, is_quantizable, set_submodule
 from mixtral_chat.quant.nf4 import NESTED_BLOCKSIZE, QUANT_TYPES, Nf4Linear, check_nf4_parts, dequantize_nf4
 
@@ -181,8 +182,7 @@ def _plan(
 
 def _quant_state(linear: _Linear4bit, tensors: dict[str, Tensor]):
     """bnb's QuantState of one weight, from its stored items; errors name the file and tensor."""
-    import bitsandbytes.functional as bnbf
-
+    bnbf = bnb_functional()
     state_item = next(k for k in linear.keys if k.startswith(_PACKED_STATE))
     packed = tensors[state_item]
     where = f"{linear.file}: tensor '{linear.keys[state_item]}'"

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import platform
 
-import bitsandbytes.functional as bnbf
 import pytest
 import torch
 
 from mixtral_chat.engine.errors import QuantizationError
 from mixtral_chat.quant import native
+from mixtral_chat.quant.bnb import bnb_functional
 from mixtral_chat.quant.int4 import unpack_int4_codes
 from mixtral_chat.quant.nf4 import Nf4Linear, dequantize_nf4, quantize_nf4
 from tests import test_int4_native
@@ -29,6 +29,7 @@ from tests.test_int4_native import (
 )
 
 NF4_BOUND = 2.2e-2
+bnbf = bnb_functional()
 FP4_BOUND = 3.4e-2
 BACKENDS_BOUND = 2.0e-2
 
