@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from mixtral_chat.engine.errors import QuantizationError
+from mixtral_chat.quant.bnb import bitsandbytes, bnb_functional
 from mixtral_chat.quant.common import PartSpec
 from mixtral_chat.quant.native import codebook_fits, int4_kernel, kernel_input, kernel_output
 
@@ -66,7 +67,7 @@ def quantize_nf4(
     Quantized in chunks of whole blocks: identical to one `bnb.functional.quantize_4bit` call
     on the whole float32 matrix (a test checks it), with bounded temporary memory.
     """
-    import bitsandbytes.functional as bnbf
+    bnbf = bnb_functional()
 
     check_blocksize(blocksize)
     if weight.dim() != 2:
@@ -130,13 +131,13 @@ def check_nf4_parts(
 
 def _quant_state(
     parts: dict[str, Tensor],
-    out_features: int,
-    in_features: int,
+    shape: tuple[int, ...],
     blocksize: int,
     dtype: torch.dtype,
     quant_type: str = "nf4",
 ):
-    import bitsandbytes.functional as bnbf
+    """bnb's QuantState of the parts, for a weight of `shape` ([N, K], or [N * K] flat)."""
+    bnbf = bnb_functional()
 
     nested = None
     offset = None
@@ -150,7 +151,7 @@ def _quant_state(
         offset = parts["absmax_offset"].view(())
     return bnbf.QuantState(
         absmax=parts["absmax"],
-        shape=torch.Size((out_features, in_features)),
+        shape=torch.Size(shape),
         code=parts["quant_map"],
         blocksize=blocksize,
         quant_type=quant_type,
@@ -178,11 +179,18 @@ def dequantize_nf4(
     dtype: torch.dtype = torch.float32,
     quant_type: str = "nf4",
 ) -> Tensor:
-    """The float weight [N, K] that the stored NF4 (or fp4) parts stand for."""
-    import bitsandbytes.functional as bnbf
+    """The float weight [N, K] that the stored NF4 (or fp4) parts stand for.
 
-    state = _quant_state(parts, out_features, in_features, blocksize, dtype, quant_type)
-    return bnbf.dequantize_4bit(parts["qweight"].view(-1, 1), state)
+    Dequantized as one flat [N * K] vector, which is what bnb's blocks run over: bitsandbytes
+    0.50's CPU kernel for a 2-D shape is wrong on AVX-512 hosts wherever K is not a multiple of
+    the block size (relative error 0.40 instead of 0.09 at [64, 32] with blocks of 64; the flat
+    form matches a decode by hand exactly on every host, tests/test_nf4_native.py).
+    """
+    bnbf = bnb_functional()
+
+    state = _quant_state(parts, (out_features * in_features,), blocksize, dtype, quant_type)
+    flat = bnbf.dequantize_4bit(parts["qweight"].view(-1, 1), state)
+    return flat.view(out_features, in_features)  # [N, K]
 
 
 class Nf4Linear(nn.Module):
@@ -195,8 +203,9 @@ class Nf4Linear(nn.Module):
       against the exact product with the dequantized weight (fp4 1.7-2.3%), next to NF4's own
       ~9%. 14336x4096 b64 at batch 1: ~1.5 ms (1.7 ms with double quantization), where
       bitsandbytes' CPU path takes ~90 ms (docs/BENCHMARKS.md).
-    - "bnb": `bitsandbytes.matmul_4bit` (CUDA, and CPU without the native kernel), computing in
-      the dtype the layer was built for (float32, bfloat16 or float16).
+    - "bnb": `bitsandbytes.matmul_4bit` on CUDA; on a CPU without the native kernel, bnb's
+      dequantization then a dense product (what bnb's CPU path does, see `dequantize_nf4`),
+      computing in the dtype the layer was built for (float32, bfloat16 or float16).
 
     Inputs of another float dtype are cast in and the result cast back.
     """
@@ -253,17 +262,22 @@ class Nf4Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self._kernel is not None and self._buffers["qweight"].is_cpu:  # (moved with .to(): bnb)
             return self._forward_native(x)
-        import bitsandbytes as bnb
-
-        state = _quant_state(
-            self._parts(),
-            self.out_features,
-            self.in_features,
-            self.blocksize,
-            self.compute_dtype,
-            self.quant_type,
-        )
-        y = bnb.matmul_4bit(x.to(self.compute_dtype), self.qweight.t(), quant_state=state)
+        parts = self._parts()
+        if self.qweight.is_cpu:
+            # What bnb's CPU matmul_4bit does (dequantize, then a dense product), with the
+            # dequantization that is right on every host (see `dequantize_nf4`).
+            weight = dequantize_nf4(
+                parts,
+                self.out_features,
+                self.in_features,
+                self.blocksize,
+                self.compute_dtype,
+                self.quant_type,
+            )
+            return nn.functional.linear(x.to(self.compute_dtype), weight).to(x.dtype)
+        shape = (self.out_features, self.in_features)
+        state = _quant_state(parts, shape, self.blocksize, self.compute_dtype, self.quant_type)
+        y = bitsandbytes().matmul_4bit(x.to(self.compute_dtype), self.qweight.t(), quant_state=state)
         return y.to(x.dtype)
 
     def _forward_native(self, x: Tensor) -> Tensor:

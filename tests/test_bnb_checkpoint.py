@@ -22,6 +22,7 @@ from mixtral_chat.engine.errors import MixtralChatError, QuantizationError, Weig
 from mixtral_chat.engine.runtime import Engine, GenerationConfig, OffloadOptions
 from mixtral_chat.engine.weights import load_model
 from mixtral_chat.quant import Nf4Linear, is_bnb_4bit_checkpoint, is_quantizable
+from mixtral_chat.quant.bnb import bitsandbytes, bnb_functional
 from mixtral_chat.quant.nf4 import dequantize_nf4
 from tests.conftest import mistral_tokenizer_path, run_cli, save_tiny_checkpoint
 
@@ -67,9 +68,21 @@ def float_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def transformers_saved(
     float_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[tuple[str, bool], tuple[Path, torch.Tensor]]:
-    """Checkpoints transformers quantized (bnb, on CPU) and saved, with its own logits on TOKENS."""
+    """Checkpoints transformers quantized (bnb, on CPU) and saved, with the logits of its model
+    on TOKENS, each of its 4-bit layers standing for bnb's own dequantization of that layer.
+
+    The logits are not those of transformers' quantized model as it runs: bitsandbytes 0.50's CPU
+    dequantization of a 2-D weight is wrong on AVX-512 hosts where in_features is not a multiple
+    of the block size (the tiny model's 32 < 64; quant/nf4.py `dequantize_nf4`), and on
+    avx512_bf16 hosts `Linear4bit.forward` first repacks each weight for a bf16 kernel, which
+    fails for layers narrower than a block (`shape '[32, 0]' is invalid`). bnb's dequantization
+    of the flat codes is right on every host, and is what its portable CPU path multiplies by.
+    """
+    bitsandbytes()  # before transformers imports it: no kernel-hub lookup (quant/bnb.py)
+    from bitsandbytes.nn import Linear4bit
     from transformers import BitsAndBytesConfig, MixtralForCausalLM
 
+    bnbf = bnb_functional()
     saved = {}
     for quant_type, double_quant in TRANSFORMERS_CASES:
         config = BitsAndBytesConfig(
@@ -84,6 +97,14 @@ def transformers_saved(
         directory = tmp_path_factory.mktemp(f"bnb-{quant_type}-{double_quant}")
         model.save_pretrained(directory)
         shutil.copy(mistral_tokenizer_path(), directory / "tokenizer.model")
+        for name, module in list(model.named_modules()):
+            if isinstance(module, Linear4bit):
+                state = copy.copy(module.weight.quant_state)
+                state.shape = torch.Size([module.out_features * module.in_features])  # flat
+                weight = bnbf.dequantize_4bit(module.weight.data.view(-1, 1), state)
+                dense = torch.nn.Linear(module.in_features, module.out_features, bias=False)
+                dense.weight.data = weight.view(module.out_features, module.in_features).float()
+                model.set_submodule(name, dense)
         with torch.no_grad():
             saved[quant_type, double_quant] = directory, model(TOKENS).logits
     return saved
@@ -94,7 +115,7 @@ def write_v4_checkpoint(float_dir: Path, directory: Path, double_quant: bool) ->
     attention and expert linear and the router gate quantized by bnb (blocksize 64, nf4), each
     stored as its codes plus `QuantState.as_dict(packed=True)`; two shards and an index.
     Returns each quantized key's (codes, QuantState)."""
-    import bitsandbytes.functional as bnbf
+    bnbf = bnb_functional()
 
     directory.mkdir(parents=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -126,7 +147,7 @@ def write_v4_checkpoint(float_dir: Path, directory: Path, double_quant: bool) ->
 
 
 def dequantized_float32(codes: torch.Tensor, state) -> torch.Tensor:
-    import bitsandbytes.functional as bnbf
+    bnbf = bnb_functional()
 
     state = copy.deepcopy(state)
     state.dtype = torch.float32  # what the float32 model computes with
@@ -150,7 +171,7 @@ def test_logits_match_the_transformers_quantized_model(transformers_saved, float
     directory, expected = transformers_saved[case]
     assert is_bnb_4bit_checkpoint(directory) and not is_bnb_4bit_checkpoint(float_dir)
     got = our_logits(directory)
-    # Measured: 0.0 (the same bnb kernels in float32); logits are O(0.5).
+    # Measured: 0.0 (the same dequantized weights in float32); logits are O(0.5).
     assert (got - expected).abs().max().item() <= 1e-5
     # The quantization is real: the float model differs by ~0.04.
     assert (our_logits(float_dir) - expected).abs().max().item() > 1e-3

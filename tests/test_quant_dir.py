@@ -31,9 +31,12 @@ from mixtral_chat.quant import convert as convert_module
 
 # (scheme, group size, double quant) of the directories made once per module.
 VARIANTS = {"int4": ("int4", 32, False), "nf4": ("nf4", 64, True), "none": ("none", None, False)}
-# Relative error of the tiny model's logits, 4-bit vs float. Measured: int4 g32 0.056,
-# nf4 b64 + double quant 0.058 (seeded random weights). Bound: measured + ~30%.
-LOGITS_BOUND = {"int4": 0.075, "nf4": 0.075, "none": 0.0}
+# Relative error of the tiny model's logits, 4-bit vs float. It depends on the draw of random
+# weights, and that draw depends on the host (torch's vectorized normal_ differs between AVX2 and
+# AVX-512 builds), so the bound is the spread over 20 seeds (Sapphire Rapids, AVX-512):
+# int4 g32 mean 0.054 sd 0.0063 max 0.065; nf4 b64 + double quant mean 0.066 sd 0.0074 max 0.077
+# (Zen 3 drew 0.056 / 0.058). Bound: mean + 5 sd.
+LOGITS_BOUND = {"int4": 0.086, "nf4": 0.103, "none": 0.0}
 
 
 def read_all(directory: Path) -> dict[str, torch.Tensor]:

@@ -19,6 +19,7 @@ from mixtral_chat.quant import (
 )
 from mixtral_chat.quant import int4 as int4_module
 from mixtral_chat.quant import nf4 as nf4_module
+from mixtral_chat.quant.bnb import bnb_functional
 
 # Relative Frobenius error of dequantize(quantize(W)) on W ~ N(0, 1) [512, 1024], seed 0.
 # Measured (torch 2.13, bitsandbytes 0.50.2): int4 g32 0.0785, g64 0.0895, g128 0.0999,
@@ -98,7 +99,7 @@ def test_quantization_does_not_depend_on_chunking_or_input_dtype(monkeypatch: py
 
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_nf4_matches_bitsandbytes_quantize_4bit(double_quant: bool) -> None:
-    import bitsandbytes.functional as bnbf
+    bnbf = bnb_functional()
 
     weight = gaussian(130, 70)  # 9100 values: the last block is partial
     parts = quantize_nf4(weight, 64, double_quant)
@@ -107,6 +108,43 @@ def test_nf4_matches_bitsandbytes_quantize_4bit(double_quant: bool) -> None:
     )
     assert torch.equal(parts["qweight"], codes.view(-1))
     assert torch.equal(dequantize_nf4(parts, 130, 70, 64), bnbf.dequantize_4bit(codes, state))
+
+
+def nf4_decoded_by_hand(
+    parts: dict[str, torch.Tensor], shape: tuple[int, int], blocksize: int
+) -> torch.Tensor:
+    """The weight the NF4 parts stand for, from bnb's documented layout alone: two codes a byte
+    (high nibble first), blocks of `blocksize` over the flattened weight, and with double
+    quantization absmax = nested_quant_map[code] * nested_absmax[block // 256] + offset."""
+    codes = parts["qweight"].view(-1)
+    values = parts["quant_map"][torch.stack([codes >> 4, codes & 15], 1).view(-1).long()]
+    absmax = parts["absmax"]
+    if "nested_absmax" in parts:
+        scales = parts["nested_absmax"].repeat_interleave(nf4_module.NESTED_BLOCKSIZE)[: absmax.numel()]
+        absmax = parts["nested_quant_map"][absmax.long()] * scales + parts["absmax_offset"]
+    n = shape[0] * shape[1]
+    padded = torch.cat([values[:n], values.new_zeros(-n % blocksize)])
+    return (padded.view(-1, blocksize) * absmax.view(-1, 1)).view(-1)[:n].view(shape)
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["no-dq", "dq"])
+@pytest.mark.parametrize("shape", [(64, 32), (128, 16), (96, 96), (8, 96), (17, 33)])
+def test_nf4_dequantizes_rows_that_do_not_hold_whole_blocks(
+    shape: tuple[int, int], double_quant: bool
+) -> None:
+    # bitsandbytes 0.50's CPU dequantization of a 2-D [N, K] weight is wrong on AVX-512 hosts
+    # where K is not a multiple of the block size (relative error 0.40 at [64, 32]): the project
+    # dequantizes the flat codes (quant/nf4.py), right on every host.
+    weight = gaussian(*shape, seed=3)
+    parts = quantize_nf4(weight, 64, double_quant)
+    expected = nf4_decoded_by_hand(parts, shape, 64)
+    got = dequantize_nf4(parts, *shape, 64)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-6)
+    assert rel_error(got, weight) < ROUND_TRIP_BOUNDS["nf4", 64, False]
+    layer = nf4_module.Nf4Linear.from_parts(parts, *shape, 64, double_quant, "cpu", torch.float32)
+    assert layer.backend == "bnb"  # rows do not hold whole blocks: not the native kernel
+    x = gaussian(3, shape[1], seed=4)
+    assert torch.allclose(layer(x), x @ expected.T, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("scheme", ["int4", "nf4", "none"])
