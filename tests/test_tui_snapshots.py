@@ -171,11 +171,13 @@ def test_settings_screen_models_tab(
         disk.update("Free disk: (masked in this snapshot)")
         table: DataTable[Any] = screen.models_table
         # Folders differ per checkout and per run: the model given by path, the bundled demo.
+        # The column is re-measured from the fixed text (update_width), so neither its width nor
+        # the scrollbar's thumb depends on how long the real paths were.
         folders = {str(snapshot_model_dir): "<model folder>", str(assets_dir() / "demo"): "<assets>/demo"}
         for row_key in list(table.rows):
             source = str(table.get_cell(row_key, "source"))
             if source in folders:
-                table.update_cell(row_key, "source", folders.pop(source))
+                table.update_cell(row_key, "source", folders.pop(source), update_width=True)
         assert not folders, f"not in the models table: {folders}"
         detail = screen.query_one("#model-detail", Label)
         detail.update(str(detail.render()).replace(str(home), "<home>"))
