@@ -21,6 +21,31 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # MIXTRAL_CHAT_HOME a test sets: neither per test nor into the user's cache.
 os.environ.setdefault("MIXTRAL_CHAT_NATIVE_DIR", tempfile.mkdtemp(prefix="mixtral-chat-native-"))
 
+# CPU features that send libraries down other paths (bitsandbytes, torch's kernels, ours).
+_HOST_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")
+
+
+def host_line() -> str:
+    """This machine's CPU and the features that matter here, for a run's record."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == "unknown CPU":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    present = " ".join(flag for flag in _HOST_FLAGS if flag in flags) or "none of " + " ".join(_HOST_FLAGS)
+    return f"host: {model}, {os.cpu_count()} cores; cpu flags: {present}"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The host under every run (with -q too), so that a failure can be tied to a kind of machine."""
+    terminalreporter.write_line(host_line())
+
+
 TINY_CONFIG = dict(
     vocab_size=32000,  # Mixtral's real tokenizer (mistral-common's tokenizer.model.v1)
     hidden_size=32,
