@@ -33,3 +33,7 @@ class QuantizationError(MixtralChatError):
 
 class OutOfMemoryError(MixtralChatError):
     """The model does not fit in the memory budget."""
+
+
+class CacheError(MixtralChatError):
+    """The Hugging Face cache cannot be changed without breaking what another tool cached there."""
