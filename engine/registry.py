@@ -57,6 +57,10 @@ class RegistryError(MixtralChatError):
     """The local registry file is unreadable, or a registry operation is not allowed."""
 
 
+class QuantizedCopyMissingError(ModelNotFoundError):
+    """A model was quantized, and its quantized directory is gone."""
+
+
 class UnsupportedArchitectureError(ConfigError):
     """A model's config.json describes something other than a Mixtral (MoE) model."""
 
@@ -272,10 +276,72 @@ def _read_registry() -> dict[str, Any]:
         ) from None
     if not isinstance(raw, dict) or not isinstance(raw.get("models"), dict):
         raise RegistryError(f"{path} is not a mixtral-chat model registry; fix or move it away")
-    if raw.get("version", 1) > REGISTRY_VERSION:
+    version = raw.get("version", 1)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise RegistryError(
+            f"{path}: 'version' must be a number, not {_json_type(version)}; fix or move it away"
+        )
+    if version > REGISTRY_VERSION:
         raise RegistryError(f"{path} was written by a newer mixtral-chat (version {raw['version']})")
     raw.setdefault("default", None)
+    if raw["default"] is not None and not isinstance(raw["default"], str):
+        raise RegistryError(
+            f"{path}: 'default' must be a model name, not {_json_type(raw['default'])}; fix or remove it"
+        )
+    for name, record in raw["models"].items():
+        problem = _record_problem(record)
+        if problem is not None:
+            raise RegistryError(
+                f"{path}: entry '{name}' {problem}; fix or remove that entry (its model files stay on disk)"
+            )
     return raw
+
+
+# The fields a registry entry may have, with their JSON types (each may also be null).
+_RECORD_FIELDS: dict[str, type] = {
+    "source": str,
+    "repo_id": str,
+    "revision": str,
+    "commit": str,
+    "original_path": str,
+    "quantized_path": str,
+    "path": str,
+    "scheme": str,
+    "group_size": int,
+    "state": str,
+    "added": str,
+    "download_bytes": int,
+}
+_SOURCES = ("catalog", "hub", "local")
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    for kind, name in ((str, "a string"), (int, "a number"), (float, "a number"), (list, "a list")):
+        if isinstance(value, kind):
+            return name
+    return "an object" if isinstance(value, dict) else type(value).__name__
+
+
+def _record_problem(record: Any) -> str | None:
+    """What is wrong with one entry of models.json, or None."""
+    if not isinstance(record, dict):
+        return f"must be a JSON object, not {_json_type(record)}"
+    for key, kind in _RECORD_FIELDS.items():
+        value = record.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, kind) or isinstance(value, bool):
+            expected = "a number" if kind is int else "a string"
+            return f"has '{key}' {_json_type(value)} ({value!r:.40}) where {expected} belongs"
+    if record.get("source") is not None and record["source"] not in _SOURCES:
+        return f"has an unknown source '{record['source']}' (one of {', '.join(_SOURCES)})"
+    if record.get("source") == "local" and not record.get("path"):
+        return "is a local model without a 'path'"
+    return None
 
 
 def _write_registry(data: dict[str, Any]) -> None:
@@ -571,8 +637,18 @@ def get_model(name: str) -> ModelEntry:
 
 def resolve_model(spec: str | None) -> ResolvedModel:
     """The directory to load for `spec`: a catalog name, a pulled/added name or repo id, or a
-    path to a model directory. None: the user's default model, else the bundled demo."""
-    data = _read_registry()
+    path to a model directory. None: the user's default model, else the bundled demo.
+
+    A path is resolved without the registry, so a damaged models.json never blocks
+    `--model <dir>`."""
+    if spec is not None and spec.strip() and _looks_like_path(spec.strip()):
+        return _resolve_path(Path(spec.strip()).expanduser())
+    try:
+        data = _read_registry()
+    except RegistryError:
+        if spec is not None and spec.strip() and Path(spec.strip()).expanduser().is_dir():
+            return _resolve_path(Path(spec.strip()).expanduser())  # a directory name: no registry needed
+        raise
     if spec is None:
         default = data.get("default")
         if default:
@@ -587,8 +663,6 @@ def resolve_model(spec: str | None) -> ResolvedModel:
     spec = spec.strip()
     if not spec:
         raise ModelNotFoundError("empty model name; see `mixtral-chat models list`")
-    if _looks_like_path(spec):
-        return _resolve_path(Path(spec).expanduser())
     item = _find(data, spec)
     if item is not None:
         return _resolved(item, data, spec=spec)
@@ -643,6 +717,20 @@ def _resolved(item: _Known, data: dict[str, Any], spec: str) -> ResolvedModel:
     if item.source == "bundled":
         return _resolve_demo()
     entry = _entry(item, data.get("default"))
+    recorded_quantized = item.record.get("quantized_path")
+    if recorded_quantized and entry.quantized_path is None and entry.source != "local":
+        # Quantized once, the copy is gone: say so rather than load the float original unasked.
+        scheme = item.record.get("scheme")
+        redo = f"mixtral-chat models pull {item.name}" + (f" --scheme {scheme}" if scheme else "")
+        float_hint = (
+            f" (or run the float original with `--model {entry.original_path}`)"
+            if entry.original_path is not None
+            else ""
+        )
+        raise QuantizedCopyMissingError(
+            f"model '{item.name}': its {scheme or '4-bit'} quantized copy {recorded_quantized} is missing; "
+            f"run `{redo}` to quantize it again{float_hint}"
+        )
     if entry.path is None:
         if entry.source == "local":
             raise ModelNotFoundError(
@@ -810,39 +898,113 @@ def _fetch_and_validate_config(
     validate_config(raw, f"{repo_id}/config.json")
 
 
-def remove_model(name: str) -> int:
-    """Delete a model's files (hub-cache snapshot, partial downloads, quantized directory) and
-    forget it; returns the bytes freed. Local directories are only forgotten, never deleted."""
-    data = _read_registry()
+@dataclass(frozen=True)
+class HfCacheCopy:
+    """A model's copy in the Hugging Face cache: huggingface_hub's (and transformers'), not ours."""
+
+    repo_id: str
+    commit: str | None
+    path: Path  # the snapshot folder, or the repo folder when no snapshot is complete
+    size: int
+
+
+@dataclass(frozen=True)
+class Removal:
+    name: str
+    source: str
+    freed: int  # bytes freed in all
+    quantized_freed: int  # of which the quantized copy
+    hf_cache_freed: int  # of which the Hugging Face cache copy
+    hf_cache_kept: HfCacheCopy | None  # left in place (not asked to delete it)
+    spared: tuple[Path, ...] = ()  # cache files kept because another cached repo links to them
+    forgotten_path: Path | None = None  # a local model's directory, never deleted
+
+
+def _removal_target(data: dict[str, Any], name: str) -> _Known:
     item = _find(data, name)
-    if item is None:
-        raise ModelNotFoundError(_unknown_message(name))
+    if item is not None:
+        return item
+    spec = name.strip()
+    if hub.is_repo_id(spec) and hub.repo_storage_dir(spec).exists():
+        # Not registered (never pulled, or already removed): only its Hugging Face cache copy is left.
+        return _Known(spec, record={"repo_id": spec, "revision": "main"})
+    raise ModelNotFoundError(_unknown_message(name))
+
+
+def _hf_copy_of(item: _Known, entry: ModelEntry | None = None) -> HfCacheCopy | None:
+    repo_id = item.repo_id
+    if not repo_id or item.source in ("local", "bundled"):
+        return None
+    storage = hub.repo_storage_dir(repo_id)
+    if not storage.exists():
+        return None
+    commit = (entry.commit if entry is not None else None) or item.record.get("commit")
+    commit = commit or hub.cached_commit(repo_id, item.revision)
+    snapshot = hub.snapshot_dir(repo_id, commit) if commit else None
+    if snapshot is not None and snapshot.is_dir():
+        size = hub.directory_size(snapshot) + hub.partial_bytes(repo_id)
+        return HfCacheCopy(repo_id, commit, snapshot, size)
+    return HfCacheCopy(repo_id, commit, storage, _cached_repo_bytes(repo_id))
+
+
+def hf_cache_copy(name: str) -> HfCacheCopy | None:
+    """What `remove_model(name, delete_hf_cache=True)` would delete from the Hugging Face cache."""
+    data = _read_registry()
+    item = _removal_target(data, name)
+    return _hf_copy_of(item, _entry(item, data.get("default")))
+
+
+def remove_model(name: str, *, delete_hf_cache: bool = False) -> Removal:
+    """Forget a model and delete what mixtral-chat made for it (its quantized directory).
+
+    Its copy in the Hugging Face cache (the original checkpoint, which transformers and other hub
+    clients share) is left alone unless `delete_hf_cache`; then it goes through huggingface_hub's
+    own `scan_cache_dir(...).delete_revisions(...)`, keeping any blob another cached repo links.
+    Local directories are only forgotten, never deleted.
+    """
+    data = _read_registry()
+    item = _removal_target(data, name)
     if item.source == "bundled":
         raise RegistryError("the bundled demo model cannot be removed (it ships with mixtral-chat)")
     if _pull_running(item.name):
         raise RegistryError(f"a pull of '{item.name}' is running; cancel it first")
     entry = _entry(item, data.get("default"))
-    freed = 0
-    if item.source != "local":
-        if entry.status == NOT_DOWNLOADED and not item.record:
-            raise ModelNotFoundError(f"model '{item.name}' is not installed; nothing to remove")
-        quantized_dirs = {Path(p) for p in (item.record.get("quantized_path"),) if p}
-        for directory in quantized_dirs:
-            if directory.exists():
-                freed += hub.directory_size(directory)
-                shutil.rmtree(directory)
-        if item.repo_id:
-            commit = entry.commit or hub.cached_commit(item.repo_id, item.revision)
-            freed += hub.delete_snapshot(item.repo_id, commit)
+    registered = item.name in data["models"]
+    copy = _hf_copy_of(item, entry)
+    if item.source == "local":
+        forgotten = Path(item.record["path"])
+        _forget(item.name)
+        return Removal(item.name, "local", 0, 0, 0, None, forgotten_path=forgotten)
+    if not registered and copy is None:
+        raise ModelNotFoundError(f"model '{item.name}' is not installed; nothing to remove")
+    quantized_freed = 0
+    recorded = item.record.get("quantized_path")
+    if recorded and Path(recorded).exists():
+        quantized_freed = hub.directory_size(Path(recorded))
+        shutil.rmtree(recorded)
+    hf_freed = 0
+    spared: tuple[Path, ...] = ()
+    if delete_hf_cache and copy is not None:
+        deletion = hub.delete_cached_revision(copy.repo_id, copy.commit)
+        hf_freed, spared = deletion.freed, deletion.spared
+    if registered:
+        _forget(item.name)
+    kept = copy if not delete_hf_cache else None
+    return Removal(
+        item.name, item.source, quantized_freed + hf_freed, quantized_freed, hf_freed, kept, spared
+    )
+
+
+def _forget(name: str) -> None:
     with _registry_update() as data:
-        data["models"].pop(item.name, None)
-        if data.get("default") == item.name:
+        data["models"].pop(name, None)
+        if data.get("default") == name:
             data["default"] = None
-    return freed
 
 
 def delete_original(name: str) -> int:
-    """Delete the bf16 original of a quantized model from the hub cache; returns bytes freed."""
+    """Delete the bf16 original of a quantized model from the hub cache (the user asked for it);
+    returns bytes freed. Blobs other cached repos link to are kept."""
     data = _read_registry()
     item = _find(data, name)
     if item is None or item.repo_id is None:
@@ -853,7 +1015,7 @@ def delete_original(name: str) -> int:
             f"'{item.name}' is not quantized: deleting its original would leave nothing to load"
         )
     commit = entry.commit or hub.cached_commit(item.repo_id, item.revision)
-    freed = hub.delete_snapshot(item.repo_id, commit)
+    freed = hub.delete_cached_revision(item.repo_id, commit).freed
     with _registry_update() as data:
         record = data["models"].get(item.name)
         if record is not None:

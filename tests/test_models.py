@@ -129,13 +129,20 @@ def test_cli_pull_list_ask_rm(server: HubServer, env: dict[str, str], tiny_files
     not_installed = cli_in_process(capfd, "models", "use", "mixtral-8x7b-instruct")
     assert not_installed.returncode == 1 and "models pull mixtral-8x7b-instruct" in error_line(not_installed)
 
+    # rm forgets the model and deletes what mixtral-chat made (nothing here: no quantized copy); the
+    # Hugging Face cache copy, which transformers shares, goes only with --hf-cache.
     size = entry["size_on_disk"]
     removed = cli_in_process(capfd, "models", "rm", REPO)
     assert removed.returncode == 0, removed.stderr
-    assert f"{hub.format_bytes(size)} freed" in removed.stdout
-    assert not hub.repo_storage_dir(REPO).exists()
+    assert f"removed {REPO}: 0 B freed" in removed.stdout
+    assert f"kept the Hugging Face cache copy at {snapshot} ({hub.format_bytes(size)};" in removed.stdout
+    assert (snapshot / SHARD1).read_bytes() == tiny_files[SHARD1]
     after = json.loads(cli_in_process(capfd, "models", "list", "--json").stdout)
     assert REPO not in [e["name"] for e in after]
+    removed = cli_in_process(capfd, "models", "rm", REPO, "--hf-cache")
+    assert removed.returncode == 0, removed.stderr
+    assert f"{hub.format_bytes(size)} freed" in removed.stdout
+    assert not hub.repo_storage_dir(REPO).exists()
 
 
 def test_cli_errors_are_one_line_and_never_show_the_token(server: HubServer, tiny_files, capfd, monkeypatch):
@@ -344,7 +351,10 @@ def test_rm_of_an_interrupted_pull_frees_the_partial_files(server: HubServer):
         registry.pull_model(REPO, quantize=False, progress=on_progress, cancel=cancel)
     entry = registry.get_model(REPO)
     assert entry.status == registry.PARTIAL and entry.size_on_disk >= CHUNK
-    assert registry.remove_model(REPO) == entry.size_on_disk
+    kept = registry.remove_model(REPO)  # the partial files are in the Hugging Face cache: kept
+    assert kept.freed == 0 and kept.hf_cache_kept is not None
+    assert kept.hf_cache_kept.size == entry.size_on_disk and hub.partial_bytes(REPO) == entry.partial_bytes
+    assert registry.remove_model(REPO, delete_hf_cache=True).freed == entry.size_on_disk
     assert not hub.repo_storage_dir(REPO).exists()
     assert REPO not in [e.name for e in registry.list_models()]
 

@@ -47,8 +47,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--revision", metavar="R", help="branch, tag or commit (default: the catalog's, else main)"
     )
 
-    rm = actions.add_parser("rm", help="delete a model's files and show the space freed")
+    rm = actions.add_parser(
+        "rm",
+        help="forget a model and delete its quantized copy (the Hugging Face cache copy only if asked)",
+        description=(
+            "Forget a model and delete what mixtral-chat made for it (its quantized copy). The "
+            "original in the Hugging Face cache is shared with transformers and other tools: it is "
+            "kept unless --hf-cache is given (on a terminal you are asked; the default is to keep it)."
+        ),
+    )
     rm.add_argument("name", metavar="NAME")
+    hf_choice = rm.add_mutually_exclusive_group()
+    hf_choice.add_argument(
+        "--hf-cache",
+        action="store_true",
+        help="also delete the model's copy in the Hugging Face cache (huggingface_hub's own deletion)",
+    )
+    hf_choice.add_argument(
+        "--keep-hf-cache", action="store_true", help="keep the Hugging Face cache copy without asking"
+    )
 
     info = actions.add_parser("info", help="details of one model")
     info.add_argument("name", metavar="NAME")
@@ -82,6 +99,10 @@ def _size(n: int | None) -> str:
     from mixtral_chat.engine.hub import format_bytes
 
     return format_bytes(n) if n else "-"
+
+
+def _freed(n: int) -> str:
+    return _size(n) if n else "0 B"
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -204,13 +225,45 @@ def _add(args: argparse.Namespace) -> int:
 def _rm(args: argparse.Namespace) -> int:
     from mixtral_chat.engine import registry
 
-    entry = registry.get_model(args.name)
-    freed = registry.remove_model(args.name)
-    if entry.source == "local":
-        print(f"removed {entry.name} from the list; its files at {entry.original_path} were left in place")
-    else:
-        print(f"removed {entry.name}: {_size(freed) if freed else '0 B'} freed")
+    delete_hf = bool(args.hf_cache)
+    copy = registry.hf_cache_copy(args.name)
+    if copy is not None and not delete_hf and not args.keep_hf_cache:
+        delete_hf = _ask_yes_no(
+            f"Also delete the Hugging Face cache copy ({_size(copy.size)}, shared with other tools) "
+            f"at {copy.path}? [y/N] "
+        )
+    removal = registry.remove_model(args.name, delete_hf_cache=delete_hf)
+    if removal.source == "local":
+        print(
+            f"removed {removal.name} from the list; its files at {removal.forgotten_path} were left in place"
+        )
+        return 0
+    print(f"removed {removal.name}: {_freed(removal.freed)} freed")
+    if removal.quantized_freed:
+        print(f"  quantized copy: {_size(removal.quantized_freed)}")
+    if delete_hf:
+        print(f"  Hugging Face cache copy: {_freed(removal.hf_cache_freed)}")
+    for path in removal.spared:
+        print(f"  kept {path}: another cached repo links to it")
+    kept = removal.hf_cache_kept
+    if kept is not None:
+        print(
+            f"kept the Hugging Face cache copy at {kept.path} ({_size(kept.size)}; transformers and other "
+            f"tools use it); delete it with `mixtral-chat models rm {removal.name} --hf-cache`"
+        )
     return 0
+
+
+def _ask_yes_no(question: str) -> bool:
+    """A [y/N] question on a terminal; no terminal, EOF or anything but yes means no."""
+    if not sys.stdin.isatty():
+        return False
+    try:
+        answer = input(question)
+    except EOFError:
+        print()
+        return False
+    return answer.strip().lower() in ("y", "yes")
 
 
 # ---------------------------------------------------------------------------------------------
