@@ -13,7 +13,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, OptionList, Select, TextArea
+from textual.widgets import Button, Checkbox, Input, Label, OptionList, Select, TextArea
 from textual.widgets.option_list import Option
 
 from mixtral_chat.app.storage import MATCH_END, MATCH_START, SearchHit, Storage
@@ -49,6 +49,29 @@ class ConfirmScreen(ModalScreen[bool]):
     @on(Button.Pressed)
     def _pressed(self, event: Button.Pressed) -> None:
         self.dismiss(event.button.id == "confirm")
+
+
+class DeleteModelScreen(ConfirmScreen):
+    """Delete a model: yes / no like ConfirmScreen, plus a box, off by default, to also delete its
+    copy in the Hugging Face cache (which other tools share). Cancel has the focus: Enter keeps all."""
+
+    def __init__(self, question: str, hf_cache_label: str | None = None) -> None:
+        super().__init__(question, "Delete")
+        self.hf_cache_label = hf_cache_label  # None: no Hugging Face cache copy to offer
+        self.delete_hf_cache = False
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label(self.question, classes="dialog-question")
+            if self.hf_cache_label is not None:
+                yield Checkbox(self.hf_cache_label, False, id="delete-hf-cache")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button(self.confirm_label, variant="error", id="confirm")
+                yield Button("Cancel", id="cancel")
+
+    @on(Checkbox.Changed, "#delete-hf-cache")
+    def _hf_cache_changed(self, event: Checkbox.Changed) -> None:
+        self.delete_hf_cache = event.value
 
 
 class TextInputScreen(ModalScreen[str | None]):

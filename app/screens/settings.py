@@ -35,7 +35,7 @@ from textual.widgets import (
 )
 from textual.widgets.data_table import CellDoesNotExist
 
-from mixtral_chat.app.screens.dialogs import ConfirmScreen
+from mixtral_chat.app.screens.dialogs import ConfirmScreen, DeleteModelScreen
 
 if TYPE_CHECKING:
     from mixtral_chat.app.chat_app import ChatApp, ModelStatus
@@ -472,28 +472,62 @@ class SettingsScreen(Screen[None]):
         ):
             self.notify("This model is loaded: use another one before deleting it.", severity="warning")
             return
-        freed_estimate = entry.size_on_disk + entry.partial_bytes
-        what = (
-            f"Forget {entry.name}? Its directory {entry.path} is not deleted."
+        from mixtral_chat.engine.errors import MixtralChatError
+        from mixtral_chat.engine.registry import hf_cache_copy
+
+        if entry.source == "local":
+            question = f"Forget {entry.name}? Its directory {entry.path} is not deleted."
+            copy = None
+        else:
+            try:
+                copy = hf_cache_copy(entry.name)
+            except MixtralChatError as exc:
+                self.notify(str(exc), severity="error")
+                return
+            ours = entry.quantized_path is not None and entry.quantized_path.exists()
+            ours_size = _quantized_size(entry) if ours else 0
+            question = (
+                f"Delete {entry.name}? This frees about {format_size(ours_size) if ours_size else '0 B'}"
+                + (" (its quantized copy)." if ours else " (mixtral-chat made no copy of its own).")
+            )
+            if copy is not None:
+                question += (
+                    f"\nIts Hugging Face cache copy ({format_size(copy.size)}, shared with other tools "
+                    "such as transformers) is kept unless you tick the box."
+                )
+        hf_label = (
+            f"Also delete the Hugging Face cache copy ({format_size(copy.size)})"
+            if copy is not None
+            else None
+        )
+        dialog = (
+            ConfirmScreen(question, "Forget")
             if entry.source == "local"
-            else f"Delete {entry.name}? This frees about {format_size(freed_estimate)}."
+            else DeleteModelScreen(question, hf_label)
         )
 
         def answered(confirmed: bool | None) -> None:
             if not confirmed:
                 return
-            from mixtral_chat.engine.errors import MixtralChatError
             from mixtral_chat.engine.registry import remove_model
 
+            delete_hf = isinstance(dialog, DeleteModelScreen) and dialog.delete_hf_cache
             try:
-                freed = remove_model(entry.name)
+                removal = remove_model(entry.name, delete_hf_cache=delete_hf)
             except MixtralChatError as exc:
                 self.notify(str(exc), severity="error")
                 return
-            self.notify(f"Removed {entry.name}; freed {format_size(freed) if freed else 'nothing'}.")
+            message = (
+                f"Removed {entry.name}; freed {format_size(removal.freed) if removal.freed else 'nothing'}."
+            )
+            if removal.hf_cache_kept is not None:
+                message += f" Kept its Hugging Face cache copy ({format_size(removal.hf_cache_kept.size)})."
+            if removal.spared:
+                message += f" Kept {len(removal.spared)} file(s) another cached repo links to."
+            self.notify(message)
             self.refresh_models()
 
-        self.app.push_screen(ConfirmScreen(what, "Delete" if entry.source != "local" else "Forget"), answered)
+        self.app.push_screen(dialog, answered)
 
     @on(Button.Pressed, "#add-model")
     @on(Input.Submitted, "#add-model-input")
@@ -577,6 +611,12 @@ class SettingsScreen(Screen[None]):
 
     def action_close(self) -> None:
         self.app.pop_screen()
+
+
+def _quantized_size(entry: ModelEntry) -> int:
+    from mixtral_chat.engine.hub import directory_size
+
+    return directory_size(entry.quantized_path) if entry.quantized_path is not None else 0
 
 
 def _text(value: object) -> str:
