@@ -1,6 +1,12 @@
 """The chat screen: sidebar of conversations, the messages, the prompt, the live status line and
 the expert-cache panel. Answers are generated in a thread worker; the worker talks to the UI only
-through `Generation.*` messages (post_message is thread-safe)."""
+through `Generation.*` messages (post_message is thread-safe).
+
+Another app may run on the same database. The screen remembers the version of every message of
+the chat it shows (`shown`), and each write it makes on the user's behalf (send, regenerate, edit,
+delete) is checked against the database in the same transaction: if the chat changed elsewhere
+it is reloaded and nothing is written; if another app is answering in it, it is marked busy and
+the write is refused. When another app commits, the screen re-reads what it shows."""
 
 from __future__ import annotations
 
@@ -20,11 +26,13 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Label, OptionList
 
-from mixtral_chat.app.screens.lifecycle import Generation
+from mixtral_chat.app.screens.lifecycle import DatabaseChanged, Generation
 from mixtral_chat.app.settings import GenerationDefaults
 from mixtral_chat.app.storage import (
     DEFAULT_TITLE,
     Conversation,
+    ConversationBusy,
+    ConversationChanged,
     PartialAnswerSaver,
     SearchHit,
     Storage,
@@ -117,6 +125,12 @@ class ChatScreen(Screen[None]):
         self.editing_message_id: int | None = None
         # A conversation whose answer waits for the model to finish loading.
         self.pending_conversation_id: int | None = None
+        # The messages of the chat shown, as this app last read or wrote them: id -> version
+        # (None: the answer this app is writing, whose version moves with every save).
+        self.shown: dict[int, int | None] = {}
+        # Chats another app is answering in: conversation id -> its pid.
+        self.busy: dict[int, int] = {}
+        self._conversations_signature: tuple[object, ...] | None = None
 
     # -- typed access ----------------------------------------------------------------------------
 
@@ -197,7 +211,25 @@ class ChatScreen(Screen[None]):
     # -- conversations ---------------------------------------------------------------------------
 
     def refresh_sidebar(self) -> None:
-        self.conversation_list.show(self.storage.list_conversations(), self.conversation_id)
+        self.busy = self.storage.busy_conversations()
+        self._conversations_signature = self.storage.conversations_signature()
+        self.conversation_list.show(self.storage.list_conversations(), self.conversation_id, self.busy)
+        self._show_busy()
+
+    def _show_busy(self) -> None:
+        pid = self.busy.get(self.conversation_id) if self.conversation_id is not None else None
+        self.status_bar.update_info(busy_pid=pid)
+
+    def _remember(self, messages: list[StoredMessage]) -> None:
+        streaming_id = self.generation.message_id if self.generation is not None else None
+        self.shown = {m.id: (None if m.id == streaming_id else m.version) for m in messages}
+
+    def _other_streaming_id(self, conversation_id: int, messages: list[StoredMessage]) -> int | None:
+        """The answer another live app is writing in this chat (shown as being written, not as
+        interrupted)."""
+        if conversation_id not in self.busy:
+            return None
+        return next((m.id for m in reversed(messages) if m.status == "streaming"), None)
 
     def _set_title(self, title: str) -> None:
         self.query_one("#chat-title", Label).update(title)
@@ -205,6 +237,7 @@ class ChatScreen(Screen[None]):
     async def new_chat(self) -> None:
         self._cancel_edit()
         self.conversation_id = None
+        self.shown = {}
         if self.generation is not None:
             self.generation.view = None  # still written to storage, no longer shown
         await self.message_list.show([])
@@ -228,7 +261,13 @@ class ChatScreen(Screen[None]):
         if generation is not None:
             generation.view = None  # its view is about to be replaced
         messages = self.storage.messages(conversation.id)
-        await self.message_list.show(messages, streaming_id=streaming_id, include_id=include_id)
+        self._remember(messages)
+        self.busy = self.storage.busy_conversations()
+        await self.message_list.show(
+            messages,
+            streaming_id=streaming_id or self._other_streaming_id(conversation.id, messages),
+            include_id=include_id,
+        )
         if generation is not None and streaming_id is not None:
             # Back to the chat whose answer is still being written: stream into the new view.
             view = self.message_list.view_for(streaming_id)
@@ -260,8 +299,90 @@ class ChatScreen(Screen[None]):
                 title_from_text(first_prompt), model=self.chat_app.model_name
             )
             self.conversation_id = conversation.id
+            self.shown = {}
             self._set_title(conversation.title)
         return self.conversation_id
+
+    # -- other instances -------------------------------------------------------------------------
+
+    def _refuse_busy(self, exc: ConversationBusy, what: str) -> None:
+        self.notify(
+            f"Another mixtral-chat (pid {exc.pid}) is writing an answer in this chat: {what}",
+            title="Chat busy",
+            severity="warning",
+            timeout=8,
+        )
+        self.refresh_sidebar()
+
+    async def _reload_changed(self, exc: ConversationChanged, what: str) -> None:
+        """The chat differs in the database from what is shown: show the database's."""
+        if exc.deleted:
+            self.notify(
+                f"This chat was deleted in another mixtral-chat: {what}", severity="warning", timeout=10
+            )
+            await self._open_latest()
+            return
+        self.notify(
+            f"This chat was changed in another mixtral-chat and has been reloaded: {what}",
+            title="Chat reloaded",
+            severity="warning",
+            timeout=10,
+        )
+        await self.open_conversation(exc.conversation_id)
+
+    async def _open_latest(self) -> None:
+        remaining = self.storage.list_conversations()
+        if remaining:
+            await self.open_conversation(remaining[0].id)
+        else:
+            await self.new_chat()
+
+    @shows_errors
+    async def on_database_changed(self, message: DatabaseChanged) -> None:
+        """Another app committed: re-read the sidebar (titles, busy chats) and the chat shown."""
+        others = self.storage.other_instances()
+        self.chat_app.instances_seen(others)
+        busy = {i.generating_in: i.pid for i in others if i.generating_in is not None}
+        if busy != self.busy or self.storage.conversations_signature() != self._conversations_signature:
+            self.refresh_sidebar()
+        conversation_id = self.conversation_id
+        if conversation_id is None:
+            return
+        generation = self.generation
+        if generation is not None and generation.conversation_id == conversation_id:
+            return  # this app holds the chat: nobody else writes in it
+        versions = self.storage.message_versions(conversation_id)
+        if versions is None:
+            self.notify("The chat shown was deleted in another mixtral-chat.", severity="warning", timeout=8)
+            await self._open_latest()
+            return
+        if versions == self.shown:
+            return
+        if versions.keys() == self.shown.keys():
+            await self._update_changed_views(conversation_id, versions)
+            return
+        editing = self.editing_message_id is not None
+        await self.open_conversation(conversation_id)
+        if editing:
+            self.notify(
+                "This chat was changed in another mixtral-chat: the edit was cancelled (your text "
+                "is still in the prompt).",
+                severity="warning",
+                timeout=10,
+            )
+
+    async def _update_changed_views(self, conversation_id: int, versions: dict[int, int]) -> None:
+        """Same messages, some rewritten elsewhere (an answer being written): update those views."""
+        for message in self.storage.messages(conversation_id):
+            if self.shown.get(message.id) == versions.get(message.id):
+                continue
+            self.shown[message.id] = message.version
+            view = self.message_list.view_for(message.id)
+            if view is not None and view.is_attached and not view.is_streaming:
+                status = message.status
+                if status == "streaming" and conversation_id not in self.busy:
+                    status = "interrupted"  # its app is gone
+                await view.finish(message.content, status)
 
     @on(OptionList.OptionSelected, "#conversations")
     @shows_errors
@@ -288,9 +409,19 @@ class ChatScreen(Screen[None]):
         await self.send(text)
 
     async def send(self, text: str) -> None:
-        """Commit the prompt, show it, and start the answer."""
+        """Commit the prompt, show it, and start the answer. The prompt is appended only after
+        the messages shown, and only while no other app is answering in the chat."""
         conversation_id = self._ensure_conversation(text)
-        stored = self.storage.add_message(conversation_id, "user", text)  # committed before generating
+        try:
+            # Committed before generating, with this app's lease on the chat.
+            stored = self.storage.add_message(conversation_id, "user", text, expected=self.shown, claim=True)
+        except ConversationBusy as exc:
+            self._refuse_busy(exc, "your message is kept in the prompt; send it when it is done.")
+            return
+        except ConversationChanged as exc:
+            await self._reload_changed(exc, "your message is not sent yet; press Enter to send it.")
+            return
+        self.shown[stored.id] = stored.version
         self.prompt.clear()
         self.prompt.remember(text)
         await self.message_list.add(stored)
@@ -309,6 +440,7 @@ class ChatScreen(Screen[None]):
                 self.pending_conversation_id = conversation.id
                 self.notify("The model is still loading; the answer starts as soon as it is ready.")
             else:
+                self._release_lease()
                 self.notify(
                     "No model is loaded: choose one in Settings (F3). Your message is saved.",
                     severity="error",
@@ -317,15 +449,26 @@ class ChatScreen(Screen[None]):
         try:
             config = self.generation_config(conversation)
         except (MixtralChatError, TypeError, ValueError) as exc:  # bad per-chat settings: say so
+            self._release_lease()
             self.notify(f"Invalid generation settings: {exc}", severity="error")
             return
-        history = self.storage.messages(conversation.id)
+        try:
+            # The history as stored (what another app wrote included) and the answer's row, both
+            # under this app's lease: a chat another app is answering in is refused.
+            answer = self.storage.add_message(
+                conversation.id, "assistant", "", status="streaming", claim=True
+            )
+        except ConversationBusy as exc:
+            self._refuse_busy(exc, "this one does not answer now.")
+            return
+        history = [m for m in self.storage.messages(conversation.id) if m.id != answer.id]
         messages = (
             [{"role": "system", "content": conversation.system_prompt}] if conversation.system_prompt else []
         )
         # Answers that never got a word (stopped at once, failed) carry nothing for the model.
         messages += [{"role": m.role, "content": m.content} for m in history if m.content or m.role == "user"]
-        answer = self.storage.add_message(conversation.id, "assistant", "", status="streaming")
+        if self.conversation_id == conversation.id:
+            self.shown[answer.id] = None
         view = await self.message_list.add(answer)
         await view.start_stream()
         self.generation = ActiveGeneration(
@@ -440,9 +583,12 @@ class ChatScreen(Screen[None]):
         # StorageError: the chat was deleted while the answer was being written.
         with contextlib.suppress(StorageError):
             generation.saver.finish(status, stats)
+        if self.conversation_id == generation.conversation_id and generation.message_id in self.shown:
+            self.shown[generation.message_id] = generation.saver.version
         if generation.view is not None and generation.view.is_attached:
             await generation.view.finish(generation.saver.text, status)
         self.generation = None
+        self._release_lease()
         self.status_bar.update_info(generating=False)
         self.refresh_bindings()
         self.refresh_sidebar()
@@ -455,6 +601,13 @@ class ChatScreen(Screen[None]):
         generation.stop_event.set()
         with contextlib.suppress(StorageError):
             generation.saver.finish("stopped")
+
+    def _release_lease(self) -> None:
+        """This app no longer answers in a chat: other apps may write in it again."""
+        if self.generation is not None or self.pending_conversation_id is not None:
+            return
+        with contextlib.suppress(StorageError):
+            self.storage.release_conversation()
 
     def _show_cache_stats(self, stats: dict[str, Any] | None) -> None:
         if stats is None:
@@ -490,12 +643,15 @@ class ChatScreen(Screen[None]):
             pending, self.pending_conversation_id = self.pending_conversation_id, None
             if pending is not None and pending == self.conversation_id and not self.is_generating:
                 await self.start_generation()
+            else:
+                self._release_lease()
         else:
             self.status_bar.update_info(
                 model="no model", loading=False, scheme="", device="", context_total=None
             )
             if status.state == "failed" and self.pending_conversation_id is not None:
                 self.pending_conversation_id = None
+                self._release_lease()
                 self.notify(
                     "The model did not load, so the saved message was not answered.", severity="warning"
                 )
@@ -545,14 +701,25 @@ class ChatScreen(Screen[None]):
             return
         if self.conversation_id is None:
             return
-        messages = self.storage.messages(self.conversation_id)
+        conversation_id = self.conversation_id
+        # The messages this app shows, as the database still has them (checked again below).
+        messages = [m for m in self.storage.messages(conversation_id) if m.id in self.shown]
         last_user = next((m for m in reversed(messages) if m.role == "user"), None)
         if last_user is None:
             self.notify("Nothing to answer yet.", severity="warning")
             return
-        if messages[-1].id != last_user.id:
-            self.storage.delete_messages_from(self.conversation_id, last_user.id + 1)
-            await self.open_conversation(self.conversation_id)
+        try:
+            deleted = self.storage.delete_messages_from(
+                conversation_id, last_user.id + 1, expected=self.shown, claim=True
+            )
+        except ConversationBusy as exc:
+            self._refuse_busy(exc, "regenerate when it is done.")
+            return
+        except ConversationChanged as exc:
+            await self._reload_changed(exc, "nothing was deleted; press Ctrl+R again to regenerate.")
+            return
+        if deleted:
+            await self.open_conversation(conversation_id)
         await self.start_generation()
 
     @on(MessageView.EditRequested)
@@ -576,13 +743,19 @@ class ChatScreen(Screen[None]):
     async def _resend_edited(self, message_id: int, text: str) -> None:
         """Replace an earlier prompt, drop everything after it, and answer again."""
         self._cancel_edit()
-        try:
-            edited = self.storage.get_message(message_id)
-        except StorageError as exc:
-            self.notify(str(exc), severity="error")
+        conversation_id = self.conversation_id
+        if conversation_id is None or message_id not in self.shown:
+            self.notify("The message being edited is no longer shown.", severity="warning")
             return
-        self.storage.update_message(message_id, text)
-        self.storage.delete_messages_from(edited.conversation_id, message_id + 1)
+        try:
+            self.storage.edit_message(conversation_id, message_id, text, expected=self.shown, claim=True)
+        except ConversationBusy as exc:
+            self._refuse_busy(exc, "your edit is kept in the prompt.")
+            return
+        except ConversationChanged as exc:
+            await self._reload_changed(exc, "nothing was changed; your edit is kept in the prompt.")
+            return
+        edited = self.storage.get_message(message_id)
         self.prompt.clear()
         self.prompt.remember(text)
         await self.open_conversation(edited.conversation_id)
@@ -632,20 +805,24 @@ class ChatScreen(Screen[None]):
         if conversation is None:
             return
         count = len(self.storage.messages(conversation.id))
+        expected = dict(self.shown)  # what the question is about: the messages shown now
 
         async def answered(confirmed: bool | None) -> None:
             if not confirmed:
                 return
+            try:
+                self.storage.delete_conversation(conversation.id, expected=expected)
+            except ConversationBusy as exc:
+                self._refuse_busy(exc, "nothing was deleted.")
+                return
+            except ConversationChanged as exc:
+                await self._reload_changed(exc, "nothing was deleted.")
+                return
             if self.generation is not None and self.generation.conversation_id == conversation.id:
                 self.generation.stop_event.set()
                 self.generation.chat_deleted = True
-            self.storage.delete_conversation(conversation.id)
             self.notify(f"Deleted “{conversation.title}”.")
-            remaining = self.storage.list_conversations()
-            if remaining:
-                await self.open_conversation(remaining[0].id)
-            else:
-                await self.new_chat()
+            await self._open_latest()
 
         self.app.push_screen(
             ConfirmScreen(f"Delete “{conversation.title}” and its {count} messages? This cannot be undone."),

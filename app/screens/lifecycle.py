@@ -1,6 +1,7 @@
 """Lifecycle messages posted from worker threads to the UI (post_message is thread-safe).
 
-`Generation.*` go to the chat screen that runs the answer; `ModelLoad.*` go to the app.
+`Generation.*` go to the chat screen that runs the answer; `ModelLoad.*` go to the app;
+`DatabaseChanged` goes from the app to the chat screen when another instance committed.
 """
 
 from __future__ import annotations
@@ -55,3 +56,7 @@ class ModelLoad:
         serial: int
         spec: str | None  # what the user asked for (None: the default model)
         error: str
+
+
+class DatabaseChanged(Message):
+    """Another connection (another app instance) committed to the conversation database."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -24,16 +25,34 @@ def relative_time(timestamp: float, now: float | None = None) -> str:
     return f"{seconds // 86400:.0f} d"
 
 
-class ConversationList(OptionList):
-    """Conversations, most recently used first; option ids are `chat-<id>`."""
+# Marks a chat that another running mixtral-chat is answering in.
+BUSY_MARK = "● "
+BUSY_STYLE = "bold yellow"
 
-    def show(self, conversations: list[Conversation], current_id: int | None) -> None:
+
+class ConversationList(OptionList):
+    """Conversations, most recently used first; option ids are `chat-<id>`. A chat another app
+    is answering in is marked busy (`busy`: conversation id -> that app's pid)."""
+
+    def show(
+        self,
+        conversations: list[Conversation],
+        current_id: int | None,
+        busy: Mapping[int, int] | None = None,
+    ) -> None:
         now = time.time()
+        busy = busy or {}
         self.clear_options()
         options = []
         for conversation in conversations:
-            label = Text(conversation.title, no_wrap=True, overflow="ellipsis")
-            label.append(f"  {relative_time(conversation.updated_at, now)}", style="dim")
+            label = Text(no_wrap=True, overflow="ellipsis")
+            if conversation.id in busy:
+                label.append(BUSY_MARK, style=BUSY_STYLE)
+            label.append(conversation.title)
+            if conversation.id in busy:
+                label.append("  busy", style=BUSY_STYLE)
+            else:
+                label.append(f"  {relative_time(conversation.updated_at, now)}", style="dim")
             options.append(Option(label, id=f"chat-{conversation.id}"))
         self.add_options(options)
         self.select_conversation(current_id)

@@ -69,6 +69,7 @@ class StatusInfo:
     gpu: tuple[int, int] | None = None
     cache_hit_rate: float | None = None
     generating: bool = False
+    busy_pid: int | None = None  # another app (this pid) is answering in the chat shown
 
 
 class StatusBar(Static):
@@ -100,6 +101,8 @@ class StatusBar(Static):
         if info.device:
             model.append(f" · {info.device}")
         parts.append(model)
+        if info.busy_pid is not None:
+            parts.append(Text(f"busy: answered in pid {info.busy_pid}", style="bold yellow"))
         if info.tok_s is not None:
             parts.append(Text(f"{info.tok_s:.1f} tok/s" + (" …" if info.generating else "")))
         if info.ttft_s is not None:
