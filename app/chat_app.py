@@ -3,13 +3,21 @@
 Start-up never imports torch or the engine's model code: the first screen is drawn, then the
 model loads in a thread worker while the user can already type (a message sent before the model
 is ready is saved and answered when it is).
+
+Several apps may run on one data folder: each registers itself in the database, refreshes its
+heartbeat, and every `sync_interval_s` looks whether another one committed something (PRAGMA
+data_version); if so the chat screen re-reads the sidebar, the busy chats and the chat shown.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import signal
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
@@ -19,10 +27,10 @@ from textual.binding import Binding, BindingType
 from textual.reactive import reactive
 
 from mixtral_chat.app.screens.chat import ChatScreen
-from mixtral_chat.app.screens.lifecycle import ModelLoad
+from mixtral_chat.app.screens.lifecycle import DatabaseChanged, ModelLoad
 from mixtral_chat.app.screens.palette import ChatCommands
 from mixtral_chat.app.settings import Settings, SettingsError, save_settings
-from mixtral_chat.app.storage import Storage
+from mixtral_chat.app.storage import HEARTBEAT_S, Instance, Storage, StorageError
 
 if TYPE_CHECKING:
     from mixtral_chat.engine.runtime import Engine
@@ -32,6 +40,11 @@ if TYPE_CHECKING:
 STARTUP_REPORT_ENV = "MIXTRAL_CHAT_STARTUP_REPORT"
 
 ModelState = Literal["idle", "loading", "ready", "failed"]
+# How often the app looks for other instances' writes.
+SYNC_INTERVAL_S = 1.0
+# Signals that end the app as Ctrl+Q does (partial answer saved, terminal restored); the exit
+# status is the shell's 128 + signal number.
+EXIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP) if hasattr(signal, "SIGHUP") else (signal.SIGTERM,)
 
 
 @dataclass(frozen=True)
@@ -60,6 +73,10 @@ class ChatApp(App[int]):
         model: str | None = None,
         settings_writable: bool = True,
         startup_notice: str | None = None,
+        notices: Sequence[str] = (),
+        handle_signals: bool = False,
+        verify_search_index: bool = False,
+        sync_interval_s: float = SYNC_INTERVAL_S,
     ) -> None:
         super().__init__()
         self.storage = storage
@@ -67,6 +84,15 @@ class ChatApp(App[int]):
         self.model_spec = model if model is not None else settings.model
         self.settings_writable = settings_writable
         self.startup_notice = startup_notice
+        self.startup_notices = list(notices)
+        self.handle_signals = handle_signals
+        self.verify_search_index = verify_search_index
+        self.sync_interval_s = sync_interval_s
+        # Other apps on this database already told about (instance ids).
+        self.known_instances: set[int] = set()
+        self._data_version: int | None = None
+        self._last_heartbeat = 0.0
+        self._signals_installed: list[int] = []
         self.engine: Engine | None = None
         self.chat_screen = ChatScreen()
         self._startup_report = os.environ.get(STARTUP_REPORT_ENV)
@@ -87,6 +113,85 @@ class ChatApp(App[int]):
         self.push_screen(self.chat_screen)
         if self.startup_notice:
             self.notify(self.startup_notice, severity="error", timeout=15)
+        for notice in self.startup_notices:
+            self.notify(notice, severity="warning", timeout=15)
+        self._register_instance()
+        if self.handle_signals:
+            self._install_signal_handlers()
+
+    # -- other instances on this database ---------------------------------------------------------
+
+    def _register_instance(self) -> None:
+        try:
+            self.storage.register_instance()
+            others = self.storage.other_instances()
+            self._data_version = self.storage.data_version()
+        except StorageError as exc:
+            self.notify(str(exc), severity="error", timeout=10)
+            return
+        self._last_heartbeat = time.monotonic()
+        self.known_instances = {instance.id for instance in others}
+        if others:
+            pids = ", ".join(str(instance.pid) for instance in others)
+            self.notify(
+                f"Another mixtral-chat is running (pid {pids}) on this data folder: chats it is "
+                "answering in are marked busy.",
+                title="Another instance",
+                severity="warning",
+                timeout=10,
+            )
+        self.set_interval(self.sync_interval_s, self._sync_tick)
+
+    def _sync_tick(self) -> None:
+        """Heartbeat now and then; if another connection committed, the chat screen re-reads."""
+        try:
+            if time.monotonic() - self._last_heartbeat >= HEARTBEAT_S:
+                self.storage.heartbeat()
+                self._last_heartbeat = time.monotonic()
+            version = self.storage.data_version()
+        except StorageError:  # locked for longer than the busy timeout: try again next tick
+            return
+        if version != self._data_version:
+            self._data_version = version
+            self.chat_screen.post_message(DatabaseChanged())
+
+    def instances_seen(self, others: list[Instance]) -> None:
+        """The other instances as of the latest sync: say when a new one starts."""
+        new = [instance for instance in others if instance.id not in self.known_instances]
+        self.known_instances = {instance.id for instance in others}
+        for instance in new:
+            self.notify(
+                f"Another mixtral-chat started (pid {instance.pid}) on this data folder.",
+                title="Another instance",
+                severity="warning",
+                timeout=8,
+            )
+
+    async def on_unmount(self) -> None:
+        for signum in self._signals_installed:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_signal_handler(signum)
+        with contextlib.suppress(StorageError):
+            self.storage.release_conversation()
+            self.storage.unregister_instance()
+
+    # -- signals ----------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in EXIT_SIGNALS:
+            try:
+                loop.add_signal_handler(signum, self._exit_on_signal, signum)
+            except (NotImplementedError, RuntimeError, ValueError):  # not on this platform/thread
+                continue
+            self._signals_installed.append(signum)
+
+    def _exit_on_signal(self, signum: int) -> None:
+        """SIGTERM/SIGHUP: stop the answer (what was written is saved, marked stopped) and exit
+        through Textual, whose driver restores the terminal."""
+        with contextlib.suppress(Exception):
+            self.chat_screen.save_partial_answer()
+        self.exit(128 + signum)
 
     def screen_interactive(self) -> None:
         """The chat screen is drawn and its prompt focused: typing works from here."""
@@ -102,6 +207,21 @@ class ChatApp(App[int]):
             self.exit(0)
             return
         self.load_model(self.model_spec)
+        if self.verify_search_index:
+            self._verify_search_index()
+
+    @work(thread=True, exclusive=True, group="check-index", exit_on_error=False)
+    def _verify_search_index(self) -> None:
+        """Compare the search index with every message, on a connection of its own (the UI
+        keeps running); a damaged index is rebuilt and the user told."""
+        try:
+            with Storage(self.storage.path) as storage:
+                notices = storage.check_search_index()
+        except StorageError as exc:
+            self.call_from_thread(self.notify, str(exc), severity="error", timeout=15)
+            return
+        for notice in notices:
+            self.call_from_thread(self.notify, notice, severity="warning", timeout=10)
 
     # -- model loading ---------------------------------------------------------------------------
 

@@ -5,6 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mixtral_chat.app.storage import Storage
 
 LOG_FILENAME = "tui.log"
 logger = logging.getLogger("mixtral_chat.tui")
@@ -39,17 +44,70 @@ def error_line(exc: BaseException, what: str) -> str:
     return f"{line} (details in {handlers[0].baseFilename})" if handlers else line
 
 
+NEEDS_TERMINAL = (
+    "mixtral-chat: error: the chat app needs a terminal; use 'mixtral-chat ask \"...\"' for one answer"
+)
+
+
+def has_terminal() -> bool:
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def confirm(question: str) -> bool:
+    """A y/N question on the terminal; anything but yes (or no terminal, or end of input) is no."""
+    if not sys.stdin.isatty():
+        return False
+    try:
+        answer = input(question)
+    except EOFError:
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
+def open_storage(ask: Callable[[str], bool] = confirm) -> tuple[Storage, list[str]] | None:
+    """The conversation database, checked for damage, and notices for the app to show. A
+    damaged file is one line on stderr and an offer to move it aside (never deleted) and start
+    with a fresh database; None if the offer is declined."""
+    from mixtral_chat.app.storage import DamagedDatabaseError, Storage, default_db_path, move_aside
+
+    path = default_db_path()
+    try:
+        storage = Storage(path)
+    except DamagedDatabaseError as exc:
+        damaged = exc
+    else:
+        try:
+            return storage, storage.check()
+        except DamagedDatabaseError as exc:
+            storage.close()
+            damaged = exc
+    print(f"mixtral-chat: error: {damaged}", file=sys.stderr)
+    if not ask(f"Move it aside to {path.name}.damaged-<date> and start with a fresh database? [y/N] "):
+        return None
+    moved = move_aside(path)
+    print(f"mixtral-chat: moved the damaged database to {moved}", file=sys.stderr)
+    return Storage(path), [f"Started with a fresh conversation database; the damaged one is kept as {moved}."]
+
+
 def run_tui(model: str | None = None) -> int:
     """Open the conversation database and the settings, then run the app until the user quits.
 
-    A database that cannot be opened (or is newer than this version) raises before the screen
-    changes, so the CLI prints it as one line. A broken config file does not stop the app: it
-    starts with defaults, says why, and does not overwrite the file.
+    Without a terminal it says so and returns 2 (Textual would draw into a pipe forever). A
+    database that cannot be opened (or is newer than this version) raises before the screen
+    changes, so the CLI prints it as one line; a damaged one is offered to be moved aside. A
+    broken config file does not stop the app: it starts with defaults, says why, and does not
+    overwrite the file. SIGTERM and SIGHUP end the app like Ctrl+Q: the answer being written is
+    saved and the terminal restored.
     """
+    if not has_terminal():
+        print(NEEDS_TERMINAL, file=sys.stderr)
+        return 2
     from mixtral_chat.app.settings import Settings, SettingsError, load_settings
-    from mixtral_chat.app.storage import Storage
 
-    storage = Storage()
+    opened = open_storage()
+    if opened is None:
+        return 1
+    storage, notices = opened
     setup_logging()
     settings_writable = True
     notice = None
@@ -61,7 +119,16 @@ def run_tui(model: str | None = None) -> int:
 
     from mixtral_chat.app.chat_app import ChatApp
 
-    app = ChatApp(storage, settings, model=model, settings_writable=settings_writable, startup_notice=notice)
+    app = ChatApp(
+        storage,
+        settings,
+        model=model,
+        settings_writable=settings_writable,
+        startup_notice=notice,
+        notices=notices,
+        handle_signals=True,
+        verify_search_index=True,
+    )
     try:
         result = app.run()
     finally:
