@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from mixtral_chat.app.terminal import ask_yes_no, has_terminal
+
 if TYPE_CHECKING:
     from mixtral_chat.app.storage import Storage
 
@@ -49,22 +51,7 @@ NEEDS_TERMINAL = (
 )
 
 
-def has_terminal() -> bool:
-    return sys.stdin.isatty() and sys.stdout.isatty()
-
-
-def confirm(question: str) -> bool:
-    """A y/N question on the terminal; anything but yes (or no terminal, or end of input) is no."""
-    if not sys.stdin.isatty():
-        return False
-    try:
-        answer = input(question)
-    except EOFError:
-        return False
-    return answer.strip().lower() in ("y", "yes")
-
-
-def open_storage(ask: Callable[[str], bool] = confirm) -> tuple[Storage, list[str]] | None:
+def open_storage(ask: Callable[[str], bool] = ask_yes_no) -> tuple[Storage, list[str]] | None:
     """The conversation database, checked for damage, and notices for the app to show. A
     damaged file is one line on stderr and an offer to move it aside (never deleted) and start
     with a fresh database; None if the offer is declined."""

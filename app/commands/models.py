@@ -11,6 +11,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, TextIO
 
+from mixtral_chat.app.terminal import ask_yes_no
+
 if TYPE_CHECKING:
     from mixtral_chat.engine.registry import ModelEntry, PullProgress
 
@@ -228,7 +230,7 @@ def _rm(args: argparse.Namespace) -> int:
     delete_hf = bool(args.hf_cache)
     copy = registry.hf_cache_copy(args.name)
     if copy is not None and not delete_hf and not args.keep_hf_cache:
-        delete_hf = _ask_yes_no(
+        delete_hf = ask_yes_no(
             f"Also delete the Hugging Face cache copy ({_size(copy.size)}, shared with other tools) "
             f"at {copy.path}? [y/N] "
         )
@@ -252,18 +254,6 @@ def _rm(args: argparse.Namespace) -> int:
             f"tools use it); delete it with `mixtral-chat models rm {removal.name} --hf-cache`"
         )
     return 0
-
-
-def _ask_yes_no(question: str) -> bool:
-    """A [y/N] question on a terminal; no terminal, EOF or anything but yes means no."""
-    if not sys.stdin.isatty():
-        return False
-    try:
-        answer = input(question)
-    except EOFError:
-        print()
-        return False
-    return answer.strip().lower() in ("y", "yes")
 
 
 # ---------------------------------------------------------------------------------------------
