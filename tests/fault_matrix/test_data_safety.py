@@ -9,7 +9,6 @@ subprocess, the real engine on the suite's tiny random-weight Mixtral.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import signal
@@ -25,8 +24,10 @@ import pytest
 
 pytest.importorskip("textual")
 
+import test_tui
 from conftest import run_cli
-from textual.pilot import Pilot
+from test_tui import type_text
+from test_tui_snapshots import wait_for
 
 from mixtral_chat.app.chat_app import ChatApp
 from mixtral_chat.app.screens.dialogs import ConfirmScreen
@@ -39,24 +40,10 @@ SIZE = (120, 40)
 NEVER_S = 10_000.0
 
 
-@pytest.fixture(scope="module")
-def chat_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny Mixtral with a 4096-token context, so an answer streams long enough to act on."""
-    directory = tmp_path_factory.mktemp("fault-tiny")
-    for file in tiny_model_dir.iterdir():
-        shutil.copy(file, directory / file.name)
-    config = json.loads((directory / "config.json").read_text())
-    config["max_position_embeddings"] = 4096
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
-    return directory
-
-
-@pytest.fixture
-def home(isolated_home: Path) -> Path:
-    import torch
-
-    torch.set_num_threads(1)
-    return isolated_home
+# test_tui's fixtures: the tiny Mixtral with a 4096-token context (an answer streams long enough
+# to act on), and an isolated home with one compute thread.
+chat_model_dir = test_tui.chat_model_dir
+home = test_tui.home
 
 
 def db_path(home: Path) -> Path:
@@ -68,18 +55,6 @@ def make_app(model_dir: Path, max_tokens: int = 8, sync_interval_s: float = 0.2)
     settings.generation = GenerationDefaults(temperature=0.0, top_p=1.0, max_tokens=max_tokens)
     app = ChatApp(Storage(), settings, model=str(model_dir), sync_interval_s=sync_interval_s)
     return record_notifications(app)
-
-
-async def wait_for(condition: Callable[[], object], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-async def type_text(pilot: Pilot, text: str) -> None:
-    await pilot.press(*["space" if ch == " " else ch for ch in text])
 
 
 def rows(conversation_id: int) -> list[tuple[int, str, str, str]]:
@@ -197,9 +172,15 @@ def test_an_instance_changes_only_the_messages_it_shows(home: Path, chat_model_d
                 )
                 after = rows(chat_id)
                 assert after[:5] == with_b2[:5] and after[5][1:3] == ("assistant", "complete")
-                await wait_for(lambda: shown_ids(app_b) == [row[0] for row in after], "B to show A's answer")
+                # B's views follow the database: the ids first, then the answer's text as it renders.
+                await wait_for(
+                    lambda: (
+                        shown_ids(app_b) == [row[0] for row in after]
+                        and app_b.chat_screen.message_list.views[-1].text == after[5][3]
+                    ),
+                    "B to show A's answer",
+                )
                 assert app_b.chat_screen.message_list.view_for(with_b2[-1][0]) is None
-                assert app_b.chat_screen.message_list.views[-1].text == after[5][3]
 
     asyncio.run(scenario())
 

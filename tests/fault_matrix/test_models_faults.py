@@ -23,7 +23,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from hub_server import HubServer, isolate_hf_env, tiny_mixtral_files
+import test_models
+from hub_server import HubServer
+from test_models import cli_in_process, run_cli
 
 from mixtral_chat.engine import hub, registry
 
@@ -32,27 +34,9 @@ TWIN = "other/tiny-twin"  # the same files under another repo id: blobs two repo
 SHARD1 = "model-00001-of-00002.safetensors"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-
-def quant_available() -> bool:
-    try:
-        from mixtral_chat.quant import quantize_model_dir  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_quant = pytest.mark.skipif(not quant_available(), reason="mixtral_chat.quant is not available")
-
-
-@pytest.fixture(scope="module")
-def tiny_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
-    return tiny_mixtral_files(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """Isolated mixtral-chat home and Hugging Face cache, for this process and CLI subprocesses."""
-    return isolate_hf_env(monkeypatch, tmp_path / "hf", MIXTRAL_CHAT_HOME=str(tmp_path / "home"))
+# test_models' fixtures: an isolated mixtral-chat home and Hugging Face cache; the tiny repo's files.
+env = test_models.env
+tiny_files = test_models.tiny_files
 
 
 @pytest.fixture
@@ -63,30 +47,6 @@ def server(env: dict[str, str], tiny_files: dict[str, bytes], monkeypatch: pytes
         monkeypatch.setenv("HF_ENDPOINT", srv.endpoint)
         env["HF_ENDPOINT"] = srv.endpoint
         yield srv
-
-
-def run_cli(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    """The real `mixtral-chat` in a subprocess; stdin is empty (not a terminal)."""
-    full_env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
-    full_env.update(env)
-    return subprocess.run(
-        [sys.executable, "-m", "mixtral_chat.app.cli", *args],
-        input="",
-        capture_output=True,
-        text=True,
-        env=full_env,
-        timeout=timeout,
-        cwd=REPO_ROOT,
-    )
-
-
-def cli_in_process(capfd: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess[str]:
-    from mixtral_chat.app.cli import main
-
-    capfd.readouterr()
-    code = main(list(args))
-    out, err = capfd.readouterr()
-    return subprocess.CompletedProcess(list(args), code, out, err)
 
 
 def error_line(result: subprocess.CompletedProcess[str]) -> str:
@@ -170,7 +130,6 @@ def test_rm_keeps_the_hf_cache_copy_of_a_repo_huggingface_hub_fetched(server: Hu
     assert again.returncode == 1 and f"unknown model '{REPO}'" in error_line(again)
 
 
-@needs_quant
 def test_rm_deletes_only_the_quantized_copy_mixtral_chat_made(server: HubServer, env, tiny_files):
     snapshot = hf_fetch(REPO, server.endpoint)
     before = snapshot_bytes(snapshot)
@@ -388,7 +347,6 @@ def test_a_damaged_registry_does_not_block_ask_with_a_model_directory(
 # The default model's quantized copy is missing.
 
 
-@needs_quant
 def test_a_missing_quantized_copy_of_the_default_model_is_reported_not_replaced(server: HubServer, env):
     entry = registry.pull_model(REPO, scheme="int4")
     assert entry.is_default and entry.quantized_path is not None and entry.original_path is not None
