@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -10,9 +9,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from mixtral_chat.engine.checkpoint import INDEX_FILE, SINGLE_FILE, hf_to_module_name, read_weight_map
 from mixtral_chat.engine.errors import QuantizationError, WeightsError
 from mixtral_chat.engine.safetensors_io import read_header, read_tensor
-from mixtral_chat.engine.weights import hf_to_module_name
 from mixtral_chat.quant.blob import ExpertBlobLayout, expert_linears_from_blob
 from mixtral_chat.quant.common import (
     EXPERT_LINEARS,
@@ -28,8 +27,6 @@ from mixtral_chat.quant.common import (
 from mixtral_chat.quant.config import QuantConfig
 from mixtral_chat.quant.schemes import NoneScheme, QuantScheme, get_scheme
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 # A stored part of a quantized attention projection: `model.layers.0.self_attn.q_proj.scales`.
 _ATTENTION_PART = re.compile(
     r"^((?:model\.)?layers\.\d+\.self_attn\.(?:q_proj|k_proj|v_proj|o_proj))\.(\w+)$"
@@ -218,14 +215,9 @@ def quantize_state_dict(scheme: QuantScheme, state_dict: Mapping[str, Tensor]) -
 
 def shard_files(model_dir: Path) -> list[Path]:
     """The safetensors shards of a directory (from its index, or the single file)."""
-    index = model_dir / INDEX_FILE
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = sorted({str(v) for v in weight_map.values()})
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise WeightsError(f"{index}: not a valid safetensors index ({exc})") from None
-        paths = [model_dir / f for f in files]
+    weight_map = read_weight_map(model_dir)
+    if weight_map is not None:
+        paths = [model_dir / f for f in sorted(set(weight_map.values()))]
         for path in paths:
             if not path.exists():
                 raise WeightsError(f"{path}: shard listed in {INDEX_FILE} is missing")

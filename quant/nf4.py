@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from mixtral_chat.engine.checkpoint import BNB_QUANT_TYPES
 from mixtral_chat.engine.errors import QuantizationError
 from mixtral_chat.quant.bnb import bitsandbytes, bnb_functional
 from mixtral_chat.quant.common import PartSpec
@@ -30,7 +31,7 @@ NF4_BLOCKSIZES = (32, 64, 128, 256)
 NF4_DEFAULT_BLOCKSIZE = 64
 NESTED_BLOCKSIZE = 256  # bnb's block size for double quantization of absmax
 # bnb's 4-bit code books: ours is always nf4; bitsandbytes checkpoints may also hold fp4.
-QUANT_TYPES = ("nf4", "fp4")
+QUANT_TYPES = BNB_QUANT_TYPES
 # Values quantized per bnb call: bounds the float32 copy to ~64 MB whatever the matrix size.
 _CHUNK_ELEMENTS = 1 << 24
 
