@@ -68,6 +68,21 @@ def read_weight_map(model_dir: str | Path) -> dict[str, str] | None:
     return weight_map
 
 
+def shard_files(model_dir: Path) -> list[Path]:
+    """The safetensors shards of a directory (from its index, or the single file)."""
+    weight_map = read_weight_map(model_dir)
+    if weight_map is not None:
+        paths = [model_dir / f for f in sorted(set(weight_map.values()))]
+        for path in paths:
+            if not path.exists():
+                raise WeightsError(f"{path}: shard listed in {INDEX_FILE} is missing")
+        return paths
+    single = model_dir / SINGLE_FILE
+    if single.exists():
+        return [single]
+    raise WeightsError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE} found")
+
+
 def quantization_config(model_dir: str | Path) -> Any:
     """config.json's `quantization_config`, the mark of a checkpoint transformers saved quantized
     (None when it has none or cannot be read: reading the model's config reports that)."""

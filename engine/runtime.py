@@ -10,14 +10,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from mixtral_chat.engine import checkpoint as ckpt
+from mixtral_chat.engine.config import ModelArgs
 from mixtral_chat.engine.errors import ContextTooLongError, MixtralChatError, OutOfMemoryError
+from mixtral_chat.engine.tokenizer import StreamingDetokenizer, Tokenizer
 
 if TYPE_CHECKING:
     import torch
 
     from mixtral_chat.engine.model import Mixtral
     from mixtral_chat.engine.offload import ExpertOffloader
-    from mixtral_chat.engine.tokenizer import Tokenizer
 
 DEFAULT_CONTEXT = 4096
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -144,8 +145,7 @@ class Engine:
     ) -> Engine:
         import torch
 
-        from mixtral_chat.engine.tokenizer import Tokenizer
-        from mixtral_chat.engine.weights import load_model
+        from mixtral_chat.engine.weights import load_model  # (torch)
 
         model_dir = Path(model_dir)
         torch_device = resolve_device(device)
@@ -288,8 +288,7 @@ class Engine:
         stream: ChatStream,
         dropped: int,
     ) -> Iterator[str]:
-        from mixtral_chat.engine.generate import SamplingParams, TokenStreamState, generate_tokens
-        from mixtral_chat.engine.tokenizer import StreamingDetokenizer
+        from mixtral_chat.engine.generate import SamplingParams, TokenStreamState, generate_tokens  # (torch)
 
         params = SamplingParams(config.temperature, config.top_p, config.top_k)
         detok = StreamingDetokenizer(self.tokenizer)
@@ -385,8 +384,7 @@ def _offload_if_needed(
     else offloading with the planner, the experts in host RAM (GPU) or read from disk (CPU)."""
     import dataclasses
 
-    from mixtral_chat.engine.config import ModelArgs
-    from mixtral_chat.engine.weights import loaded_weight_bytes
+    from mixtral_chat.engine.weights import loaded_weight_bytes  # (torch)
 
     args = ModelArgs.from_hf_config(model_dir)
     ctx = min(context_length or DEFAULT_CONTEXT, args.max_position_embeddings)

@@ -27,6 +27,8 @@ from mixtral_chat.engine.config import ModelArgs
 from mixtral_chat.engine.errors import QuantizationError, WeightsError
 from mixtral_chat.engine.model import Mixtral
 from mixtral_chat.engine.safetensors_io import SAFETENSORS_DTYPES, check_finite, read_header, read_tensor
+from mixtral_chat.quant.bnb_checkpoint import load_bnb_4bit_weights, read_bnb_4bit_config
+from mixtral_chat.quant.load import load_quantized_model_weights, quantize_model_in_memory
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _FLOAT_DTYPES = {"F32", "F16", "BF16"}
@@ -170,15 +172,11 @@ def load_model(
     device = torch.device(device)
     kind = ckpt.detect(model_dir).kind
     if kind == ckpt.QUANTIZED:
-        from mixtral_chat.quant import load_quantized_model_weights
-
         load_quantized_model_weights(model, model_dir, device, dtype, skip_experts=skip_experts)
     elif skip_experts:
         raise ValueError("skip_experts needs a quantized model directory")
     elif kind == ckpt.BNB_4BIT:
         # A checkpoint transformers saved quantized: bitsandbytes 4-bit is loaded as it is.
-        from mixtral_chat.quant.bnb_checkpoint import load_bnb_4bit_weights, read_bnb_4bit_config
-
         described = read_bnb_4bit_config(model_dir).describe()  # other kinds: a clear error
         if quant and quant != "none":
             raise QuantizationError(f"{model_dir}: already 4-bit ({described}); load it without --quant")
@@ -198,8 +196,6 @@ def load_model(
             state["lm_head.weight"] = state["embed_tokens.weight"]
         model.load_state_dict(state, strict=True, assign=True)
         if quant and quant != "none":
-            from mixtral_chat.quant import quantize_model_in_memory
-
             quantize_model_in_memory(model, quant, group_size)
     model.requires_grad_(False)
     return model.eval()

@@ -29,12 +29,19 @@ from typing import Any, BinaryIO
 import torch
 from torch import Tensor, nn
 
-from mixtral_chat.engine.checkpoint import bnb_4bit_settings, hf_to_module_name, module_to_hf_name
+from mixtral_chat.engine.checkpoint import (
+    bnb_4bit_settings,
+    hf_to_module_name,
+    module_to_hf_name,
+    shard_files,
+)
 from mixtral_chat.engine.errors import QuantizationError, WeightsError
 from mixtral_chat.engine.safetensors_io import read_header, read_tensor, tensor_nbytes
+from mixtral_chat.quant.assemble import RuntimeAssembler
 from mixtral_chat.quant.bnb import bnb_functional
-from mixtral_chat.quant.common import find_linear, is_quantizable, set_submodule
-from mixtral_chat.quant.nf4 import NESTED_BLOCKSIZE, QUANT_TYPES, Nf4Linear, check_nf4_parts, dequantize_nf4
+from mixtral_chat.quant.common import NESTED_BLOCKSIZE, find_linear, is_quantizable, set_submodule
+from mixtral_chat.quant.nf4 import QUANT_TYPES, Nf4Linear, check_nf4_parts, dequantize_nf4
+from mixtral_chat.quant.schemes import NoneScheme
 
 # `P.weight.<item>`: an item of bnb's packed QuantState dict.
 _STATE_ITEM = re.compile(
@@ -217,9 +224,6 @@ def load_bnb_4bit_weights(
     """Fill `model` (built on the meta device) from a bitsandbytes 4-bit checkpoint, tensor by
     tensor: 4-bit attention/expert linears become `Nf4Linear`s computing in `dtype` on `device`,
     the rest is assigned in `dtype`. Everything is checked against the headers before any read."""
-    from mixtral_chat.quant.load import RuntimeAssembler, shard_files
-    from mixtral_chat.quant.schemes import NoneScheme
-
     model_dir = Path(model_dir)
     config = read_bnb_4bit_config(model_dir)
     device = torch.device(device)

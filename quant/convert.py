@@ -28,7 +28,13 @@ from typing import Any
 import torch
 
 from mixtral_chat.engine import checkpoint as ckpt
-from mixtral_chat.engine.checkpoint import CONFIG_FILE, INDEX_FILE, QUANT_CONFIG_FILE, read_weight_map
+from mixtral_chat.engine.checkpoint import (
+    CONFIG_FILE,
+    INDEX_FILE,
+    QUANT_CONFIG_FILE,
+    read_weight_map,
+    shard_files,
+)
 from mixtral_chat.engine.errors import QuantizationError, WeightsError
 from mixtral_chat.engine.safetensors_io import (
     check_finite,
@@ -55,7 +61,6 @@ from mixtral_chat.quant.config import (
     utc_now,
     write_json_atomic,
 )
-from mixtral_chat.quant.load import shard_files
 from mixtral_chat.quant.schemes import NoneScheme, QuantScheme, get_scheme
 from mixtral_chat.quant.st_io import StreamWriter
 from mixtral_chat.quant.workdir import PROGRESS_FILE, partial_dir
