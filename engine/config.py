@@ -7,19 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mixtral_chat.engine.checkpoint import CONFIG_FILE
 from mixtral_chat.engine.errors import ConfigError
-
-CONFIG_FILE = "config.json"
-
-
-def quantization_config(model_dir: str | Path) -> Any:
-    """config.json's `quantization_config`, the mark of a checkpoint transformers saved quantized
-    (None when it has none or cannot be read: reading the model's config reports that)."""
-    try:
-        raw = json.loads((Path(model_dir) / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    return raw.get("quantization_config") if isinstance(raw, dict) else None
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mixtral_chat.engine.checkpoint import module_to_hf_name
 from mixtral_chat.engine.errors import MixtralChatError, WeightsError
 from mixtral_chat.engine.model import Mixtral
 
@@ -137,7 +138,6 @@ def check_logits(model: Mixtral, logits: Tensor) -> None:
     """
     if not bool(torch.isnan(logits.sum())) or not bool(torch.isnan(logits).any()):
         return
-    from mixtral_chat.engine.weights import module_to_hf_name
 
     # state_dict: the weights and persistent buffers (quantized parts), not the KV cache, which
     # a NaN forward has filled with NaN too.

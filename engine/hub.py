@@ -35,12 +35,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
-from mixtral_chat.engine.errors import CacheError, MixtralChatError
+from mixtral_chat.engine.checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, read_weight_map
+from mixtral_chat.engine.errors import CacheError, MixtralChatError, WeightsError
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-CONFIG_FILE = "config.json"
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_WEIGHTS_FILE = "model.safetensors"
+SINGLE_WEIGHTS_FILE = SINGLE_FILE
 TOKENIZER_FILE = "tokenizer.model"
 # Fetched when the repo has them; never anything else (no .bin/.pt/.pth pickles, no consolidated.*).
 OPTIONAL_FILES = (
@@ -174,12 +173,11 @@ def snapshot_dir(repo_id: str, commit: str, cache_dir: Path | None = None) -> Pa
 
 def weight_files(model_dir: Path) -> list[str] | None:
     """The safetensors files a model directory needs (from its index), or None if it cannot say."""
-    index = model_dir / INDEX_FILE
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+    try:
+        weight_map = read_weight_map(model_dir)
+    except WeightsError:
+        return None
+    if weight_map is not None:
         return sorted(set(weight_map.values()))
     if (model_dir / SINGLE_WEIGHTS_FILE).exists():
         return [SINGLE_WEIGHTS_FILE]

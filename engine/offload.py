@@ -25,17 +25,18 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
 import torch
 from torch import Tensor, nn
 
+from mixtral_chat.engine.config import ModelArgs
 from mixtral_chat.engine.errors import MixtralChatError, OutOfMemoryError
 from mixtral_chat.engine.expert_cache import CacheCounters, SlotMap, make_policy
-from mixtral_chat.engine.model import Mixtral, SparseMoE
-
-if TYPE_CHECKING:
-    from mixtral_chat.quant.load import ExpertBlobReader
+from mixtral_chat.engine.model import Expert, Mixtral, SparseMoE
+from mixtral_chat.engine.paths import data_dir
+from mixtral_chat.quant.blob import expert_linears_from_blob
+from mixtral_chat.quant.load import ExpertBlobReader
 
 _ALIGN = 64  # bytes: every tensor inside a blob starts on a 64-byte boundary
 
@@ -246,11 +247,6 @@ class StoredExperts:
 
     @classmethod
     def open(cls, model_dir: Path, device: torch.device, dtype: torch.dtype) -> StoredExperts | None:
-        from mixtral_chat.engine.config import ModelArgs
-        from mixtral_chat.engine.model import Expert
-        from mixtral_chat.quant.blob import expert_linears_from_blob
-        from mixtral_chat.quant.load import ExpertBlobReader
-
         reader = ExpertBlobReader(model_dir)
         args = ModelArgs.from_hf_config(model_dir)
         if not reader.experts():
@@ -545,8 +541,6 @@ class ExpertOffloader:
             template = layers[0].block_sparse_moe.experts[0]
             layout = ExpertLayout.of(template)
             if plan.store == "disk":
-                from mixtral_chat.engine.paths import data_dir
-
                 path = store_path or data_dir() / "offload" / f"experts-{os.getpid()}-{id(self)}.pack"
                 self.store = DiskStore(layout, L, E, path)
             else:

@@ -30,8 +30,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mixtral_chat.engine import checkpoint as ckpt
 from mixtral_chat.engine import hub, paths
-from mixtral_chat.engine.config import ModelArgs, quantization_config
+from mixtral_chat.engine.checkpoint import CONFIG_FILE, read_quant_config_json
+from mixtral_chat.engine.config import ModelArgs
 from mixtral_chat.engine.errors import ConfigError, MixtralChatError, ModelNotFoundError, QuantizationError
 
 REGISTRY_FILE = "models.json"
@@ -417,7 +419,7 @@ def validate_config(raw: Any, source: str) -> ModelArgs:
 
 
 def _validate_model_dir(path: Path) -> ModelArgs:
-    config = path / "config.json"
+    config = path / CONFIG_FILE
     if not config.is_file():
         raise ModelNotFoundError(f"{path} has no config.json: not a model directory")
     try:
@@ -427,7 +429,7 @@ def _validate_model_dir(path: Path) -> ModelArgs:
     args = validate_config(raw, str(config))
     if not (path / hub.TOKENIZER_FILE).is_file():
         raise ModelNotFoundError(f"{path} has no tokenizer.model (mixtral-chat needs the sentencepiece file)")
-    quantized = (path / "quant_config.json").is_file()
+    quantized = ckpt.detect(path).kind == ckpt.QUANTIZED
     if not quantized and not hub.weight_files(path):
         raise ModelNotFoundError(f"{path} has no safetensors weights")
     return args
@@ -505,7 +507,7 @@ def _original_path(item: _Known) -> Path | None:
 
 def _quantized_path(item: _Known) -> Path | None:
     recorded = item.record.get("quantized_path")
-    if recorded and (Path(recorded) / "config.json").is_file():
+    if recorded and (Path(recorded) / CONFIG_FILE).is_file():
         return Path(recorded)
     return None
 
@@ -515,7 +517,7 @@ def _entry(item: _Known, default: str | None) -> ModelEntry:
     is_default = default is not None and default == item.name
     if item.source == "bundled":
         path = demo_dir()
-        exists = (path / "config.json").is_file()
+        exists = (path / CONFIG_FILE).is_file()
         return ModelEntry(
             name=item.name,
             source="bundled",
@@ -535,8 +537,8 @@ def _entry(item: _Known, default: str | None) -> ModelEntry:
         )
     if item.source == "local":
         path = Path(record["path"])
-        exists = (path / "config.json").is_file()
-        quant = _read_quant_config(path) if exists else None
+        exists = (path / CONFIG_FILE).is_file()
+        quant = read_quant_config_json(path) if exists else None
         return ModelEntry(
             name=item.name,
             source="local",
@@ -599,22 +601,12 @@ def _cached_repo_bytes(repo_id: str) -> int:
     return hub.directory_size(hub.repo_storage_dir(repo_id) / "blobs")
 
 
-def _read_quant_config(path: Path) -> dict[str, Any] | None:
-    try:
-        raw = json.loads((path / "quant_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return raw if isinstance(raw, dict) else None
-
-
 def _prequantized_scheme(path: Path | None) -> str | None:
     """ "nf4 (bitsandbytes)" for a checkpoint transformers saved 4-bit; None for a float one."""
     if path is None:
         return None
-    config = quantization_config(path)
-    if not isinstance(config, dict) or not config.get("load_in_4bit"):
-        return None
-    return f"{config.get('bnb_4bit_quant_type', 'fp4')} (bitsandbytes)"
+    found = ckpt.detect(path)
+    return found.label if found.kind == ckpt.BNB_4BIT else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -688,7 +680,7 @@ def _unknown_message(spec: str) -> str:
 
 def _resolve_demo(no_default: bool = False) -> ResolvedModel:
     path = demo_dir()
-    if not (path / "config.json").is_file():
+    if not (path / CONFIG_FILE).is_file():
         hint = "no model is installed and " if no_default else ""
         raise ModelNotFoundError(
             f"{hint}the bundled demo model is missing from {path}; reinstall mixtral-chat or run "
@@ -702,7 +694,7 @@ def _resolve_path(path: Path) -> ResolvedModel:
     if not path.is_dir():
         raise ModelNotFoundError(f"{path} is not a directory (a model directory holds config.json)")
     _validate_model_dir(path)
-    quant = _read_quant_config(path)
+    quant = read_quant_config_json(path)
     is_demo = path == demo_dir().resolve()
     return ResolvedModel(
         name=DEMO_NAME if is_demo else path.name,
@@ -792,9 +784,9 @@ def model_info(name: str) -> ModelDetails:
     entry = get_model(name)
     architecture: dict[str, Any] = {}
     config_source: Any = None
-    if entry.path is not None and (entry.path / "config.json").is_file():
+    if entry.path is not None and (entry.path / CONFIG_FILE).is_file():
         with contextlib.suppress(OSError, ValueError):
-            config_source = json.loads((entry.path / "config.json").read_text(encoding="utf-8"))
+            config_source = json.loads((entry.path / CONFIG_FILE).read_text(encoding="utf-8"))
     elif entry.catalog is not None and entry.catalog.repo_id is not None:
         config_source = MIXTRAL_8X7B_CONFIG
     if config_source is not None:
@@ -815,7 +807,7 @@ def model_info(name: str) -> ModelDetails:
         for file in sorted(entry.path.iterdir()):
             with contextlib.suppress(OSError):
                 files.append((file.name, file.stat().st_size))
-    quant = _read_quant_config(entry.path) if entry.path is not None else None
+    quant = read_quant_config_json(entry.path) if entry.path is not None else None
     return ModelDetails(entry=entry, architecture=architecture, files=files, quant_config=quant)
 
 
@@ -1135,7 +1127,7 @@ def pull_model(
             args = validate_config(config, f"{repo_id}/config.json")
             prequantized = config.get("quantization_config") is not None
             needs = [(hub.hub_cache_dir(), to_download, "to download")]
-            if quant_dir is not None and not prequantized and not (quant_dir / "config.json").is_file():
+            if quant_dir is not None and not prequantized and not (quant_dir / CONFIG_FILE).is_file():
                 needs.append(
                     (quant_dir.parent, quantized_size_estimate(args, estimate_group), "for the 4-bit copy")
                 )
@@ -1172,7 +1164,7 @@ def pull_model(
             if not data.get("default"):
                 data["default"] = item.name  # the first real model becomes the default
 
-        prequantized = prequantized or quantization_config(snapshot.path) is not None
+        prequantized = prequantized or ckpt.detect(snapshot.path).quantization_config is not None
         if quantizer is not None and quant_dir is not None and scheme is not None and not prequantized:
             _quantize(
                 item.name, quantizer, snapshot.path, quant_dir, scheme, estimate_group, progress, cancel
@@ -1212,11 +1204,11 @@ def _quantize(
     previous = record.get("quantized_path")
     already = (
         previous == str(dst)
-        and (dst / "config.json").is_file()
+        and (dst / CONFIG_FILE).is_file()
         and record.get("scheme") == scheme
         and record.get("group_size") == group_size
     )
-    existing = _read_quant_config(dst) if (dst / "config.json").is_file() else None
+    existing = read_quant_config_json(dst) if (dst / CONFIG_FILE).is_file() else None
     if not already and existing is not None:
         # Quantized earlier (the registry lost track, or another pull finished it): reuse it if it
         # matches, refuse to overwrite it if not.

@@ -9,14 +9,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from mixtral_chat.engine import checkpoint as ckpt
+from mixtral_chat.engine.config import ModelArgs
 from mixtral_chat.engine.errors import ContextTooLongError, MixtralChatError, OutOfMemoryError
+from mixtral_chat.engine.tokenizer import StreamingDetokenizer, Tokenizer
 
 if TYPE_CHECKING:
     import torch
 
     from mixtral_chat.engine.model import Mixtral
     from mixtral_chat.engine.offload import ExpertOffloader
-    from mixtral_chat.engine.tokenizer import Tokenizer
 
 DEFAULT_CONTEXT = 4096
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -143,8 +145,7 @@ class Engine:
     ) -> Engine:
         import torch
 
-        from mixtral_chat.engine.tokenizer import Tokenizer
-        from mixtral_chat.engine.weights import QUANT_CONFIG_FILE, load_model
+        from mixtral_chat.engine.weights import load_model  # (torch)
 
         model_dir = Path(model_dir)
         torch_device = resolve_device(device)
@@ -157,7 +158,8 @@ class Engine:
             offload, shortfall = _offload_if_needed(
                 model_dir, torch_device, torch_dtype, context_length, offload
             )
-        own_quantized = (model_dir / QUANT_CONFIG_FILE).exists()  # made by `mixtral-chat quantize`
+        found = ckpt.detect(model_dir)
+        own_quantized = found.kind == ckpt.QUANTIZED  # made by `mixtral-chat quantize`
         try:
             if offload and own_quantized and not quant:
                 from mixtral_chat.engine.offload import StoredExperts
@@ -166,9 +168,7 @@ class Engine:
                 stored = StoredExperts.open(model_dir, torch_device, torch_dtype)
             if shortfall and torch_device.type == "cpu" and stored is None:
                 # Offloading a model that is not streamed from its files loads it whole first.
-                from mixtral_chat.engine.config import quantization_config
-
-                prequantized = own_quantized or quantization_config(model_dir)
+                prequantized = own_quantized or found.quantization_config
                 how = (
                     "its experts cannot be read from the files in place on this machine"
                     if prequantized
@@ -218,14 +218,11 @@ class Engine:
             )
         scheme = quant or "none"
         if own_quantized:
-            import json
+            scheme = str(found.scheme or "unknown")
+        elif found.kind == ckpt.BNB_4BIT:
+            from mixtral_chat.quant.bnb_checkpoint import read_bnb_4bit_config  # (torch)
 
-            scheme = str(json.loads((model_dir / QUANT_CONFIG_FILE).read_text()).get("scheme", "unknown"))
-        else:
-            from mixtral_chat.quant.bnb_checkpoint import is_bnb_4bit_checkpoint, read_bnb_4bit_config
-
-            if is_bnb_4bit_checkpoint(model_dir):
-                scheme = read_bnb_4bit_config(model_dir).describe()  # "nf4 (bitsandbytes checkpoint)"
+            scheme = read_bnb_4bit_config(model_dir).describe()  # "nf4 (bitsandbytes checkpoint)"
         info = EngineInfo(
             name=name or model_dir.name,
             path=model_dir,
@@ -291,8 +288,7 @@ class Engine:
         stream: ChatStream,
         dropped: int,
     ) -> Iterator[str]:
-        from mixtral_chat.engine.generate import SamplingParams, TokenStreamState, generate_tokens
-        from mixtral_chat.engine.tokenizer import StreamingDetokenizer
+        from mixtral_chat.engine.generate import SamplingParams, TokenStreamState, generate_tokens  # (torch)
 
         params = SamplingParams(config.temperature, config.top_p, config.top_k)
         detok = StreamingDetokenizer(self.tokenizer)
@@ -388,8 +384,7 @@ def _offload_if_needed(
     else offloading with the planner, the experts in host RAM (GPU) or read from disk (CPU)."""
     import dataclasses
 
-    from mixtral_chat.engine.config import ModelArgs
-    from mixtral_chat.engine.weights import loaded_weight_bytes
+    from mixtral_chat.engine.weights import loaded_weight_bytes  # (torch)
 
     args = ModelArgs.from_hf_config(model_dir)
     ctx = min(context_length or DEFAULT_CONTEXT, args.max_position_embeddings)

@@ -15,25 +15,23 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mixtral_chat.engine.checkpoint_index import INDEX_FILE, read_weight_map
-from mixtral_chat.engine.config import ModelArgs, quantization_config
+from mixtral_chat.engine import checkpoint as ckpt
+from mixtral_chat.engine.checkpoint import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    hf_to_module_name,
+    module_to_hf_name,
+    read_weight_map,
+)
+from mixtral_chat.engine.config import ModelArgs
 from mixtral_chat.engine.errors import QuantizationError, WeightsError
 from mixtral_chat.engine.model import Mixtral
 from mixtral_chat.engine.safetensors_io import SAFETENSORS_DTYPES, check_finite, read_header, read_tensor
+from mixtral_chat.quant.bnb_checkpoint import load_bnb_4bit_weights, read_bnb_4bit_config
+from mixtral_chat.quant.load import load_quantized_model_weights, quantize_model_in_memory
 
-SINGLE_FILE = "model.safetensors"
-QUANT_CONFIG_FILE = "quant_config.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _FLOAT_DTYPES = {"F32", "F16", "BF16"}
-
-
-def hf_to_module_name(key: str) -> str:
-    """`model.layers.0.self_attn.q_proj.weight` -> `layers.0.self_attn.q_proj.weight`."""
-    return key.removeprefix("model.")
-
-
-def module_to_hf_name(name: str) -> str:
-    return name if name.startswith("lm_head.") else f"model.{name}"
 
 
 @dataclass(frozen=True)
@@ -172,16 +170,13 @@ def load_model(
     args = ModelArgs.from_hf_config(model_dir)
     model = build_on_meta(args)
     device = torch.device(device)
-    if (model_dir / QUANT_CONFIG_FILE).exists():
-        from mixtral_chat.quant import load_quantized_model_weights
-
+    kind = ckpt.detect(model_dir).kind
+    if kind == ckpt.QUANTIZED:
         load_quantized_model_weights(model, model_dir, device, dtype, skip_experts=skip_experts)
     elif skip_experts:
         raise ValueError("skip_experts needs a quantized model directory")
-    elif quantization_config(model_dir) is not None:
+    elif kind == ckpt.BNB_4BIT:
         # A checkpoint transformers saved quantized: bitsandbytes 4-bit is loaded as it is.
-        from mixtral_chat.quant.bnb_checkpoint import load_bnb_4bit_weights, read_bnb_4bit_config
-
         described = read_bnb_4bit_config(model_dir).describe()  # other kinds: a clear error
         if quant and quant != "none":
             raise QuantizationError(f"{model_dir}: already 4-bit ({described}); load it without --quant")
@@ -201,8 +196,6 @@ def load_model(
             state["lm_head.weight"] = state["embed_tokens.weight"]
         model.load_state_dict(state, strict=True, assign=True)
         if quant and quant != "none":
-            from mixtral_chat.quant import quantize_model_in_memory
-
             quantize_model_in_memory(model, quant, group_size)
     model.requires_grad_(False)
     return model.eval()

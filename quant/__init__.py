@@ -73,7 +73,7 @@ _EXPORTS = {
     "QuantizationCancelled": "convert",
     "load_quantized_model_weights": "load",
     "quantize_model_in_memory": "load",
-    "quantize_state_dict": "load",
+    "quantize_state_dict": "assemble",
     "ExpertBlobReader": "load",
     "is_bnb_4bit_checkpoint": "bnb_checkpoint",
     "read_bnb_4bit_config": "bnb_checkpoint",

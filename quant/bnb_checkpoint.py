@@ -29,13 +29,19 @@ from typing import Any, BinaryIO
 import torch
 from torch import Tensor, nn
 
-from mixtral_chat.engine.config import CONFIG_FILE, quantization_config
+from mixtral_chat.engine.checkpoint import (
+    bnb_4bit_settings,
+    hf_to_module_name,
+    module_to_hf_name,
+    shard_files,
+)
 from mixtral_chat.engine.errors import QuantizationError, WeightsError
 from mixtral_chat.engine.safetensors_io import read_header, read_tensor, tensor_nbytes
-from mixtral_chat.engine.weights import hf_to_module_name, module_to_hf_name
+from mixtral_chat.quant.assemble import RuntimeAssembler
 from mixtral_chat.quant.bnb import bnb_functional
-from mixtral_chat.quant.common import find_linear, is_quantizable, set_submodule
-from mixtral_chat.quant.nf4 import NESTED_BLOCKSIZE, QUANT_TYPES, Nf4Linear, check_nf4_parts, dequantize_nf4
+from mixtral_chat.quant.common import NESTED_BLOCKSIZE, find_linear, is_quantizable, set_submodule
+from mixtral_chat.quant.nf4 import QUANT_TYPES, Nf4Linear, check_nf4_parts, dequantize_nf4
+from mixtral_chat.quant.schemes import NoneScheme
 
 # `P.weight.<item>`: an item of bnb's packed QuantState dict.
 _STATE_ITEM = re.compile(
@@ -60,31 +66,7 @@ class Bnb4bitConfig:
 
 def read_bnb_4bit_config(model_dir: str | Path) -> Bnb4bitConfig:
     """The 4-bit settings; QuantizationError for any other quantized (or a float) checkpoint."""
-    source = Path(model_dir) / CONFIG_FILE
-    config = quantization_config(model_dir)
-    if config is None:
-        raise QuantizationError(f"{source}: no quantization_config (not a bitsandbytes checkpoint)")
-    if not isinstance(config, dict):
-        raise QuantizationError(f"{source}: quantization_config must be a JSON object")
-    method = config.get("quant_method")
-    if method != "bitsandbytes":
-        raise QuantizationError(
-            f"{source}: quantization_config.quant_method {method!r} is not supported (mixtral-chat "
-            "loads float checkpoints, bitsandbytes 4-bit ones and its own quantized directories)"
-        )
-    if config.get("load_in_8bit") or config.get("_load_in_8bit"):
-        raise QuantizationError(
-            f"{source}: 8-bit bitsandbytes checkpoints (load_in_8bit) are not supported; "
-            "use a 4-bit one (load_in_4bit) or the original float checkpoint"
-        )
-    if not (config.get("load_in_4bit") or config.get("_load_in_4bit")):
-        raise QuantizationError(f"{source}: a bitsandbytes quantization_config without load_in_4bit")
-    quant_type = config.get("bnb_4bit_quant_type", "fp4")  # BitsAndBytesConfig's default
-    if quant_type not in QUANT_TYPES:
-        raise QuantizationError(
-            f"{source}: quantization_config.bnb_4bit_quant_type must be nf4 or fp4, got {quant_type!r}"
-        )
-    return Bnb4bitConfig(quant_type, bool(config.get("bnb_4bit_use_double_quant", False)))
+    return Bnb4bitConfig(*bnb_4bit_settings(model_dir))
 
 
 def is_bnb_4bit_checkpoint(model_dir: str | Path) -> bool:
@@ -242,9 +224,6 @@ def load_bnb_4bit_weights(
     """Fill `model` (built on the meta device) from a bitsandbytes 4-bit checkpoint, tensor by
     tensor: 4-bit attention/expert linears become `Nf4Linear`s computing in `dtype` on `device`,
     the rest is assigned in `dtype`. Everything is checked against the headers before any read."""
-    from mixtral_chat.quant.load import RuntimeAssembler, shard_files
-    from mixtral_chat.quant.schemes import NoneScheme
-
     model_dir = Path(model_dir)
     config = read_bnb_4bit_config(model_dir)
     device = torch.device(device)

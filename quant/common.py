@@ -106,3 +106,23 @@ def find_linear(model: nn.Module, module_name: str) -> nn.Module:
     if not hasattr(module, "in_features") or not hasattr(module, "out_features"):
         raise QuantizationError(f"'{module_name}' is a {type(module).__name__}, not a linear layer")
     return module
+
+
+NESTED_BLOCKSIZE = 256  # bnb's block size for double quantization of absmax
+
+
+def nf4_part_specs(out_features: int, in_features: int, blocksize: int, double_quant: bool) -> list[PartSpec]:
+    n = out_features * in_features
+    blocks = -(-n // blocksize)
+    specs = [
+        PartSpec("qweight", torch.uint8, ((n + 1) // 2,)),
+        PartSpec("absmax", torch.uint8 if double_quant else torch.float32, (blocks,)),
+        PartSpec("quant_map", torch.float32, (16,)),
+    ]
+    if double_quant:
+        specs += [
+            PartSpec("nested_absmax", torch.float32, (-(-blocks // NESTED_BLOCKSIZE),)),
+            PartSpec("nested_quant_map", torch.float32, (256,)),
+            PartSpec("absmax_offset", torch.float32, (1,)),
+        ]
+    return specs

@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mixtral_chat.engine.checkpoint import QUANT_CONFIG_FILE
 from mixtral_chat.engine.errors import QuantizationError
 from mixtral_chat.quant.blob import ExpertBlobLayout
 from mixtral_chat.quant.common import dtype_from_name
 from mixtral_chat.quant.schemes import QuantScheme, get_scheme
 
-QUANT_CONFIG_FILE = "quant_config.json"
 FORMAT_NAME = "mixtral-chat-quantized"
 FORMAT_VERSION = 1
 QUANTIZED_TENSORS = (

@@ -27,7 +27,14 @@ from typing import Any
 
 import torch
 
-from mixtral_chat.engine.checkpoint_index import read_weight_map
+from mixtral_chat.engine import checkpoint as ckpt
+from mixtral_chat.engine.checkpoint import (
+    CONFIG_FILE,
+    INDEX_FILE,
+    QUANT_CONFIG_FILE,
+    read_weight_map,
+    shard_files,
+)
 from mixtral_chat.engine.errors import QuantizationError, WeightsError
 from mixtral_chat.engine.safetensors_io import (
     check_finite,
@@ -48,14 +55,12 @@ from mixtral_chat.quant.common import (
 )
 from mixtral_chat.quant.config import (
     FORMAT_VERSION,
-    QUANT_CONFIG_FILE,
     QuantConfig,
     library_versions,
     sha256_file,
     utc_now,
     write_json_atomic,
 )
-from mixtral_chat.quant.load import INDEX_FILE, shard_files
 from mixtral_chat.quant.schemes import NoneScheme, QuantScheme, get_scheme
 from mixtral_chat.quant.st_io import StreamWriter
 from mixtral_chat.quant.workdir import PROGRESS_FILE, partial_dir
@@ -167,7 +172,7 @@ def _source_identity(src: Path, files: list[Path]) -> tuple[dict[str, Any], dict
     mtimes = {f.name: f.stat().st_mtime_ns for f in files}
     identity = {
         "path": str(src.resolve()),
-        "config_sha256": sha256_file(src / "config.json"),
+        "config_sha256": sha256_file(src / CONFIG_FILE),
         "index_sha256": sha256_file(src / INDEX_FILE),
         "files": sizes,
         "total_bytes": sum(sizes.values()),
@@ -255,7 +260,7 @@ def _plan(src: Path, scheme_name: str, group_size: int | None, double_quant: boo
     for number, shard in enumerate(non_empty, start=1):
         shard.name = f"model-{number:05d}-of-{len(non_empty):05d}.safetensors"
 
-    if not (src / "config.json").exists():
+    if not (src / CONFIG_FILE).exists():
         raise QuantizationError(f"{src}: no config.json (not a model directory)")
     identity, mtimes = _source_identity(src, files)
     return _Plan(scheme, layout, non_empty, identity, mtimes, _aux_files(src))
@@ -273,17 +278,18 @@ def _check_source(src: Path) -> None:
     if not src.is_dir():
         raise QuantizationError(f"{src}: source model directory not found")
     read_weight_map(src)  # a damaged index says so (WeightsError), before any planning
-    if (src / QUANT_CONFIG_FILE).exists():
+    found = ckpt.detect(src)
+    if found.kind == ckpt.QUANTIZED:
         raise QuantizationError(
             f"{src}: already quantized (it has a {QUANT_CONFIG_FILE}); quantize a float model"
         )
-    config = src / "config.json"
+    config = src / CONFIG_FILE
     if config.exists():
         try:
-            raw = json.loads(config.read_text(encoding="utf-8"))
+            json.loads(config.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise QuantizationError(f"{config}: unreadable ({exc})") from None
-        quantization = raw.get("quantization_config") if isinstance(raw, dict) else None
+        quantization = found.quantization_config
         if quantization:
             method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
             raise QuantizationError(

@@ -42,6 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mixtral_chat.engine.errors import QuantizationError
+from mixtral_chat.engine.paths import cache_dir
+from mixtral_chat.quant.common import nf4_part_specs
 
 NO_NATIVE_ENV = "MIXTRAL_CHAT_NO_NATIVE"
 NATIVE_DIR_ENV = "MIXTRAL_CHAT_NATIVE_DIR"
@@ -214,8 +216,6 @@ _U8, _BF16, _F32 = torch.uint8, torch.bfloat16, torch.float32
 
 @functools.lru_cache(maxsize=256)  # layers check their parts per call
 def _nf4_specs(out_features: int, in_features: int, blocksize: int, double_quant: bool) -> list:
-    from mixtral_chat.quant.nf4 import nf4_part_specs  # (nf4 imports this module)
-
     return nf4_part_specs(out_features, in_features, blocksize, double_quant)
 
 
@@ -335,8 +335,6 @@ def _library_path(source: str, cc: list[str], version: str, flags: tuple[str, ..
 
 def native_dir() -> Path:
     """Where compiled kernels are kept: $MIXTRAL_CHAT_NATIVE_DIR, else the cache folder."""
-    from mixtral_chat.engine.paths import cache_dir
-
     override = os.environ.get(NATIVE_DIR_ENV)
     return Path(override) if override else cache_dir() / "native"
 

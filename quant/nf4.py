@@ -21,16 +21,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from mixtral_chat.engine.checkpoint import BNB_QUANT_TYPES
 from mixtral_chat.engine.errors import QuantizationError
 from mixtral_chat.quant.bnb import bitsandbytes, bnb_functional
-from mixtral_chat.quant.common import PartSpec
+from mixtral_chat.quant.common import NESTED_BLOCKSIZE, nf4_part_specs
 from mixtral_chat.quant.native import codebook_fits, int4_kernel, kernel_input, kernel_output
 
 NF4_BLOCKSIZES = (32, 64, 128, 256)
 NF4_DEFAULT_BLOCKSIZE = 64
-NESTED_BLOCKSIZE = 256  # bnb's block size for double quantization of absmax
 # bnb's 4-bit code books: ours is always nf4; bitsandbytes checkpoints may also hold fp4.
-QUANT_TYPES = ("nf4", "fp4")
+QUANT_TYPES = BNB_QUANT_TYPES
 # Values quantized per bnb call: bounds the float32 copy to ~64 MB whatever the matrix size.
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -39,23 +39,6 @@ def check_blocksize(blocksize: int) -> None:
     if blocksize not in NF4_BLOCKSIZES:
         sizes = ", ".join(map(str, NF4_BLOCKSIZES))
         raise QuantizationError(f"nf4 block size must be one of {sizes}, got {blocksize}")
-
-
-def nf4_part_specs(out_features: int, in_features: int, blocksize: int, double_quant: bool) -> list[PartSpec]:
-    n = out_features * in_features
-    blocks = -(-n // blocksize)
-    specs = [
-        PartSpec("qweight", torch.uint8, ((n + 1) // 2,)),
-        PartSpec("absmax", torch.uint8 if double_quant else torch.float32, (blocks,)),
-        PartSpec("quant_map", torch.float32, (16,)),
-    ]
-    if double_quant:
-        specs += [
-            PartSpec("nested_absmax", torch.float32, (-(-blocks // NESTED_BLOCKSIZE),)),
-            PartSpec("nested_quant_map", torch.float32, (256,)),
-            PartSpec("absmax_offset", torch.float32, (1,)),
-        ]
-    return specs
 
 
 @torch.no_grad()

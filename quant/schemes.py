@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from mixtral_chat.engine.errors import QuantizationError
-from mixtral_chat.quant.common import PartSpec, dtype_name
+from mixtral_chat.quant.assemble import RuntimeAssembler, quantize_state_dict
+from mixtral_chat.quant.common import PartSpec, dtype_name, nf4_part_specs
 from mixtral_chat.quant.int4 import (
     INT4_GROUP_SIZES,
     Int4Linear,
@@ -38,7 +39,6 @@ from mixtral_chat.quant.nf4 import (
     check_blocksize,
     check_nf4_parts,
     dequantize_nf4,
-    nf4_part_specs,
     quantize_nf4,
 )
 
@@ -51,6 +51,8 @@ class QuantScheme:
     """Base handler. Subclasses set `name` and implement the per-layer methods."""
 
     name: ClassVar[str]
+    # Quantizable weights are stored (and run) in float: the `none` scheme.
+    keeps_float: ClassVar[bool] = False
     group_size: int | None = None
     double_quant: bool = False
 
@@ -105,8 +107,6 @@ class QuantScheme:
         Attention projections become their parts, each complete expert one `.packed` blob;
         everything else is passed through unchanged.
         """
-        from mixtral_chat.quant.load import quantize_state_dict
-
         return quantize_state_dict(self, state_dict)
 
     def load_for_runtime(
@@ -119,8 +119,6 @@ class QuantScheme:
         """Assign a quantized state dict (from `quantize_state_dict` or a quantized directory)
         into `model` (built on the meta device or not): quantized linears are swapped for
         runtime modules, other tensors assigned in `dtype` on `device`."""
-        from mixtral_chat.quant.load import RuntimeAssembler
-
         assembler = RuntimeAssembler(model, self, torch.device(device), dtype)
         for key, tensor in tensors.items():
             assembler.add(key, tensor)
@@ -131,6 +129,7 @@ class NoneScheme(QuantScheme):
     """Keep weights in float (the reference). Experts are still stored as one blob each."""
 
     name = "none"
+    keeps_float = True
 
     def __init__(self, float_dtype: torch.dtype | None = None) -> None:
         # The stored dtype of quantizable weights; None: whatever the source has.

@@ -230,7 +230,8 @@ def test_loading_peak_memory_is_model_plus_one_tensor(tmp_path: Path) -> None:
     directory = tmp_path / "big"
     directory.mkdir()
     (directory / "config.json").write_text(json.dumps({"model_type": "mixtral", **config}))
-    from mixtral_chat.engine.weights import build_on_meta, module_to_hf_name
+    from mixtral_chat.engine.checkpoint import module_to_hf_name
+    from mixtral_chat.engine.weights import build_on_meta
 
     model = build_on_meta(ModelArgs.from_dict(config))
     gen = torch.Generator().manual_seed(0)

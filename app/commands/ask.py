@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if args.model is not None and Path(args.model).expanduser().is_dir():
         # A damaged index, said as such (the registry would only find "no safetensors weights").
-        from mixtral_chat.engine.checkpoint_index import read_weight_map
+        from mixtral_chat.engine.checkpoint import read_weight_map
 
         read_weight_map(Path(args.model).expanduser())
     resolved = resolve_model(args.model)

@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
 def check_runnable_source(src: Path) -> None:
     """What `ask` needs of a model directory, checked on the source: a quantized copy of a model
     that cannot run would only fail later, after the whole conversion. Reads no weights."""
-    from mixtral_chat.engine.checkpoint_index import read_weight_map
+    from mixtral_chat.engine.checkpoint import read_weight_map
     from mixtral_chat.engine.config import ModelArgs
     from mixtral_chat.engine.errors import QuantizationError, TokenizerError
     from mixtral_chat.engine.tokenizer import Tokenizer
