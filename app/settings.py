@@ -132,7 +132,7 @@ def settings_from_dict(data: dict[str, Any]) -> Settings:
 
 
 def save_settings(settings: Settings, path: Path | None = None) -> Path:
-    from mixtral_chat.app.storage import write_atomic
+    from mixtral_chat.engine.fileio import write_atomic
 
     path = path if path is not None else default_config_path()
     write_atomic(path, dumps_toml(asdict(settings)))

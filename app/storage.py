@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mixtral_chat.engine.errors import MixtralChatError
+from mixtral_chat.engine.fileio import write_atomic
 
 DB_FILENAME = "conversations.db"
 DEFAULT_TITLE = "New chat"
@@ -884,23 +885,6 @@ def move_aside(path: Path) -> Path:
         if source.exists():
             os.rename(source, Path(f"{target}{suffix}"))
     return target
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a text file so that readers see the old or the new content, never a part."""
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
 
 
 def _dump(value: dict[str, Any] | None) -> str | None:

@@ -37,6 +37,8 @@ from urllib.parse import urlsplit
 
 from mixtral_chat.engine.checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, read_weight_map
 from mixtral_chat.engine.errors import CacheError, MixtralChatError, WeightsError
+from mixtral_chat.engine.fileio import free_disk_bytes, write_atomic
+from mixtral_chat.engine.units import format_bytes
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 SINGLE_WEIGHTS_FILE = SINGLE_FILE
@@ -129,26 +131,6 @@ def is_repo_id(text: str) -> bool:
 def repo_storage_dir(repo_id: str, cache_dir: Path | None = None) -> Path:
     """`<cache>/models--org--name`, as huggingface_hub's `repo_folder_name` names it."""
     return (cache_dir or hub_cache_dir()) / "--".join(["models", *repo_id.split("/")])
-
-
-def free_disk_bytes(path: Path) -> int:
-    """Free bytes on the filesystem that holds `path` (or its nearest existing parent).
-
-    Module-level so tests can replace it: a real tiny filesystem needs privileges they lack.
-    """
-    probe = Path(path)
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return shutil.disk_usage(probe).free
-
-
-def format_bytes(n: float) -> str:
-    """Decimal units, as disk vendors and the hub show sizes: 93.4 GB."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -786,9 +768,7 @@ def _write_ref(storage: Path, revision: str, commit: str) -> None:
     ref.parent.mkdir(parents=True, exist_ok=True)
     if ref.exists() and ref.read_text(encoding="utf-8") == commit:
         return
-    tmp = ref.with_name(f"{ref.name}.{os.getpid()}.tmp")
-    tmp.write_text(commit, encoding="utf-8")
-    os.replace(tmp, ref)
+    write_atomic(ref, commit)
 
 
 class _Fetcher:

@@ -35,6 +35,7 @@ from mixtral_chat.engine import hub, paths
 from mixtral_chat.engine.checkpoint import CONFIG_FILE, read_quant_config_json
 from mixtral_chat.engine.config import ModelArgs
 from mixtral_chat.engine.errors import ConfigError, MixtralChatError, ModelNotFoundError, QuantizationError
+from mixtral_chat.engine.fileio import write_json_atomic
 
 REGISTRY_FILE = "models.json"
 REGISTRY_VERSION = 1
@@ -347,11 +348,7 @@ def _record_problem(record: Any) -> str | None:
 
 
 def _write_registry(data: dict[str, Any]) -> None:
-    path = registry_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(registry_path(), data, sort_keys=True)
 
 
 @contextlib.contextmanager

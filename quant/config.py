@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 from mixtral_chat.engine.checkpoint import QUANT_CONFIG_FILE
 from mixtral_chat.engine.errors import QuantizationError
+from mixtral_chat.engine.fileio import write_json_atomic
 from mixtral_chat.quant.blob import ExpertBlobLayout
 from mixtral_chat.quant.common import dtype_from_name
 from mixtral_chat.quant.schemes import QuantScheme, get_scheme
@@ -138,12 +138,6 @@ class QuantConfig:
                     "(was the scheme or group size edited?)"
                 )
         return config
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def library_versions() -> dict[str, str]:

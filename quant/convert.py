@@ -36,6 +36,7 @@ from mixtral_chat.engine.checkpoint import (
     shard_files,
 )
 from mixtral_chat.engine.errors import QuantizationError, WeightsError
+from mixtral_chat.engine.fileio import write_json_atomic
 from mixtral_chat.engine.safetensors_io import (
     check_finite,
     read_header,
@@ -43,6 +44,7 @@ from mixtral_chat.engine.safetensors_io import (
     tensor_dtype,
     tensor_nbytes,
 )
+from mixtral_chat.engine.units import format_bytes
 from mixtral_chat.quant.blob import ExpertBlobLayout
 from mixtral_chat.quant.common import (
     EXPERT_LINEARS,
@@ -59,7 +61,6 @@ from mixtral_chat.quant.config import (
     library_versions,
     sha256_file,
     utc_now,
-    write_json_atomic,
 )
 from mixtral_chat.quant.schemes import NoneScheme, QuantScheme, get_scheme
 from mixtral_chat.quant.st_io import StreamWriter
@@ -266,14 +267,6 @@ def _plan(src: Path, scheme_name: str, group_size: int | None, double_quant: boo
     return _Plan(scheme, layout, non_empty, identity, mtimes, _aux_files(src))
 
 
-def _format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 def _check_source(src: Path) -> None:
     if not src.is_dir():
         raise QuantizationError(f"{src}: source model directory not found")
@@ -349,8 +342,8 @@ def _check_disk_space(plan: _Plan, done: dict[str, int], where: Path) -> None:
     free = shutil.disk_usage(where).free
     if need > free:
         raise QuantizationError(
-            f"not enough disk space in {where}: the quantized model needs {_format_bytes(need)} "
-            f"more, {_format_bytes(free)} free"
+            f"not enough disk space in {where}: the quantized model needs {format_bytes(need)} "
+            f"more, {format_bytes(free)} free"
         )
 
 
@@ -364,15 +357,15 @@ def _writing(path: Path, plan: _Plan, done: dict[str, int], where: Path) -> Iter
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
-        for leftover in (path, path.with_name(f".{path.name}.tmp")):  # write_json_atomic's temp
-            if leftover.is_file() and leftover.name not in done and leftover.name != PROGRESS_FILE:
-                leftover.unlink(missing_ok=True)
+        # write_atomic removes its own temp file; a shard written in place is removed here.
+        if path.is_file() and path.name not in done and path.name != PROGRESS_FILE:
+            path.unlink(missing_ok=True)
         usage = shutil.disk_usage(where)
         stat = os.statvfs(where)
         inodes = "; no free inodes" if stat.f_files and stat.f_favail == 0 else ""
         raise QuantizationError(
-            f"no space left on device writing {path}: needs about {_format_bytes(_bytes_needed(plan, done))} "
-            f"more ({_format_bytes(usage.free)} free{inodes})"
+            f"no space left on device writing {path}: needs about {format_bytes(_bytes_needed(plan, done))} "
+            f"more ({format_bytes(usage.free)} free{inodes})"
         ) from None
 
 

@@ -12,6 +12,7 @@ import pytest
 from hub_server import JUNK_FILES, HubServer, isolate_hf_env, llama_files, tiny_mixtral_files
 
 from mixtral_chat.engine import hub
+from mixtral_chat.engine.units import format_bytes
 
 REPO = "org/tiny"
 SHARD1 = "model-00001-of-00002.safetensors"
@@ -236,7 +237,7 @@ def test_disk_space_is_checked_before_weights_move(server: HubServer, tiny_files
         hub.download_model_files(REPO, before_weights=check)
     message = str(info.value)
     weights = sum(len(tiny_files[name]) for name in WANTED - {"config.json", "model.safetensors.index.json"})
-    assert f"needs {hub.format_bytes(weights)}" in message and "5.0 MB free" in message
+    assert f"needs {format_bytes(weights)}" in message and "5.0 MB free" in message
     assert {r.filename for r in server.gets()} == {"config.json", "model.safetensors.index.json"}
 
 

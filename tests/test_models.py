@@ -17,6 +17,7 @@ from hub_server import HubServer, isolate_hf_env, llama_files, tiny_mixtral_file
 
 from mixtral_chat.engine import hub, registry
 from mixtral_chat.engine.errors import MixtralChatError, ModelNotFoundError
+from mixtral_chat.engine.units import format_bytes
 
 REPO = "org/tiny"
 SHARD1 = "model-00001-of-00002.safetensors"
@@ -135,13 +136,13 @@ def test_cli_pull_list_ask_rm(server: HubServer, env: dict[str, str], tiny_files
     removed = cli_in_process(capfd, "models", "rm", REPO)
     assert removed.returncode == 0, removed.stderr
     assert f"removed {REPO}: 0 B freed" in removed.stdout
-    assert f"kept the Hugging Face cache copy at {snapshot} ({hub.format_bytes(size)};" in removed.stdout
+    assert f"kept the Hugging Face cache copy at {snapshot} ({format_bytes(size)};" in removed.stdout
     assert (snapshot / SHARD1).read_bytes() == tiny_files[SHARD1]
     after = json.loads(cli_in_process(capfd, "models", "list", "--json").stdout)
     assert REPO not in [e["name"] for e in after]
     removed = cli_in_process(capfd, "models", "rm", REPO, "--hf-cache")
     assert removed.returncode == 0, removed.stderr
-    assert f"{hub.format_bytes(size)} freed" in removed.stdout
+    assert f"{format_bytes(size)} freed" in removed.stdout
     assert not hub.repo_storage_dir(REPO).exists()
 
 
@@ -271,7 +272,7 @@ def test_pull_quantizes_and_can_drop_the_original(server: HubServer, capfd, monk
 
     listed = cli_in_process(capfd, "models", "list")
     row = next(line for line in listed.stdout.splitlines() if REPO in line)
-    assert row.split()[:4] == ["*", REPO, "quantized", hub.format_bytes(entry.size_on_disk).split()[0]]
+    assert row.split()[:4] == ["*", REPO, "quantized", format_bytes(entry.size_on_disk).split()[0]]
     monkeypatch.setattr("sys.stdin", io.StringIO(""))  # `ask` reads piped stdin
     ask = cli_in_process(capfd, "ask", "--model", REPO, "hi", "--max-tokens", "4", "--device", "cpu")
     assert ask.returncode == 0, ask.stderr
@@ -315,8 +316,8 @@ def test_disk_space_refusal_counts_download_and_quantized_copy(server: HubServer
             registry.pull_model(REPO, scheme="int4")
         message = str(info.value)
         weights = download - len(tiny_files["config.json"]) - len(tiny_files["model.safetensors.index.json"])
-        assert f"{hub.format_bytes(weights)} to download" in message and "for the 4-bit copy" in message
-        assert f"{hub.format_bytes(free)} free" in message
+        assert f"{format_bytes(weights)} to download" in message and "for the 4-bit copy" in message
+        assert f"{format_bytes(free)} free" in message
         assert {r.filename for r in server.gets()} == {"config.json", "model.safetensors.index.json"}
         assert REPO not in [e.name for e in registry.list_models()]
     entry = registry.pull_model(REPO, quantize=False)

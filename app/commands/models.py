@@ -12,6 +12,7 @@ import time
 from typing import TYPE_CHECKING, Any, TextIO
 
 from mixtral_chat.app.terminal import ask_yes_no
+from mixtral_chat.engine.units import format_bytes, format_duration, format_size
 
 if TYPE_CHECKING:
     from mixtral_chat.engine.registry import ModelEntry, PullProgress
@@ -97,14 +98,8 @@ def run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _size(n: int | None) -> str:
-    from mixtral_chat.engine.hub import format_bytes
-
-    return format_bytes(n) if n else "-"
-
-
 def _freed(n: int) -> str:
-    return _size(n) if n else "0 B"
+    return format_bytes(n)
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -118,10 +113,10 @@ def _list(args: argparse.Namespace) -> int:
     for entry in entries:
         status = entry.status
         if entry.status == registry.PARTIAL and entry.partial_bytes:
-            status = f"partial ({_size(entry.partial_bytes)})"
-        size = _size(entry.size_on_disk)
+            status = f"partial ({format_size(entry.partial_bytes)})"
+        size = format_size(entry.size_on_disk)
         if not entry.installed and entry.catalog is not None and entry.catalog.download_bytes:
-            size = f"({_size(entry.catalog.download_bytes)})"
+            size = f"({format_size(entry.catalog.download_bytes)})"
         path = str(entry.path) if entry.path is not None else "-"
         rows.append(("*" if entry.is_default else "", entry.name, status, size, entry.scheme or "-", path))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
@@ -170,8 +165,8 @@ def _info(args: argparse.Namespace) -> int:
         lines.append(
             ("license", entry.catalog.license + ("; gated: needs a hub token" if entry.catalog.gated else ""))
         )
-        lines.append(("download", _size(entry.catalog.download_bytes)))
-        lines.append(("4-bit size", f"~{_size(entry.catalog.quantized_bytes)} (estimate)"))
+        lines.append(("download", format_size(entry.catalog.download_bytes)))
+        lines.append(("4-bit size", f"~{format_size(entry.catalog.quantized_bytes)} (estimate)"))
     elif entry.catalog is not None:
         lines.append(("license", entry.catalog.license))
     arch = details.architecture
@@ -189,7 +184,7 @@ def _info(args: argparse.Namespace) -> int:
                 f"{arch['parameters'] / 1e9:.2f} B total, {arch['active_parameters'] / 1e9:.2f} B per token",
             )
         )
-    lines.append(("on disk", _size(entry.size_on_disk)))
+    lines.append(("on disk", format_size(entry.size_on_disk)))
     if entry.scheme:
         lines.append(
             ("scheme", f"{entry.scheme} (group {entry.group_size})" if entry.group_size else entry.scheme)
@@ -231,7 +226,7 @@ def _rm(args: argparse.Namespace) -> int:
     copy = registry.hf_cache_copy(args.name)
     if copy is not None and not delete_hf and not args.keep_hf_cache:
         delete_hf = ask_yes_no(
-            f"Also delete the Hugging Face cache copy ({_size(copy.size)}, shared with other tools) "
+            f"Also delete the Hugging Face cache copy ({format_size(copy.size)}, shared with other tools) "
             f"at {copy.path}? [y/N] "
         )
     removal = registry.remove_model(args.name, delete_hf_cache=delete_hf)
@@ -242,7 +237,7 @@ def _rm(args: argparse.Namespace) -> int:
         return 0
     print(f"removed {removal.name}: {_freed(removal.freed)} freed")
     if removal.quantized_freed:
-        print(f"  quantized copy: {_size(removal.quantized_freed)}")
+        print(f"  quantized copy: {format_size(removal.quantized_freed)}")
     if delete_hf:
         print(f"  Hugging Face cache copy: {_freed(removal.hf_cache_freed)}")
     for path in removal.spared:
@@ -250,7 +245,8 @@ def _rm(args: argparse.Namespace) -> int:
     kept = removal.hf_cache_kept
     if kept is not None:
         print(
-            f"kept the Hugging Face cache copy at {kept.path} ({_size(kept.size)}; transformers and other "
+            f"kept the Hugging Face cache copy at {kept.path} ({format_size(kept.size)}; "
+            "transformers and other "
             f"tools use it); delete it with `mixtral-chat models rm {removal.name} --hf-cache`"
         )
     return 0
@@ -300,24 +296,13 @@ class _ProgressLine:
 
 
 def _progress_text(progress: PullProgress) -> str:
-    from mixtral_chat.engine.hub import format_bytes
-
     percent = f"{100 * progress.fraction:5.1f}%" if progress.bytes_total else "  ?  "
     amounts = f"{format_bytes(progress.bytes_done)} / {format_bytes(progress.bytes_total)}"
     speed = f"{format_bytes(progress.speed)}/s" if progress.speed else "-"
-    eta = _duration(progress.eta_s) if progress.eta_s is not None else "?"
+    eta = format_duration(progress.eta_s)
     verb = "downloading" if progress.phase == "download" else "quantizing"
     current = f"  {progress.file}" if progress.file else ""
     return f"{verb} {percent}  {amounts}  {speed}  ETA {eta}{current}"
-
-
-def _duration(seconds: float) -> str:
-    seconds = round(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
 
 
 def _pull(args: argparse.Namespace) -> int:
@@ -344,17 +329,18 @@ def _pull(args: argparse.Namespace) -> int:
     finally:
         line.end()
     if entry.original_path is not None:
-        print(f"{entry.name}: original at {entry.original_path} ({_size(_original_size(entry))})")
+        print(f"{entry.name}: original at {entry.original_path} ({format_size(_original_size(entry))})")
     if entry.quantized_path is not None:
         print(f"{entry.name}: {entry.scheme} model at {entry.quantized_path}")
         if not args.keep_original and entry.original_path is not None and sys.stdin.isatty():
             answer = input(
-                f"Delete the bf16 originals ({_size(_original_size(entry))}) from the Hugging Face cache? "
+                f"Delete the bf16 originals ({format_size(_original_size(entry))}) "
+                "from the Hugging Face cache? "
                 "The 4-bit model does not need them. [y/N] "
             )
             if answer.strip().lower() in ("y", "yes"):
                 freed = registry.delete_original(entry.name)
-                print(f"deleted the originals: {_size(freed)} freed")
+                print(f"deleted the originals: {format_size(freed)} freed")
     if entry.is_default:
         print(f"{entry.name} is the default model (change it with `mixtral-chat models use NAME`)")
     return 0

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mixtral_chat.app.argtypes import int_range, one_of
+from mixtral_chat.engine.units import format_duration
 
 if TYPE_CHECKING:
     from mixtral_chat.quant.convert import QuantProgress
@@ -130,15 +131,6 @@ def interrupted_message(dst: Path, progress: QuantProgress | None) -> str:
     return f"interrupted with {done}, kept in {partial}: run the same command to resume"
 
 
-def _format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "--:--"
-    seconds = int(seconds + 0.5)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
-
-
 class _ProgressLine:
     """One progress line on stderr: redrawn in place on a terminal, else a line every 10 s."""
 
@@ -163,7 +155,7 @@ class _ProgressLine:
         text = (
             f"[{'#' * filled}{'.' * (bar_len - filled)}] {p.tensors_done}/{p.tensors_total} tensors "
             f"{p.shards_done}/{p.shards_total} shards {p.bytes_per_s / 1e6:.0f} MB/s "
-            f"ETA {_format_duration(p.eta_s)}"
+            f"ETA {format_duration(p.eta_s)}"
         )
         if p.phase == "finishing":
             text += " writing index and config"

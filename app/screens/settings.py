@@ -36,38 +36,14 @@ from textual.widgets import (
 from textual.widgets.data_table import CellDoesNotExist
 
 from mixtral_chat.app.screens.dialogs import ConfirmScreen, DeleteModelScreen
+from mixtral_chat.engine.fileio import free_disk_bytes
+from mixtral_chat.engine.units import format_duration, format_size
 
 if TYPE_CHECKING:
     from mixtral_chat.app.chat_app import ChatApp, ModelStatus
     from mixtral_chat.engine.registry import ModelEntry, PullProgress
 
 PROGRESS_INTERVAL_S = 0.2  # progress messages per second from a pull: at most 5
-
-
-def format_size(count: float | None) -> str:
-    if not count:
-        return "-"
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if count >= size:
-            return f"{count / size:.1f} {unit}"
-    return f"{count:.0f} B"
-
-
-def format_eta(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-    if seconds >= 60:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds} s"
-
-
-def free_disk_bytes(path: Path) -> int:
-    from mixtral_chat.engine.hub import free_disk_bytes as hub_free_disk_bytes
-
-    return hub_free_disk_bytes(path)
 
 
 class Pull:
@@ -424,7 +400,7 @@ class SettingsScreen(Screen[None]):
         verb = "Downloading" if update.phase == "download" else "Quantizing"
         text = f"{verb} {message.name}: {format_size(update.bytes_done)} of {format_size(update.bytes_total)}"
         if update.speed:
-            text += f" at {format_size(update.speed)}/s, {format_eta(update.eta_s)} left"
+            text += f" at {format_size(update.speed)}/s, {format_duration(update.eta_s)} left"
         if update.file:
             text += f" ({update.file})"
         self.query_one("#download-label", Label).update(text)

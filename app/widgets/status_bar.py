@@ -10,8 +10,7 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widgets import Static
 
-GIB = 1024**3
-MIB = 1024**2
+from mixtral_chat.engine.units import format_bytes
 
 
 def process_rss_bytes() -> int | None:
@@ -47,12 +46,6 @@ def gpu_memory_bytes(device: str) -> tuple[int, int] | None:
         )
     except Exception:  # a driver hiccup must not break the status line
         return None
-
-
-def format_bytes(count: int) -> str:
-    if count >= GIB:
-        return f"{count / GIB:.1f} GiB"
-    return f"{count / MIB:.0f} MiB"
 
 
 @dataclass(frozen=True)
@@ -112,9 +105,10 @@ class StatusBar(Static):
             style = "bold red" if used >= 0.9 * info.context_total else ""
             parts.append(Text(f"ctx {used}/{info.context_total}", style=style))
         if info.rss_bytes is not None:
-            parts.append(Text(f"RAM {format_bytes(info.rss_bytes)}"))
+            parts.append(Text(f"RAM {format_bytes(info.rss_bytes, binary=True)}"))
         if info.gpu is not None:
-            parts.append(Text(f"GPU {format_bytes(info.gpu[0])}/{format_bytes(info.gpu[1])}"))
+            used, total = (format_bytes(n, binary=True) for n in info.gpu)
+            parts.append(Text(f"GPU {used}/{total}"))
         if info.cache_hit_rate is not None:
             parts.append(Text(f"expert cache {info.cache_hit_rate * 100:.0f}% hits"))
         return Text(" │ ", style="dim").join(parts)

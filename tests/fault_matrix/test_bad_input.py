@@ -312,7 +312,7 @@ def test_quantize_on_a_disk_too_small_says_how_much_is_needed(sharded: Path, mou
     line = error_line(result.stderr)
     match = re.fullmatch(
         rf"mixtral-chat: error: not enough disk space in {re.escape(str(disk))}: the quantized model "
-        r"needs ([\d.]+) MB more, ([\d.]+) (KB|MB) free",
+        r"needs ([\d.]+) MB more, ([\d.]+) (kB|MB) free",
         line,
     )
     assert match, line

@@ -28,6 +28,7 @@ from hub_server import HubServer
 from test_models import cli_in_process, run_cli
 
 from mixtral_chat.engine import hub, registry
+from mixtral_chat.engine.units import format_bytes
 
 REPO = "org/tiny"
 TWIN = "other/tiny-twin"  # the same files under another repo id: blobs two repos can share
@@ -103,7 +104,7 @@ def test_rm_keeps_the_hf_cache_copy_of_a_repo_huggingface_hub_fetched(server: Hu
     removed = run_cli("models", "rm", REPO, env=env)
     assert removed.returncode == 0, removed.stderr
     assert removed.stderr == ""
-    size = hub.format_bytes(sum(len(data) for data in tiny_files.values()))
+    size = format_bytes(sum(len(data) for data in tiny_files.values()))
     assert removed.stdout.splitlines() == [
         f"removed {REPO}: 0 B freed",
         f"kept the Hugging Face cache copy at {snapshot} ({size}; transformers and other tools use it); "
@@ -142,8 +143,8 @@ def test_rm_deletes_only_the_quantized_copy_mixtral_chat_made(server: HubServer,
     assert removed.returncode == 0, removed.stderr
     lines = removed.stdout.splitlines()
     assert lines[:2] == [
-        f"removed {REPO}: {hub.format_bytes(quantized_size)} freed",
-        f"  quantized copy: {hub.format_bytes(quantized_size)}",
+        f"removed {REPO}: {format_bytes(quantized_size)} freed",
+        f"  quantized copy: {format_bytes(quantized_size)}",
     ]
     assert lines[2].startswith(f"kept the Hugging Face cache copy at {snapshot} (")
     assert not quantized.exists()
@@ -168,7 +169,7 @@ def test_rm_asks_on_a_terminal_and_the_default_is_keep(
         removed = cli_in_process(capfd, "models", "rm", REPO)
     os.close(controller)
     assert removed.returncode == 0, removed.stderr
-    size = hub.format_bytes(sum(len(data) for data in before.values()))
+    size = format_bytes(sum(len(data) for data in before.values()))
     assert removed.stdout.startswith(
         f"Also delete the Hugging Face cache copy ({size}, shared with other tools) at {snapshot}? [y/N] "
     )
