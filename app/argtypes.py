@@ -49,9 +49,18 @@ def int_range(flag: str, low: int | None = None, high: int | None = None) -> Cal
 
 
 def float_range(
-    flag: str, low: float | None = None, high: float | None = None, *, low_open: bool = False
+    flag: str,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    cap: float | None = None,
 ) -> Callable[[str], float]:
-    """A finite number in [low, high], or in (low, high] with `low_open` (None: no bound)."""
+    """A finite number in [low, high], or in (low, high] with `low_open` (None: no bound).
+
+    `cap` is an upper bound said on its own (`--temperature must be <= 5, got 9`): the message for
+    the other bounds stays the one the flag had before it was capped.
+    """
 
     def convert(text: str) -> float:
         value = _parse_float(flag, text)
@@ -67,6 +76,8 @@ def float_range(
             else:
                 bound = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
             raise argparse.ArgumentTypeError(f"{flag} must be {bound}, got {text}")
+        if cap is not None and value > cap:
+            raise argparse.ArgumentTypeError(f"{flag} must be <= {cap:g}, got {text}")
         return value
 
     return convert

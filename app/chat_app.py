@@ -244,28 +244,11 @@ class ChatApp(App[int]):
         self.loading_threads.add(threading.current_thread())
         try:
             from mixtral_chat.engine.registry import resolve_model
-            from mixtral_chat.engine.runtime import Engine, OffloadOptions
+            from mixtral_chat.engine.runtime import Engine
 
             resolved = resolve_model(spec)
             self.call_from_thread(self._resolved, serial, resolved.name, resolved.is_demo)
-            engine_settings = self.settings.engine
-            engine = Engine.load(
-                resolved.path,
-                device=engine_settings.device,
-                dtype=engine_settings.dtype,
-                quant=engine_settings.quant,
-                context_length=engine_settings.context_length,
-                name=resolved.name,
-                # Offloading switched off in the settings still starts when the model does not fit.
-                offload=OffloadOptions(
-                    experts_per_layer=engine_settings.experts_per_layer,
-                    memory_budget_gb=engine_settings.gpu_budget_gb,
-                    prefetch=engine_settings.prefetch,
-                    store=engine_settings.offload_store,  # type: ignore[arg-type]
-                )
-                if engine_settings.offload
-                else OffloadOptions(only_if_needed=True),
-            )
+            engine = Engine.load(resolved.path, self.settings.engine, name=resolved.name)
         except Exception as exc:  # shown as a notification; the chat stays usable
             self.post_message(ModelLoad.Failed(serial, spec, error_line(exc, "loading the model")))
             return

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from mixtral_chat.engine.errors import MixtralChatError
+from mixtral_chat.engine.options import GenerationConfig, GenerationConfigError, LoadOptions
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,44 +34,12 @@ DEFAULT_PERSONAS: dict[str, str] = {
 }
 
 
+# Sampling for new chats (each chat may override it); the engine's own defaults are greedy.
+NEW_CHAT_GENERATION = GenerationConfig(temperature=0.7, top_p=0.95, top_k=0, max_tokens=1024)
+
+
 class SettingsError(MixtralChatError):
     """The config file cannot be read or holds a value of the wrong type."""
-
-
-@dataclass
-class GenerationDefaults:
-    """Sampling defaults for new chats; each chat may override them."""
-
-    temperature: float = 0.7
-    top_p: float = 0.95
-    top_k: int = 0
-    max_tokens: int = 1024
-    seed: int | None = None
-
-    def validate(self) -> None:
-        if not (0.0 <= self.temperature <= 5.0) or math.isnan(self.temperature):
-            raise SettingsError(f"temperature must be between 0 and 5, got {self.temperature}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise SettingsError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise SettingsError(f"top_k must be 0 (off) or positive, got {self.top_k}")
-        if self.max_tokens < 1:
-            raise SettingsError(f"max_tokens must be at least 1, got {self.max_tokens}")
-
-
-@dataclass
-class EngineSettings:
-    """How the model is loaded; applied at the next model load."""
-
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"
-    quant: str | None = None  # None: as stored on disk; "none" | "int4" | "nf4"
-    offload: bool = False  # experts in host RAM (or on disk), a cache of them on the device
-    experts_per_layer: int | None = None  # offloading: experts kept on the device per layer
-    gpu_budget_gb: float | None = None  # offloading: memory budget for the planner
-    prefetch: bool = False  # offloading: speculative expert loading (measured slower; see BENCHMARKS)
-    offload_store: str = "ram"  # "ram" | "disk"
-    context_length: int | None = None  # None: the model's own
 
 
 @dataclass
@@ -79,8 +48,8 @@ class Settings:
     theme: str = "textual-dark"
     show_sidebar: bool = True
     show_cache_panel: bool = False
-    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
-    engine: EngineSettings = field(default_factory=EngineSettings)
+    generation: GenerationConfig = NEW_CHAT_GENERATION  # frozen: shared safely
+    engine: LoadOptions = field(default_factory=LoadOptions)  # applied at the next model load
     keymap: dict[str, str] = field(default_factory=dict)  # binding id -> "key1,key2"
     personas: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PERSONAS))
 
@@ -118,10 +87,12 @@ def settings_from_dict(data: dict[str, Any]) -> Settings:
             continue
         value = data[item.name]
         if item.name == "generation":
-            settings.generation = _dataclass_from(GenerationDefaults, value, "generation")
-            settings.generation.validate()
+            try:
+                settings.generation = _dataclass_from(settings.generation, value, "generation")
+            except GenerationConfigError as exc:
+                raise SettingsError(str(exc)) from None
         elif item.name == "engine":
-            settings.engine = _dataclass_from(EngineSettings, value, "engine")
+            settings.engine = _dataclass_from(settings.engine, value, "engine")
         elif item.name in ("keymap", "personas"):
             setattr(settings, item.name, _string_table(value, item.name))
         else:
@@ -179,20 +150,18 @@ def _toml_value(value: Any) -> str:
     raise SettingsError(f"cannot store a {type(value).__name__} in the config")
 
 
-def _dataclass_from(cls: type, value: Any, table: str) -> Any:
+def _dataclass_from(defaults: Any, value: Any, table: str) -> Any:
+    """`defaults` with the table's keys replaced, each type-checked (the dataclass checks bounds)."""
     if not isinstance(value, dict):
         raise SettingsError(f"[{table}] must be a table")
-    instance = cls()
-    for item in fields(cls):
-        if item.name in value:
-            setattr(
-                instance,
-                item.name,
-                _check_type(
-                    f"{table}.{item.name}", value[item.name], getattr(instance, item.name), item.type
-                ),
-            )
-    return instance
+    changes = {
+        item.name: _check_type(
+            f"{table}.{item.name}", value[item.name], getattr(defaults, item.name), item.type
+        )
+        for item in fields(defaults)
+        if item.name in value
+    }
+    return replace(defaults, **changes)
 
 
 def _check_type(name: str, value: Any, default: Any, annotation: Any) -> Any:

@@ -157,14 +157,15 @@ def peak_rss_mb() -> float:
 
 
 def run_ours(engine: Any, prompt: list[int], new_tokens: int) -> RunResult:
-    from mixtral_chat.engine.generate import SamplingParams, generate_tokens
+    from mixtral_chat.engine.generate import generate_tokens
+    from mixtral_chat.engine.options import GenerationConfig
 
     tokens: list[int] = []
     stamps: list[float] = []
     start = time.perf_counter()
     # eos_id=-1: no token is EOS, so exactly new_tokens come out, as on the transformers side.
     for token in generate_tokens(
-        engine.model, prompt, max_new_tokens=new_tokens, eos_id=-1, params=SamplingParams(temperature=0.0)
+        engine.model, prompt, eos_id=-1, params=GenerationConfig(temperature=0.0, max_tokens=new_tokens)
     ):
         stamps.append(time.perf_counter())
         tokens.append(token)
@@ -252,9 +253,10 @@ def profile_our_decode(engine: Any, prompt: list[int], new_tokens: int) -> None:
     import io
     import pstats
 
-    from mixtral_chat.engine.generate import SamplingParams, decode_one, prefill, sample
+    from mixtral_chat.engine.generate import decode_one, prefill, sample
+    from mixtral_chat.engine.options import GenerationConfig
 
-    greedy = SamplingParams(temperature=0.0)
+    greedy = GenerationConfig(temperature=0.0)
 
     def decode_loop() -> None:
         logits = prefill(engine.model, prompt, 0)
@@ -312,12 +314,13 @@ def bench(args: argparse.Namespace, model_dir: Path, command: str) -> int:
     from transformers import MixtralForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from mixtral_chat.engine.options import LoadOptions
     from mixtral_chat.engine.runtime import Engine
 
     hf_logging.disable_progress_bar()
     load_before = os.getloadavg()[0]
     rss0 = current_rss_mb()
-    engine = timed("loaded ours", lambda: Engine.load(model_dir, device="cpu", dtype=args.dtype))
+    engine = timed("loaded ours", lambda: Engine.load(model_dir, LoadOptions(device="cpu", dtype=args.dtype)))
     rss1 = current_rss_mb()
     dtype = getattr(torch, args.dtype)
     hf_model = timed(

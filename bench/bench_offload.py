@@ -724,15 +724,22 @@ def read_whole_file(path: Path) -> None:
 
 def disk_child(spec: dict[str, Any]) -> dict[str, Any]:
     """Engine.load with store="disk" (the product path), then decode cold and warm, prefetch off/on."""
-    from mixtral_chat.engine.runtime import Engine, OffloadOptions
+    from mixtral_chat.engine.options import LoadOptions
+    from mixtral_chat.engine.runtime import Engine
 
     torch.set_num_threads(spec["threads"])
     os.environ["MIXTRAL_CHAT_HOME"] = spec["home"]  # a pack file goes under it
-    offload = OffloadOptions(experts_per_layer=spec["k"], prefetch=True, store="disk")
-    t0 = time.perf_counter()
-    engine = Engine.load(
-        spec["model_dir"], device="cpu", dtype=spec["dtype"], offload=offload, context_length=64
+    options = LoadOptions(
+        device="cpu",
+        dtype=spec["dtype"],
+        context_length=64,
+        offload=True,
+        experts_per_layer=spec["k"],
+        prefetch=True,
+        offload_store="disk",
     )
+    t0 = time.perf_counter()
+    engine = Engine.load(spec["model_dir"], options)
     load_s = time.perf_counter() - t0
     model, offloader = engine.model, engine.offloader
     # The store's open files: the quantized shards, or the pack file (unlinked at once).

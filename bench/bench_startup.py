@@ -137,14 +137,16 @@ async def typing_latency(model_dir: Path, presses: int) -> tuple[dict[str, list[
     """Seconds from a key event reaching the app to the prompt holding the character: idle, then
     while an answer streams. (Pilot.press is not used: it waits until every widget is idle,
     which a streaming Markdown widget never is.)"""
+    from dataclasses import replace
+
     from textual import events
 
     from mixtral_chat.app.chat_app import ChatApp
-    from mixtral_chat.app.settings import GenerationDefaults, Settings
+    from mixtral_chat.app.settings import Settings
     from mixtral_chat.app.storage import Storage
 
     settings = Settings()
-    settings.generation = GenerationDefaults(temperature=0.0, max_tokens=3500)
+    settings.generation = replace(settings.generation, temperature=0.0, max_tokens=3500)
     app = ChatApp(Storage(), settings, model=str(model_dir))
     times: dict[str, list[float]] = {"idle": [], "streaming": []}
 

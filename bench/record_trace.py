@@ -14,7 +14,8 @@ import sys
 import torch
 
 from mixtral_chat.engine.offload import RoutingTrace
-from mixtral_chat.engine.runtime import Engine, GenerationConfig
+from mixtral_chat.engine.options import GenerationConfig, LoadOptions
+from mixtral_chat.engine.runtime import Engine
 
 QUESTIONS = [
     "What is a lighthouse?",
@@ -36,7 +37,7 @@ model_dir, out_path, max_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if len(sys.argv) > 4:
     with open(sys.argv[4], encoding="utf-8") as chats:
         QUESTIONS = [json.loads(line)["messages"][0]["content"] for line in chats]
-engine = Engine.load(model_dir, device="cpu", dtype="float32")
+engine = Engine.load(model_dir, LoadOptions(device="cpu", dtype="float32"))
 with open(out_path, "w", encoding="utf-8") as out:
     trace = RoutingTrace(engine.model, out)
     for question in QUESTIONS:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -13,27 +12,14 @@ from torch import Tensor
 from mixtral_chat.engine.checkpoint import module_to_hf_name
 from mixtral_chat.engine.errors import MixtralChatError, WeightsError
 from mixtral_chat.engine.model import Mixtral
+from mixtral_chat.engine.options import GenerationConfig
 
 # Long prompts are prefilled in chunks so attention scores stay [chunk, context], not [S, S].
 PREFILL_CHUNK = 512
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = all tokens
-
-    def __post_init__(self) -> None:
-        # GenerationConfig lets NaN and inf through (`nan < 0` is False); sampling cannot use them.
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise MixtralChatError(f"temperature must be >= 0 and finite, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise MixtralChatError(f"top-p must be in (0, 1], got {self.top_p}")
-
-
-def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
-    """Pick the next token from logits [V] (float32)."""
+def sample(logits: Tensor, params: GenerationConfig, generator: torch.Generator | None = None) -> int:
+    """Pick the next token from logits [V] (float32); `params` has checked its bounds."""
     if params.temperature <= 0:
         return int(torch.argmax(logits))
     logits = logits / params.temperature
@@ -83,15 +69,13 @@ def generate_tokens(
     model: Mixtral,
     prompt: Sequence[int],
     *,
-    max_new_tokens: int,
     eos_id: int,
-    params: SamplingParams,
-    seed: int | None = None,
+    params: GenerationConfig,
     stop_event: threading.Event | None = None,
     cached_prefix: Sequence[int] = (),
     state: TokenStreamState | None = None,
 ) -> Iterator[int]:
-    """Yield generated token ids (EOS excluded) until EOS, max_new_tokens, or stop_event.
+    """Yield generated token ids (EOS excluded) until EOS, `params.max_tokens`, or stop_event.
 
     `cached_prefix` is what the KV cache already holds from an earlier call: the longest common
     prefix with `prompt` is reused and only the rest is prefilled. `state` (if given) receives the
@@ -102,10 +86,10 @@ def generate_tokens(
     if reuse == len(prompt):
         reuse -= 1  # at least one token must run to produce logits
     generator = None
-    if seed is not None:
-        generator = torch.Generator(device=model.device).manual_seed(seed)
+    if params.seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(params.seed)
     room = model.max_seq_len - len(prompt)
-    budget = min(max_new_tokens, room)
+    budget = min(params.max_tokens, room)
     state.cached_ids = list(prompt[:reuse])
     state.finish_reason = "length"
     if stop_event is not None and stop_event.is_set():

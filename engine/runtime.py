@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -12,35 +13,18 @@ from typing import TYPE_CHECKING, Literal
 from mixtral_chat.engine import checkpoint as ckpt
 from mixtral_chat.engine.config import ModelArgs
 from mixtral_chat.engine.errors import ContextTooLongError, MixtralChatError, OutOfMemoryError
+from mixtral_chat.engine.options import GenerationConfig, LoadOptions
 from mixtral_chat.engine.tokenizer import StreamingDetokenizer, Tokenizer
 
 if TYPE_CHECKING:
     import torch
 
+    from mixtral_chat.engine.checkpoint import CheckpointKind
     from mixtral_chat.engine.model import Mixtral
-    from mixtral_chat.engine.offload import ExpertOffloader
+    from mixtral_chat.engine.offload import ExpertOffloader, StoredExperts
 
 DEFAULT_CONTEXT = 4096
 FinishReason = Literal["stop", "length", "cancelled"]
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_tokens: int = 512
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise MixtralChatError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise MixtralChatError(f"top-p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise MixtralChatError(f"top-k must be >= 0, got {self.top_k}")
-        if self.max_tokens < 1:
-            raise MixtralChatError(f"max tokens must be >= 1, got {self.max_tokens}")
 
 
 @dataclass(frozen=True)
@@ -54,21 +38,14 @@ class GenerationStats:
 
 
 @dataclass(frozen=True)
-class OffloadOptions:
-    """Expert offloading: k experts per layer on the compute device, the rest in a store."""
+class OffloadDecision:
+    """Offloading as decided for one load: the planner's inputs, and why it started when the
+    options did not ask for it (the model did not fit)."""
 
-    experts_per_layer: int | None = None  # overrides the planner; = experts means all resident
-    memory_budget_gb: float | None = None  # for the planner; default: free device memory - margin
-    # Off by default: one-layer-ahead speculation measured 11-16% slower decode at a Mixtral-like
-    # copy/compute ratio even with wrong guesses stopped mid-copy (docs/BENCHMARKS.md).
-    prefetch: bool = False
-    # None: host RAM, or the disk when offloading on a CPU because RAM is short (`only_if_needed`).
-    store: Literal["ram", "disk"] | None = None
-    policy: str = "lru"
-    simulate_link_gbps: float | None = None  # CPU benchmarks: copies take bytes / bandwidth
-    # Offload only when the model does not fit the budget (what the CLI and the TUI do unless
-    # told otherwise): a model that fits stays all resident, one that does not still runs.
-    only_if_needed: bool = False
+    experts_per_layer: int | None
+    budget_gb: float | None
+    store: Literal["ram", "disk"]
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -133,108 +110,39 @@ class Engine:
 
     @classmethod
     def load(
-        cls,
-        model_dir: str | Path,
-        *,
-        device: str = "auto",
-        dtype: str = "auto",
-        quant: str | None = None,
-        context_length: int | None = None,
-        name: str | None = None,
-        offload: OffloadOptions | None = None,
+        cls, model_dir: str | Path, options: LoadOptions | None = None, *, name: str | None = None
     ) -> Engine:
         import torch
 
-        from mixtral_chat.engine.weights import load_model  # (torch)
-
+        # A copy: the app's settings hold the options it passes, and its settings screen may
+        # edit them while this load runs in a thread.
+        options = dataclasses.replace(options) if options else LoadOptions()
         model_dir = Path(model_dir)
-        torch_device = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, torch_device)
+        device = resolve_device(options.device)
+        dtype = resolve_dtype(options.dtype, device)
         tokenizer = Tokenizer(model_dir / "tokenizer.model")
-        offloader = None
-        stored = None
-        shortfall = None  # why offloading was turned on, when it was automatic
-        if offload is not None and offload.only_if_needed:
-            offload, shortfall = _offload_if_needed(
-                model_dir, torch_device, torch_dtype, context_length, offload
-            )
+        offload = decide_offload(model_dir, device, dtype, options)
         found = ckpt.detect(model_dir)
-        own_quantized = found.kind == ckpt.QUANTIZED  # made by `mixtral-chat quantize`
         try:
-            if offload and own_quantized and not quant:
-                from mixtral_chat.engine.offload import StoredExperts
-
-                # The experts are read from the quantized files by the store, never loaded whole.
-                stored = StoredExperts.open(model_dir, torch_device, torch_dtype)
-            if shortfall and torch_device.type == "cpu" and stored is None:
-                # Offloading a model that is not streamed from its files loads it whole first.
-                prequantized = own_quantized or found.quantization_config
-                how = (
-                    "its experts cannot be read from the files in place on this machine"
-                    if prequantized
-                    else "quantize it (mixtral-chat quantize) so that its experts are read from disk"
-                )
-                raise OutOfMemoryError(f"{model_dir}: {shortfall}; {how}")
-            # With offloading, weights load into host memory and only the resident part moves.
-            model = load_model(
-                model_dir,
-                "cpu" if offload else torch_device,
-                torch_dtype,
-                quant=quant,
-                skip_experts=stored is not None,
-            )
-            limit = model.args.max_position_embeddings
-            ctx = min(context_length or DEFAULT_CONTEXT, limit)
-            if offload:
-                from mixtral_chat.engine.offload import ExpertOffloader, move_non_experts, plan_offload
-
-                move_non_experts(model, torch_device)
-                budget = offload.memory_budget_gb
-                if budget is None and offload.experts_per_layer is None:
-                    budget = default_memory_budget_gb(torch_device)
-                plan = plan_offload(
-                    model,
-                    ctx,
-                    budget_bytes=int(budget * 1e9) if budget is not None else None,
-                    experts_per_layer=offload.experts_per_layer,
-                    store=offload.store or "ram",
-                    expert_bytes=stored.layout.nbytes if stored else None,
-                )
-                offloader = ExpertOffloader(
-                    model,
-                    plan,
-                    policy=offload.policy,
-                    prefetch=offload.prefetch,
-                    simulate_link_gbps=offload.simulate_link_gbps,
-                    stored=stored,
-                )
+            stored = open_stored_experts(model_dir, found, device, dtype, offload, options.quant)
+            check_offload_can_stream(model_dir, found, device, offload, stored)
+            model = load_weights(model_dir, device, dtype, options.quant, offload, stored)
+            ctx = context_for(model.args, options.context_length)
+            offloader = offload_experts(model, ctx, device, offload, options, stored) if offload else None
             model.setup_cache(ctx)
         except torch.OutOfMemoryError as exc:
-            raise OutOfMemoryError(f"out of {torch_device.type} memory loading {model_dir}: {exc}") from None
-        if tokenizer.vocab_size > model.args.vocab_size:
-            raise MixtralChatError(
-                f"{model_dir}: tokenizer has {tokenizer.vocab_size} tokens, the model only "
-                f"{model.args.vocab_size}"
-            )
-        scheme = quant or "none"
-        if own_quantized:
-            scheme = str(found.scheme or "unknown")
-        elif found.kind == ckpt.BNB_4BIT:
-            from mixtral_chat.quant.bnb_checkpoint import read_bnb_4bit_config  # (torch)
-
-            scheme = read_bnb_4bit_config(model_dir).describe()  # "nf4 (bitsandbytes checkpoint)"
+            raise OutOfMemoryError(f"out of {device.type} memory loading {model_dir}: {exc}") from None
+        check_vocab(model_dir, tokenizer, model.args)
         info = EngineInfo(
             name=name or model_dir.name,
             path=model_dir,
-            device=str(torch_device),
-            dtype=str(torch_dtype).removeprefix("torch."),
-            scheme=scheme,
+            device=str(device),
+            dtype=str(dtype).removeprefix("torch."),
+            scheme=describe_scheme(model_dir, found, options.quant),
             context_length=ctx,
             n_params=model.args.n_params,
             n_active_params=model.args.n_active_params,
-            offload_plan=(f"auto ({shortfall}): " if shortfall else "") + offloader.plan.describe()
-            if offloader
-            else None,
+            offload_plan=describe_offload(offload, offloader),
         )
         return cls(model, tokenizer, info, offloader)
 
@@ -288,9 +196,8 @@ class Engine:
         stream: ChatStream,
         dropped: int,
     ) -> Iterator[str]:
-        from mixtral_chat.engine.generate import SamplingParams, TokenStreamState, generate_tokens  # (torch)
+        from mixtral_chat.engine.generate import TokenStreamState, generate_tokens  # (torch)
 
-        params = SamplingParams(config.temperature, config.top_p, config.top_k)
         detok = StreamingDetokenizer(self.tokenizer)
         state = TokenStreamState([])
         start = time.perf_counter()
@@ -300,10 +207,8 @@ class Engine:
             tokens = generate_tokens(
                 self.model,
                 prompt,
-                max_new_tokens=config.max_tokens,
                 eos_id=self.tokenizer.eos_id,
-                params=params,
-                seed=config.seed,
+                params=config,
                 stop_event=stop_event,
                 cached_prefix=self._cached_ids,
                 state=state,
@@ -373,27 +278,140 @@ def available_ram_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _offload_if_needed(
-    model_dir: Path,
-    device: torch.device,
-    dtype: torch.dtype,
-    context_length: int | None,
-    options: OffloadOptions,
-) -> tuple[OffloadOptions | None, str | None]:
-    """The options to load with and why: None when the model fits the budget (all resident),
-    else offloading with the planner, the experts in host RAM (GPU) or read from disk (CPU)."""
-    import dataclasses
+# -- the steps of Engine.load ---------------------------------------------------------------------
 
+
+def context_for(args: ModelArgs, context_length: int | None) -> int:
+    """The context asked for (default DEFAULT_CONTEXT), at most the model's own."""
+    return min(context_length or DEFAULT_CONTEXT, args.max_position_embeddings)
+
+
+def decide_offload(
+    model_dir: Path, device: torch.device, dtype: torch.dtype, options: LoadOptions
+) -> OffloadDecision | None:
+    """None: all experts resident. Asked for, offloading is as the options say; else it starts
+    only when the model does not fit the budget, with the planner's k and the store for the device."""
+    if options.offload:
+        store = "disk" if options.offload_store == "disk" else "ram"
+        return OffloadDecision(options.experts_per_layer, options.gpu_budget_gb, store)
     from mixtral_chat.engine.weights import loaded_weight_bytes  # (torch)
 
     args = ModelArgs.from_hf_config(model_dir)
-    ctx = min(context_length or DEFAULT_CONTEXT, args.max_position_embeddings)
+    ctx = context_for(args, options.context_length)
     need = loaded_weight_bytes(model_dir, dtype) + args.kv_cache_bytes(ctx, dtype.itemsize)
-    budget_gb = options.memory_budget_gb
+    budget_gb = options.gpu_budget_gb
     if budget_gb is None:
         budget_gb = default_memory_budget_gb(device)
     if need <= budget_gb * 1e9:
-        return None, None
-    store = options.store or ("disk" if device.type == "cpu" else "ram")
-    options = dataclasses.replace(options, memory_budget_gb=budget_gb, store=store, only_if_needed=False)
-    return options, f"the model needs {need / 1e9:.2f} GB, the {device.type} budget is {budget_gb:.2f} GB"
+        return None
+    reason = f"the model needs {need / 1e9:.2f} GB, the {device.type} budget is {budget_gb:.2f} GB"
+    return OffloadDecision(None, budget_gb, "disk" if device.type == "cpu" else "ram", reason)
+
+
+def open_stored_experts(
+    model_dir: Path,
+    found: CheckpointKind,
+    device: torch.device,
+    dtype: torch.dtype,
+    offload: OffloadDecision | None,
+    quant: str | None,
+) -> StoredExperts | None:
+    """A directory made by `mixtral-chat quantize`, offloaded: the store reads the experts from its
+    files, so they are never loaded whole (None where that cannot be done)."""
+    if not offload or found.kind != ckpt.QUANTIZED or quant:
+        return None
+    from mixtral_chat.engine.offload import StoredExperts
+
+    return StoredExperts.open(model_dir, device, dtype)
+
+
+def check_offload_can_stream(
+    model_dir: Path,
+    found: CheckpointKind,
+    device: torch.device,
+    offload: OffloadDecision | None,
+    stored: StoredExperts | None,
+) -> None:
+    """Offloading a model that is not streamed from its files loads it whole first: on a CPU
+    whose RAM it does not fit (automatic offloading), that is the failure to avoid."""
+    if not (offload and offload.reason) or device.type != "cpu" or stored is not None:
+        return
+    prequantized = found.kind == ckpt.QUANTIZED or found.quantization_config
+    how = (
+        "its experts cannot be read from the files in place on this machine"
+        if prequantized
+        else "quantize it (mixtral-chat quantize) so that its experts are read from disk"
+    )
+    raise OutOfMemoryError(f"{model_dir}: {offload.reason}; {how}")
+
+
+def load_weights(
+    model_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    quant: str | None,
+    offload: OffloadDecision | None,
+    stored: StoredExperts | None,
+) -> Mixtral:
+    from mixtral_chat.engine.weights import load_model  # (torch)
+
+    # With offloading, weights load into host memory and only the resident part moves.
+    return load_model(
+        model_dir, "cpu" if offload else device, dtype, quant=quant, skip_experts=stored is not None
+    )
+
+
+def offload_experts(
+    model: Mixtral,
+    ctx: int,
+    device: torch.device,
+    offload: OffloadDecision,
+    options: LoadOptions,
+    stored: StoredExperts | None,
+) -> ExpertOffloader:
+    """Move all but the experts to the device, plan k experts per layer, start the cache."""
+    from mixtral_chat.engine.offload import ExpertOffloader, move_non_experts, plan_offload
+
+    move_non_experts(model, device)
+    budget = offload.budget_gb
+    if budget is None and offload.experts_per_layer is None:
+        budget = default_memory_budget_gb(device)
+    plan = plan_offload(
+        model,
+        ctx,
+        budget_bytes=int(budget * 1e9) if budget is not None else None,
+        experts_per_layer=offload.experts_per_layer,
+        store=offload.store,
+        expert_bytes=stored.layout.nbytes if stored else None,
+    )
+    return ExpertOffloader(
+        model,
+        plan,
+        policy=options.cache_policy,
+        prefetch=options.prefetch,
+        simulate_link_gbps=options.simulate_link_gbps,
+        stored=stored,
+    )
+
+
+def check_vocab(model_dir: Path, tokenizer: Tokenizer, args: ModelArgs) -> None:
+    if tokenizer.vocab_size > args.vocab_size:
+        raise MixtralChatError(
+            f"{model_dir}: tokenizer has {tokenizer.vocab_size} tokens, the model only {args.vocab_size}"
+        )
+
+
+def describe_scheme(model_dir: Path, found: CheckpointKind, quant: str | None) -> str:
+    if found.kind == ckpt.QUANTIZED:  # made by `mixtral-chat quantize`
+        return str(found.scheme or "unknown")
+    if found.kind == ckpt.BNB_4BIT:
+        from mixtral_chat.quant.bnb_checkpoint import read_bnb_4bit_config  # (torch)
+
+        return read_bnb_4bit_config(model_dir).describe()  # "nf4 (bitsandbytes checkpoint)"
+    return quant or "none"
+
+
+def describe_offload(offload: OffloadDecision | None, offloader: ExpertOffloader | None) -> str | None:
+    if offload is None or offloader is None:
+        return None
+    return (f"auto ({offload.reason}): " if offload.reason else "") + offloader.plan.describe()

@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mixtral_chat.engine.errors import MixtralChatError, QuantizationError, WeightsError
-from mixtral_chat.engine.runtime import Engine, GenerationConfig, OffloadOptions
+from mixtral_chat.engine.options import GenerationConfig, LoadOptions
+from mixtral_chat.engine.runtime import Engine
 from mixtral_chat.engine.weights import load_model
 from mixtral_chat.quant import Nf4Linear, is_bnb_4bit_checkpoint, is_quantizable
 from mixtral_chat.quant.bnb import bitsandbytes, bnb_functional
@@ -255,11 +256,12 @@ def test_offloading_a_bnb_checkpoint_gives_the_same_text(v4_dirs, isolated_home:
     directory, _ = v4_dirs[True]
     messages = [{"role": "user", "content": "Tell me a story"}]
     config = GenerationConfig(max_tokens=12)
-    resident = Engine.load(directory, device="cpu", dtype="float32")
+    resident = Engine.load(directory, LoadOptions(device="cpu", dtype="float32"))
     assert resident.info.scheme == "nf4 (bitsandbytes checkpoint)"
     expected = "".join(resident.chat(messages, config))
     engine = Engine.load(
-        directory, device="cpu", dtype="float32", offload=OffloadOptions(experts_per_layer=2, store=store)
+        directory,
+        LoadOptions(device="cpu", dtype="float32", offload=True, experts_per_layer=2, offload_store=store),
     )
     try:
         assert engine.info.scheme == "nf4 (bitsandbytes checkpoint)"
@@ -400,7 +402,7 @@ def test_quantizing_again_is_refused(transformers_saved) -> None:
     with pytest.raises(QuantizationError, match=r"already 4-bit \(nf4 \(bitsandbytes checkpoint\)\)"):
         load_model(directory, quant="int4")
     with pytest.raises(MixtralChatError, match="already 4-bit"):
-        Engine.load(directory, device="cpu", quant="nf4")
+        Engine.load(directory, LoadOptions(device="cpu", quant="nf4"))
     assert load_model(directory, quant="none").layers[0].self_attn.q_proj.quant_type == "nf4"
     result = run_cli("ask", "--model", str(directory), "--device", "cpu", "--quant", "int4", "hi")
     assert result.returncode == 1

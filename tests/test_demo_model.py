@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 import torch
 
-from mixtral_chat.engine.runtime import Engine, GenerationConfig
+from mixtral_chat.engine.options import GenerationConfig, LoadOptions
+from mixtral_chat.engine.runtime import Engine
 from mixtral_chat.engine.tokenizer import Tokenizer
 from mixtral_chat.engine.weights import load_model
 
@@ -62,7 +63,7 @@ def recorded() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    return Engine.load(DEMO_DIR, device="cpu", dtype="float32")
+    return Engine.load(DEMO_DIR, LoadOptions(device="cpu", dtype="float32"))
 
 
 def encode_heldout(tokenizer: Tokenizer, chat: list[dict[str, str]]) -> tuple[list[int], int]:

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from mixtral_chat.engine.config import ModelArgs
-from mixtral_chat.engine.generate import SamplingParams, generate_tokens, sample
-from mixtral_chat.engine.runtime import Engine, GenerationConfig
+from mixtral_chat.engine.generate import generate_tokens, sample
+from mixtral_chat.engine.options import GenerationConfig, LoadOptions
+from mixtral_chat.engine.runtime import Engine
 from mixtral_chat.engine.weights import load_model
 from tests.conftest import run_cli, save_tiny_checkpoint
 
@@ -68,7 +69,7 @@ def test_bfloat16_runs_close_to_float32(tiny_model_dir: Path) -> None:
 
 
 def test_greedy_generation_matches_transformers_generate(tiny_model_dir: Path) -> None:
-    engine = Engine.load(tiny_model_dir, device="cpu", dtype="float32")
+    engine = Engine.load(tiny_model_dir, LoadOptions(device="cpu", dtype="float32"))
     messages = [{"role": "user", "content": "Tell me about lighthouses."}]
     prompt = engine.tokenizer.encode_chat(messages)
     ref = reference(tiny_model_dir)
@@ -79,7 +80,7 @@ def test_greedy_generation_matches_transformers_generate(tiny_model_dir: Path) -
     expected = [t for t in out if t != 2][:32] if 2 not in out else out[: out.index(2)]
     ours = list(
         generate_tokens(
-            engine.model, prompt, max_new_tokens=32, eos_id=2, params=SamplingParams(temperature=0.0)
+            engine.model, prompt, eos_id=2, params=GenerationConfig(temperature=0.0, max_tokens=32)
         )
     )
     assert ours == expected
@@ -103,18 +104,18 @@ def test_greedy_generation_matches_transformers_generate(tiny_model_dir: Path) -
 
 def test_prefix_cache_reuse_gives_the_same_answer(tiny_model_dir: Path) -> None:
     """A second turn reuses the first turn's KV cache; its answer equals a cold start's."""
-    engine = Engine.load(tiny_model_dir, device="cpu", dtype="float32")
+    engine = Engine.load(tiny_model_dir, LoadOptions(device="cpu", dtype="float32"))
     first = [{"role": "user", "content": "Hello there"}]
     answer = "".join(engine.chat(first, GenerationConfig(max_tokens=8)))
     second = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "And then?"}]
     warm = "".join(engine.chat(second, GenerationConfig(max_tokens=8)))
-    cold_engine = Engine.load(tiny_model_dir, device="cpu", dtype="float32")
+    cold_engine = Engine.load(tiny_model_dir, LoadOptions(device="cpu", dtype="float32"))
     cold = "".join(cold_engine.chat(second, GenerationConfig(max_tokens=8)))
     assert warm == cold
 
 
 def test_sampling_is_reproducible_with_a_seed(tiny_model_dir: Path) -> None:
-    engine = Engine.load(tiny_model_dir, device="cpu", dtype="float32")
+    engine = Engine.load(tiny_model_dir, LoadOptions(device="cpu", dtype="float32"))
     messages = [{"role": "user", "content": "Say something"}]
     config = GenerationConfig(temperature=1.0, top_p=0.9, top_k=50, max_tokens=12, seed=7)
     a = "".join(engine.chat(messages, config))
@@ -125,18 +126,18 @@ def test_sampling_is_reproducible_with_a_seed(tiny_model_dir: Path) -> None:
 def test_sample_respects_top_k_and_top_p() -> None:
     logits = torch.tensor([5.0, 4.0, 1.0, 0.0, -1.0])
     gen = torch.Generator().manual_seed(0)
-    assert sample(logits, SamplingParams(temperature=0.0)) == 0
-    picks = {sample(logits, SamplingParams(temperature=1.0, top_k=2), gen) for _ in range(200)}
+    assert sample(logits, GenerationConfig(temperature=0.0)) == 0
+    picks = {sample(logits, GenerationConfig(temperature=1.0, top_k=2), gen) for _ in range(200)}
     assert picks == {0, 1}
     # softmax([5,4,1,0,-1]) = [.70, .26, .013, ...]: top_p 0.5 keeps only the first token.
-    picks = {sample(logits, SamplingParams(temperature=1.0, top_p=0.5), gen) for _ in range(100)}
+    picks = {sample(logits, GenerationConfig(temperature=1.0, top_p=0.5), gen) for _ in range(100)}
     assert picks == {0}
-    picks = {sample(logits, SamplingParams(temperature=1.0, top_p=0.9), gen) for _ in range(200)}
+    picks = {sample(logits, GenerationConfig(temperature=1.0, top_p=0.9), gen) for _ in range(200)}
     assert picks == {0, 1}
 
 
 def test_stop_event_cancels_and_keeps_partial_text(tiny_model_dir: Path) -> None:
-    engine = Engine.load(tiny_model_dir, device="cpu", dtype="float32")
+    engine = Engine.load(tiny_model_dir, LoadOptions(device="cpu", dtype="float32"))
     stop = threading.Event()
     stream = engine.chat([{"role": "user", "content": "Go"}], GenerationConfig(max_tokens=50), stop)
     pieces = []
@@ -151,7 +152,7 @@ def test_stop_event_cancels_and_keeps_partial_text(tiny_model_dir: Path) -> None
 
 
 def test_long_conversations_drop_the_oldest_turns_but_keep_the_system_prompt(tiny_model_dir: Path) -> None:
-    engine = Engine.load(tiny_model_dir, device="cpu", dtype="float32", context_length=96)
+    engine = Engine.load(tiny_model_dir, LoadOptions(device="cpu", dtype="float32", context_length=96))
     system = {"role": "system", "content": "You are terse."}
     turns = []
     for i in range(6):

@@ -463,13 +463,14 @@ def test_a_prequantized_bitsandbytes_repo_is_used_as_it_is(server: HubServer, ti
     assert entry.quantized_path is None and entry.path == entry.original_path
     assert entry.scheme == "nf4 (bitsandbytes)"
     assert not (registry.models_dir() / "org--tiny-bnb-4bit-int4").exists()
-    from mixtral_chat.engine.runtime import Engine, GenerationConfig
+    from mixtral_chat.engine.options import GenerationConfig, LoadOptions
+    from mixtral_chat.engine.runtime import Engine
 
     (saved / "tokenizer.model").write_bytes(files["tokenizer.model"])
     messages, config = [{"role": "user", "content": "hi"}], GenerationConfig(max_tokens=6)
-    engine = Engine.load(entry.path, device="cpu")
+    engine = Engine.load(entry.path, LoadOptions(device="cpu"))
     assert engine.info.scheme == "nf4 (bitsandbytes checkpoint)"
     stream = engine.chat(messages, config)
     answer = "".join(stream)
     assert stream.stats is not None and stream.stats.completion_tokens > 0
-    assert answer == "".join(Engine.load(saved, device="cpu").chat(messages, config))
+    assert answer == "".join(Engine.load(saved, LoadOptions(device="cpu")).chat(messages, config))

@@ -12,7 +12,8 @@ import torch
 from mixtral_chat.engine.errors import MixtralChatError, OutOfMemoryError
 from mixtral_chat.engine.expert_cache import LFUPolicy, LRUPolicy, SlotMap
 from mixtral_chat.engine.offload import ExpertOffloader, RoutingTrace, plan_offload
-from mixtral_chat.engine.runtime import Engine, GenerationConfig, OffloadOptions
+from mixtral_chat.engine.options import GenerationConfig, LoadOptions
+from mixtral_chat.engine.runtime import Engine
 from mixtral_chat.engine.weights import load_model
 from tests.conftest import run_cli, save_tiny_checkpoint
 
@@ -65,14 +66,12 @@ def test_offloaded_logits_are_bit_identical(
 def test_offloaded_generation_matches_and_reports_stats(eight_expert_dir: Path) -> None:
     messages = [{"role": "user", "content": "Tell me a story"}]
     config = GenerationConfig(max_tokens=16)
-    resident = Engine.load(eight_expert_dir, device="cpu", dtype="float32")
+    resident = Engine.load(eight_expert_dir, LoadOptions(device="cpu", dtype="float32"))
     expected = "".join(resident.chat(messages, config))
     assert resident.cache_stats() is None
     engine = Engine.load(
         eight_expert_dir,
-        device="cpu",
-        dtype="float32",
-        offload=OffloadOptions(experts_per_layer=3, prefetch=True),
+        LoadOptions(device="cpu", dtype="float32", offload=True, experts_per_layer=3, prefetch=True),
     )
     assert "".join(engine.chat(messages, config)) == expected
     stats = engine.cache_stats()
@@ -153,7 +152,7 @@ def test_planner_chooses_k_from_a_budget_and_refuses_too_little(eight_expert_dir
 
 
 def test_routing_trace_records_every_generated_token_and_layer(eight_expert_dir: Path) -> None:
-    engine = Engine.load(eight_expert_dir, device="cpu", dtype="float32")
+    engine = Engine.load(eight_expert_dir, LoadOptions(device="cpu", dtype="float32"))
     out = io.StringIO()
     RoutingTrace(engine.model, out)
     stream = engine.chat([{"role": "user", "content": "Hi"}], GenerationConfig(max_tokens=6))
@@ -281,8 +280,10 @@ def test_experts_stream_from_the_quantized_files(
 def test_engine_offloads_a_quantized_directory_from_its_files(nf4_dir: Path) -> None:
     messages = [{"role": "user", "content": "Tell me a story"}]
     config = GenerationConfig(max_tokens=12)
-    expected = "".join(Engine.load(nf4_dir, device="cpu").chat(messages, config))
-    engine = Engine.load(nf4_dir, device="cpu", offload=OffloadOptions(experts_per_layer=2, store="disk"))
+    expected = "".join(Engine.load(nf4_dir, LoadOptions(device="cpu")).chat(messages, config))
+    engine = Engine.load(
+        nf4_dir, LoadOptions(device="cpu", offload=True, experts_per_layer=2, offload_store="disk")
+    )
     try:
         assert "".join(engine.chat(messages, config)) == expected
         stats = engine.cache_stats()
@@ -300,7 +301,9 @@ def test_a_truncated_quantized_shard_is_a_clear_error(nf4_dir: Path, tmp_path: P
         handle.truncate(shard.stat().st_size - 4096)
     cut_off = r"truncated safetensors file \(tensor '.*experts\.\d+\.packed' is cut off"
     with pytest.raises(MixtralChatError, match=cut_off):
-        Engine.load(broken, device="cpu", offload=OffloadOptions(experts_per_layer=2, store="disk"))
+        Engine.load(
+            broken, LoadOptions(device="cpu", offload=True, experts_per_layer=2, offload_store="disk")
+        )
 
 
 def test_a_model_that_does_not_fit_is_offloaded_automatically(nf4_dir: Path) -> None:
@@ -310,9 +313,7 @@ def test_a_model_that_does_not_fit_is_offloaded_automatically(nf4_dir: Path) -> 
     assert need == sum(t.numel() * t.element_size() for t in load_model(nf4_dir).state_dict().values())
     messages = [{"role": "user", "content": "Hi"}]
     config = GenerationConfig(max_tokens=8)
-    roomy = Engine.load(
-        nf4_dir, device="cpu", offload=OffloadOptions(only_if_needed=True, memory_budget_gb=10)
-    )
+    roomy = Engine.load(nf4_dir, LoadOptions(device="cpu", gpu_budget_gb=10))
     assert roomy.offloader is None and roomy.info.offload_plan is None
     expected = "".join(roomy.chat(messages, config))
     # Room for the resident part, the KV cache and 3.5 experts per layer, not for all 8.
@@ -324,12 +325,7 @@ def test_a_model_that_does_not_fit_is_offloaded_automatically(nf4_dir: Path) -> 
         load_model(nf4_dir, skip_experts=True), 64, experts_per_layer=3, expert_bytes=stored.layout.nbytes
     )
     budget = (plan.resident_bytes + plan.kv_cache_bytes + 3.5 * 3 * plan.expert_bytes) / 1e9
-    tight = Engine.load(
-        nf4_dir,
-        device="cpu",
-        context_length=64,
-        offload=OffloadOptions(only_if_needed=True, memory_budget_gb=budget),
-    )
+    tight = Engine.load(nf4_dir, LoadOptions(device="cpu", context_length=64, gpu_budget_gb=budget))
     try:
         assert tight.info.offload_plan and tight.info.offload_plan.startswith("auto (the model needs")
         stats = tight.cache_stats()
@@ -342,11 +338,7 @@ def test_a_model_that_does_not_fit_is_offloaded_automatically(nf4_dir: Path) -> 
 
 def test_a_float_model_too_big_for_ram_asks_to_be_quantized(eight_expert_dir: Path) -> None:
     with pytest.raises(OutOfMemoryError, match=r"the model needs .* GB.*mixtral-chat quantize"):
-        Engine.load(
-            eight_expert_dir,
-            device="cpu",
-            offload=OffloadOptions(only_if_needed=True, memory_budget_gb=0.0001),
-        )
+        Engine.load(eight_expert_dir, LoadOptions(device="cpu", gpu_budget_gb=0.0001))
 
 
 def test_int4_without_the_native_kernel_is_packed_from_loaded_experts(
@@ -361,8 +353,10 @@ def test_int4_without_the_native_kernel_is_packed_from_loaded_experts(
     directory = quantized_dirs["int4"]
     assert StoredExperts.open(directory, torch.device("cpu"), torch.float32) is None
     messages, config = [{"role": "user", "content": "Hi"}], GenerationConfig(max_tokens=8)
-    expected = "".join(Engine.load(directory, device="cpu").chat(messages, config))
-    engine = Engine.load(directory, device="cpu", offload=OffloadOptions(experts_per_layer=2, store="disk"))
+    expected = "".join(Engine.load(directory, LoadOptions(device="cpu")).chat(messages, config))
+    engine = Engine.load(
+        directory, LoadOptions(device="cpu", offload=True, experts_per_layer=2, offload_store="disk")
+    )
     try:
         assert engine.cache_stats()["store_from_files"] is False
         assert "".join(engine.chat(messages, config)) == expected

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -33,8 +34,7 @@ def test_a_missing_file_gives_the_defaults(isolated_home: Path) -> None:
 
 def test_round_trip_through_the_config_folder(isolated_home: Path) -> None:
     settings = Settings(model="mixtral-8x7b-instruct", theme="nord", show_cache_panel=True)
-    settings.generation.temperature = 0.3
-    settings.generation.seed = 7
+    settings.generation = replace(settings.generation, temperature=0.3, seed=7)
     settings.engine.offload = True
     settings.engine.experts_per_layer = 4
     settings.engine.gpu_budget_gb = 11.5

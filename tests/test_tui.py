@@ -23,10 +23,11 @@ from textual.widgets import Input, OptionList, TabbedContent
 from mixtral_chat.app.chat_app import ChatApp
 from mixtral_chat.app.screens.dialogs import ConfirmScreen, SearchScreen, TextInputScreen
 from mixtral_chat.app.screens.settings import SettingsScreen
-from mixtral_chat.app.settings import GenerationDefaults, Settings, load_settings
+from mixtral_chat.app.settings import Settings, load_settings
 from mixtral_chat.app.storage import Storage
 from mixtral_chat.app.widgets.cache_panel import CELL_STYLES, cell_states
 from mixtral_chat.app.widgets.message_view import MessageView, code_blocks
+from mixtral_chat.engine.options import GenerationConfig
 
 SIZE = (120, 40)
 
@@ -54,7 +55,7 @@ def home(isolated_home: Path) -> Path:
 
 def make_app(model_dir: Path | str, max_tokens: int = 12, settings: Settings | None = None) -> ChatApp:
     settings = settings or Settings()
-    settings.generation = GenerationDefaults(temperature=0.0, top_p=1.0, max_tokens=max_tokens)
+    settings.generation = GenerationConfig(temperature=0.0, top_p=1.0, max_tokens=max_tokens)
     return ChatApp(Storage(), settings, model=str(model_dir))
 
 
@@ -115,8 +116,6 @@ def stored(app: ChatApp) -> list[tuple[str, str, str]]:
 
 def engine_answer(app: ChatApp, messages: list[dict[str, str]], max_tokens: int) -> str:
     """The engine's own answer to the same messages (greedy): the oracle for what the UI shows."""
-    from mixtral_chat.engine.runtime import GenerationConfig
-
     assert app.engine is not None
     config = GenerationConfig(temperature=0.0, top_p=1.0, max_tokens=max_tokens)
     return "".join(app.engine.chat(messages, config))

@@ -32,9 +32,10 @@ from textual.widgets import DataTable, Label, TabbedContent
 
 from mixtral_chat.app.chat_app import ChatApp
 from mixtral_chat.app.screens.settings import SettingsScreen
-from mixtral_chat.app.settings import GenerationDefaults, Settings
+from mixtral_chat.app.settings import Settings
 from mixtral_chat.app.storage import Storage, default_db_path
 from mixtral_chat.app.widgets import status_bar
+from mixtral_chat.engine.options import GenerationConfig
 from mixtral_chat.engine.paths import assets_dir
 
 SIZE = (120, 36)
@@ -97,7 +98,7 @@ def seed_conversations() -> None:
 
 def make_app(model_dir: Path, settings: Settings | None = None) -> ChatApp:
     settings = settings or Settings()
-    settings.generation = GenerationDefaults(temperature=0.0, top_p=1.0, max_tokens=8)
+    settings.generation = GenerationConfig(temperature=0.0, top_p=1.0, max_tokens=8)
     settings.engine.device = "cpu"  # "auto" would draw "cuda" and GPU memory on a machine with one
     return ChatApp(Storage(), settings, model=str(model_dir))
 

@@ -7,8 +7,26 @@ import json
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mixtral_chat.app.argtypes import SEED_MAX, SEED_MIN, float_range, int_range
+from mixtral_chat.engine.options import (
+    MAX_TOKENS_MIN,
+    TEMPERATURE_MAX,
+    TEMPERATURE_MIN,
+    TOP_K_MIN,
+    TOP_P_ABOVE,
+    TOP_P_MAX,
+    GenerationConfig,
+    LoadOptions,
+)
+
+if TYPE_CHECKING:
+    from mixtral_chat.engine.registry import ResolvedModel
+    from mixtral_chat.engine.runtime import ChatStream, Engine, GenerationStats
+
+# `ask` answers greedily unless told otherwise: the engine's defaults.
+DEFAULT_GENERATION = GenerationConfig()
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,13 +39,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("prompt", nargs="?", help="the question (stdin is appended when piped)")
     parser.add_argument("--model", help="catalog name, repo id (org/name) or model directory")
     parser.add_argument("--system", help="system prompt (none unless given)")
-    # Bounds as the engine's GenerationConfig has them, plus finite numbers (it lets NaN through).
+    # The bounds of GenerationConfig (engine/options.py), checked before anything heavy loads.
     parser.add_argument(
-        "--temperature", type=float_range("--temperature", 0), default=0.0, help="0 = greedy (default)"
+        "--temperature",
+        type=float_range("--temperature", TEMPERATURE_MIN, cap=TEMPERATURE_MAX),
+        default=DEFAULT_GENERATION.temperature,
+        help="0 = greedy (default)",
     )
-    parser.add_argument("--top-p", type=float_range("--top-p", 0, 1, low_open=True), default=1.0)
-    parser.add_argument("--top-k", type=int_range("--top-k", 0), default=0, help="0 = no top-k cut")
-    parser.add_argument("--max-tokens", type=int_range("--max-tokens", 1), default=512)
+    parser.add_argument(
+        "--top-p",
+        type=float_range("--top-p", TOP_P_ABOVE, TOP_P_MAX, low_open=True),
+        default=DEFAULT_GENERATION.top_p,
+    )
+    parser.add_argument(
+        "--top-k",
+        type=int_range("--top-k", TOP_K_MIN),
+        default=DEFAULT_GENERATION.top_k,
+        help="0 = no top-k cut",
+    )
+    parser.add_argument(
+        "--max-tokens", type=int_range("--max-tokens", MAX_TOKENS_MIN), default=DEFAULT_GENERATION.max_tokens
+    )
     parser.add_argument("--seed", type=int_range("--seed", SEED_MIN, SEED_MAX))
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -81,23 +113,42 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mixtral_chat.app.errors import UsageError
-
     prompt = read_prompt(args)
+    config = generation_config(args)
+    resolved = resolve_the_model(args)
+    engine = load_engine(args, resolved)
+    stream, pieces, interrupted = stream_answer(args, engine, prompt, config)
+    cache = engine.cache_stats()
+    engine.close()
+    text = "".join(pieces)
+    if args.json:
+        print_json(args, engine, text, pieces, stream.stats, cache, interrupted)
+    elif text and not text.endswith("\n"):
+        sys.stdout.write("\n")
+    if args.stats:
+        print_stats(stream.stats, cache)
+    return 130 if interrupted else 0
+
+
+def generation_config(args: argparse.Namespace) -> GenerationConfig:
+    from mixtral_chat.app.errors import UsageError
     from mixtral_chat.engine.errors import MixtralChatError
-    from mixtral_chat.engine.registry import resolve_model
-    from mixtral_chat.engine.runtime import Engine, GenerationConfig
 
     try:
-        config = GenerationConfig(
+        return GenerationConfig(
             temperature=args.temperature,
             top_p=args.top_p,
             top_k=args.top_k,
             max_tokens=args.max_tokens,
             seed=args.seed,
         )
-    except MixtralChatError as exc:
+    except MixtralChatError as exc:  # the flags' converters check the same bounds first
         raise UsageError(str(exc)) from None
+
+
+def resolve_the_model(args: argparse.Namespace) -> ResolvedModel:
+    from mixtral_chat.engine.registry import resolve_model
+
     if args.model is not None and Path(args.model).expanduser().is_dir():
         # A damaged index, said as such (the registry would only find "no safetensors weights").
         from mixtral_chat.engine.checkpoint import read_weight_map
@@ -111,19 +162,42 @@ def run(args: argparse.Namespace) -> int:
             "`mixtral-chat models pull mixtral-8x7b-instruct`",
             file=sys.stderr,
         )
-    engine = Engine.load(
-        resolved.path,
+    return resolved
+
+
+def load_options(args: argparse.Namespace) -> LoadOptions:
+    return LoadOptions(
         device=args.device,
         dtype=args.dtype,
         quant=args.quant,
         context_length=args.context,
-        name=resolved.name,
-        offload=offload_options(args),
+        # Without a flag that asks for it, offloading starts only when the model does not fit.
+        offload=args.experts_per_layer is not None or args.gpu_mem is not None or args.offload is not None,
+        experts_per_layer=args.experts_per_layer,
+        gpu_budget_gb=args.gpu_mem,
+        prefetch=args.prefetch,
+        offload_store=args.offload or "ram",
+        cache_policy=args.cache_policy,
+        simulate_link_gbps=args.simulate_link_gbps,
     )
+
+
+def load_engine(args: argparse.Namespace, resolved: ResolvedModel) -> Engine:
+    from mixtral_chat.engine.runtime import Engine
+
+    engine = Engine.load(resolved.path, load_options(args), name=resolved.name)
     plan = engine.info.offload_plan
     # Automatic offloading is always announced: it explains a slower answer.
     if plan and (args.stats or plan.startswith("auto")):
         print(f"mixtral-chat: offload plan: {plan}", file=sys.stderr)
+    return engine
+
+
+def stream_answer(
+    args: argparse.Namespace, engine: Engine, prompt: str, config: GenerationConfig
+) -> tuple[ChatStream, list[str], bool]:
+    """Generate, streaming to stdout unless --json; returns the stream, the pieces and whether
+    Ctrl+C stopped it."""
     trace_file = None
     if args.trace_routing:
         from mixtral_chat.engine.offload import RoutingTrace
@@ -151,36 +225,38 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if trace_file:
             trace_file.close()
-    stats = stream.stats
-    cache = engine.cache_stats()
-    engine.close()
-    text = "".join(pieces)
-    if args.json:
-        finish = "cancelled" if interrupted or stats is None else stats.finish_reason
-        print(
-            json.dumps(
-                {
-                    "text": text,
-                    "finish_reason": finish,
-                    "model": engine.info.name,
-                    "usage": {
-                        "prompt_tokens": stats.prompt_tokens if stats else None,
-                        "completion_tokens": stats.completion_tokens if stats else len(pieces),
-                    },
-                    "timings": {
-                        "ttft_s": round(stats.ttft_s, 4) if stats else None,
-                        "decode_tok_s": round(stats.decode_tok_s, 2) if stats else None,
-                    },
-                    **({"cache": cache_summary(cache)} if cache and args.stats else {}),
+    return stream, pieces, interrupted
+
+
+def print_json(
+    args: argparse.Namespace,
+    engine: Engine,
+    text: str,
+    pieces: list[str],
+    stats: GenerationStats | None,
+    cache: dict | None,
+    interrupted: bool,
+) -> None:
+    finish = "cancelled" if interrupted or stats is None else stats.finish_reason
+    print(
+        json.dumps(
+            {
+                "text": text,
+                "finish_reason": finish,
+                "model": engine.info.name,
+                "usage": {
+                    "prompt_tokens": stats.prompt_tokens if stats else None,
+                    "completion_tokens": stats.completion_tokens if stats else len(pieces),
                 },
-                ensure_ascii=False,
-            )
+                "timings": {
+                    "ttft_s": round(stats.ttft_s, 4) if stats else None,
+                    "decode_tok_s": round(stats.decode_tok_s, 2) if stats else None,
+                },
+                **({"cache": cache_summary(cache)} if cache and args.stats else {}),
+            },
+            ensure_ascii=False,
         )
-    elif text and not text.endswith("\n"):
-        sys.stdout.write("\n")
-    if args.stats:
-        print_stats(stats, cache)
-    return 130 if interrupted else 0
+    )
 
 
 def check_experts_per_layer(args: argparse.Namespace, model_dir: Path) -> None:
@@ -197,22 +273,6 @@ def check_experts_per_layer(args: argparse.Namespace, model_dir: Path) -> None:
             f"--experts-per-layer must be between {low} (experts per token) and {high} for this "
             f"model, got {args.experts_per_layer}"
         )
-
-
-def offload_options(args: argparse.Namespace):
-    from mixtral_chat.engine.runtime import OffloadOptions
-
-    # Without a flag that asks for it, offloading starts only when the model does not fit.
-    asked = args.experts_per_layer is not None or args.gpu_mem is not None or args.offload
-    return OffloadOptions(
-        experts_per_layer=args.experts_per_layer,
-        memory_budget_gb=args.gpu_mem,
-        prefetch=args.prefetch,
-        store=args.offload,
-        policy=args.cache_policy,
-        simulate_link_gbps=args.simulate_link_gbps,
-        only_if_needed=not asked,
-    )
 
 
 def cache_summary(cache: dict) -> dict:

@@ -27,7 +27,6 @@ from textual.screen import Screen
 from textual.widgets import Footer, Label, OptionList
 
 from mixtral_chat.app.screens.lifecycle import DatabaseChanged, Generation
-from mixtral_chat.app.settings import GenerationDefaults
 from mixtral_chat.app.storage import (
     DEFAULT_TITLE,
     Conversation,
@@ -46,18 +45,19 @@ from mixtral_chat.app.widgets.prompt import PromptInput
 from mixtral_chat.app.widgets.sidebar import ConversationList, ModelLoadingBar
 from mixtral_chat.app.widgets.status_bar import StatusBar
 from mixtral_chat.engine.errors import MixtralChatError
+from mixtral_chat.engine.options import GenerationConfig
 
 if TYPE_CHECKING:
     from mixtral_chat.app.chat_app import ChatApp, ModelStatus
     from mixtral_chat.app.screens.dialogs import ChatOptions
-    from mixtral_chat.engine.runtime import Engine, GenerationConfig
+    from mixtral_chat.engine.runtime import Engine
 
 # The worker posts text at most this often: a fast model yields hundreds of pieces a second,
 # which would flood the message queue; a slow one still shows every token as it comes.
 CHUNK_INTERVAL_S = 0.03
 # A streaming answer is saved at least this often, so a crash loses at most this much text.
 SAVE_INTERVAL_S = 1.0
-GENERATION_FIELDS = tuple(item.name for item in fields(GenerationDefaults))
+GENERATION_FIELDS = tuple(item.name for item in fields(GenerationConfig))
 
 
 def shows_errors(method: Callable[..., Any]) -> Callable[..., Any]:

@@ -31,9 +31,10 @@ from test_tui_snapshots import wait_for
 
 from mixtral_chat.app.chat_app import ChatApp
 from mixtral_chat.app.screens.dialogs import ConfirmScreen
-from mixtral_chat.app.settings import GenerationDefaults, Settings
+from mixtral_chat.app.settings import Settings
 from mixtral_chat.app.storage import DB_FILENAME, SCHEMA_VERSION, Storage, StoredMessage
 from mixtral_chat.app.tui import NEEDS_TERMINAL
+from mixtral_chat.engine.options import GenerationConfig
 
 SIZE = (120, 40)
 # Never in a test run: an app built with it sees other instances' writes only when it acts.
@@ -52,7 +53,7 @@ def db_path(home: Path) -> Path:
 
 def make_app(model_dir: Path, max_tokens: int = 8, sync_interval_s: float = 0.2) -> ChatApp:
     settings = Settings()
-    settings.generation = GenerationDefaults(temperature=0.0, top_p=1.0, max_tokens=max_tokens)
+    settings.generation = GenerationConfig(temperature=0.0, top_p=1.0, max_tokens=max_tokens)
     app = ChatApp(Storage(), settings, model=str(model_dir), sync_interval_s=sync_interval_s)
     return record_notifications(app)
 

@@ -1,0 +1,78 @@
+"""What a generation and a model load are asked for, as one type each: the settings file stores
+them as they are, the CLI builds them from its flags, and the engine takes them.
+
+Torch-free (base layer): the CLI imports it at start-up to check its flags against the same bounds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mixtral_chat.engine.errors import MixtralChatError
+
+# The one set of sampling bounds (settings file, CLI flags, engine). Above 5 the distribution is
+# close to uniform over the vocabulary: noise, and the settings file always refused it.
+TEMPERATURE_MIN = 0.0
+TEMPERATURE_MAX = 5.0
+TOP_P_ABOVE = 0.0  # top_p is in (TOP_P_ABOVE, TOP_P_MAX]
+TOP_P_MAX = 1.0
+TOP_K_MIN = 0  # 0: no top-k cut
+MAX_TOKENS_MIN = 1
+
+
+class GenerationConfigError(MixtralChatError):
+    """A sampling value outside its bounds; the message names the field and the value."""
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How one answer is sampled. The defaults are the engine's (greedy, as `ask` runs); the
+    settings give new chats their own (app/settings.py NEW_CHAT_GENERATION)."""
+
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = all tokens
+    max_tokens: int = 512
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        # `not (low <= x <= high)` also refuses NaN (every comparison fails) and inf (above the cap).
+        if not (TEMPERATURE_MIN <= self.temperature <= TEMPERATURE_MAX):
+            bounds = f"between {TEMPERATURE_MIN:g} and {TEMPERATURE_MAX:g}"
+            raise GenerationConfigError(f"temperature must be {bounds}, got {self.temperature}")
+        if not (TOP_P_ABOVE < self.top_p <= TOP_P_MAX):
+            raise GenerationConfigError(
+                f"top_p must be in ({TOP_P_ABOVE:g}, {TOP_P_MAX:g}], got {self.top_p}"
+            )
+        if self.top_k < TOP_K_MIN:
+            raise GenerationConfigError(f"top_k must be 0 (off) or positive, got {self.top_k}")
+        if self.max_tokens < MAX_TOKENS_MIN:
+            raise GenerationConfigError(
+                f"max_tokens must be at least {MAX_TOKENS_MIN}, got {self.max_tokens}"
+            )
+
+
+@dataclass
+class LoadOptions:
+    """How a model is loaded (Engine.load). The field names are the settings file's keys under
+    [engine]; not frozen, because the settings screen edits the one the app holds.
+
+    Offloading keeps k experts per layer on the compute device and the rest in a store. With
+    `offload` off, it still starts when the model does not fit `gpu_budget_gb`: then the planner
+    picks k, and the store is host RAM next to a GPU, the disk on a CPU (RAM is what is short).
+    """
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    quant: str | None = None  # None: as stored on disk; "none" | "int4" | "nf4"
+    offload: bool = False  # offload experts even when the model fits
+    experts_per_layer: int | None = None  # with offload: experts on the device; None: the planner's
+    # Memory budget for the planner and the does-it-fit check; None: free device memory - margin.
+    gpu_budget_gb: float | None = None
+    # Off by default: one-layer-ahead speculation measured 11-16% slower decode at a Mixtral-like
+    # copy/compute ratio even with wrong guesses stopped mid-copy (docs/BENCHMARKS.md).
+    prefetch: bool = False
+    offload_store: str = "ram"  # with offload: "ram" | "disk"
+    context_length: int | None = None  # None: 4096, at most the model's own
+    cache_policy: str = "lru"  # "lru" | "lfu"
+    simulate_link_gbps: float | None = None  # CPU benchmarks: copies take bytes / bandwidth
