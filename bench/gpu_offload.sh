@@ -5,7 +5,7 @@
 # top-2) with random weights on the GPU one layer at a time, quantized to int4 (PyTorch's
 # tinygemm kernels, no bitsandbytes) as it goes: ~25 GB of experts, which then move to pinned host
 # RAM. Measures the pinned host->device bandwidth and the all-resident decode time, then caps the
-# expert budget at 12 GB and at 20 GB (OffloadOptions(memory_budget_gb=...) -> plan_offload) and
+# expert budget at 12 GB and at 20 GB (LoadOptions(gpu_budget_gb=...) -> plan_offload) and
 # decodes 64 tokens with and without prefetch, routing replayed from a trace (--replay-routing
 # FILE; default tests/data/demo_routing_trace.jsonl if present, else a synthetic trace with
 # Mixtral's measured cache behaviour). Prints a markdown table: tokens/s, hit rate, bytes moved

@@ -112,6 +112,8 @@ class Engine:
     def load(
         cls, model_dir: str | Path, options: LoadOptions | None = None, *, name: str | None = None
     ) -> Engine:
+        """Resolve device and dtype, decide on offloading, load the weights (experts streamed from
+        a quantized directory's files where they can be), offload, check the tokenizer."""
         import torch
 
         # A copy: the app's settings hold the options it passes, and its settings screen may
