@@ -6,11 +6,12 @@ Registering is cheap (argparse only); the registry and huggingface_hub load when
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
-import time
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
 
+from mixtral_chat.app.progress import ProgressLine
 from mixtral_chat.app.terminal import ask_yes_no
 from mixtral_chat.engine.units import format_bytes, format_duration, format_size
 
@@ -256,43 +257,9 @@ def _rm(args: argparse.Namespace) -> int:
 # pull
 
 
-class _ProgressLine:
-    """One progress line on stderr: redrawn in place on a terminal, a line every few seconds otherwise."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
-        self.interval = 0.2 if self.tty else 5.0
-        self.last = 0.0
-        self.phase: str | None = None
-        self.finished = False
-        self.width = 0
-
-    def __call__(self, progress: PullProgress) -> None:
-        now = time.monotonic()
-        finished = progress.bytes_total > 0 and progress.bytes_done >= progress.bytes_total
-        if progress.phase != self.phase:
-            self.end()
-            self.phase = progress.phase
-            self.finished = False
-        elif self.finished or (now - self.last < self.interval and not finished):
-            return  # throttled, or the phase's 100% line is already out
-        self.finished = finished
-        self.last = now
-        text = _progress_text(progress)
-        if self.tty:
-            pad = max(self.width - len(text), 0)
-            self.stream.write("\r" + text + " " * pad)
-            self.width = len(text)
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def end(self) -> None:
-        if self.tty and self.width:
-            self.stream.write("\n")
-            self.stream.flush()
-        self.width = 0
+def _show_pull_progress(line: ProgressLine, progress: PullProgress) -> None:
+    finished = progress.bytes_total > 0 and progress.bytes_done >= progress.bytes_total
+    line.show(_progress_text(progress), phase=progress.phase, final=finished)
 
 
 def _progress_text(progress: PullProgress) -> str:
@@ -308,7 +275,7 @@ def _progress_text(progress: PullProgress) -> str:
 def _pull(args: argparse.Namespace) -> int:
     from mixtral_chat.engine import registry
 
-    line = _ProgressLine(sys.stderr)
+    line = ProgressLine(sys.stderr, log_interval_s=5.0)
     try:
         entry = registry.pull_model(
             args.name,
@@ -317,7 +284,7 @@ def _pull(args: argparse.Namespace) -> int:
             group_size=args.group_size,
             keep_original=True,  # asked below, after quantizing, when there is someone to ask
             revision=args.revision,
-            progress=line,
+            progress=functools.partial(_show_pull_progress, line),
         )
     except KeyboardInterrupt:
         line.end()
