@@ -9,8 +9,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from mixtral_chat.app.argtypes import int_range, one_of
+from mixtral_chat.app.errors import UsageError
 from mixtral_chat.app.progress import ProgressLine
+from mixtral_chat.engine.checkpoint import read_weight_map
+from mixtral_chat.engine.config import ModelArgs
+from mixtral_chat.engine.errors import QuantizationError, TokenizerError
+from mixtral_chat.engine.tokenizer import Tokenizer
 from mixtral_chat.engine.units import format_duration
+from mixtral_chat.quant.workdir import partial_dir
 
 if TYPE_CHECKING:
     from mixtral_chat.quant.convert import QuantProgress
@@ -62,8 +68,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mixtral_chat.app.errors import UsageError
-
     if args.double_quant and args.scheme != "nf4":
         raise UsageError("--double-quant applies to --scheme nf4 only")
     src, dst = Path(args.src), Path(args.dst)
@@ -92,11 +96,6 @@ def run(args: argparse.Namespace) -> int:
 def check_runnable_source(src: Path) -> None:
     """What `ask` needs of a model directory, checked on the source: a quantized copy of a model
     that cannot run would only fail later, after the whole conversion. Reads no weights."""
-    from mixtral_chat.engine.checkpoint import read_weight_map
-    from mixtral_chat.engine.config import ModelArgs
-    from mixtral_chat.engine.errors import QuantizationError, TokenizerError
-    from mixtral_chat.engine.tokenizer import Tokenizer
-
     if not src.is_dir():
         raise QuantizationError(f"{src}: source model directory not found")
     args = ModelArgs.from_hf_config(src)  # valid JSON, a Mixtral, top-k <= experts, ...
@@ -115,8 +114,6 @@ def check_runnable_source(src: Path) -> None:
 
 def interrupted_message(dst: Path, progress: QuantProgress | None) -> str:
     """Ctrl+C: what was kept and how to go on (finished shards stay in the partial directory)."""
-    from mixtral_chat.quant.workdir import partial_dir
-
     partial = partial_dir(dst)
     if progress is not None and progress.phase == "done":
         return f"interrupted after the last step: {dst} is complete"
