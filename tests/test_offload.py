@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from mixtral_chat.engine.errors import MixtralChatError, OutOfMemoryError
-from mixtral_chat.engine.expert_cache import LFUPolicy, LRUPolicy, SlotMap
 from mixtral_chat.engine.offload import ExpertOffloader, RoutingTrace, plan_offload
+from mixtral_chat.engine.offload.slots import LFUPolicy, LRUPolicy, SlotMap
 from mixtral_chat.engine.runtime import Engine, GenerationConfig, OffloadOptions
 from mixtral_chat.engine.weights import load_model
 from tests.conftest import run_cli, save_tiny_checkpoint

@@ -10,15 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixtral_chat.engine.expert_cache import CacheCounters, LRUPolicy, SlotMap
 from mixtral_chat.engine.offload import ExpertOffloader, RoutingTrace, plan_offload
-from mixtral_chat.engine.routing_replay import (
-    RoutingTraceError,
-    install_routing_replay,
-    read_routing_trace,
-    synthetic_routing_trace,
-    write_routing_trace,
-)
+from mixtral_chat.engine.offload.replay import install_routing_replay, synthetic_routing_trace
+from mixtral_chat.engine.offload.slots import CacheCounters, LRUPolicy, SlotMap
+from mixtral_chat.engine.offload.trace import RoutingTraceError, read_routing_trace, write_routing_trace
 from mixtral_chat.engine.weights import load_model
 from tests.conftest import save_tiny_checkpoint
 
