@@ -29,25 +29,17 @@ import torch
 from torch import Tensor, nn
 
 from mixtral_chat.engine.errors import QuantizationError
-from mixtral_chat.quant.common import EXPERT_LINEARS, dtype_from_name, dtype_name
+from mixtral_chat.quant.common import EXPERT_LINEARS, PartSpec, dtype_from_name, dtype_name
 
 ALIGNMENT = 64
 
 
 @dataclass(frozen=True)
-class BlobPart:
-    linear: str  # "w1" | "w2" | "w3"
-    name: str  # the scheme's part name ("qweight", "scales", ...)
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    offset: int  # bytes from the blob's start
+class BlobPart(PartSpec):
+    """A scheme's part (`PartSpec`: name, dtype, shape) where it lies in the blob."""
 
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * self.dtype.itemsize
+    linear: str  # "w1" | "w2" | "w3"; for a module layout, the owning submodule ("" itself)
+    offset: int  # bytes from the blob's start
 
 
 @dataclass(frozen=True)
@@ -70,7 +62,7 @@ class ExpertBlobLayout:
         for linear in EXPERT_LINEARS:
             out_features, in_features = linears[linear]
             for spec in scheme.part_specs(out_features, in_features):
-                parts.append(BlobPart(linear, spec.name, spec.dtype, spec.shape, offset))
+                parts.append(BlobPart(spec.name, spec.dtype, spec.shape, linear=linear, offset=offset))
                 offset += -(-spec.nbytes // ALIGNMENT) * ALIGNMENT
         return cls(linears, tuple(parts), offset)
 
@@ -130,11 +122,11 @@ class ExpertBlobLayout:
             linears = {str(k): (int(v[0]), int(v[1])) for k, v in data["linears"].items()}
             parts = tuple(
                 BlobPart(
-                    str(p["linear"]),
                     str(p["name"]),
                     dtype_from_name(str(p["dtype"])),
                     tuple(int(d) for d in p["shape"]),
-                    int(p["offset"]),
+                    linear=str(p["linear"]),
+                    offset=int(p["offset"]),
                 )
                 for p in data["parts"]
             )
@@ -205,7 +197,7 @@ def module_tensors(module: nn.Module) -> list[tuple[str, Tensor]]:
 
 def _part_of(name: str, tensor: Tensor, offset: int) -> BlobPart:
     linear, _, attr = name.rpartition(".")  # "w1.weight" -> ("w1", "weight")
-    return BlobPart(linear, attr, tensor.dtype, tuple(tensor.shape), offset)
+    return BlobPart(attr, tensor.dtype, tuple(tensor.shape), linear=linear, offset=offset)
 
 
 def _module_linears(expert: nn.Module) -> dict[str, tuple[int, int]]:
