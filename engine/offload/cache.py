@@ -1,6 +1,9 @@
-"""Per layer, k preallocated slot buffers on the compute device, each with a slot module whose
-tensors are views into it: loading expert e into slot s is one copy, no allocation per token.
-Which expert sits where is `slots.SlotMap`'s business."""
+"""One layer's expert cache on the compute device.
+
+k preallocated slot buffers, each with a slot module whose tensors are views into it: loading
+expert e into slot s is one copy, no allocation per token. Which expert sits where is
+`slots.SlotMap`'s business; the copies are `transfers.Transfers`'.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""Expert copies off the compute path: a dedicated CUDA copy stream with one event per copy, or
-one background thread on CPU. The compute waits only for the slot it needs."""
+"""Expert copies off the compute path.
+
+On CUDA a dedicated copy stream with one event per copy; on CPU one background thread. The
+compute waits only for the slot it needs.
+"""
 
 from __future__ import annotations
 
