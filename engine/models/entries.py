@@ -144,62 +144,66 @@ def find_quantized_dir(item: KnownModel) -> Path | None:
 
 
 def model_entry(item: KnownModel, default: str | None) -> ModelEntry:
-    record = item.record
+    """`item` as it stands on disk now; `default` is the registry's default model name."""
     is_default = default is not None and default == item.name
     if item.source == "bundled":
-        path = demo_dir()
-        exists = (path / CONFIG_FILE).is_file()
-        return ModelEntry(
-            name=item.name,
-            source="bundled",
-            status=BUNDLED if exists else MISSING,
-            repo_id=None,
-            revision=None,
-            commit=None,
-            path=path if exists else None,
-            original_path=path if exists else None,
-            quantized_path=None,
-            scheme=None,
-            group_size=None,
-            size_on_disk=directory_size(path) if exists else 0,
-            is_default=is_default,
-            catalog=item.catalog,
-            download_bytes=None,
-        )
+        return _bundled_entry(item, is_default)
     if item.source == "local":
-        path = Path(record["path"])
-        exists = (path / CONFIG_FILE).is_file()
-        quant = read_quant_config_json(path) if exists else None
-        return ModelEntry(
-            name=item.name,
-            source="local",
-            status=LOCAL if exists else MISSING,
-            repo_id=None,
-            revision=None,
-            commit=None,
-            path=path if exists else None,
-            original_path=path,
-            quantized_path=path if quant else None,
-            scheme=(quant or {}).get("scheme") or (_prequantized_scheme(path) if exists else None),
-            group_size=(quant or {}).get("group_size"),
-            size_on_disk=directory_size(path) if exists else 0,
-            is_default=is_default,
-            catalog=None,
-            download_bytes=None,
-        )
+        return _local_entry(item, is_default)
+    return _hub_entry(item, is_default)
+
+
+def _bundled_entry(item: KnownModel, is_default: bool) -> ModelEntry:
+    path = demo_dir()
+    exists = (path / CONFIG_FILE).is_file()
+    return ModelEntry(
+        name=item.name,
+        source="bundled",
+        status=BUNDLED if exists else MISSING,
+        repo_id=None,
+        revision=None,
+        commit=None,
+        path=path if exists else None,
+        original_path=path if exists else None,
+        quantized_path=None,
+        scheme=None,
+        group_size=None,
+        size_on_disk=directory_size(path) if exists else 0,
+        is_default=is_default,
+        catalog=item.catalog,
+        download_bytes=None,
+    )
+
+
+def _local_entry(item: KnownModel, is_default: bool) -> ModelEntry:
+    path = Path(item.record["path"])
+    exists = (path / CONFIG_FILE).is_file()
+    quant = read_quant_config_json(path) if exists else None
+    return ModelEntry(
+        name=item.name,
+        source="local",
+        status=LOCAL if exists else MISSING,
+        repo_id=None,
+        revision=None,
+        commit=None,
+        path=path if exists else None,
+        original_path=path,
+        quantized_path=path if quant else None,
+        scheme=(quant or {}).get("scheme") or (_prequantized_scheme(path) if exists else None),
+        group_size=(quant or {}).get("group_size"),
+        size_on_disk=directory_size(path) if exists else 0,
+        is_default=is_default,
+        catalog=None,
+        download_bytes=None,
+    )
+
+
+def _hub_entry(item: KnownModel, is_default: bool) -> ModelEntry:
+    """A catalog model or a hub repo: the original in the hub cache, the quantized copy in ours."""
+    record = item.record
     original = find_original_dir(item)
     quantized = find_quantized_dir(item)
     partial = partial_bytes(item.repo_id) if item.repo_id else 0
-    if quantized is not None:
-        status = QUANTIZED
-    elif original is not None:
-        status = DOWNLOADED
-    elif pull_running(item.name):
-        status = DOWNLOADING
-    elif record.get("state") == DOWNLOADING or (item.repo_id and has_any_local_data(item.repo_id)):
-        status = PARTIAL
-    else:
-        status = NOT_DOWNLOADED
     size = 0
     if original is not None:
         size += directory_size(original)
@@ -210,7 +214,7 @@ def model_entry(item: KnownModel, default: str | None) -> ModelEntry:
     return ModelEntry(
         name=item.name,
         source=item.source,
-        status=status,
+        status=_hub_status(item, original, quantized),
         repo_id=item.repo_id,
         revision=item.revision,
         commit=record.get("commit") or (original.name if original is not None else None),
@@ -225,6 +229,18 @@ def model_entry(item: KnownModel, default: str | None) -> ModelEntry:
         download_bytes=item.catalog.download_bytes if item.catalog else record.get("download_bytes"),
         partial_bytes=partial,
     )
+
+
+def _hub_status(item: KnownModel, original: Path | None, quantized: Path | None) -> str:
+    if quantized is not None:
+        return QUANTIZED
+    if original is not None:
+        return DOWNLOADED
+    if pull_running(item.name):
+        return DOWNLOADING
+    if item.record.get("state") == DOWNLOADING or (item.repo_id and has_any_local_data(item.repo_id)):
+        return PARTIAL
+    return NOT_DOWNLOADED
 
 
 def cached_repo_bytes(repo_id: str) -> int:

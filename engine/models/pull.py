@@ -90,10 +90,11 @@ def pull_model(
         validate_model_dir(snapshot.path)
         _record_pull_started(item, plan.repo_id, revision)
         _record_downloaded(item.name, snapshot)
-        if plan.quant_dir is not None and ckpt.detect(snapshot.path).quantization_config is None:
+        quant = plan.quant
+        if quant is not None and ckpt.detect(snapshot.path).quantization_config is None:
             # A repo saved already 4-bit (bitsandbytes) is used as it is: only float ones are quantized.
             quantize_snapshot(
-                item.name, snapshot.path, plan.quant_dir, plan.scheme, plan.group_size, progress, cancel
+                item.name, snapshot.path, quant.directory, quant.scheme, quant.group_size, progress, cancel
             )
             if not keep_original:
                 delete_original(item.name)
@@ -101,37 +102,44 @@ def pull_model(
 
 
 @dataclass(frozen=True)
+class _QuantTarget:
+    """Where a pull's quantize step writes, and how."""
+
+    scheme: str
+    group_size: int
+    directory: Path  # `data_dir()/models/<name>-<scheme>`
+
+
+@dataclass(frozen=True)
 class _PullPlan:
-    """What one pull fetches and makes: the repo, and (quantizing) the scheme and target folder."""
+    """What one pull fetches and makes: the repo at a revision, and the 4-bit copy (if asked)."""
 
     item: KnownModel
     repo_id: str
     revision: str
-    scheme: str
-    group_size: int
-    quant_dir: Path | None  # None: no quantize step
+    quant: _QuantTarget | None
 
     @classmethod
     def make(
         cls, item: KnownModel, revision: str, quantize: bool, scheme: str | None, group_size: int | None
     ) -> _PullPlan:
         assert item.repo_id is not None
-        if not quantize:
-            return cls(item, item.repo_id, revision, scheme or "", group_size or DEFAULT_GROUP_SIZE, None)
-        scheme, default_group = default_quant_settings(scheme)
-        quant_dir = models_dir() / f"{safe_name(item.name)}-{scheme}"
-        return cls(item, item.repo_id, revision, scheme, group_size or default_group, quant_dir)
+        quant = None
+        if quantize:
+            scheme, default_group = default_quant_settings(scheme)
+            directory = models_dir() / f"{safe_name(item.name)}-{scheme}"
+            quant = _QuantTarget(scheme, group_size or default_group, directory)
+        return cls(item, item.repo_id, revision, quant)
 
     def before_weights(self, config: dict[str, Any], to_download: int) -> None:
         """The repo exists, its config is a Mixtral and the pull fits: from here it is ours."""
         args = validate_config(config, f"{self.repo_id}/config.json")
         prequantized = config.get("quantization_config") is not None
         needs = [(hub_cache_dir(), to_download, "to download")]
-        quant_dir = self.quant_dir
-        if quant_dir is not None and not prequantized and not (quant_dir / CONFIG_FILE).is_file():
-            needs.append(
-                (quant_dir.parent, quantized_size_estimate(args, self.group_size), "for the 4-bit copy")
-            )
+        quant = self.quant
+        if quant is not None and not prequantized and not (quant.directory / CONFIG_FILE).is_file():
+            estimate = quantized_size_estimate(args, quant.group_size)
+            needs.append((quant.directory.parent, estimate, "for the 4-bit copy"))
         check_disk_space(needs)
         _record_pull_started(self.item, self.repo_id, self.revision)
 

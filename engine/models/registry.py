@@ -46,7 +46,7 @@ class ModelDetails:
 
 
 # ---------------------------------------------------------------------------------------------
-# Public API: listing, resolving, choosing.
+# Listing, looking up, choosing the default, details.
 
 
 def list_models() -> list[ModelEntry]:
@@ -134,7 +134,7 @@ def model_info(name: str) -> ModelDetails:
 
 
 # ---------------------------------------------------------------------------------------------
-# Adding and removing.
+# Adding a local directory or a hub repo id.
 
 
 def add_model(
