@@ -187,8 +187,7 @@ class Fetcher:
         tracker: ProgressTracker | None,
     ) -> None:
         from filelock import Timeout
-        from huggingface_hub.file_download import http_get
-        from huggingface_hub.utils import WeakFileLock, build_hf_headers
+        from huggingface_hub.utils import WeakFileLock
 
         lock_path = self.cache / ".locks" / self.storage.name / f"{blob.name}.lock"
         lock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,57 +197,96 @@ class Fetcher:
                     if tracker is not None:
                         tracker.add_present(size or blob.stat().st_size)
                     return
-                partial_file = blob.with_name(blob.name + PARTIAL_SUFFIX)
-                resume = partial_file.stat().st_size if partial_file.exists() else 0
-                if size is not None and resume > size:  # not a prefix of this file
-                    partial_file.unlink()
-                    resume = 0
-                hasher = hash_prefix(partial_file, resume, self.cancel)
-                local_tracker = tracker or ProgressTracker(size or 0, None)
-                local_tracker.add_present(resume)
-                headers = build_hf_headers(token=self.token)
-                headers["Accept-Encoding"] = "identity"  # exact bytes: sizes, ranges and hashes agree
-                if _origin(location) != _origin(resolve_url):
-                    headers.pop("authorization", None)  # a CDN's signed URL; the token stays on the hub
-                sink = partial(ChunkSink, tracker=local_tracker, cancel=self.cancel)
-                before = local_tracker.done
-                # Errors are translated outside the `with`: closing a file on a full disk can raise
-                # again, and that second ENOSPC must not replace the message.
-                try:
-                    with open(partial_file, "ab") as raw:
-                        writer = _HashingWriter(raw, partial_file, hasher, resume)
-                        http_get(
-                            location,
-                            writer,  # type: ignore[arg-type]
-                            resume_size=resume,
-                            headers=headers,
-                            expected_size=size,
-                            displayed_filename=file.name,
-                            tqdm_class=sink,  # type: ignore[arg-type]
-                        )
-                        raw.flush()
-                        os.fsync(raw.fileno())
-                except DownloadCancelled:
-                    raise
-                except OSError as exc:
-                    raise self._translate_os_error(exc, file, partial_file) from None
-                except Exception as exc:
-                    raise translate_hub_error(
-                        exc,
-                        repo_id=self.repo_id,
-                        revision=self.commit,
-                        endpoint=self.endpoint,
-                        token=self.token,
-                    ) from None
-                self.fetched_bytes += max(local_tracker.done - before, 0)
-                self._verify(file, partial_file, writer.hasher.hexdigest(), size)
-                os.chmod(partial_file, 0o644)
-                os.replace(partial_file, blob)
+                self._resume_into_blob(file, blob, location, resolve_url, size, tracker)
         except Timeout:
             raise DownloadError(
                 f"another process is downloading {self.repo_id}/{file.name} into {self.cache}; "
                 "wait for it to finish, then pull again"
             ) from None
+
+    def _resume_into_blob(
+        self,
+        file: RemoteFile,
+        blob: Path,
+        location: str,
+        resolve_url: str,
+        size: int | None,
+        tracker: ProgressTracker | None,
+    ) -> None:
+        """Continue the blob's partial file from where it stopped, verify it, then rename it."""
+        partial_file = blob.with_name(blob.name + PARTIAL_SUFFIX)
+        resume = partial_file.stat().st_size if partial_file.exists() else 0
+        if size is not None and resume > size:  # not a prefix of this file
+            partial_file.unlink()
+            resume = 0
+        hasher = hash_prefix(partial_file, resume, self.cancel)
+        local_tracker = tracker or ProgressTracker(size or 0, None)
+        local_tracker.add_present(resume)
+        before = local_tracker.done
+        writer = self._stream(
+            file,
+            location,
+            self._headers(location, resolve_url),
+            partial_file,
+            hasher,
+            resume,
+            size,
+            local_tracker,
+        )
+        self.fetched_bytes += max(local_tracker.done - before, 0)
+        self._verify(file, partial_file, writer.hasher.hexdigest(), size)
+        os.chmod(partial_file, 0o644)
+        os.replace(partial_file, blob)
+
+    def _headers(self, location: str, resolve_url: str) -> dict[str, str]:
+        from huggingface_hub.utils import build_hf_headers
+
+        headers = build_hf_headers(token=self.token)
+        headers["Accept-Encoding"] = "identity"  # exact bytes: sizes, ranges and hashes agree
+        if _origin(location) != _origin(resolve_url):
+            headers.pop("authorization", None)  # a CDN's signed URL; the token stays on the hub
+        return headers
+
+    def _stream(
+        self,
+        file: RemoteFile,
+        location: str,
+        headers: dict[str, str],
+        partial_file: Path,
+        hasher: Any,
+        resume: int,
+        size: int | None,
+        tracker: ProgressTracker,
+    ) -> _HashingWriter:
+        """Append the rest of the file to `partial_file` with huggingface_hub's `http_get`."""
+        from huggingface_hub.file_download import http_get
+
+        sink = partial(ChunkSink, tracker=tracker, cancel=self.cancel)
+        # Errors are translated outside the `with`: closing a file on a full disk can raise
+        # again, and that second ENOSPC must not replace the message.
+        try:
+            with open(partial_file, "ab") as raw:
+                writer = _HashingWriter(raw, partial_file, hasher, resume)
+                http_get(
+                    location,
+                    writer,  # type: ignore[arg-type]
+                    resume_size=resume,
+                    headers=headers,
+                    expected_size=size,
+                    displayed_filename=file.name,
+                    tqdm_class=sink,  # type: ignore[arg-type]
+                )
+                raw.flush()
+                os.fsync(raw.fileno())
+        except DownloadCancelled:
+            raise
+        except OSError as exc:
+            raise self._translate_os_error(exc, file, partial_file) from None
+        except Exception as exc:
+            raise translate_hub_error(
+                exc, repo_id=self.repo_id, revision=self.commit, endpoint=self.endpoint, token=self.token
+            ) from None
+        return writer
 
     def _translate_os_error(self, exc: OSError, file: RemoteFile, partial_file: Path) -> DownloadError:
         if exc.errno == errno.ENOSPC:
