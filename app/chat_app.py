@@ -243,7 +243,7 @@ class ChatApp(App[int]):
         started = time.monotonic()
         self.loading_threads.add(threading.current_thread())
         try:
-            from mixtral_chat.engine.registry import resolve_model
+            from mixtral_chat.engine.models.resolve import resolve_model
             from mixtral_chat.engine.runtime import Engine, OffloadOptions
 
             resolved = resolve_model(spec)

@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
     prompt = read_prompt(args)
     from mixtral_chat.engine.errors import MixtralChatError
-    from mixtral_chat.engine.registry import resolve_model
+    from mixtral_chat.engine.models.resolve import resolve_model
     from mixtral_chat.engine.runtime import Engine, GenerationConfig
 
     try:
