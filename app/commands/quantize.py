@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mixtral_chat.app.argtypes import int_range, one_of
+from mixtral_chat.app.errors import UsageError
 from mixtral_chat.engine.units import format_duration
 
 if TYPE_CHECKING:
@@ -62,8 +63,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mixtral_chat.app.errors import UsageError
-
     if args.double_quant and args.scheme != "nf4":
         raise UsageError("--double-quant applies to --scheme nf4 only")
     src, dst = Path(args.src), Path(args.dst)

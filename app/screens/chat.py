@@ -26,6 +26,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Label, OptionList
 
+from mixtral_chat.app.errors import error_line
 from mixtral_chat.app.screens.lifecycle import DatabaseChanged, Generation
 from mixtral_chat.app.settings import GenerationDefaults
 from mixtral_chat.app.storage import (
@@ -500,8 +501,6 @@ class ChatScreen(Screen[None]):
         stop_event: threading.Event,
     ) -> None:
         """The engine loop, off the UI thread. Stops within one token of `stop_event`."""
-        from mixtral_chat.app.tui import error_line
-
         self.post_message(Generation.Started(message_id))
         batch: list[str] = []
         last_post = time.monotonic()

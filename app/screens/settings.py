@@ -35,6 +35,7 @@ from textual.widgets import (
 )
 from textual.widgets.data_table import CellDoesNotExist
 
+from mixtral_chat.app.errors import error_line
 from mixtral_chat.app.screens.dialogs import ConfirmScreen, DeleteModelScreen
 from mixtral_chat.engine.fileio import free_disk_bytes
 from mixtral_chat.engine.units import format_duration, format_size
@@ -367,7 +368,6 @@ class SettingsScreen(Screen[None]):
 
     @work(thread=True, exclusive=True, group="pull", exit_on_error=False)
     def _pull_worker(self, name: str, action: str, cancel: threading.Event, scheme: str | None) -> None:
-        from mixtral_chat.app.tui import error_line
         from mixtral_chat.engine.hub import DownloadCancelled
         from mixtral_chat.engine.registry import pull_model
 
@@ -514,7 +514,6 @@ class SettingsScreen(Screen[None]):
 
     @work(thread=True, exclusive=True, group="add-model", exit_on_error=False)
     def _add_worker(self, source: str) -> None:
-        from mixtral_chat.app.tui import error_line
         from mixtral_chat.engine.registry import add_model
 
         try:
