@@ -635,9 +635,8 @@ class ChatScreen(Screen[None]):
                 device=f"{info.device} {info.dtype}",
                 context_total=info.context_length,
             )
-            args = getattr(getattr(engine, "model", None), "args", None)
-            if args is not None:
-                self.cache_panel.set_model_shape(args.num_hidden_layers, args.num_local_experts)
+            args = engine.model.args
+            self.cache_panel.set_model_shape(args.num_hidden_layers, args.num_local_experts)
             self._show_cache_stats(engine.cache_stats())
             pending, self.pending_conversation_id = self.pending_conversation_id, None
             if pending is not None and pending == self.conversation_id and not self.is_generating:

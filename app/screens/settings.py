@@ -289,7 +289,7 @@ class SettingsScreen(Screen[None]):
             label.update("")
             return
         lines = []
-        if entry.catalog is not None and getattr(entry.catalog, "description", None):
+        if entry.catalog is not None and entry.catalog.description:
             lines.append(str(entry.catalog.description))
         if entry.path is not None:
             lines.append(f"loads from {entry.path}")
@@ -530,7 +530,7 @@ class SettingsScreen(Screen[None]):
 
     def _model_status_changed(self, status: ModelStatus) -> None:
         engine = self.chat_app.engine
-        plan = getattr(engine.info, "offload_plan", None) if engine is not None else None
+        plan = engine.info.offload_plan if engine is not None else None
         note = f"Loaded: {engine.info.name} on {engine.info.device} ({engine.info.scheme})" if engine else ""
         if plan:
             note += f"\nOffload plan: {plan}"
