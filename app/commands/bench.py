@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from mixtral_chat.app.errors import UsageError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -38,15 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_missing(args: argparse.Namespace) -> int:
-    from mixtral_chat.app.errors import UsageError
-
     raise UsageError("choose a benchmark: mixtral-chat bench cache --trace FILE")
 
 
 def parse_k_values(text: str) -> list[int]:
     """'3' -> [3]; '2..7' -> [2, 3, 4, 5, 6, 7]; '2,4,6' -> [2, 4, 6]; parts combine: '2..4,6'."""
-    from mixtral_chat.app.errors import UsageError
-
     values: set[int] = set()
     for part in text.split(","):
         part = part.strip()
@@ -69,7 +67,6 @@ def parse_k_values(text: str) -> list[int]:
 
 
 def parse_policies(text: str) -> list[str]:
-    from mixtral_chat.app.errors import UsageError
     from mixtral_chat.engine.offload.slots import POLICIES
 
     names = [name.strip() for name in text.split(",") if name.strip()]
@@ -82,7 +79,6 @@ def parse_policies(text: str) -> list[str]:
 
 
 def run_cache(args: argparse.Namespace) -> int:
-    from mixtral_chat.app.errors import UsageError
     from mixtral_chat.engine.offload import simulate
     from mixtral_chat.engine.offload.trace import load_trace
 

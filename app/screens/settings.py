@@ -35,6 +35,7 @@ from textual.widgets import (
 )
 from textual.widgets.data_table import CellDoesNotExist
 
+from mixtral_chat.app.errors import error_line
 from mixtral_chat.app.screens.dialogs import ConfirmScreen, DeleteModelScreen
 from mixtral_chat.engine.fileio import free_disk_bytes
 from mixtral_chat.engine.units import format_duration, format_size
@@ -289,7 +290,7 @@ class SettingsScreen(Screen[None]):
             label.update("")
             return
         lines = []
-        if entry.catalog is not None and getattr(entry.catalog, "description", None):
+        if entry.catalog is not None and entry.catalog.description:
             lines.append(str(entry.catalog.description))
         if entry.path is not None:
             lines.append(f"loads from {entry.path}")
@@ -368,7 +369,6 @@ class SettingsScreen(Screen[None]):
 
     @work(thread=True, exclusive=True, group="pull", exit_on_error=False)
     def _pull_worker(self, name: str, action: str, cancel: threading.Event, scheme: str | None) -> None:
-        from mixtral_chat.app.tui import error_line
         from mixtral_chat.engine.models.errors import DownloadCancelled
         from mixtral_chat.engine.models.pull import pull_model
 
@@ -515,7 +515,6 @@ class SettingsScreen(Screen[None]):
 
     @work(thread=True, exclusive=True, group="add-model", exit_on_error=False)
     def _add_worker(self, source: str) -> None:
-        from mixtral_chat.app.tui import error_line
         from mixtral_chat.engine.models.registry import add_model
 
         try:
@@ -532,7 +531,7 @@ class SettingsScreen(Screen[None]):
 
     def _model_status_changed(self, status: ModelStatus) -> None:
         engine = self.chat_app.engine
-        plan = getattr(engine.info, "offload_plan", None) if engine is not None else None
+        plan = engine.info.offload_plan if engine is not None else None
         note = f"Loaded: {engine.info.name} on {engine.info.device} ({engine.info.scheme})" if engine else ""
         if plan:
             note += f"\nOffload plan: {plan}"
