@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, TextIO
 from mixtral_chat.app.argtypes import int_range, one_of
 from mixtral_chat.app.errors import UsageError
 from mixtral_chat.app.progress import ProgressLine
-from mixtral_chat.engine.checkpoint import read_weight_map
+from mixtral_chat.engine.checkpoint import TOKENIZER_FILE, read_weight_map
 from mixtral_chat.engine.config import ModelArgs
 from mixtral_chat.engine.errors import QuantizationError, TokenizerError
 from mixtral_chat.engine.tokenizer import Tokenizer
@@ -99,7 +99,7 @@ def check_runnable_source(src: Path) -> None:
     if not src.is_dir():
         raise QuantizationError(f"{src}: source model directory not found")
     args = ModelArgs.from_hf_config(src)  # valid JSON, a Mixtral, top-k <= experts, ...
-    tokenizer_file = src / "tokenizer.model"
+    tokenizer_file = src / TOKENIZER_FILE
     if not tokenizer_file.is_file():
         raise TokenizerError(
             f"{src}: no tokenizer.model (mixtral-chat needs the sentencepiece file to run the model)"

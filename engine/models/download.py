@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mixtral_chat.engine.checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
+from mixtral_chat.engine.checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, TOKENIZER_FILE
 from mixtral_chat.engine.fileio import free_disk_bytes, write_atomic
 from mixtral_chat.engine.models.errors import (
     DownloadCancelled,
@@ -29,7 +29,6 @@ from mixtral_chat.engine.models.errors import (
 from mixtral_chat.engine.models.fetcher import Fetcher, RemoteFile
 from mixtral_chat.engine.models.hub_cache import (
     COMMIT_RE,
-    TOKENIZER_FILE,
     directory_size,
     find_cached_snapshot,
     hub_cache_dir,

@@ -9,11 +9,10 @@ import os
 import re
 from pathlib import Path
 
-from mixtral_chat.engine.checkpoint import CONFIG_FILE, SINGLE_FILE, read_weight_map
+from mixtral_chat.engine.checkpoint import CONFIG_FILE, SINGLE_FILE, TOKENIZER_FILE, read_weight_map
 from mixtral_chat.engine.errors import WeightsError
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-TOKENIZER_FILE = "tokenizer.model"
 PARTIAL_SUFFIX = ".incomplete"
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from mixtral_chat.engine import checkpoint as ckpt
-from mixtral_chat.engine.checkpoint import CONFIG_FILE
+from mixtral_chat.engine.checkpoint import CONFIG_FILE, TOKENIZER_FILE
 from mixtral_chat.engine.config import ModelArgs
 from mixtral_chat.engine.errors import ConfigError, ModelNotFoundError
 from mixtral_chat.engine.models.errors import UnsupportedArchitectureError
-from mixtral_chat.engine.models.hub_cache import TOKENIZER_FILE, weight_files
+from mixtral_chat.engine.models.hub_cache import weight_files
 
 
 def validate_config(raw: Any, source: str) -> ModelArgs:
