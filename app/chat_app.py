@@ -26,6 +26,7 @@ from textual.app import App
 from textual.binding import Binding, BindingType
 from textual.reactive import reactive
 
+from mixtral_chat.app.errors import error_line
 from mixtral_chat.app.screens.chat import ChatScreen
 from mixtral_chat.app.screens.lifecycle import DatabaseChanged, ModelLoad
 from mixtral_chat.app.screens.palette import ChatCommands
@@ -238,12 +239,10 @@ class ChatApp(App[int]):
 
     @work(thread=True, exclusive=True, group="load-model", exit_on_error=False)
     def _load_model_worker(self, spec: str | None, serial: int) -> None:
-        from mixtral_chat.app.tui import error_line
-
         started = time.monotonic()
         self.loading_threads.add(threading.current_thread())
         try:
-            from mixtral_chat.engine.registry import resolve_model
+            from mixtral_chat.engine.models.resolve import resolve_model
             from mixtral_chat.engine.runtime import Engine
 
             resolved = resolve_model(spec)

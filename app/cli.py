@@ -7,13 +7,13 @@ command that needs them, never here.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import re
 import sys
 from collections.abc import Sequence
 
-from mixtral_chat.app.errors import UsageError
+from mixtral_chat.app.commands import ask, bench, models, paths, quantize
+from mixtral_chat.app.errors import UsageError, one_line_error
 
 # Before torch loads OpenMP: threads that sleep instead of spinning when they wait. On a busy
 # 2-core machine spinning threads made decode 2-14x slower (docs/BENCHMARKS.md), and the TUI
@@ -22,7 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Each subcommand lives in app/commands/<module>.py with `register(subparsers)` and
 # `run(args) -> int`. Registering is cheap: the modules import nothing heavy at top level.
-COMMAND_MODULES = ("ask", "models", "quantize", "bench", "paths")
+COMMAND_MODULES = (ask, models, quantize, bench, paths)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,13 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     parser.add_argument("--model", help="model for the chat app: catalog name, repo id or path")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"mixtral_chat.app.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"mixtral_chat.app.commands.{name}":
-                raise
-            continue  # a command not built yet
+    for module in COMMAND_MODULES:
         module.register(subparsers)
     return parser
 
@@ -81,22 +75,6 @@ def _command_parser(parser: argparse.ArgumentParser, command: str | None) -> arg
         if isinstance(action, argparse._SubParsersAction) and command in action.choices:
             return action.choices[command]
     return parser
-
-
-def one_line_error(exc: BaseException) -> str:
-    """The message of a user-facing error; for anything else, its type and message on one line."""
-    from mixtral_chat.engine.errors import MixtralChatError
-
-    text = " ".join(str(exc).split())
-    if isinstance(exc, MixtralChatError):
-        return text
-    if isinstance(exc, MemoryError):
-        return "out of memory: try a smaller model, 4-bit quantization, or fewer experts per layer"
-    if isinstance(exc, OSError) and exc.strerror:
-        where = f": {exc.filename}" if exc.filename else ""
-        return f"{exc.strerror}{where}"
-    name = type(exc).__name__
-    return f"{name}: {text} (run with --debug for details)" if text else name
 
 
 if __name__ == "__main__":

@@ -2,49 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
+from mixtral_chat.app.errors import setup_logging
+from mixtral_chat.app.settings import Settings, SettingsError, load_settings
+from mixtral_chat.app.storage import DamagedDatabaseError, Storage, default_db_path, move_aside
 from mixtral_chat.app.terminal import ask_yes_no, has_terminal
-
-if TYPE_CHECKING:
-    from mixtral_chat.app.storage import Storage
-
-LOG_FILENAME = "tui.log"
-logger = logging.getLogger("mixtral_chat.tui")
-
-
-def setup_logging() -> None:
-    """Unexpected errors go with their traceback to tui.log in the log folder (the file is
-    created on the first error)."""
-    from mixtral_chat.engine.paths import log_dir
-
-    folder = log_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(folder / LOG_FILENAME, delay=True, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-
-
-def error_line(exc: BaseException, what: str) -> str:
-    """The one line the UI shows for an error from a worker. A MixtralChatError is the user's to
-    fix and says all; anything else is a bug, logged with its traceback."""
-    from mixtral_chat.app.cli import one_line_error
-    from mixtral_chat.engine.errors import MixtralChatError
-
-    if isinstance(exc, (MixtralChatError, MemoryError, OSError)):
-        return one_line_error(exc)
-    text = " ".join(str(exc).split())
-    line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    logger.error("%s failed", what, exc_info=exc)
-    handlers = [h for h in logger.handlers if isinstance(h, logging.FileHandler)]
-    return f"{line} (details in {handlers[0].baseFilename})" if handlers else line
-
 
 NEEDS_TERMINAL = (
     "mixtral-chat: error: the chat app needs a terminal; use 'mixtral-chat ask \"...\"' for one answer"
@@ -55,8 +20,6 @@ def open_storage(ask: Callable[[str], bool] = ask_yes_no) -> tuple[Storage, list
     """The conversation database, checked for damage, and notices for the app to show. A
     damaged file is one line on stderr and an offer to move it aside (never deleted) and start
     with a fresh database; None if the offer is declined."""
-    from mixtral_chat.app.storage import DamagedDatabaseError, Storage, default_db_path, move_aside
-
     path = default_db_path()
     try:
         storage = Storage(path)
@@ -89,8 +52,6 @@ def run_tui(model: str | None = None) -> int:
     if not has_terminal():
         print(NEEDS_TERMINAL, file=sys.stderr)
         return 2
-    from mixtral_chat.app.settings import Settings, SettingsError, load_settings
-
     opened = open_storage()
     if opened is None:
         return 1
@@ -104,7 +65,7 @@ def run_tui(model: str | None = None) -> int:
         settings, settings_writable = Settings(), False
         notice = f"{exc} (using the defaults until this is fixed)"
 
-    from mixtral_chat.app.chat_app import ChatApp
+    from mixtral_chat.app.chat_app import ChatApp  # Textual: only once there is a terminal
 
     app = ChatApp(
         storage,

@@ -2,13 +2,13 @@
 thread settings on CPU; and the full-size GPU check that bench/gpu_offload.sh runs.
 
 Random weights route unlike a trained model, so every timing replays a routing trace
-(engine/routing_replay.py): decode steps use the trace's experts and gating weights, and the
+(engine/offload/replay.py): decode steps use the trace's experts and gating weights, and the
 speculative prefetcher gets a simulated predictor that is right for `--prediction-recall` of the
 experts (0.85 by default, an assumption from the speculative-loading literature; the real router
 on random weights would predict noise). The trace is `--replay-routing FILE`, by default
 tests/data/demo_routing_trace.jsonl (recorded on the bundled demo model) when it exists, else a
 synthetic trace calibrated to Mixtral's published LRU hit rates
-(`routing_replay.synthetic_routing_trace`), written to the work folder.
+(`replay.synthetic_routing_trace`), written to the work folder.
 
 CPU sections (each in fresh processes; configurations alternate between rounds; tables show
 medians). `link` and `disk` run with 2 torch threads and OMP_WAIT_POLICY=PASSIVE (`--threads`,
@@ -93,14 +93,13 @@ _ensure_importable()
 
 import torch  # noqa: E402  (after the import shim)
 
-from mixtral_chat.engine.expert_cache import CacheCounters, LRUPolicy, SlotMap  # noqa: E402
-from mixtral_chat.engine.routing_replay import (  # noqa: E402
+from mixtral_chat.engine.offload.replay import (  # noqa: E402
     DEFAULT_PREDICTION_RECALL,
     RoutingReplay,
-    read_routing_trace,
     synthetic_routing_trace,
-    write_routing_trace,
 )
+from mixtral_chat.engine.offload.slots import CacheCounters, LRUPolicy, SlotMap  # noqa: E402
+from mixtral_chat.engine.offload.trace import read_routing_trace, write_routing_trace  # noqa: E402
 
 # The CPU checkpoint: Mixtral's shape (8 experts, top-2, GQA 4:1, head_dim 128, intermediate 3.5x
 # hidden) scaled down; experts are 91% of the weights (Mixtral: 96%), one float32 expert 44 MB.
@@ -907,7 +906,8 @@ def sync(device: torch.device) -> None:
 
 
 def run_gpu(args: argparse.Namespace) -> None:
-    from mixtral_chat.engine.offload import ExpertLayout, plan_offload
+    from mixtral_chat.engine.offload import plan_offload
+    from mixtral_chat.quant.blob import ExpertBlobLayout
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -920,7 +920,7 @@ def run_gpu(args: argparse.Namespace) -> None:
     sync(device)
     build_s = time.perf_counter() - t0
     layers, experts = model.args.num_hidden_layers, model.args.num_local_experts
-    layout = ExpertLayout.of(model.layers[0].block_sparse_moe.experts[0])
+    layout = ExpertBlobLayout.of_module(model.layers[0].block_sparse_moe.experts[0])
     all_experts = layout.nbytes * layers * experts
     print(
         f"built {describe_config(config)} ({args.scheme}, rest {dtype}) on {name} in {build_s:.0f} s; "

@@ -21,6 +21,7 @@ CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 QUANT_CONFIG_FILE = "quant_config.json"
+TOKENIZER_FILE = "tokenizer.model"  # sentencepiece: Mixtral's tokenizer, needed to run a model
 
 FLOAT = "float"
 QUANTIZED = "quantized"

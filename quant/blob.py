@@ -13,6 +13,11 @@ All experts of a model share one layout (same shapes), recorded in quant_config.
      "linears": {"w1": [out, in], "w2": [out, in], "w3": [out, in]},
      "parts": [{"linear": "w1", "name": "qweight", "dtype": "uint8", "shape": [..],
                 "offset": 0, "nbytes": ..}, ...]}
+
+The expert offloader moves runtime experts as blobs of the same kind: `ExpertBlobLayout.of_module`
+lays out a loaded expert module's own tensors (part `linear` = the owning submodule, `name` = the
+tensor's attribute), `viewing` reads the layout of a module whose tensors already are views into
+one blob (the stored one), and `bind` points a module's tensors at views into a blob.
 """
 
 from __future__ import annotations
@@ -24,30 +29,23 @@ import torch
 from torch import Tensor, nn
 
 from mixtral_chat.engine.errors import QuantizationError
-from mixtral_chat.quant.common import EXPERT_LINEARS, dtype_from_name, dtype_name
+from mixtral_chat.quant.common import EXPERT_LINEARS, PartSpec, dtype_from_name, dtype_name
 
 ALIGNMENT = 64
 
 
 @dataclass(frozen=True)
-class BlobPart:
-    linear: str  # "w1" | "w2" | "w3"
-    name: str  # the scheme's part name ("qweight", "scales", ...)
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    offset: int  # bytes from the blob's start
+class BlobPart(PartSpec):
+    """A scheme's part (`PartSpec`: name, dtype, shape) where it lies in the blob."""
 
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * self.dtype.itemsize
+    linear: str  # "w1" | "w2" | "w3"; for a module layout, the owning submodule ("" itself)
+    offset: int  # bytes from the blob's start
 
 
 @dataclass(frozen=True)
 class ExpertBlobLayout:
-    linears: dict[str, tuple[int, int]]  # "w1" -> (out_features, in_features)
+    # "w1" -> (out_features, in_features); for a module layout, the children that say theirs
+    linears: dict[str, tuple[int, int]]
     parts: tuple[BlobPart, ...]
     nbytes: int
 
@@ -64,9 +62,33 @@ class ExpertBlobLayout:
         for linear in EXPERT_LINEARS:
             out_features, in_features = linears[linear]
             for spec in scheme.part_specs(out_features, in_features):
-                parts.append(BlobPart(linear, spec.name, spec.dtype, spec.shape, offset))
+                parts.append(BlobPart(spec.name, spec.dtype, spec.shape, linear=linear, offset=offset))
                 offset += -(-spec.nbytes // ALIGNMENT) * ALIGNMENT
         return cls(linears, tuple(parts), offset)
+
+    @classmethod
+    def of_module(cls, expert: nn.Module) -> ExpertBlobLayout:
+        """A fresh layout of an expert module's tensors, each starting `ALIGNMENT`-aligned."""
+        parts: list[BlobPart] = []
+        offset = 0
+        for name, tensor in module_tensors(expert):
+            part = _part_of(name, tensor, offset)
+            parts.append(part)
+            offset += -(-part.nbytes // ALIGNMENT) * ALIGNMENT
+        return cls(_module_linears(expert), tuple(parts), offset)
+
+    @classmethod
+    def viewing(cls, expert: nn.Module, blob: Tensor) -> ExpertBlobLayout | None:
+        """The layout of an expert whose tensors all are views into `blob`; None if any is not."""
+        parts = []
+        for name, tensor in module_tensors(expert):
+            offset = tensor.data_ptr() - blob.data_ptr()
+            nbytes = tensor.numel() * tensor.element_size()
+            inside = tensor.device == blob.device and offset >= 0 and offset + nbytes <= blob.numel()
+            if not (inside and tensor.is_contiguous()):
+                return None
+            parts.append(_part_of(name, tensor, offset))
+        return cls(_module_linears(expert), tuple(parts), blob.numel())
 
     @property
     def hidden_size(self) -> int:
@@ -100,11 +122,11 @@ class ExpertBlobLayout:
             linears = {str(k): (int(v[0]), int(v[1])) for k, v in data["linears"].items()}
             parts = tuple(
                 BlobPart(
-                    str(p["linear"]),
                     str(p["name"]),
                     dtype_from_name(str(p["dtype"])),
                     tuple(int(d) for d in p["shape"]),
-                    int(p["offset"]),
+                    linear=str(p["linear"]),
+                    offset=int(p["offset"]),
                 )
                 for p in data["parts"]
             )
@@ -120,9 +142,10 @@ class ExpertBlobLayout:
                 )
         return layout
 
-    def pack(self, parts_by_linear: dict[str, dict[str, Tensor]]) -> Tensor:
-        """{"w1": {"qweight": t, ...}, ...} -> one uint8 [nbytes] CPU tensor (padding zeroed)."""
-        blob = torch.zeros(self.nbytes, dtype=torch.uint8)
+    def pack(self, parts_by_linear: dict[str, dict[str, Tensor]], out: Tensor | None = None) -> Tensor:
+        """{"w1": {"qweight": t, ...}, ...} -> one uint8 [nbytes] tensor: `out` (padding left as it
+        is), or a new CPU one (padding zeroed)."""
+        blob = torch.zeros(self.nbytes, dtype=torch.uint8) if out is None else out
         for p in self.parts:
             tensor = parts_by_linear.get(p.linear, {}).get(p.name)
             if tensor is None:
@@ -136,6 +159,24 @@ class ExpertBlobLayout:
             blob[p.offset : p.offset + p.nbytes] = raw
         return blob
 
+    def pack_module(self, expert: nn.Module, out: Tensor | None = None) -> Tensor:
+        """`pack` of an expert module laid out by `of_module` (or `viewing`)."""
+        parts_by_linear: dict[str, dict[str, Tensor]] = {}
+        for name, tensor in module_tensors(expert):
+            linear, _, attr = name.rpartition(".")
+            parts_by_linear.setdefault(linear, {})[attr] = tensor
+        return self.pack(parts_by_linear, out)
+
+    def bind(self, module: nn.Module, blob: Tensor) -> None:
+        """Point the module's tensors at views into `blob`: the module computes whatever it holds."""
+        for linear, views in self.unpack(blob).items():
+            owner = module.get_submodule(linear)  # "" is the module itself
+            for attr, view in views.items():
+                if attr in owner._parameters:
+                    owner._parameters[attr] = nn.Parameter(view, requires_grad=False)
+                else:
+                    owner._buffers[attr] = view
+
     def unpack(self, blob: Tensor) -> dict[str, dict[str, Tensor]]:
         """Views (no copies) of each part, on the blob's device: {"w1": {"qweight": view, ...}}."""
         if blob.dtype != torch.uint8 or blob.dim() != 1 or blob.numel() != self.nbytes:
@@ -145,8 +186,27 @@ class ExpertBlobLayout:
         out: dict[str, dict[str, Tensor]] = {name: {} for name in self.linears}
         for p in self.parts:
             raw = blob[p.offset : p.offset + p.nbytes]
-            out[p.linear][p.name] = raw.view(p.dtype).view(p.shape)
+            out.setdefault(p.linear, {})[p.name] = raw.view(p.dtype).view(p.shape)
         return out
+
+
+def module_tensors(module: nn.Module) -> list[tuple[str, Tensor]]:
+    """A module's parameters, then its buffers, by dotted name: the order a module layout uses."""
+    return [*module.named_parameters(), *module.named_buffers()]
+
+
+def _part_of(name: str, tensor: Tensor, offset: int) -> BlobPart:
+    linear, _, attr = name.rpartition(".")  # "w1.weight" -> ("w1", "weight")
+    return BlobPart(attr, tensor.dtype, tuple(tensor.shape), linear=linear, offset=offset)
+
+
+def _module_linears(expert: nn.Module) -> dict[str, tuple[int, int]]:
+    return {
+        name: (child.out_features, child.in_features)
+        for name, child in expert.named_children()
+        if isinstance(getattr(child, "out_features", None), int)
+        and isinstance(getattr(child, "in_features", None), int)
+    }
 
 
 def expert_linears_from_blob(

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from mixtral_chat.engine import cache_sim, expert_cache
-from mixtral_chat.engine.cache_sim import TraceError, belady, belady_layer, load_trace, replay, replay_layers
-from mixtral_chat.engine.expert_cache import LRUPolicy, SlotMap
+from mixtral_chat.engine.offload import simulate, slots
+from mixtral_chat.engine.offload.simulate import belady, belady_layer, replay, replay_layers
+from mixtral_chat.engine.offload.slots import LRUPolicy, SlotMap
+from mixtral_chat.engine.offload.trace import RoutingTraceError, load_trace
 from tests.conftest import run_cli, save_tiny_checkpoint
 
 # One layer, top-2, 5 experts; with k = 3 Belady keeps what comes back soonest. Step 2 ([0, 3])
@@ -124,7 +125,7 @@ def test_replay_drives_the_engines_policy_classes(monkeypatch: pytest.MonkeyPatc
             victims.append(chosen)
             return chosen
 
-    monkeypatch.setitem(expert_cache.POLICIES, "recording", RecordingLRU)
+    monkeypatch.setitem(slots.POLICIES, "recording", RecordingLRU)
     counters = replay({0: HAND_STEPS}, 3, "recording")
     assert (counters.hits, counters.misses) == (5, 7)
     assert victims == [2, 0, 3, 4]  # the evictions of the hand count above
@@ -185,17 +186,17 @@ def test_load_trace_orders_by_token_and_validates(tmp_path: Path) -> None:
     good = json.dumps(rows[2])
     for line, message in bad_lines.items():
         path.write_text(f"{good}\n{line}\n")
-        with pytest.raises(TraceError, match=message) as caught:
+        with pytest.raises(RoutingTraceError, match=message) as caught:
             load_trace(path)
         assert str(caught.value).startswith(f"{path}:2: ")
         assert "\n" not in str(caught.value)
     path.write_text("\n")
-    with pytest.raises(TraceError, match="empty"):
+    with pytest.raises(RoutingTraceError, match="empty"):
         load_trace(path)
-    with pytest.raises(TraceError, match="no such routing trace"):
+    with pytest.raises(RoutingTraceError, match="no such routing trace"):
         load_trace(tmp_path / "missing.jsonl")
     path.write_bytes(b"\xff\xfe\x00")
-    with pytest.raises(TraceError, match="not UTF-8"):
+    with pytest.raises(RoutingTraceError, match="not UTF-8"):
         load_trace(path)
 
 
@@ -288,7 +289,7 @@ def test_default_k_range_and_concatenated_traces(tmp_path: Path) -> None:
     both = tmp_path / "both.jsonl"
     both.write_text(first.read_text() + second.read_text())
     trace = load_trace(both)
-    assert cache_sim.summarize(trace).tokens == 60
+    assert simulate.summarize(trace).tokens == 60
     assert trace[0][:30] == load_trace(first)[0] and trace[0][30:] == load_trace(second)[0]
     result = run_cli("bench", "cache", "--trace", str(both), "--json")
     assert result.returncode == 0, result.stderr

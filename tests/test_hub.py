@@ -1,4 +1,5 @@
-"""engine/hub.py against a local hub server speaking huggingface_hub's HTTP API (no mocks of the client)."""
+"""engine/models/ (hub cache, downloads, cache deletion) against a local hub server speaking
+huggingface_hub's HTTP API (no mocks of the client)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 from hub_server import JUNK_FILES, HubServer, isolate_hf_env, llama_files, tiny_mixtral_files
 
-from mixtral_chat.engine import hub
+from mixtral_chat.engine.models import download, errors, hub_cache, progress
 from mixtral_chat.engine.units import format_bytes
 
 REPO = "org/tiny"
@@ -50,7 +51,7 @@ def server(env: Path, tiny_files: dict[str, bytes], monkeypatch: pytest.MonkeyPa
 
 
 def cache_blob(repo_id: str, name: str) -> Path:
-    return hub.repo_storage_dir(repo_id) / "blobs" / hashlib.sha256(name.encode()).hexdigest()
+    return hub_cache.repo_storage_dir(repo_id) / "blobs" / hashlib.sha256(name.encode()).hexdigest()
 
 
 def sha256(data: bytes) -> str:
@@ -58,8 +59,8 @@ def sha256(data: bytes) -> str:
 
 
 def test_pull_fetches_only_needed_files_into_the_standard_hub_cache(server: HubServer, tiny_files, env):
-    seen: list[hub.DownloadProgress] = []
-    snap = hub.download_model_files(REPO, progress=seen.append)
+    seen: list[progress.DownloadProgress] = []
+    snap = download.download_model_files(REPO, progress=seen.append)
 
     repo = server.repos[REPO]
     assert snap.commit == repo.commit
@@ -86,7 +87,7 @@ def test_pull_fetches_only_needed_files_into_the_standard_hub_cache(server: HubS
     from huggingface_hub import hf_hub_download
 
     server.clear_log()
-    path = hf_hub_download(REPO, SHARD1, endpoint=server.endpoint, cache_dir=hub.hub_cache_dir())
+    path = hf_hub_download(REPO, SHARD1, endpoint=server.endpoint, cache_dir=hub_cache.hub_cache_dir())
     assert Path(path) == snap.path / SHARD1
     assert server.gets() == []
 
@@ -94,10 +95,10 @@ def test_pull_fetches_only_needed_files_into_the_standard_hub_cache(server: HubS
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
-    offline = hub.download_model_files(REPO, endpoint=dead)
+    offline = download.download_model_files(REPO, endpoint=dead)
     assert offline.from_cache_only and offline.path == snap.path
-    with pytest.raises(hub.HubUnreachableError, match=f"cannot reach the Hugging Face hub at {dead}"):
-        hub.download_model_files("org/other", endpoint=dead)
+    with pytest.raises(errors.HubUnreachableError, match=f"cannot reach the Hugging Face hub at {dead}"):
+        download.download_model_files("org/other", endpoint=dead)
 
 
 def test_model_already_in_the_hub_cache_is_not_downloaded_again(server: HubServer, tiny_files):
@@ -105,49 +106,49 @@ def test_model_already_in_the_hub_cache_is_not_downloaded_again(server: HubServe
 
     # Another tool (transformers, `hf download`) fetched the model first.
     snapshot_download(
-        REPO, endpoint=server.endpoint, allow_patterns=sorted(WANTED), cache_dir=hub.hub_cache_dir()
+        REPO, endpoint=server.endpoint, allow_patterns=sorted(WANTED), cache_dir=hub_cache.hub_cache_dir()
     )
     server.clear_log()
 
-    snap = hub.download_model_files(REPO)
+    snap = download.download_model_files(REPO)
     assert server.gets() == []
     assert snap.fetched_bytes == 0
     assert [r.kind for r in server.requests] == ["api"]  # one listing call, no HEAD per file
     assert (snap.path / SHARD2).read_bytes() == tiny_files[SHARD2]
 
     server.clear_log()
-    hub.download_model_files(REPO)  # and again: still nothing transferred
+    download.download_model_files(REPO)  # and again: still nothing transferred
     assert server.gets() == []
 
 
 def test_dropped_connection_is_resumed_with_a_range_request(server: HubServer, tiny_files):
     server.drop_once(REPO, SHARD1, after_bytes=CHUNK + 1_500_000)
-    snap = hub.download_model_files(REPO)
+    snap = download.download_model_files(REPO)
 
     gets = server.gets(REPO, SHARD1)
     assert [g.range for g in gets] == [None, f"bytes={CHUNK}-"]
     assert [g.status for g in gets] == [200, 206]
     assert (snap.path / SHARD1).read_bytes() == tiny_files[SHARD1]
-    assert not list(hub.repo_storage_dir(REPO).glob("blobs/*.incomplete"))
+    assert not list(hub_cache.repo_storage_dir(REPO).glob("blobs/*.incomplete"))
 
 
 def test_cancel_keeps_the_partial_file_and_the_next_pull_resumes_it(server: HubServer, tiny_files):
     cancel = threading.Event()
 
-    def on_progress(p: hub.DownloadProgress) -> None:
+    def on_progress(p: progress.DownloadProgress) -> None:
         if p.file == SHARD1 and p.bytes_done > CHUNK:
             cancel.set()
 
-    with pytest.raises(hub.DownloadCancelled):
-        hub.download_model_files(REPO, progress=on_progress, cancel=cancel)
-    partial = hub.repo_storage_dir(REPO) / "blobs" / (sha256(tiny_files[SHARD1]) + ".incomplete")
+    with pytest.raises(errors.DownloadCancelled):
+        download.download_model_files(REPO, progress=on_progress, cancel=cancel)
+    partial = hub_cache.repo_storage_dir(REPO) / "blobs" / (sha256(tiny_files[SHARD1]) + ".incomplete")
     assert partial.stat().st_size == CHUNK
-    assert hub.partial_bytes(REPO) == CHUNK
-    assert hub.find_cached_snapshot(REPO, "main") is None
+    assert hub_cache.partial_bytes(REPO) == CHUNK
+    assert hub_cache.find_cached_snapshot(REPO, "main") is None
 
     server.clear_log()
-    seen: list[hub.DownloadProgress] = []
-    snap = hub.download_model_files(REPO, progress=seen.append)
+    seen: list[progress.DownloadProgress] = []
+    snap = download.download_model_files(REPO, progress=seen.append)
     assert [g.range for g in server.gets(REPO, SHARD1)] == [f"bytes={CHUNK}-"]
     assert (snap.path / SHARD1).read_bytes() == tiny_files[SHARD1]
     assert snap.fetched_bytes == snap.total_bytes - CHUNK - len(tiny_files["config.json"]) - len(
@@ -158,17 +159,17 @@ def test_cancel_keeps_the_partial_file_and_the_next_pull_resumes_it(server: HubS
 
 def test_corrupted_file_is_detected_and_not_kept(server: HubServer, tiny_files):
     server.corrupt(REPO, SHARD2)
-    with pytest.raises(hub.ChecksumMismatchError) as info:
-        hub.download_model_files(REPO)
+    with pytest.raises(errors.ChecksumMismatchError) as info:
+        download.download_model_files(REPO)
     message = str(info.value)
     assert "checksum mismatch" in message and SHARD2 in message and "\n" not in message
-    blobs = hub.repo_storage_dir(REPO) / "blobs"
+    blobs = hub_cache.repo_storage_dir(REPO) / "blobs"
     assert not (blobs / sha256(tiny_files[SHARD2])).exists()
     assert not list(blobs.glob("*.incomplete"))
 
     server.corrupt(REPO, SHARD2, enabled=False)
     server.clear_log()
-    snap = hub.download_model_files(REPO)
+    snap = download.download_model_files(REPO)
     assert (snap.path / SHARD2).read_bytes() == tiny_files[SHARD2]
     assert {r.filename for r in server.gets()} == {
         SHARD2,
@@ -182,23 +183,23 @@ def test_gated_repo_needs_a_token(server: HubServer, tiny_files):
     server.add_repo("gated/tiny", tiny_files, gated=True)
     server.valid_tokens.add("hf_good_token")
 
-    with pytest.raises(hub.GatedRepoAccessError) as info:
-        hub.download_model_files("gated/tiny")
+    with pytest.raises(errors.GatedRepoAccessError) as info:
+        download.download_model_files("gated/tiny")
     assert "HF_TOKEN" in str(info.value) and "hf auth login" in str(info.value)
     assert server.gets("gated/tiny") == []
 
-    with pytest.raises(hub.HubAuthError) as info:
-        hub.download_model_files("gated/tiny", token="hf_wrong_token")
+    with pytest.raises(errors.HubAuthError) as info:
+        download.download_model_files("gated/tiny", token="hf_wrong_token")
     assert "hf_wrong_token" not in str(info.value)
 
     server.repos["gated/tiny"].allowed_tokens = {"hf_someone_else"}
-    with pytest.raises(hub.GatedRepoAccessError) as info:
-        hub.download_model_files("gated/tiny", token="hf_good_token")
+    with pytest.raises(errors.GatedRepoAccessError) as info:
+        download.download_model_files("gated/tiny", token="hf_good_token")
     assert "no access" in str(info.value) and "hf_good_token" not in str(info.value)
 
     server.repos["gated/tiny"].allowed_tokens = None
     server.clear_log()
-    snap = hub.download_model_files("gated/tiny", token="hf_good_token")
+    snap = download.download_model_files("gated/tiny", token="hf_good_token")
     assert (snap.path / SHARD1).read_bytes() == tiny_files[SHARD1]
     resolves = [r for r in server.requests if r.kind == "resolve"]
     cdn = [r for r in server.requests if r.kind == "cdn"]
@@ -207,34 +208,34 @@ def test_gated_repo_needs_a_token(server: HubServer, tiny_files):
 
 
 def test_missing_repo_and_revision(server: HubServer):
-    with pytest.raises(hub.RepoNotFoundError, match="repository org/nope not found"):
-        hub.download_model_files("org/nope")
-    with pytest.raises(hub.RevisionNotFoundError, match="revision 'v9' not found in org/tiny"):
-        hub.download_model_files(REPO, "v9")
-    with pytest.raises(hub.RepoNotFoundError, match="not a hub repo id"):
-        hub.download_model_files("no-slash")
+    with pytest.raises(errors.RepoNotFoundError, match="repository org/nope not found"):
+        download.download_model_files("org/nope")
+    with pytest.raises(errors.RevisionNotFoundError, match="revision 'v9' not found in org/tiny"):
+        download.download_model_files(REPO, "v9")
+    with pytest.raises(errors.RepoNotFoundError, match="not a hub repo id"):
+        download.download_model_files("no-slash")
 
 
 def test_full_disk_mid_download_is_reported(server: HubServer, tiny_files):
     if not os.path.exists("/dev/full"):
         pytest.skip("needs /dev/full to produce a real ENOSPC")
-    blobs = hub.repo_storage_dir(REPO) / "blobs"
+    blobs = hub_cache.repo_storage_dir(REPO) / "blobs"
     blobs.mkdir(parents=True)
     partial = blobs / (sha256(tiny_files[SHARD1]) + ".incomplete")
     partial.symlink_to("/dev/full")  # every write to the partial file fails with ENOSPC
-    with pytest.raises(hub.DiskFullError, match="disk full while downloading org/tiny/" + SHARD1):
-        hub.download_model_files(REPO)
+    with pytest.raises(errors.DiskFullError, match="disk full while downloading org/tiny/" + SHARD1):
+        download.download_model_files(REPO)
     partial.unlink()
 
 
 def test_disk_space_is_checked_before_weights_move(server: HubServer, tiny_files, monkeypatch):
-    monkeypatch.setattr(hub, "free_disk_bytes", lambda path: 5_000_000)
+    monkeypatch.setattr(download, "free_disk_bytes", lambda path: 5_000_000)
 
     def check(config: dict, to_download: int) -> None:
-        hub.check_disk_space([(hub.hub_cache_dir(), to_download, "to download")])
+        download.check_disk_space([(hub_cache.hub_cache_dir(), to_download, "to download")])
 
-    with pytest.raises(hub.InsufficientDiskSpaceError) as info:
-        hub.download_model_files(REPO, before_weights=check)
+    with pytest.raises(errors.InsufficientDiskSpaceError) as info:
+        download.download_model_files(REPO, before_weights=check)
     message = str(info.value)
     weights = sum(len(tiny_files[name]) for name in WANTED - {"config.json", "model.safetensors.index.json"})
     assert f"needs {format_bytes(weights)}" in message and "5.0 MB free" in message
@@ -246,23 +247,23 @@ def test_repos_without_what_mixtral_chat_needs_are_refused(server: HubServer, ti
         k: v for k, v in tiny_files.items() if not k.endswith(".safetensors") and "index" not in k
     }
     server.add_repo("org/pickles", pickles_only)
-    with pytest.raises(hub.UnsupportedRepoError, match="no safetensors weights"):
-        hub.download_model_files("org/pickles")
+    with pytest.raises(errors.UnsupportedRepoError, match="no safetensors weights"):
+        download.download_model_files("org/pickles")
     assert not {r.filename for r in server.gets("org/pickles")} & NEVER
 
     no_tokenizer = {k: v for k, v in tiny_files.items() if k != "tokenizer.model"}
     server.add_repo("org/no-tokenizer", no_tokenizer)
-    with pytest.raises(hub.UnsupportedRepoError, match=r"has no tokenizer\.model"):
-        hub.download_model_files("org/no-tokenizer")
+    with pytest.raises(errors.UnsupportedRepoError, match=r"has no tokenizer\.model"):
+        download.download_model_files("org/no-tokenizer")
     assert server.gets("org/no-tokenizer") == []
 
     # The caller's check runs on the config before any weight byte moves.
     server.add_repo("org/llama", llama_files())
 
     def refuse(config: dict, to_download: int) -> None:
-        raise hub.UnsupportedRepoError(f"not a Mixtral: {config['model_type']}, {to_download} bytes")
+        raise errors.UnsupportedRepoError(f"not a Mixtral: {config['model_type']}, {to_download} bytes")
 
     weights = len(llama_files()["model.safetensors"]) + len(llama_files()["tokenizer.model"])
-    with pytest.raises(hub.UnsupportedRepoError, match=f"not a Mixtral: llama, {weights} bytes"):
-        hub.download_model_files("org/llama", before_weights=refuse)
+    with pytest.raises(errors.UnsupportedRepoError, match=f"not a Mixtral: llama, {weights} bytes"):
+        download.download_model_files("org/llama", before_weights=refuse)
     assert {r.filename for r in server.gets("org/llama")} == {"config.json"}

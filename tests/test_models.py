@@ -1,4 +1,5 @@
-"""engine/registry.py and `mixtral-chat models` against a local hub server (real client, real CLI)."""
+"""engine/models/ (the registry, pulls, removal) and `mixtral-chat models` against a local hub server
+(real client, real CLI)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,20 @@ from pathlib import Path
 import pytest
 from hub_server import HubServer, isolate_hf_env, llama_files, tiny_mixtral_files
 
-from mixtral_chat.engine import hub, registry
 from mixtral_chat.engine.errors import MixtralChatError, ModelNotFoundError
+from mixtral_chat.engine.models import (
+    catalog,
+    download,
+    entries,
+    errors,
+    hub_cache,
+    progress,
+    pull,
+    registry,
+    registry_file,
+    removal,
+    resolve,
+)
 from mixtral_chat.engine.units import format_bytes
 
 REPO = "org/tiny"
@@ -101,9 +114,9 @@ def quant_available() -> bool:
 
 def test_cli_pull_list_ask_rm(server: HubServer, env: dict[str, str], tiny_files, capfd):
     # Quantizing is covered in-process below (torch is already loaded there); this run stays light.
-    pull = run_cli("models", "pull", REPO, "--no-quantize", env=env)
-    assert pull.returncode == 0, pull.stderr
-    assert "downloading" in pull.stderr and "ETA" in pull.stderr
+    pull_run = run_cli("models", "pull", REPO, "--no-quantize", env=env)
+    assert pull_run.returncode == 0, pull_run.stderr
+    assert "downloading" in pull_run.stderr and "ETA" in pull_run.stderr
     assert {r.filename for r in server.gets()} >= {SHARD1, "tokenizer.model", "config.json"}
 
     listed = cli_in_process(capfd, "models", "list", "--json")
@@ -143,7 +156,7 @@ def test_cli_pull_list_ask_rm(server: HubServer, env: dict[str, str], tiny_files
     removed = cli_in_process(capfd, "models", "rm", REPO, "--hf-cache")
     assert removed.returncode == 0, removed.stderr
     assert f"{format_bytes(size)} freed" in removed.stdout
-    assert not hub.repo_storage_dir(REPO).exists()
+    assert not hub_cache.repo_storage_dir(REPO).exists()
 
 
 def test_cli_errors_are_one_line_and_never_show_the_token(server: HubServer, tiny_files, capfd, monkeypatch):
@@ -189,7 +202,7 @@ def test_cli_ctrl_c_stops_cleanly_and_the_next_pull_resumes(server: HubServer, e
         text=True,
         env=full_env,
     )
-    blobs = hub.repo_storage_dir(REPO, Path(env["HF_HOME"]) / "hub") / "blobs"
+    blobs = hub_cache.repo_storage_dir(REPO, Path(env["HF_HOME"]) / "hub") / "blobs"
     deadline = time.monotonic() + 60
     partial = None
     while time.monotonic() < deadline:
@@ -210,7 +223,7 @@ def test_cli_ctrl_c_stops_cleanly_and_the_next_pull_resumes(server: HubServer, e
     again = run_cli("models", "pull", REPO, "--no-quantize", env=env)
     assert again.returncode == 0, again.stderr
     assert [g.range for g in server.gets(REPO, SHARD1)] == [f"bytes={CHUNK}-"]
-    snapshot = hub.find_cached_snapshot(REPO, "main", Path(env["HF_HOME"]) / "hub")
+    snapshot = hub_cache.find_cached_snapshot(REPO, "main", Path(env["HF_HOME"]) / "hub")
     assert snapshot is not None and (snapshot / SHARD1).read_bytes() == tiny_files[SHARD1]
 
 
@@ -221,12 +234,12 @@ def test_cli_ctrl_c_stops_cleanly_and_the_next_pull_resumes(server: HubServer, e
 def test_pull_api_reports_progress_and_status_and_can_be_cancelled(server: HubServer, tiny_files):
     release = server.stall(REPO, SHARD1, after_bytes=CHUNK + 1_000_000)
     cancel = threading.Event()
-    reports: list[registry.PullProgress] = []
+    reports: list[progress.PullProgress] = []
     outcome: list[BaseException] = []
 
     def worker() -> None:
         try:
-            registry.pull_model(REPO, quantize=False, progress=reports.append, cancel=cancel)
+            pull.pull_model(REPO, quantize=False, progress=reports.append, cancel=cancel)
         except BaseException as exc:
             outcome.append(exc)
 
@@ -235,40 +248,40 @@ def test_pull_api_reports_progress_and_status_and_can_be_cancelled(server: HubSe
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not any(r.bytes_done >= CHUNK for r in reports):
         time.sleep(0.05)
-    assert registry.get_model(REPO).status == registry.DOWNLOADING
+    assert registry.get_model(REPO).status == entries.DOWNLOADING
     cancel.set()
     release.set()
     thread.join(timeout=60)
-    assert len(outcome) == 1 and isinstance(outcome[0], hub.DownloadCancelled)
+    assert len(outcome) == 1 and isinstance(outcome[0], errors.DownloadCancelled)
     assert all(r.phase == "download" and r.bytes_total == reports[0].bytes_total for r in reports)
 
     entry = registry.get_model(REPO)
-    assert entry.status == registry.PARTIAL and entry.partial_bytes >= CHUNK
+    assert entry.status == entries.PARTIAL and entry.partial_bytes >= CHUNK
     with pytest.raises(ModelNotFoundError, match="interrupted; pulling resumes it"):
-        registry.resolve_model(REPO)
+        resolve.resolve_model(REPO)
 
     reports.clear()
-    entry = registry.pull_model(REPO, quantize=False, progress=reports.append)
-    assert entry.status == registry.DOWNLOADED and entry.is_default
+    entry = pull.pull_model(REPO, quantize=False, progress=reports.append)
+    assert entry.status == entries.DOWNLOADED and entry.is_default
     assert reports[-1].bytes_done == reports[-1].bytes_total and reports[-1].eta_s == 0.0
-    resolved = registry.resolve_model(None)
+    resolved = resolve.resolve_model(None)
     assert resolved.name == REPO and not resolved.is_demo
     assert (resolved.path / SHARD1).read_bytes() == tiny_files[SHARD1]
-    assert registry.resolve_model(REPO.upper()).path == resolved.path  # repo ids are case-insensitive
+    assert resolve.resolve_model(REPO.upper()).path == resolved.path  # repo ids are case-insensitive
 
 
 @pytest.mark.skipif(not quant_available(), reason="mixtral_chat.quant.quantize_model_dir not available")
 def test_pull_quantizes_and_can_drop_the_original(server: HubServer, capfd, monkeypatch):
-    reports: list[registry.PullProgress] = []
-    entry = registry.pull_model(REPO, scheme="int4", keep_original=False, progress=reports.append)
-    assert entry.status == registry.QUANTIZED and entry.scheme == "int4" and entry.group_size == 64
+    reports: list[progress.PullProgress] = []
+    entry = pull.pull_model(REPO, scheme="int4", keep_original=False, progress=reports.append)
+    assert entry.status == entries.QUANTIZED and entry.scheme == "int4" and entry.group_size == 64
     assert entry.original_path is None and entry.path == entry.quantized_path
-    assert entry.path == registry.models_dir() / "org--tiny-int4"
+    assert entry.path == registry_file.models_dir() / "org--tiny-int4"
     assert (entry.path / "quant_config.json").is_file()
     assert {r.phase for r in reports} == {"download", "quantize"}
     assert reports[-1].phase == "quantize" and reports[-1].bytes_done == reports[-1].bytes_total
-    assert hub.find_cached_snapshot(REPO, "main") is None  # the bf16 original was deleted
-    assert registry.resolve_model(REPO).path == entry.path
+    assert hub_cache.find_cached_snapshot(REPO, "main") is None  # the bf16 original was deleted
+    assert resolve.resolve_model(REPO).path == entry.path
 
     listed = cli_in_process(capfd, "models", "list")
     row = next(line for line in listed.stdout.splitlines() if REPO in line)
@@ -279,8 +292,8 @@ def test_pull_quantizes_and_can_drop_the_original(server: HubServer, capfd, monk
 
     # Pulling again changes nothing: the quantized model is there, the original is not needed.
     server.clear_log()
-    again = registry.pull_model(REPO)
-    assert again.path == entry.path and again.status == registry.QUANTIZED
+    again = pull.pull_model(REPO)
+    assert again.path == entry.path and again.status == entries.QUANTIZED
     assert server.requests == []
 
 
@@ -303,31 +316,33 @@ def test_cli_pull_offers_to_delete_the_originals_on_a_terminal(server: HubServer
     assert pulled.returncode == 0, pulled.stderr
     assert "Delete the bf16 originals" in pulled.stdout and "deleted the originals:" in pulled.stdout
     entry = registry.get_model(REPO)
-    assert entry.status == registry.QUANTIZED and entry.original_path is None
-    assert hub.find_cached_snapshot(REPO, "main") is None
+    assert entry.status == entries.QUANTIZED and entry.original_path is None
+    assert hub_cache.find_cached_snapshot(REPO, "main") is None
 
 
 def test_disk_space_refusal_counts_download_and_quantized_copy(server: HubServer, tiny_files, monkeypatch):
-    download = sum(len(data) for data in tiny_files.values())
-    free = download + 1_000_000  # the download fits, download + 4-bit copy does not
-    monkeypatch.setattr(hub, "free_disk_bytes", lambda path: free)
+    download_size = sum(len(data) for data in tiny_files.values())
+    free = download_size + 1_000_000  # the download fits, download + 4-bit copy does not
+    monkeypatch.setattr(download, "free_disk_bytes", lambda path: free)
     if quant_available():
-        with pytest.raises(hub.InsufficientDiskSpaceError) as info:
-            registry.pull_model(REPO, scheme="int4")
+        with pytest.raises(errors.InsufficientDiskSpaceError) as info:
+            pull.pull_model(REPO, scheme="int4")
         message = str(info.value)
-        weights = download - len(tiny_files["config.json"]) - len(tiny_files["model.safetensors.index.json"])
+        weights = (
+            download_size - len(tiny_files["config.json"]) - len(tiny_files["model.safetensors.index.json"])
+        )
         assert f"{format_bytes(weights)} to download" in message and "for the 4-bit copy" in message
         assert f"{format_bytes(free)} free" in message
         assert {r.filename for r in server.gets()} == {"config.json", "model.safetensors.index.json"}
         assert REPO not in [e.name for e in registry.list_models()]
-    entry = registry.pull_model(REPO, quantize=False)
-    assert entry.status == registry.DOWNLOADED
+    entry = pull.pull_model(REPO, quantize=False)
+    assert entry.status == entries.DOWNLOADED
 
 
 def test_unsupported_architecture_is_refused_before_the_weights(server: HubServer, tmp_path: Path):
     server.add_repo("org/llama", llama_files())
-    with pytest.raises(registry.UnsupportedArchitectureError, match="unsupported architecture 'llama'"):
-        registry.pull_model("org/llama", quantize=False)
+    with pytest.raises(errors.UnsupportedArchitectureError, match="unsupported architecture 'llama'"):
+        pull.pull_model("org/llama", quantize=False)
     assert server.gets("org/llama", "model.safetensors") == []
     assert "org/llama" not in [e.name for e in registry.list_models()]
 
@@ -335,43 +350,45 @@ def test_unsupported_architecture_is_refused_before_the_weights(server: HubServe
     local.mkdir()
     for name, data in llama_files().items():
         (local / name).write_bytes(data)
-    with pytest.raises(registry.UnsupportedArchitectureError):
+    with pytest.raises(errors.UnsupportedArchitectureError):
         registry.add_model(str(local))
-    with pytest.raises(registry.UnsupportedArchitectureError):
-        registry.resolve_model(str(local))
+    with pytest.raises(errors.UnsupportedArchitectureError):
+        resolve.resolve_model(str(local))
 
 
 def test_rm_of_an_interrupted_pull_frees_the_partial_files(server: HubServer):
     cancel = threading.Event()
 
-    def on_progress(p: registry.PullProgress) -> None:
+    def on_progress(p: progress.PullProgress) -> None:
         if p.bytes_done > CHUNK:
             cancel.set()
 
-    with pytest.raises(hub.DownloadCancelled):
-        registry.pull_model(REPO, quantize=False, progress=on_progress, cancel=cancel)
+    with pytest.raises(errors.DownloadCancelled):
+        pull.pull_model(REPO, quantize=False, progress=on_progress, cancel=cancel)
     entry = registry.get_model(REPO)
-    assert entry.status == registry.PARTIAL and entry.size_on_disk >= CHUNK
-    kept = registry.remove_model(REPO)  # the partial files are in the Hugging Face cache: kept
+    assert entry.status == entries.PARTIAL and entry.size_on_disk >= CHUNK
+    kept = removal.remove_model(REPO)  # the partial files are in the Hugging Face cache: kept
     assert kept.freed == 0 and kept.hf_cache_kept is not None
-    assert kept.hf_cache_kept.size == entry.size_on_disk and hub.partial_bytes(REPO) == entry.partial_bytes
-    assert registry.remove_model(REPO, delete_hf_cache=True).freed == entry.size_on_disk
-    assert not hub.repo_storage_dir(REPO).exists()
+    assert (
+        kept.hf_cache_kept.size == entry.size_on_disk and hub_cache.partial_bytes(REPO) == entry.partial_bytes
+    )
+    assert removal.remove_model(REPO, delete_hf_cache=True).freed == entry.size_on_disk
+    assert not hub_cache.repo_storage_dir(REPO).exists()
     assert REPO not in [e.name for e in registry.list_models()]
 
 
 def test_hub_repos_can_be_added_before_pulling(server: HubServer):
     server.add_repo("org/llama", llama_files())
-    with pytest.raises(registry.UnsupportedArchitectureError):
+    with pytest.raises(errors.UnsupportedArchitectureError):
         registry.add_model("org/llama")
     entry = registry.add_model(REPO, name="tiny")
-    assert entry.status == registry.NOT_DOWNLOADED and entry.repo_id == REPO and entry.source == "hub"
+    assert entry.status == entries.NOT_DOWNLOADED and entry.repo_id == REPO and entry.source == "hub"
     assert {r.filename for r in server.gets()} == {"config.json"}
-    assert not hub.repo_storage_dir(REPO).exists()  # validating the config left nothing in the cache
-    with pytest.raises(registry.RegistryError, match="already known as 'tiny'"):
+    assert not hub_cache.repo_storage_dir(REPO).exists()  # validating the config left nothing in the cache
+    with pytest.raises(errors.RegistryError, match="already known as 'tiny'"):
         registry.add_model(REPO)
-    assert registry.pull_model("tiny", quantize=False).status == registry.DOWNLOADED
-    assert registry.resolve_model(REPO).name == "tiny"
+    assert pull.pull_model("tiny", quantize=False).status == entries.DOWNLOADED
+    assert resolve.resolve_model(REPO).name == "tiny"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,31 +396,31 @@ def test_hub_repos_can_be_added_before_pulling(server: HubServer):
 
 
 def test_resolve_model_specs(server: HubServer, tiny_dir: Path):
-    demo = registry.demo_dir()
+    demo = catalog.demo_dir()
     if (demo / "config.json").is_file():
-        assert registry.resolve_model(None).is_demo
+        assert resolve.resolve_model(None).is_demo
     else:
         with pytest.raises(ModelNotFoundError, match="no model is installed"):
-            registry.resolve_model(None)
+            resolve.resolve_model(None)
     with pytest.raises(ModelNotFoundError, match="unknown model 'nope'"):
-        registry.resolve_model("nope")
+        resolve.resolve_model("nope")
     with pytest.raises(ModelNotFoundError, match=r"run `mixtral-chat models pull mixtral-8x7b-instruct`"):
-        registry.resolve_model("mixtral-8x7b-instruct")
+        resolve.resolve_model("mixtral-8x7b-instruct")
     with pytest.raises(
         ModelNotFoundError, match=r"'org/tiny' is not installed; run `mixtral-chat models pull"
     ):
-        registry.resolve_model(REPO)
+        resolve.resolve_model(REPO)
 
-    local = registry.resolve_model(str(tiny_dir))
+    local = resolve.resolve_model(str(tiny_dir))
     assert local.path == tiny_dir.resolve() and not local.is_demo and local.source == "local"
 
     # A model some other tool put in the hub cache resolves by repo id without a pull.
-    hub.download_model_files(REPO)
-    cached = registry.resolve_model(REPO)
-    assert cached.path == hub.find_cached_snapshot(REPO, "main")
+    download.download_model_files(REPO)
+    cached = resolve.resolve_model(REPO)
+    assert cached.path == hub_cache.find_cached_snapshot(REPO, "main")
     assert REPO not in [e.name for e in registry.list_models()]  # not registered...
     assert registry.set_default(REPO).is_default  # ...until chosen as the default
-    assert registry.resolve_model(None).path == cached.path
+    assert resolve.resolve_model(None).path == cached.path
     with pytest.raises(MixtralChatError, match="not installed"):
         registry.set_default("mixtral-8x7b")
 
@@ -412,14 +429,14 @@ def test_local_models_are_added_used_and_forgotten_but_never_deleted(env, tiny_d
     added = cli_in_process(capfd, "models", "add", str(tiny_dir), "--name", "my-tiny")
     assert added.returncode == 0 and added.stdout.strip() == f"added my-tiny: {tiny_dir.resolve()}"
     entry = registry.get_model("my-tiny")
-    assert entry.status == registry.LOCAL and entry.path == tiny_dir.resolve()
-    with pytest.raises(registry.RegistryError, match="already registered as 'my-tiny'"):
+    assert entry.status == entries.LOCAL and entry.path == tiny_dir.resolve()
+    with pytest.raises(errors.RegistryError, match="already registered as 'my-tiny'"):
         registry.add_model(str(tiny_dir), name="other")
-    with pytest.raises(registry.RegistryError, match="invalid model name"):
+    with pytest.raises(errors.RegistryError, match="invalid model name"):
         registry.add_model(str(tiny_dir), name="bad/name")
 
     assert registry.set_default("my-tiny").is_default
-    assert registry.resolve_model(None).path == tiny_dir.resolve()
+    assert resolve.resolve_model(None).path == tiny_dir.resolve()
     assert registry.model_info("my-tiny").architecture["experts"] == 4
 
     removed = cli_in_process(capfd, "models", "rm", "my-tiny")
@@ -427,17 +444,17 @@ def test_local_models_are_added_used_and_forgotten_but_never_deleted(env, tiny_d
     assert (tiny_dir / SHARD1).is_file()  # the user's files stay
     assert "my-tiny" not in [e.name for e in registry.list_models()]
 
-    with pytest.raises(registry.RegistryError, match="cannot be removed"):
-        registry.remove_model("demo")
-    with pytest.raises(registry.RegistryError, match="nothing to download"):
-        registry.pull_model("demo")
+    with pytest.raises(errors.RegistryError, match="cannot be removed"):
+        removal.remove_model("demo")
+    with pytest.raises(errors.RegistryError, match="nothing to download"):
+        pull.pull_model("demo")
 
 
 def test_corrupt_registry_file_is_reported_and_left_alone(env, capfd):
-    path = registry.registry_path()
+    path = registry_file.registry_path()
     path.parent.mkdir(parents=True)
     path.write_text("{not json", encoding="utf-8")
-    with pytest.raises(registry.RegistryError, match=r"models\.json is unreadable"):
+    with pytest.raises(errors.RegistryError, match=r"models\.json is unreadable"):
         registry.list_models()
     result = cli_in_process(capfd, "models", "list")
     assert result.returncode == 1 and "models.json is unreadable" in error_line(result)
@@ -459,10 +476,10 @@ def test_a_prequantized_bitsandbytes_repo_is_used_as_it_is(server: HubServer, ti
     files["tokenizer.model"] = (tiny_dir / "tokenizer.model").read_bytes()
     server.add_repo("org/tiny-bnb-4bit", files)
 
-    entry = registry.pull_model("org/tiny-bnb-4bit")
+    entry = pull.pull_model("org/tiny-bnb-4bit")
     assert entry.quantized_path is None and entry.path == entry.original_path
     assert entry.scheme == "nf4 (bitsandbytes)"
-    assert not (registry.models_dir() / "org--tiny-bnb-4bit-int4").exists()
+    assert not (registry_file.models_dir() / "org--tiny-bnb-4bit-int4").exists()
     from mixtral_chat.engine.options import GenerationConfig, LoadOptions
     from mixtral_chat.engine.runtime import Engine
 

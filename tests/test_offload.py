@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from mixtral_chat.engine.errors import MixtralChatError, OutOfMemoryError
-from mixtral_chat.engine.expert_cache import LFUPolicy, LRUPolicy, SlotMap
 from mixtral_chat.engine.offload import ExpertOffloader, RoutingTrace, plan_offload
+from mixtral_chat.engine.offload.slots import LFUPolicy, LRUPolicy, SlotMap
 from mixtral_chat.engine.options import GenerationConfig, LoadOptions
 from mixtral_chat.engine.runtime import Engine
 from mixtral_chat.engine.weights import load_model
+from mixtral_chat.quant.blob import ALIGNMENT, ExpertBlobLayout
 from tests.conftest import run_cli, save_tiny_checkpoint
 
 
@@ -149,6 +150,21 @@ def test_planner_chooses_k_from_a_budget_and_refuses_too_little(eight_expert_dir
         plan_offload(model, 64, budget_bytes=base + per_expert)
     with pytest.raises(MixtralChatError, match="experts per layer must be between 2"):
         plan_offload(model, 64, experts_per_layer=9)
+
+
+def test_an_expert_module_round_trips_through_its_blob(eight_expert_dir: Path) -> None:
+    expert = load_model(eight_expert_dir).layers[0].block_sparse_moe.experts[0]
+    layout = ExpertBlobLayout.of_module(expert)
+    assert [(p.linear, p.name) for p in layout.parts] == [(name, "weight") for name in ("w1", "w2", "w3")]
+    assert all(p.offset % ALIGNMENT == 0 for p in layout.parts)
+    assert layout.linears == {name: tuple(getattr(expert, name).weight.shape) for name in ("w1", "w2", "w3")}
+    blob = layout.pack_module(expert)
+    shell = type(expert)(expert.w1.in_features, expert.w1.out_features).to("meta")
+    layout.bind(shell, blob)  # the shell now computes on views of the blob
+    assert ExpertBlobLayout.viewing(shell, blob) == layout
+    x = torch.randn(3, expert.w1.in_features)
+    with torch.no_grad():
+        assert torch.equal(shell(x), expert(x))
 
 
 def test_routing_trace_records_every_generated_token_and_layer(eight_expert_dir: Path) -> None:

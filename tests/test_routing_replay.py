@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixtral_chat.engine.expert_cache import CacheCounters, LRUPolicy, SlotMap
 from mixtral_chat.engine.offload import ExpertOffloader, RoutingTrace, plan_offload
-from mixtral_chat.engine.routing_replay import (
+from mixtral_chat.engine.offload.replay import install_routing_replay, synthetic_routing_trace
+from mixtral_chat.engine.offload.slots import CacheCounters, LRUPolicy, SlotMap
+from mixtral_chat.engine.offload.trace import (
     RoutingTraceError,
-    install_routing_replay,
+    load_trace,
     read_routing_trace,
-    synthetic_routing_trace,
     write_routing_trace,
 )
 from mixtral_chat.engine.weights import load_model
@@ -176,6 +176,36 @@ def test_trace_that_does_not_fit_the_model_is_a_clear_error(model_dir: Path, tmp
         read_routing_trace(gap)
     with pytest.raises(RoutingTraceError, match="not found"):
         read_routing_trace(tmp_path / "missing.jsonl")
+
+
+def test_the_simulator_and_the_replay_read_traces_alike(tmp_path: Path) -> None:
+    path = write_routing_trace(TRACE, tmp_path / "trace.jsonl")
+    assert path.read_text().splitlines()[0] == json.dumps(TRACE[0])  # the file format, key order
+    per_layer, per_token = load_trace(path), read_routing_trace(path)
+    assert per_layer == {
+        layer: [token[layer] for token in per_token.experts] for layer in range(per_token.num_layers)
+    }
+    # A malformed line is the same error, with the same words, from both readers.
+    for line in ['{"token_idx": 0, "layer": 0}', '{"token_idx": 0, "layer": 0, "experts": [1, 1]}']:
+        (tmp_path / "bad.jsonl").write_text(line + "\n")
+        messages = set()
+        for read in (load_trace, read_routing_trace):
+            with pytest.raises(RoutingTraceError) as caught:
+                read(tmp_path / "bad.jsonl")
+            messages.add(str(caught.value))
+        assert len(messages) == 1 and messages.pop().startswith(f"{tmp_path / 'bad.jsonl'}:1: ")
+    # The simulator needs no gating probabilities; the replay does, and positive ones.
+    bare = write_routing_trace([{k: r[k] for k in ("token_idx", "layer", "experts")} for r in TRACE], path)
+    assert load_trace(bare) == per_layer
+    with pytest.raises(RoutingTraceError, match=r"jsonl:1: not a routing record \(missing 'gating_probs'\)"):
+        read_routing_trace(bare)
+    zero = write_routing_trace([{**TRACE[0], "gating_probs": [0.5, 0.0]}], path)
+    assert load_trace(zero) == {0: [TRACE[0]["experts"]]}
+    with pytest.raises(RoutingTraceError, match="non-positive probabilities"):
+        read_routing_trace(zero)
+    for read in (load_trace, read_routing_trace):
+        with pytest.raises(RoutingTraceError, match="no such routing trace"):
+            read(tmp_path / "missing.jsonl")
 
 
 def test_synthetic_trace_has_mixtral_like_cache_behaviour(tmp_path: Path) -> None:

@@ -558,7 +558,7 @@ def test_settings_add_download_cancel_resume_use_and_delete(local_hub, chat_mode
             assert status("org/tiny").startswith("partial")
             local_hub.faults.stall_after.clear()
 
-            # Download again: it finishes (resuming is engine/hub.py's, tested in test_hub.py).
+            # Download again: it finishes (resuming is engine/models/'s, tested in test_hub.py).
             await pilot.click("#download-model")
             await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the download confirmation")
             await pilot.press("y")

@@ -22,7 +22,7 @@ from mixtral_chat.engine.options import (
 )
 
 if TYPE_CHECKING:
-    from mixtral_chat.engine.registry import ResolvedModel
+    from mixtral_chat.engine.models.resolve import ResolvedModel
     from mixtral_chat.engine.runtime import ChatStream, Engine, GenerationStats
 
 # `ask` answers greedily unless told otherwise: the engine's defaults.
@@ -147,7 +147,7 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
 
 
 def resolve_the_model(args: argparse.Namespace) -> ResolvedModel:
-    from mixtral_chat.engine.registry import resolve_model
+    from mixtral_chat.engine.models.resolve import resolve_model
 
     if args.model is not None and Path(args.model).expanduser().is_dir():
         # A damaged index, said as such (the registry would only find "no safetensors weights").

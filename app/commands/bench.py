@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from mixtral_chat.app.errors import UsageError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -38,15 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_missing(args: argparse.Namespace) -> int:
-    from mixtral_chat.app.errors import UsageError
-
     raise UsageError("choose a benchmark: mixtral-chat bench cache --trace FILE")
 
 
 def parse_k_values(text: str) -> list[int]:
     """'3' -> [3]; '2..7' -> [2, 3, 4, 5, 6, 7]; '2,4,6' -> [2, 4, 6]; parts combine: '2..4,6'."""
-    from mixtral_chat.app.errors import UsageError
-
     values: set[int] = set()
     for part in text.split(","):
         part = part.strip()
@@ -69,8 +67,7 @@ def parse_k_values(text: str) -> list[int]:
 
 
 def parse_policies(text: str) -> list[str]:
-    from mixtral_chat.app.errors import UsageError
-    from mixtral_chat.engine.expert_cache import POLICIES
+    from mixtral_chat.engine.offload.slots import POLICIES
 
     names = [name.strip() for name in text.split(",") if name.strip()]
     if names == ["all"]:
@@ -82,13 +79,13 @@ def parse_policies(text: str) -> list[str]:
 
 
 def run_cache(args: argparse.Namespace) -> int:
-    from mixtral_chat.app.errors import UsageError
-    from mixtral_chat.engine import cache_sim
+    from mixtral_chat.engine.offload import simulate
+    from mixtral_chat.engine.offload.trace import load_trace
 
     policies = parse_policies(args.policy)
     k_values = parse_k_values(args.experts_per_layer) if args.experts_per_layer is not None else None
-    trace = cache_sim.load_trace(args.trace)
-    summary = cache_sim.summarize(trace)
+    trace = load_trace(args.trace)
+    summary = simulate.summarize(trace)
     if k_values is None:
         k_values = list(range(summary.experts_per_token, summary.num_experts + 1))
     if k_values[0] < summary.experts_per_token:
@@ -104,8 +101,8 @@ def run_cache(args: argparse.Namespace) -> int:
 
     rows = []
     for k in k_values:
-        results = {name: cache_sim.replay_layers(trace, k, name) for name in policies}
-        results["belady"] = cache_sim.belady_counters(trace, k)
+        results = {name: simulate.replay_layers(trace, k, name) for name in policies}
+        results["belady"] = simulate.belady_counters(trace, k)
         rows.append({"k": k, **{name: _result(per_layer, summary) for name, per_layer in results.items()}})
 
     if args.json:
@@ -146,7 +143,7 @@ def run_cache(args: argparse.Namespace) -> int:
 
 
 def _result(per_layer: dict, summary) -> dict:
-    from mixtral_chat.engine.expert_cache import CacheCounters
+    from mixtral_chat.engine.offload.slots import CacheCounters
 
     total = CacheCounters()
     for counters in per_layer.values():

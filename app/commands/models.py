@@ -6,16 +6,18 @@ Registering is cheap (argparse only); the registry and huggingface_hub load when
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
-import time
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
 
+from mixtral_chat.app.progress import ProgressLine
 from mixtral_chat.app.terminal import ask_yes_no
 from mixtral_chat.engine.units import format_bytes, format_duration, format_size
 
 if TYPE_CHECKING:
-    from mixtral_chat.engine.registry import ModelEntry, PullProgress
+    from mixtral_chat.engine.models.entries import ModelEntry
+    from mixtral_chat.engine.models.progress import PullProgress
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -103,16 +105,17 @@ def _freed(n: int) -> str:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from mixtral_chat.engine import registry
+    from mixtral_chat.engine.models.entries import PARTIAL
+    from mixtral_chat.engine.models.registry import list_models
 
-    entries = registry.list_models()
+    entries = list_models()
     if getattr(args, "json", False):
         print(json.dumps([_entry_json(e) for e in entries], indent=2))
         return 0
     rows = [("", "NAME", "STATUS", "SIZE", "SCHEME", "PATH")]
     for entry in entries:
         status = entry.status
-        if entry.status == registry.PARTIAL and entry.partial_bytes:
+        if entry.status == PARTIAL and entry.partial_bytes:
             status = f"partial ({format_size(entry.partial_bytes)})"
         size = format_size(entry.size_on_disk)
         if not entry.installed and entry.catalog is not None and entry.catalog.download_bytes:
@@ -141,9 +144,9 @@ def _entry_json(entry: ModelEntry) -> dict[str, Any]:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from mixtral_chat.engine import registry
+    from mixtral_chat.engine.models.registry import model_info
 
-    details = registry.model_info(args.name)
+    details = model_info(args.name)
     entry = details.entry
     if args.json:
         data = _entry_json(entry)
@@ -199,17 +202,17 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _use(args: argparse.Namespace) -> int:
-    from mixtral_chat.engine import registry
+    from mixtral_chat.engine.models.registry import set_default
 
-    entry = registry.set_default(args.name)
+    entry = set_default(args.name)
     print(f"default model: {entry.name} ({entry.path})")
     return 0
 
 
 def _add(args: argparse.Namespace) -> int:
-    from mixtral_chat.engine import registry
+    from mixtral_chat.engine.models.registry import add_model
 
-    entry = registry.add_model(args.source, name=args.name)
+    entry = add_model(args.source, name=args.name)
     if entry.source == "local":
         print(f"added {entry.name}: {entry.path}")
     else:
@@ -220,16 +223,16 @@ def _add(args: argparse.Namespace) -> int:
 
 
 def _rm(args: argparse.Namespace) -> int:
-    from mixtral_chat.engine import registry
+    from mixtral_chat.engine.models.removal import hf_cache_copy, remove_model
 
     delete_hf = bool(args.hf_cache)
-    copy = registry.hf_cache_copy(args.name)
+    copy = hf_cache_copy(args.name)
     if copy is not None and not delete_hf and not args.keep_hf_cache:
         delete_hf = ask_yes_no(
             f"Also delete the Hugging Face cache copy ({format_size(copy.size)}, shared with other tools) "
             f"at {copy.path}? [y/N] "
         )
-    removal = registry.remove_model(args.name, delete_hf_cache=delete_hf)
+    removal = remove_model(args.name, delete_hf_cache=delete_hf)
     if removal.source == "local":
         print(
             f"removed {removal.name} from the list; its files at {removal.forgotten_path} were left in place"
@@ -256,43 +259,9 @@ def _rm(args: argparse.Namespace) -> int:
 # pull
 
 
-class _ProgressLine:
-    """One progress line on stderr: redrawn in place on a terminal, a line every few seconds otherwise."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
-        self.interval = 0.2 if self.tty else 5.0
-        self.last = 0.0
-        self.phase: str | None = None
-        self.finished = False
-        self.width = 0
-
-    def __call__(self, progress: PullProgress) -> None:
-        now = time.monotonic()
-        finished = progress.bytes_total > 0 and progress.bytes_done >= progress.bytes_total
-        if progress.phase != self.phase:
-            self.end()
-            self.phase = progress.phase
-            self.finished = False
-        elif self.finished or (now - self.last < self.interval and not finished):
-            return  # throttled, or the phase's 100% line is already out
-        self.finished = finished
-        self.last = now
-        text = _progress_text(progress)
-        if self.tty:
-            pad = max(self.width - len(text), 0)
-            self.stream.write("\r" + text + " " * pad)
-            self.width = len(text)
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def end(self) -> None:
-        if self.tty and self.width:
-            self.stream.write("\n")
-            self.stream.flush()
-        self.width = 0
+def _show_pull_progress(line: ProgressLine, progress: PullProgress) -> None:
+    finished = progress.bytes_total > 0 and progress.bytes_done >= progress.bytes_total
+    line.show(_progress_text(progress), phase=progress.phase, final=finished)
 
 
 def _progress_text(progress: PullProgress) -> str:
@@ -306,18 +275,19 @@ def _progress_text(progress: PullProgress) -> str:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from mixtral_chat.engine import registry
+    from mixtral_chat.engine.models.pull import pull_model
+    from mixtral_chat.engine.models.removal import delete_original
 
-    line = _ProgressLine(sys.stderr)
+    line = ProgressLine(sys.stderr, log_interval_s=5.0)
     try:
-        entry = registry.pull_model(
+        entry = pull_model(
             args.name,
             quantize=not args.no_quantize,
             scheme=args.scheme,
             group_size=args.group_size,
             keep_original=True,  # asked below, after quantizing, when there is someone to ask
             revision=args.revision,
-            progress=line,
+            progress=functools.partial(_show_pull_progress, line),
         )
     except KeyboardInterrupt:
         line.end()
@@ -339,7 +309,7 @@ def _pull(args: argparse.Namespace) -> int:
                 "The 4-bit model does not need them. [y/N] "
             )
             if answer.strip().lower() in ("y", "yes"):
-                freed = registry.delete_original(entry.name)
+                freed = delete_original(entry.name)
                 print(f"deleted the originals: {format_size(freed)} freed")
     if entry.is_default:
         print(f"{entry.name} is the default model (change it with `mixtral-chat models use NAME`)")
@@ -347,6 +317,6 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def _original_size(entry: ModelEntry) -> int:
-    from mixtral_chat.engine.hub import directory_size
+    from mixtral_chat.engine.models.hub_cache import directory_size
 
     return directory_size(entry.original_path) if entry.original_path is not None else 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mixtral_chat.engine import paths
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("paths", help="print where conversations, config and logs are kept")
@@ -11,8 +13,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mixtral_chat.engine import paths
-
     print(f"data:   {paths.data_dir()}")
     print(f"config: {paths.config_dir()}")
     print(f"logs:   {paths.log_dir()}")

@@ -5,12 +5,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from mixtral_chat.app.argtypes import int_range, one_of
+from mixtral_chat.app.errors import UsageError
+from mixtral_chat.app.progress import ProgressLine
+from mixtral_chat.engine.checkpoint import TOKENIZER_FILE, read_weight_map
+from mixtral_chat.engine.config import ModelArgs
+from mixtral_chat.engine.errors import QuantizationError, TokenizerError
+from mixtral_chat.engine.tokenizer import Tokenizer
 from mixtral_chat.engine.units import format_duration
+from mixtral_chat.quant.workdir import partial_dir
 
 if TYPE_CHECKING:
     from mixtral_chat.quant.convert import QuantProgress
@@ -62,13 +68,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mixtral_chat.app.errors import UsageError
-
     if args.double_quant and args.scheme != "nf4":
         raise UsageError("--double-quant applies to --scheme nf4 only")
     src, dst = Path(args.src), Path(args.dst)
     check_runnable_source(src)  # before torch, and before anything is written
-    line = _ProgressLine(sys.stderr)
+    line = _QuantizeProgress(sys.stderr)
     try:
         import torch
 
@@ -92,15 +96,10 @@ def run(args: argparse.Namespace) -> int:
 def check_runnable_source(src: Path) -> None:
     """What `ask` needs of a model directory, checked on the source: a quantized copy of a model
     that cannot run would only fail later, after the whole conversion. Reads no weights."""
-    from mixtral_chat.engine.checkpoint import read_weight_map
-    from mixtral_chat.engine.config import ModelArgs
-    from mixtral_chat.engine.errors import QuantizationError, TokenizerError
-    from mixtral_chat.engine.tokenizer import Tokenizer
-
     if not src.is_dir():
         raise QuantizationError(f"{src}: source model directory not found")
     args = ModelArgs.from_hf_config(src)  # valid JSON, a Mixtral, top-k <= experts, ...
-    tokenizer_file = src / "tokenizer.model"
+    tokenizer_file = src / TOKENIZER_FILE
     if not tokenizer_file.is_file():
         raise TokenizerError(
             f"{src}: no tokenizer.model (mixtral-chat needs the sentencepiece file to run the model)"
@@ -115,8 +114,6 @@ def check_runnable_source(src: Path) -> None:
 
 def interrupted_message(dst: Path, progress: QuantProgress | None) -> str:
     """Ctrl+C: what was kept and how to go on (finished shards stay in the partial directory)."""
-    from mixtral_chat.quant.workdir import partial_dir
-
     partial = partial_dir(dst)
     if progress is not None and progress.phase == "done":
         return f"interrupted after the last step: {dst} is complete"
@@ -131,25 +128,19 @@ def interrupted_message(dst: Path, progress: QuantProgress | None) -> str:
     return f"interrupted with {done}, kept in {partial}: run the same command to resume"
 
 
-class _ProgressLine:
-    """One progress line on stderr: redrawn in place on a terminal, else a line every 10 s."""
+class _QuantizeProgress:
+    """`quantize_model_dir`'s progress callback: the progress line, plus the latest progress for
+    the Ctrl+C message and a note when an earlier run is resumed."""
 
-    def __init__(self, stream) -> None:
+    def __init__(self, stream: TextIO) -> None:
         self.stream = stream
-        self.tty = stream.isatty()
-        self.last = 0.0
-        self.width = 0
-        self.last_progress = None  # the latest QuantProgress, for the Ctrl+C message
+        self.line = ProgressLine(stream, log_interval_s=10.0)
+        self.last_progress: QuantProgress | None = None
 
-    def __call__(self, p) -> None:
+    def __call__(self, p: QuantProgress) -> None:
         if self.last_progress is None and p.shards_done:
             self.stream.write(f"mixtral-chat: resuming: {p.shards_done} of {p.shards_total} shards done\n")
         self.last_progress = p
-        now = time.monotonic()
-        final = p.phase in ("finishing", "done")
-        if not final and now - self.last < (0.2 if self.tty else 10.0):
-            return
-        self.last = now
         bar_len = 24
         filled = int(bar_len * p.fraction)
         text = (
@@ -159,16 +150,7 @@ class _ProgressLine:
         )
         if p.phase == "finishing":
             text += " writing index and config"
-        if self.tty:
-            pad = max(0, self.width - len(text))
-            self.stream.write("\r" + text + " " * pad)
-            self.width = len(text)
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
+        self.line.show(text, phase=p.phase, final=p.phase in ("finishing", "done"))
 
     def close(self) -> None:
-        if self.tty and self.width:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.width = 0
+        self.line.end()

@@ -26,6 +26,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Label, OptionList
 
+from mixtral_chat.app.errors import error_line
 from mixtral_chat.app.screens.lifecycle import DatabaseChanged, Generation
 from mixtral_chat.app.storage import (
     DEFAULT_TITLE,
@@ -500,8 +501,6 @@ class ChatScreen(Screen[None]):
         stop_event: threading.Event,
     ) -> None:
         """The engine loop, off the UI thread. Stops within one token of `stop_event`."""
-        from mixtral_chat.app.tui import error_line
-
         self.post_message(Generation.Started(message_id))
         batch: list[str] = []
         last_post = time.monotonic()
@@ -636,9 +635,8 @@ class ChatScreen(Screen[None]):
                 device=f"{info.device} {info.dtype}",
                 context_total=info.context_length,
             )
-            args = getattr(getattr(engine, "model", None), "args", None)
-            if args is not None:
-                self.cache_panel.set_model_shape(args.num_hidden_layers, args.num_local_experts)
+            args = engine.model.args
+            self.cache_panel.set_model_shape(args.num_hidden_layers, args.num_local_experts)
             self._show_cache_stats(engine.cache_stats())
             pending, self.pending_conversation_id = self.pending_conversation_id, None
             if pending is not None and pending == self.conversation_id and not self.is_generating:

@@ -1,6 +1,6 @@
 """The settings screen: models (download, quantize, delete, use) and engine options.
 
-The download and quantize backends are `engine.registry` (resumable, verified pulls into the
+The download and quantize backends are `engine.models` (resumable, verified pulls into the
 Hugging Face cache; quantization into the data folder); this screen runs them in a thread worker
 and shows their progress. The screen is installed once, so a download keeps running (and its
 progress keeps counting) while the user is back in the chat.
@@ -35,13 +35,15 @@ from textual.widgets import (
 )
 from textual.widgets.data_table import CellDoesNotExist
 
+from mixtral_chat.app.errors import error_line
 from mixtral_chat.app.screens.dialogs import ConfirmScreen, DeleteModelScreen
 from mixtral_chat.engine.fileio import free_disk_bytes
 from mixtral_chat.engine.units import format_duration, format_size
 
 if TYPE_CHECKING:
     from mixtral_chat.app.chat_app import ChatApp, ModelStatus
-    from mixtral_chat.engine.registry import ModelEntry, PullProgress
+    from mixtral_chat.engine.models.entries import ModelEntry
+    from mixtral_chat.engine.models.progress import PullProgress
 
 PROGRESS_INTERVAL_S = 0.2  # progress messages per second from a pull: at most 5
 
@@ -194,8 +196,8 @@ class SettingsScreen(Screen[None]):
     def refresh_models(self) -> None:
         from mixtral_chat.engine import paths
         from mixtral_chat.engine.errors import MixtralChatError
-        from mixtral_chat.engine.hub import hub_cache_dir
-        from mixtral_chat.engine.registry import list_models
+        from mixtral_chat.engine.models.hub_cache import hub_cache_dir
+        from mixtral_chat.engine.models.registry import list_models
 
         try:
             entries = list_models()
@@ -288,7 +290,7 @@ class SettingsScreen(Screen[None]):
             label.update("")
             return
         lines = []
-        if entry.catalog is not None and getattr(entry.catalog, "description", None):
+        if entry.catalog is not None and entry.catalog.description:
             lines.append(str(entry.catalog.description))
         if entry.path is not None:
             lines.append(f"loads from {entry.path}")
@@ -310,7 +312,7 @@ class SettingsScreen(Screen[None]):
     @on(Button.Pressed, "#use-model")
     def _use(self) -> None:
         from mixtral_chat.engine.errors import MixtralChatError
-        from mixtral_chat.engine.registry import set_default
+        from mixtral_chat.engine.models.registry import set_default
 
         entry = self.selected_entry()
         if entry is None:
@@ -329,7 +331,7 @@ class SettingsScreen(Screen[None]):
         entry = self.selected_entry()
         if entry is None:
             return
-        from mixtral_chat.engine.hub import hub_cache_dir
+        from mixtral_chat.engine.models.hub_cache import hub_cache_dir
 
         free = free_disk_bytes(_existing(hub_cache_dir()))
         needed = (entry.download_bytes or 0) - entry.partial_bytes
@@ -367,9 +369,8 @@ class SettingsScreen(Screen[None]):
 
     @work(thread=True, exclusive=True, group="pull", exit_on_error=False)
     def _pull_worker(self, name: str, action: str, cancel: threading.Event, scheme: str | None) -> None:
-        from mixtral_chat.app.tui import error_line
-        from mixtral_chat.engine.hub import DownloadCancelled
-        from mixtral_chat.engine.registry import pull_model
+        from mixtral_chat.engine.models.errors import DownloadCancelled
+        from mixtral_chat.engine.models.pull import pull_model
 
         def progress(update: PullProgress) -> None:
             now = time.monotonic()
@@ -449,7 +450,7 @@ class SettingsScreen(Screen[None]):
             self.notify("This model is loaded: use another one before deleting it.", severity="warning")
             return
         from mixtral_chat.engine.errors import MixtralChatError
-        from mixtral_chat.engine.registry import hf_cache_copy
+        from mixtral_chat.engine.models.removal import hf_cache_copy
 
         if entry.source == "local":
             question = f"Forget {entry.name}? Its directory {entry.path} is not deleted."
@@ -485,7 +486,7 @@ class SettingsScreen(Screen[None]):
         def answered(confirmed: bool | None) -> None:
             if not confirmed:
                 return
-            from mixtral_chat.engine.registry import remove_model
+            from mixtral_chat.engine.models.removal import remove_model
 
             delete_hf = isinstance(dialog, DeleteModelScreen) and dialog.delete_hf_cache
             try:
@@ -514,8 +515,7 @@ class SettingsScreen(Screen[None]):
 
     @work(thread=True, exclusive=True, group="add-model", exit_on_error=False)
     def _add_worker(self, source: str) -> None:
-        from mixtral_chat.app.tui import error_line
-        from mixtral_chat.engine.registry import add_model
+        from mixtral_chat.engine.models.registry import add_model
 
         try:
             entry = add_model(source)
@@ -531,7 +531,7 @@ class SettingsScreen(Screen[None]):
 
     def _model_status_changed(self, status: ModelStatus) -> None:
         engine = self.chat_app.engine
-        plan = getattr(engine.info, "offload_plan", None) if engine is not None else None
+        plan = engine.info.offload_plan if engine is not None else None
         note = f"Loaded: {engine.info.name} on {engine.info.device} ({engine.info.scheme})" if engine else ""
         if plan:
             note += f"\nOffload plan: {plan}"
@@ -590,7 +590,7 @@ class SettingsScreen(Screen[None]):
 
 
 def _quantized_size(entry: ModelEntry) -> int:
-    from mixtral_chat.engine.hub import directory_size
+    from mixtral_chat.engine.models.hub_cache import directory_size
 
     return directory_size(entry.quantized_path) if entry.quantized_path is not None else 0
 

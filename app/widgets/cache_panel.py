@@ -5,7 +5,7 @@ Fed by `engine.cache_stats()`. The per-layer form it draws (offloading provides 
     {"hit_rate": 0.62, "hits": 1234, "misses": 756, "plan": "...",
      "layers": [{"resident": [0, 3, 5], "hits": [3], "misses": [1], "prefetched": [5]}, ...]}
 
-(engine/offload.py's `ExpertOffloader.stats()`). `hits` / `misses` are the experts the last step
+(engine/offload/offloader.py's `ExpertOffloader.stats()`). `hits` / `misses` are the experts the last step
 used that were / were not resident; `prefetched` were loaded ahead of use. Without per-layer data
 (no offloading) every expert is resident.
 """

@@ -1,4 +1,4 @@
-"""Fault rows for `mixtral-chat models` and the model registry (engine/registry.py, engine/hub.py).
+"""Fault rows for `mixtral-chat models` and the model registry (engine/models/).
 
 - `models rm` deletes only what mixtral-chat made (registry entry, quantized copy); the Hugging Face
   cache copy, which transformers and other hub clients share, goes only with `--hf-cache` or a
@@ -27,7 +27,7 @@ import test_models
 from hub_server import HubServer
 from test_models import cli_in_process, run_cli
 
-from mixtral_chat.engine import hub, registry
+from mixtral_chat.engine.models import hub_cache, pull, registry, registry_file, resolve
 from mixtral_chat.engine.units import format_bytes
 
 REPO = "org/tiny"
@@ -61,7 +61,7 @@ def hf_fetch(repo_id: str, endpoint: str) -> Path:
     """What transformers does: huggingface_hub's own snapshot_download into the standard cache."""
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(repo_id, endpoint=endpoint, cache_dir=hub.hub_cache_dir()))
+    return Path(snapshot_download(repo_id, endpoint=endpoint, cache_dir=hub_cache.hub_cache_dir()))
 
 
 def snapshot_bytes(snapshot: Path) -> dict[str, bytes]:
@@ -76,7 +76,7 @@ def assert_intact(snapshot: Path, expected: dict[str, bytes]) -> None:
     repo_id = snapshot.parent.parent.name.removeprefix("models--").replace("--", "/")
     for name, data in expected.items():
         path = hf_hub_download(
-            repo_id, name, revision=snapshot.name, cache_dir=hub.hub_cache_dir(), local_files_only=True
+            repo_id, name, revision=snapshot.name, cache_dir=hub_cache.hub_cache_dir(), local_files_only=True
         )
         assert Path(path).read_bytes() == data
 
@@ -84,7 +84,7 @@ def assert_intact(snapshot: Path, expected: dict[str, bytes]) -> None:
 def cached_repo_ids() -> set[str]:
     from huggingface_hub import scan_cache_dir
 
-    return {repo.repo_id for repo in scan_cache_dir(hub.hub_cache_dir()).repos if repo.revisions}
+    return {repo.repo_id for repo in scan_cache_dir(hub_cache.hub_cache_dir()).repos if repo.revisions}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,8 +97,8 @@ def test_rm_keeps_the_hf_cache_copy_of_a_repo_huggingface_hub_fetched(server: Hu
     assert before == tiny_files
     server.clear_log()
 
-    pull = run_cli("models", "pull", REPO, "--no-quantize", env=env)
-    assert pull.returncode == 0, pull.stderr
+    pull_run = run_cli("models", "pull", REPO, "--no-quantize", env=env)
+    assert pull_run.returncode == 0, pull_run.stderr
     assert server.gets() == []  # reused, not downloaded again
 
     removed = run_cli("models", "rm", REPO, env=env)
@@ -126,7 +126,7 @@ def test_rm_keeps_the_hf_cache_copy_of_a_repo_huggingface_hub_fetched(server: Hu
         f"removed {REPO}: {size} freed",
         f"  Hugging Face cache copy: {size}",
     ]
-    assert REPO not in cached_repo_ids() and not hub.repo_storage_dir(REPO).exists()
+    assert REPO not in cached_repo_ids() and not hub_cache.repo_storage_dir(REPO).exists()
     again = run_cli("models", "rm", REPO, env=env)
     assert again.returncode == 1 and f"unknown model '{REPO}'" in error_line(again)
 
@@ -134,10 +134,10 @@ def test_rm_keeps_the_hf_cache_copy_of_a_repo_huggingface_hub_fetched(server: Hu
 def test_rm_deletes_only_the_quantized_copy_mixtral_chat_made(server: HubServer, env, tiny_files):
     snapshot = hf_fetch(REPO, server.endpoint)
     before = snapshot_bytes(snapshot)
-    entry = registry.pull_model(REPO, scheme="int4")
+    entry = pull.pull_model(REPO, scheme="int4")
     quantized = entry.quantized_path
     assert quantized is not None and (quantized / "quant_config.json").is_file()
-    quantized_size = hub.directory_size(quantized)
+    quantized_size = hub_cache.directory_size(quantized)
 
     removed = run_cli("models", "rm", REPO, "--keep-hf-cache", env=env)
     assert removed.returncode == 0, removed.stderr
@@ -161,7 +161,7 @@ def test_rm_asks_on_a_terminal_and_the_default_is_keep(
 ):
     snapshot = hf_fetch(REPO, server.endpoint)
     before = snapshot_bytes(snapshot)
-    registry.pull_model(REPO, quantize=False)
+    pull.pull_model(REPO, quantize=False)
     controller, terminal = os.openpty()
     with os.fdopen(terminal, "r", encoding="utf-8") as tty_stdin:
         os.write(controller, typed)  # the user's answer, typed ahead (Ctrl+D: end of input)
@@ -176,7 +176,7 @@ def test_rm_asks_on_a_terminal_and_the_default_is_keep(
     assert REPO not in [e.name for e in registry.list_models()]
     if deleted:
         assert f"removed {REPO}: {size} freed" in removed.stdout
-        assert not hub.repo_storage_dir(REPO).exists()
+        assert not hub_cache.repo_storage_dir(REPO).exists()
     else:
         assert (
             f"removed {REPO}: 0 B freed" in removed.stdout and "kept the Hugging Face cache" in removed.stdout
@@ -195,7 +195,7 @@ def _share_blobs(cache: Path, *repo_ids: str) -> None:
     from huggingface_hub.utils._shared_blobs import publish_blob_to_shared_store
 
     for repo_id in repo_ids:
-        for blob in sorted((hub.repo_storage_dir(repo_id, cache) / "blobs").iterdir()):
+        for blob in sorted((hub_cache.repo_storage_dir(repo_id, cache) / "blobs").iterdir()):
             content = blob.read_bytes()
             assert publish_blob_to_shared_store(
                 blob_path=str(blob),
@@ -210,7 +210,7 @@ def _unlisted_store_link(cache: Path, repo_id: str) -> None:
     another client may leave them): huggingface_hub's sweep would take the payload."""
     from huggingface_hub.utils._shared_blobs import shared_blob_path
 
-    for blob in sorted((hub.repo_storage_dir(repo_id, cache) / "blobs").iterdir()):
+    for blob in sorted((hub_cache.repo_storage_dir(repo_id, cache) / "blobs").iterdir()):
         store = shared_blob_path(cache, hashlib.sha256(blob.read_bytes()).hexdigest())
         assert store.is_file()
         blob.unlink()
@@ -219,21 +219,21 @@ def _unlisted_store_link(cache: Path, repo_id: str) -> None:
 
 def _cross_repo_links(cache: Path, repo_id: str, into: str) -> None:
     """Make `repo_id`'s snapshot files symlinks to `into`'s blobs (a deduplicated cache)."""
-    snapshot = hub.find_cached_snapshot(repo_id, "main", cache)
+    snapshot = hub_cache.find_cached_snapshot(repo_id, "main", cache)
     assert snapshot is not None
     for file in sorted(snapshot.iterdir()):
         target = Path(os.path.realpath(file))
-        shared = hub.repo_storage_dir(into, cache) / "blobs" / target.name
+        shared = hub_cache.repo_storage_dir(into, cache) / "blobs" / target.name
         assert shared.is_file()
         file.unlink()
         os.symlink(os.path.relpath(shared, file.parent), file)
-    shutil.rmtree(hub.repo_storage_dir(repo_id, cache) / "blobs")
+    shutil.rmtree(hub_cache.repo_storage_dir(repo_id, cache) / "blobs")
 
 
 @pytest.mark.parametrize("layout", ["shared store", "shared store, unlisted reference", "cross-repo links"])
 def test_rm_hf_cache_never_deletes_a_blob_another_repo_reads(server: HubServer, env, layout: str):
-    cache = hub.hub_cache_dir()
-    pulled = registry.pull_model(REPO, quantize=False)  # ours
+    cache = hub_cache.hub_cache_dir()
+    pulled = pull.pull_model(REPO, quantize=False)  # ours
     twin = hf_fetch(TWIN, server.endpoint)  # another tool's, same contents
     ours = pulled.original_path
     assert ours is not None
@@ -269,7 +269,7 @@ def test_rm_hf_cache_never_deletes_a_blob_another_repo_reads(server: HubServer, 
     kept_lines = [line for line in removed.stdout.splitlines() if "another cached repo links to it" in line]
     if layout == "shared store":
         assert kept_lines == []
-        assert not hub.repo_storage_dir(REPO).exists()
+        assert not hub_cache.repo_storage_dir(REPO).exists()
     else:
         assert len(kept_lines) == len(twin_files)
         assert all(Path(line.split()[1].rstrip(":")).is_file() for line in kept_lines)
@@ -298,7 +298,7 @@ REGISTRY_FAULTS = [
 
 
 def write_registry(text: str) -> Path:
-    path = registry.registry_path()
+    path = registry_file.registry_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return path
@@ -349,7 +349,7 @@ def test_a_damaged_registry_does_not_block_ask_with_a_model_directory(
 
 
 def test_a_missing_quantized_copy_of_the_default_model_is_reported_not_replaced(server: HubServer, env):
-    entry = registry.pull_model(REPO, scheme="int4")
+    entry = pull.pull_model(REPO, scheme="int4")
     assert entry.is_default and entry.quantized_path is not None and entry.original_path is not None
     original = snapshot_bytes(entry.original_path)
     shutil.rmtree(entry.quantized_path)  # e.g. the user cleaned the data folder
@@ -371,7 +371,7 @@ def test_a_missing_quantized_copy_of_the_default_model_is_reported_not_replaced(
     redo = run_cli("models", "pull", REPO, "--scheme", "int4", env=env)
     assert redo.returncode == 0, redo.stderr
     assert server.gets() == []  # quantized again from the cached original
-    assert registry.resolve_model(None).path == entry.quantized_path
+    assert resolve.resolve_model(None).path == entry.quantized_path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,7 +395,7 @@ def test_settings_delete_keeps_the_hf_cache_copy_unless_the_box_is_ticked(
 
     snapshot = hf_fetch(REPO, server.endpoint)
     before = snapshot_bytes(snapshot)
-    registry.pull_model(REPO, quantize=False)
+    pull.pull_model(REPO, quantize=False)
     settings = Settings()
     settings.engine.device = "cpu"
     app = ChatApp(Storage(), settings, model=str(tiny_model_dir))
@@ -441,12 +441,12 @@ def test_settings_delete_keeps_the_hf_cache_copy_unless_the_box_is_ticked(
             assert_intact(snapshot, before)
 
             # Ticked: huggingface_hub's deletion removes the cache copy too.
-            registry.pull_model(REPO, quantize=False)
+            pull.pull_model(REPO, quantize=False)
             await open_delete()
             await pilot.click("#delete-hf-cache")
             await wait_for(lambda: app.screen.delete_hf_cache, "the box to be ticked")
             await pilot.press("y")
-            await wait_for(lambda: not hub.repo_storage_dir(REPO).exists(), "the cache copy to go")
+            await wait_for(lambda: not hub_cache.repo_storage_dir(REPO).exists(), "the cache copy to go")
             assert REPO not in cached_repo_ids() and REPO not in screen.entries
 
     asyncio.run(scenario())

@@ -1,7 +1,8 @@
 """Which experts sit in which cache slots: the bookkeeping of the expert cache, without data.
 
-The engine's offloading (engine/offload.py) and the cache simulator (`mixtral-chat bench cache`)
-share these classes, so a replayed trace measures exactly the policy the engine runs.
+The engine's expert caches (offload/cache.py) and the cache simulator (offload/simulate.py,
+`mixtral-chat bench cache`) share these classes, so a replayed trace measures exactly the policy
+the engine runs.
 Pure Python: no torch.
 """
 

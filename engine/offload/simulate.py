@@ -1,11 +1,10 @@
 """The expert-cache simulator: replay a recorded routing trace through the engine's cache classes.
 
-A trace (written by `mixtral-chat ask --trace-routing FILE`) holds one JSON line per generated
-token and layer: `{"token_idx": int, "layer": int, "experts": [ids in gate order],
-"gating_probs": [...]}`. Replaying it drives the same `SlotMap` and eviction policies the engine
-runs (engine/expert_cache.py), one `access(needed)` per token per layer, so the simulated hit
-rate is the engine's own policy on that routing. Belady's offline optimum (evict the resident
-expert whose next use is farthest away) is the ceiling no online policy can pass.
+A trace (read by `trace.load_trace`: per layer, the expert set of each generated token) replayed
+here drives the same `SlotMap` and eviction policies the engine runs (offload/slots.py), one
+`access(needed)` per token per layer, so the simulated hit rate is the engine's own policy on
+that routing. Belady's offline optimum (evict the resident expert whose next use is farthest
+away) is the ceiling no online policy can pass.
 
 The replay starts with empty caches and sees only decode steps (the trace has no prefill), so
 its counters count cold misses; the engine's own counters also include prefill and a warm start.
@@ -14,21 +13,12 @@ Pure Python: no torch.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-from mixtral_chat.engine.errors import MixtralChatError
-from mixtral_chat.engine.expert_cache import CacheCounters, SlotMap, make_policy
-
-# layer -> the expert sets its decode steps needed, in token order
-Trace = dict[int, list[list[int]]]
-
-
-class TraceError(MixtralChatError):
-    """A routing trace file is missing, unreadable or malformed."""
+from mixtral_chat.engine.offload.slots import CacheCounters, SlotMap, make_policy
+from mixtral_chat.engine.offload.trace import Trace
 
 
 @dataclass(frozen=True)
@@ -38,73 +28,6 @@ class TraceSummary:
     num_experts: int  # largest expert id + 1: the experts per layer the model has at least
     experts_per_token: int  # the most experts any one step needed
     steps: int  # (token, layer) pairs
-
-
-def _fail(path: Path, line_no: int, what: str) -> TraceError:
-    return TraceError(f"{path}:{line_no}: {what}")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def load_trace(path: str | Path) -> Trace:
-    """Read a routing trace: per layer, the expert sets of its steps ordered by token_idx.
-
-    Traces concatenated from several runs are fine as long as their token_idx values do not
-    collide (offset each run's token_idx past the previous run's).
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TraceError(f"{path}: no such routing trace") from None
-    except IsADirectoryError:
-        raise TraceError(f"{path}: is a directory, not a routing trace") from None
-    except UnicodeDecodeError:
-        raise TraceError(f"{path}: not a routing trace (not UTF-8 text)") from None
-    except OSError as exc:
-        raise TraceError(f"{path}: cannot read routing trace: {exc.strerror}") from None
-
-    steps: dict[int, dict[int, list[int]]] = {}  # layer -> token_idx -> experts
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise _fail(path, line_no, f"not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise _fail(path, line_no, "expected a JSON object with token_idx, layer and experts")
-        for key in ("token_idx", "layer", "experts"):
-            if key not in row:
-                raise _fail(path, line_no, f"missing {key!r}")
-        token_idx, layer, experts = row["token_idx"], row["layer"], row["experts"]
-        if not _is_int(token_idx) or token_idx < 0:
-            raise _fail(path, line_no, f"token_idx must be a non-negative integer, got {token_idx!r}")
-        if not _is_int(layer) or layer < 0:
-            raise _fail(path, line_no, f"layer must be a non-negative integer, got {layer!r}")
-        if not isinstance(experts, list) or not experts:
-            raise _fail(path, line_no, f"experts must be a non-empty list of expert ids, got {experts!r}")
-        if not all(_is_int(e) and e >= 0 for e in experts):
-            raise _fail(path, line_no, f"expert ids must be non-negative integers, got {experts!r}")
-        if len(set(experts)) != len(experts):
-            raise _fail(path, line_no, f"an expert is listed twice in {experts!r}")
-        if "gating_probs" in row:
-            probs = row["gating_probs"]
-            if (
-                not isinstance(probs, list)
-                or len(probs) != len(experts)
-                or not all(isinstance(p, (int, float)) and not isinstance(p, bool) for p in probs)
-            ):
-                raise _fail(path, line_no, "gating_probs must be a list of numbers, one per expert")
-        per_token = steps.setdefault(layer, {})
-        if token_idx in per_token:
-            raise _fail(path, line_no, f"token {token_idx} layer {layer} appears twice")
-        per_token[token_idx] = experts
-    if not steps:
-        raise TraceError(f"{path}: the routing trace is empty")
-    return {layer: [per_token[t] for t in sorted(per_token)] for layer, per_token in sorted(steps.items())}
 
 
 def summarize(trace: Trace) -> TraceSummary:

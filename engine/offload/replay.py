@@ -23,17 +23,18 @@ the compute and the transfers stay the real ones.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
-import tempfile
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mixtral_chat.engine.errors import MixtralChatError
+from mixtral_chat.engine.offload.trace import (
+    RoutingTraceData,
+    RoutingTraceError,
+    read_routing_trace,
+    routing_record,
+)
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -49,98 +50,6 @@ DEFAULT_PREDICTION_RECALL = 0.85
 # replaying it hits as often as on recorded Mixtral-8x7B-Instruct decoding.
 SYNTHETIC_POPULARITY_ALPHA = 8.0
 SYNTHETIC_STICKINESS = 0.16
-
-
-class RoutingTraceError(MixtralChatError):
-    """A routing trace file is missing, malformed, or does not fit the model."""
-
-
-@dataclass(frozen=True)
-class RoutingTraceData:
-    """experts[t][l] (K ids, gate order) and probs[t][l] (their softmax probabilities)."""
-
-    experts: list[list[list[int]]]
-    probs: list[list[list[float]]]
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.experts)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.experts[0])
-
-    @property
-    def top_k(self) -> int:
-        return len(self.experts[0][0])
-
-    @property
-    def max_expert(self) -> int:
-        return max(e for token in self.experts for layer in token for e in layer)
-
-
-def read_routing_trace(path: str | Path) -> RoutingTraceData:
-    """Read a JSON-lines routing trace; every token must have every layer, all with K experts."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise RoutingTraceError(f"{path}: routing trace not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RoutingTraceError(f"{path}: cannot read the routing trace ({exc})") from None
-    records: dict[int, dict[int, tuple[list[int], list[float]]]] = {}
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            raw = json.loads(line)
-            token, layer = int(raw["token_idx"]), int(raw["layer"])
-            experts = [int(e) for e in raw["experts"]]
-            probs = [float(p) for p in raw["gating_probs"]]
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise RoutingTraceError(
-                f"{path}:{number}: not a routing record "
-                f'{{"token_idx", "layer", "experts", "gating_probs"}} ({exc})'
-            ) from None
-        if not experts or len(experts) != len(probs) or len(set(experts)) != len(experts):
-            raise RoutingTraceError(
-                f"{path}:{number}: experts and gating_probs must be non-empty, equally long, "
-                "with distinct experts"
-            )
-        if min(experts) < 0 or token < 0 or layer < 0 or any(not p > 0 for p in probs):
-            raise RoutingTraceError(f"{path}:{number}: negative ids or non-positive probabilities")
-        records.setdefault(token, {})[layer] = (experts, probs)
-    if not records:
-        raise RoutingTraceError(f"{path}: the routing trace is empty")
-    num_layers = 1 + max(layer for token in records.values() for layer in token)
-    top_k = len(next(iter(next(iter(records.values())).values()))[0])
-    experts_out, probs_out = [], []
-    for token in sorted(records):
-        layers = records[token]
-        if sorted(layers) != list(range(num_layers)):
-            missing = sorted(set(range(num_layers)) - set(layers))
-            raise RoutingTraceError(f"{path}: token {token} lacks layers {missing}")
-        if any(len(layers[layer][0]) != top_k for layer in layers):
-            raise RoutingTraceError(f"{path}: token {token} does not choose {top_k} experts in every layer")
-        experts_out.append([layers[layer][0] for layer in range(num_layers)])
-        probs_out.append([layers[layer][1] for layer in range(num_layers)])
-    return RoutingTraceData(experts_out, probs_out)
-
-
-def write_routing_trace(records: Iterable[dict], path: str | Path) -> Path:
-    """Write routing records as JSON lines, atomically (temporary file + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            for record in records:
-                out.write(json.dumps(record) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def synthetic_routing_trace(
@@ -159,7 +68,7 @@ def synthetic_routing_trace(
     `stickiness` the expert at position i of the previous token is kept (consecutive tokens reuse
     experts), otherwise an expert not yet chosen is drawn by popularity.
 
-    Calibration (8 experts, top-2, LRU via expert_cache.SlotMap, 8 x 3000 tokens): alpha 8 and
+    Calibration (8 experts, top-2, LRU via slots.SlotMap, 8 x 3000 tokens): alpha 8 and
     stickiness 0.16 give LRU hit rates 37.6% / 49.0% / 60.1% / 81.3% at 2 / 3 / 4 / 6 experts
     per layer, against 35-40 / 47-51 / 60-62 / 81% reported for recorded Mixtral-8x7B-Instruct
     decoding, and the first choice repeats for 28% of consecutive tokens (Mixtral paper: 14% at
@@ -192,12 +101,7 @@ def synthetic_routing_trace(
             exps = sorted((math.exp(v - peak) for v in logits), reverse=True)
             total = sum(exps)
             records.append(
-                {
-                    "token_idx": token,
-                    "layer": layer,
-                    "experts": chosen,
-                    "gating_probs": [round(exps[i] / total, 6) for i in range(top_k)],
-                }
+                routing_record(token, layer, chosen, [round(exps[i] / total, 6) for i in range(top_k)])
             )
     return records
 

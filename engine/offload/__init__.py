@@ -1,0 +1,39 @@
+"""Expert offloading: every expert in a host store, k per layer in slots on the compute device.
+
+- `store`: one contiguous blob per expert (`quant.blob.ExpertBlobLayout`) in RAM or on disk.
+- `transfers`: copies off the compute path (a CUDA copy stream, or a thread on CPU).
+- `slots`: which expert sits in which slot, eviction policies, counters (pure Python).
+- `cache`: one layer's k slot buffers on the compute device, fed by the store.
+- `planner`: k per layer from a memory budget; `offloader`: the whole of it on a model.
+- `trace`: the routing-trace format (writer, reader, error); `simulate` replays a trace through
+  the cache classes (`mixtral-chat bench cache`); `replay` forces a model's routing from a trace.
+
+Importing this package is cheap; the names below load their module (and torch) on first use,
+so the simulator and the trace reader stay free of torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ExpertOffloader": "offloader",
+    "move_non_experts": "offloader",
+    "OffloadPlan": "planner",
+    "plan_offload": "planner",
+    "StoredExperts": "store",
+    "RoutingTrace": "trace",
+    "RoutingTraceError": "trace",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,106 @@
+"""One layer's expert cache on the compute device.
+
+k preallocated slot buffers, each with a slot module whose tensors are views into it: loading
+expert e into slot s is one copy, no allocation per token. Which expert sits where is
+`slots.SlotMap`'s business; the copies are `transfers.Transfers`'.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mixtral_chat.engine.offload.slots import CacheCounters, SlotMap, make_policy
+from mixtral_chat.engine.offload.store import ExpertStore
+from mixtral_chat.engine.offload.transfers import Transfer, Transfers
+
+
+@dataclass
+class LayerActivity:
+    """What the last step did in one layer, for the TUI's expert grid."""
+
+    hits: list[int] = field(default_factory=list)
+    misses: list[int] = field(default_factory=list)
+    prefetched: list[int] = field(default_factory=list)
+
+
+class LayerExpertCache:
+    """k slots of one layer on the compute device; the layer's `expert_source`."""
+
+    def __init__(
+        self,
+        layer: int,
+        store: ExpertStore,
+        template: nn.Module,
+        capacity: int,
+        policy: str,
+        device: torch.device,
+        transfers: Transfers,
+    ) -> None:
+        self.layer = layer
+        self.store = store
+        self.transfers = transfers
+        self.slots = SlotMap(capacity, make_policy(policy), CacheCounters(), store.layout.nbytes)
+        self.buffers = [
+            torch.empty(store.layout.nbytes, dtype=torch.uint8, device=device) for _ in range(capacity)
+        ]
+        self.modules: list[nn.Module] = []
+        for buffer in self.buffers:
+            module = copy.deepcopy(template)  # a meta shell: copying it costs nothing
+            store.layout.bind(module, buffer)
+            self.modules.append(module)
+        self.pending: dict[int, Transfer] = {}  # slot -> transfer in flight
+        self.activity = LayerActivity()
+
+    def warm_start(self, expert_ids: Sequence[int]) -> None:
+        self.slots.start_warm(list(expert_ids))
+        for expert, slot in self.slots.slot_of.items():
+            self._load(expert, slot)
+
+    def _load(self, expert: int, slot: int) -> None:
+        self.pending[slot] = self.transfers.submit(self.store, self.layer, expert, self.buffers[slot])
+
+    def experts_for(self, expert_ids: Sequence[int]) -> list[nn.Module]:
+        self._cancel_wrong_prefetches(expert_ids)
+        accesses = self.slots.access(expert_ids)
+        self.activity.hits = [a.expert for a in accesses if a.hit]
+        self.activity.misses = [a.expert for a in accesses if not a.hit]
+        for access in accesses:
+            if access.load:
+                self._load(access.expert, access.slot)
+        started = time.perf_counter()
+        for access in accesses:
+            transfer = self.pending.pop(access.slot, None)
+            if transfer is not None:
+                self.transfers.wait(transfer)
+        self.slots.counters.stall_s += time.perf_counter() - started
+        return [self.modules[a.slot] for a in accesses]
+
+    def _cancel_wrong_prefetches(self, needed: Sequence[int]) -> None:
+        """Drop predicted experts the step does not need if their copy has not started yet.
+
+        Otherwise wrong guesses hold the single copy queue ahead of the misses that the step
+        waits for (measured: prefetch at 85% recall made decode 19-28% slower without this).
+        """
+        for expert in self.slots.prefetched_unused() - set(needed):
+            slot = self.slots.slot_of[expert]
+            transfer = self.pending.get(slot)
+            if transfer is None or transfer.future.done():
+                continue  # already copied: keep it, it may be used later
+            del self.pending[slot]
+            # Not started: never runs. Running: ends at its next chunk. Either way the slot is
+            # free, and a later copy into it queues behind this one.
+            transfer.stop.set()
+            transfer.future.cancel()
+            self.slots.cancel_prefetch(expert)
+
+    def prefetch(self, expert_ids: Sequence[int]) -> None:
+        loads = self.slots.prefetch(expert_ids)
+        self.activity.prefetched = [a.expert for a in loads]
+        for access in loads:
+            self._load(access.expert, access.slot)

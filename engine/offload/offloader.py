@@ -1,0 +1,173 @@
+"""The offloader: a model's experts in a store, served to its layers through per-layer caches.
+
+Speculative prefetch: the hidden state entering layer l's MoE goes through layer l+1's router,
+and the predicted experts start loading while layer l computes.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from mixtral_chat.engine.model import Mixtral, SparseMoE
+from mixtral_chat.engine.offload.cache import LayerExpertCache
+from mixtral_chat.engine.offload.planner import OffloadPlan
+from mixtral_chat.engine.offload.slots import CacheCounters
+from mixtral_chat.engine.offload.store import DiskStore, ExpertStore, RamStore, StoredExperts
+from mixtral_chat.engine.offload.transfers import Transfers
+from mixtral_chat.engine.paths import data_dir
+from mixtral_chat.quant.blob import ExpertBlobLayout
+
+
+class ExpertOffloader:
+    """Puts a model's experts in a store and serves them through per-layer caches."""
+
+    def __init__(
+        self,
+        model: Mixtral,
+        plan: OffloadPlan,
+        *,
+        policy: str = "lru",
+        prefetch: bool = True,
+        store_path: Path | None = None,
+        simulate_link_gbps: float | None = None,
+        stored: StoredExperts | None = None,
+    ) -> None:
+        """`stored`: the experts come from the quantized files (the model holds meta shells of
+        them); otherwise the model's loaded experts are packed into the store."""
+        self.model = model
+        self.plan = plan
+        self.prefetch_enabled = prefetch
+        self.from_files = stored is not None
+        if stored is not None:
+            self.store, template = self._store_from_files(stored), stored.template
+        else:
+            self.store, template = self._store_from_loaded_experts(store_path)
+        self._leave_meta_shells()
+        self.transfers = Transfers(model.device, simulate_link_gbps)
+        self.caches = self._warm_caches(template, policy)
+        self._serve_layers(prefetch)
+
+    def _store_from_files(self, stored: StoredExperts) -> ExpertStore:
+        """The quantized shards as the disk store, or read once into a RAM store."""
+        L, E = len(self.model.layers), self.model.args.num_local_experts
+        files = stored.file_store(L, E)
+        if self.plan.store == "disk":
+            return files
+        store = RamStore(stored.layout, L, E, pin=self.model.device.type == "cuda")
+        try:
+            store.fill_from(files)
+        finally:
+            files.close()
+        return store
+
+    def _store_from_loaded_experts(self, store_path: Path | None) -> tuple[ExpertStore, nn.Module]:
+        """The loaded experts packed into a new store; with a meta shell of one, for the slots."""
+        layers = self.model.layers
+        L, E = len(layers), self.model.args.num_local_experts
+        template = layers[0].block_sparse_moe.experts[0]
+        layout = ExpertBlobLayout.of_module(template)
+        store: ExpertStore
+        if self.plan.store == "disk":
+            path = store_path or data_dir() / "offload" / f"experts-{os.getpid()}-{id(self)}.pack"
+            store = DiskStore(layout, L, E, path)
+        else:
+            store = RamStore(layout, L, E, pin=self.model.device.type == "cuda")
+        for li, layer in enumerate(layers):
+            for e, expert in enumerate(layer.block_sparse_moe.experts):
+                store.put(li, e, expert)
+        return store, copy.deepcopy(template).to("meta")
+
+    def _leave_meta_shells(self) -> None:
+        """The experts now live in the store: the model keeps empty (meta) shells of them."""
+        for layer in self.model.layers:
+            layer.block_sparse_moe.experts.to("meta")
+            layer.block_sparse_moe.experts_per_call = self.plan.experts_per_layer
+
+    def _warm_caches(self, template: nn.Module, policy: str) -> list[LayerExpertCache]:
+        """One cache per layer; warm start with each layer's first k experts, so the first token
+        is not all misses."""
+        k, device = self.plan.experts_per_layer, self.model.device
+        caches = [
+            LayerExpertCache(li, self.store, template, k, policy, device, self.transfers)
+            for li in range(len(self.model.layers))
+        ]
+        for cache in caches:
+            cache.warm_start(range(k))
+        return caches
+
+    def _serve_layers(self, prefetch: bool) -> None:
+        """Each layer takes its experts from its cache; with prefetch, warns the next layer's."""
+        layers = self.model.layers
+        for li, layer in enumerate(layers):
+            moe = layer.block_sparse_moe
+            moe.expert_source = self.caches[li].experts_for
+            if prefetch and li + 1 < len(layers):
+                moe.prefetch_hook = self._prefetcher(layers[li + 1].block_sparse_moe, self.caches[li + 1])
+
+    @staticmethod
+    def _prefetcher(next_moe: SparseMoE, next_cache: LayerExpertCache):
+        def hook(x: Tensor) -> None:
+            # The paper's speculative loading: layer l+1's router on layer l's MoE input.
+            if x.shape[0] != 1:
+                return  # prefill touches most experts anyway; predict for decode steps
+            with torch.no_grad():
+                _, chosen, _ = next_moe.route(x)
+            next_cache.prefetch(sorted(set(chosen.flatten().tolist())))
+
+        return hook
+
+    def counters(self) -> CacheCounters:
+        total = CacheCounters()
+        for cache in self.caches:
+            total.add(cache.slots.counters)
+        return total
+
+    def stats(self) -> dict:
+        total = self.counters()
+        return {
+            "experts_per_layer": self.plan.experts_per_layer,
+            "store": self.plan.store,
+            "store_from_files": self.from_files,
+            "prefetch": self.prefetch_enabled,
+            "hit_rate": round(total.hit_rate, 4),
+            "hits": total.hits,
+            "misses": total.misses,
+            "prefetch_hits": total.prefetch_hits,
+            "prefetch_recall": round(total.prefetch_recall, 4),
+            "prefetch_wasted": total.prefetch_wasted,
+            "prefetch_cancelled": total.prefetch_cancelled,
+            "bytes_moved": total.bytes_moved,
+            "stall_s": round(total.stall_s, 4),
+            "plan": self.plan.describe(),
+            "layers": [
+                {
+                    "resident": cache.slots.resident,
+                    "hits": cache.activity.hits,
+                    "misses": cache.activity.misses,
+                    "prefetched": cache.activity.prefetched,
+                }
+                for cache in self.caches
+            ],
+        }
+
+    def close(self) -> None:
+        self.transfers.close()
+        self.store.close()
+
+
+def move_non_experts(model: Mixtral, device: torch.device) -> None:
+    """Everything but the experts to the compute device (the experts go to the store)."""
+    for name, child in model.named_children():
+        if name != "layers":
+            child.to(device)
+    for layer in model.layers:
+        for name, child in layer.named_children():
+            if name == "block_sparse_moe":
+                child.gate.to(device)
+            else:
+                child.to(device)
