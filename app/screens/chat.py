@@ -1,6 +1,7 @@
 """The chat screen: sidebar of conversations, the messages, the prompt, the live status line and
-the expert-cache panel. Answers are generated in a thread worker; the worker talks to the UI only
-through `Generation.*` messages (post_message is thread-safe).
+the expert-cache panel. What the engine is asked and how its pieces are batched is
+app/chat_session.py; this screen runs that in a thread worker, which talks to the UI only through
+`Generation.*` messages (post_message is thread-safe).
 
 Another app may run on the same database. The screen remembers the version of every message of
 the chat it shows (`shown`), and each write it makes on the user's behalf (send, regenerate, edit,
@@ -16,7 +17,7 @@ import inspect
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from textual import on, work
@@ -26,7 +27,14 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Label, OptionList
 
-from mixtral_chat.app.errors import error_line
+from mixtral_chat.app.chat_session import (
+    AnswerChunk,
+    AnswerProgress,
+    generation_config,
+    generation_values,
+    prompt_messages,
+    stream_answer,
+)
 from mixtral_chat.app.screens.lifecycle import DatabaseChanged, Generation
 from mixtral_chat.app.storage import (
     DEFAULT_TITLE,
@@ -53,12 +61,8 @@ if TYPE_CHECKING:
     from mixtral_chat.app.screens.dialogs import ChatOptions
     from mixtral_chat.engine.runtime import Engine
 
-# The worker posts text at most this often: a fast model yields hundreds of pieces a second,
-# which would flood the message queue; a slow one still shows every token as it comes.
-CHUNK_INTERVAL_S = 0.03
 # A streaming answer is saved at least this often, so a crash loses at most this much text.
 SAVE_INTERVAL_S = 1.0
-GENERATION_FIELDS = tuple(item.name for item in fields(GenerationConfig))
 
 
 def shows_errors(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -96,11 +100,13 @@ class ActiveGeneration:
     saver: PartialAnswerSaver
     stop_event: threading.Event
     view: MessageView | None
-    started: float
-    pieces: int = 0
-    first_piece_at: float | None = None
+    progress: AnswerProgress
     chat_deleted: bool = False  # the user deleted its chat: nothing left to save into
     save_error_shown: bool = False
+
+    @property
+    def pieces(self) -> int:
+        return self.progress.pieces
 
 
 class ChatScreen(Screen[None]):
@@ -448,7 +454,7 @@ class ChatScreen(Screen[None]):
                 )
             return
         try:
-            config = self.generation_config(conversation)
+            config = generation_config(self.chat_app.settings.generation, conversation)
         except (MixtralChatError, TypeError, ValueError) as exc:  # bad per-chat settings: say so
             self._release_lease()
             self.notify(f"Invalid generation settings: {exc}", severity="error")
@@ -462,12 +468,7 @@ class ChatScreen(Screen[None]):
         except ConversationBusy as exc:
             self._refuse_busy(exc, "this one does not answer now.")
             return
-        history = [m for m in self.storage.messages(conversation.id) if m.id != answer.id]
-        messages = (
-            [{"role": "system", "content": conversation.system_prompt}] if conversation.system_prompt else []
-        )
-        # Answers that never got a word (stopped at once, failed) carry nothing for the model.
-        messages += [{"role": m.role, "content": m.content} for m in history if m.content or m.role == "user"]
+        messages = prompt_messages(self.storage, conversation, answer.id)
         if self.conversation_id == conversation.id:
             self.shown[answer.id] = None
         view = await self.message_list.add(answer)
@@ -478,18 +479,11 @@ class ChatScreen(Screen[None]):
             saver=PartialAnswerSaver(self.storage, answer.id, interval_s=SAVE_INTERVAL_S),
             stop_event=threading.Event(),
             view=view,
-            started=time.monotonic(),
+            progress=AnswerProgress(started=time.monotonic()),
         )
         self.status_bar.update_info(generating=True, tok_s=None, ttft_s=None)
         self.refresh_bindings()
         self.generate(engine, messages, config, answer.id, self.generation.stop_event)
-
-    def generation_config(self, conversation: Conversation) -> GenerationConfig:
-        from mixtral_chat.engine.runtime import GenerationConfig
-
-        values = asdict(self.chat_app.settings.generation)
-        values.update({k: v for k, v in conversation.generation.items() if k in GENERATION_FIELDS})
-        return GenerationConfig(**values)
 
     @work(thread=True, exclusive=True, group="generate", exit_on_error=False)
     def generate(
@@ -500,32 +494,19 @@ class ChatScreen(Screen[None]):
         message_id: int,
         stop_event: threading.Event,
     ) -> None:
-        """The engine loop, off the UI thread. Stops within one token of `stop_event`."""
+        """The answer, off the UI thread: the session's loop, its batches posted to this screen."""
         self.post_message(Generation.Started(message_id))
-        batch: list[str] = []
-        last_post = time.monotonic()
-        try:
-            stream = engine.chat(messages, config, stop_event=stop_event)
-            for piece in stream:
-                batch.append(piece)
-                now = time.monotonic()
-                if now - last_post >= CHUNK_INTERVAL_S:
-                    self.post_message(
-                        Generation.Chunk(message_id, "".join(batch), len(batch), engine.cache_stats())
-                    )
-                    batch = []
-                    last_post = now
-            if batch:
-                self.post_message(
-                    Generation.Chunk(message_id, "".join(batch), len(batch), engine.cache_stats())
-                )
+
+        def post_chunk(chunk: AnswerChunk) -> None:
+            self.post_message(Generation.Chunk(message_id, chunk.text, chunk.pieces, chunk.cache_stats))
+
+        outcome = stream_answer(engine, messages, config, stop_event, post_chunk)
+        if outcome.error is not None:
+            self.post_message(Generation.Failed(message_id, outcome.error))
+        else:
             self.post_message(
-                Generation.Finished(message_id, stream.stats, list(stream.notices), engine.cache_stats())
+                Generation.Finished(message_id, outcome.stats, outcome.notices, outcome.cache_stats)
             )
-        except Exception as exc:  # any failure becomes a notification; the partial answer is kept
-            if batch:
-                self.post_message(Generation.Chunk(message_id, "".join(batch), len(batch)))
-            self.post_message(Generation.Failed(message_id, error_line(exc, "generation")))
 
     @shows_errors
     async def on_generation_chunk(self, message: Generation.Chunk) -> None:
@@ -533,10 +514,11 @@ class ChatScreen(Screen[None]):
         if generation is None or generation.message_id != message.message_id:
             return
         now = time.monotonic()
-        if generation.first_piece_at is None:
-            generation.first_piece_at = now
-            self.status_bar.update_info(ttft_s=now - generation.started)
-        generation.pieces += message.pieces
+        progress = generation.progress
+        first = progress.first_piece_at is None
+        progress.add(message.pieces, now)
+        if first:
+            self.status_bar.update_info(ttft_s=progress.ttft_s)
         try:
             generation.saver.append(message.text)
         except StorageError as exc:
@@ -546,9 +528,9 @@ class ChatScreen(Screen[None]):
                 self.notify(str(exc), title="The answer could not be saved yet", severity="error")
         if generation.view is not None and generation.view.is_attached:
             await generation.view.append(message.text)
-        elapsed = now - generation.first_piece_at
-        if elapsed > 0.2:
-            self.status_bar.update_info(tok_s=(generation.pieces - 1) / elapsed)
+        tok_s = progress.pieces_per_s(now)
+        if tok_s is not None:
+            self.status_bar.update_info(tok_s=tok_s)
         self._show_cache_stats(message.cache_stats)
 
     @shows_errors
@@ -846,9 +828,7 @@ class ChatScreen(Screen[None]):
 
         settings = self.chat_app.settings
         conversation = self.current_conversation()
-        generation = asdict(settings.generation)
-        if conversation is not None:
-            generation.update({k: v for k, v in conversation.generation.items() if k in GENERATION_FIELDS})
+        generation = generation_values(settings.generation, conversation)
         options = ChatOptions(
             system_prompt=conversation.system_prompt if conversation else "",
             persona=conversation.persona if conversation else None,
