@@ -45,8 +45,7 @@ forward(x [..., in]) -> [..., out] like a bias-free nn.Linear for float32 and bf
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mixtral_chat.engine.lazy import lazy_exports
 
 _EXPORTS = {
     "is_quantizable": "common",
@@ -84,10 +83,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(globals(), _EXPORTS)

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from mixtral_chat.engine.errors import QuantizationError
 
@@ -23,6 +23,11 @@ _EXPERT_BLOB_KEY = re.compile(r"^(?:model\.)?layers\.(\d+)\.block_sparse_moe\.ex
 EXPERT_LINEARS = ("w1", "w2", "w3")
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# The stored tensors of one quantized linear, by part name (`qweight`, `scales`...: `PartSpec.name`).
+Parts = dict[str, Tensor]
+# Where a runtime layer is built: a torch.device or its name ("cpu", "cuda:0").
+DeviceLike = torch.device | str
 
 
 def is_quantizable(hf_key: str) -> bool:

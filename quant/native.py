@@ -43,7 +43,7 @@ from torch import Tensor
 
 from mixtral_chat.engine.errors import QuantizationError
 from mixtral_chat.engine.paths import cache_dir
-from mixtral_chat.quant.common import nf4_part_specs
+from mixtral_chat.quant.common import Parts, nf4_part_specs
 
 NO_NATIVE_ENV = "MIXTRAL_CHAT_NO_NATIVE"
 NATIVE_DIR_ENV = "MIXTRAL_CHAT_NATIVE_DIR"
@@ -132,7 +132,7 @@ class Int4Kernel:
 
     def codebook_linear(
         self,
-        parts: dict[str, Tensor],
+        parts: Parts,
         x: Tensor,
         out: Tensor,
         blocksize: int,
@@ -196,7 +196,7 @@ def kernel_output(y: Tensor, x: Tensor, out_features: int) -> Tensor:
     return y if x.dtype is torch.float32 else y.to(x.dtype)
 
 
-def codebook_fits(parts: dict[str, Tensor], out_features: int, in_features: int, blocksize: int) -> bool:
+def codebook_fits(parts: Parts, out_features: int, in_features: int, blocksize: int) -> bool:
     """bitsandbytes 4-bit parts that `Int4Kernel.codebook_linear` can run: whole blocks per row,
     and the tensors `nf4_part_specs` names as contiguous CPU tensors (of any shape: bnb keeps
     its codes as [(N*K+1)//2, 1])."""

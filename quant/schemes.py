@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from mixtral_chat.engine.errors import QuantizationError
 from mixtral_chat.quant.assemble import RuntimeAssembler, quantize_state_dict
-from mixtral_chat.quant.common import PartSpec, dtype_name, nf4_part_specs
+from mixtral_chat.quant.common import DeviceLike, Parts, PartSpec, dtype_name, nf4_part_specs
 from mixtral_chat.quant.int4 import (
     INT4_GROUP_SIZES,
     Int4Linear,
@@ -60,28 +60,19 @@ class QuantScheme:
     def part_specs(self, out_features: int, in_features: int) -> list[PartSpec]:
         raise NotImplementedError
 
-    def quantize_weight(self, weight: Tensor) -> dict[str, Tensor]:
+    def quantize_weight(self, weight: Tensor) -> Parts:
         raise NotImplementedError
 
     def dequantize_weight(
-        self,
-        parts: dict[str, Tensor],
-        out_features: int,
-        in_features: int,
-        dtype: torch.dtype = torch.float32,
+        self, parts: Parts, out_features: int, in_features: int, dtype: torch.dtype = torch.float32
     ) -> Tensor:
         raise NotImplementedError
 
-    def check_parts(self, parts: dict[str, Tensor], out_features: int, in_features: int, where: str) -> None:
+    def check_parts(self, parts: Parts, out_features: int, in_features: int, where: str) -> None:
         raise NotImplementedError
 
     def build_linear(
-        self,
-        parts: dict[str, Tensor],
-        out_features: int,
-        in_features: int,
-        device: torch.device | str,
-        dtype: torch.dtype,
+        self, parts: Parts, out_features: int, in_features: int, device: DeviceLike, dtype: torch.dtype
     ) -> nn.Module:
         raise NotImplementedError
 
@@ -143,21 +134,17 @@ class NoneScheme(QuantScheme):
     def part_specs(self, out_features: int, in_features: int) -> list[PartSpec]:
         return [PartSpec("weight", self.float_dtype or torch.bfloat16, (out_features, in_features))]
 
-    def quantize_weight(self, weight: Tensor) -> dict[str, Tensor]:
+    def quantize_weight(self, weight: Tensor) -> Parts:
         if weight.dim() != 2:
             raise QuantizationError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
         return {"weight": weight.to(self.float_dtype) if self.float_dtype else weight}
 
     def dequantize_weight(
-        self,
-        parts: dict[str, Tensor],
-        out_features: int,
-        in_features: int,
-        dtype: torch.dtype = torch.float32,
+        self, parts: Parts, out_features: int, in_features: int, dtype: torch.dtype = torch.float32
     ) -> Tensor:
         return parts["weight"].to(dtype)
 
-    def check_parts(self, parts: dict[str, Tensor], out_features: int, in_features: int, where: str) -> None:
+    def check_parts(self, parts: Parts, out_features: int, in_features: int, where: str) -> None:
         weight = parts.get("weight")
         if weight is None:
             raise QuantizationError(f"{where}: missing 'weight' tensor")
@@ -167,12 +154,7 @@ class NoneScheme(QuantScheme):
             )
 
     def build_linear(
-        self,
-        parts: dict[str, Tensor],
-        out_features: int,
-        in_features: int,
-        device: torch.device | str,
-        dtype: torch.dtype,
+        self, parts: Parts, out_features: int, in_features: int, device: DeviceLike, dtype: torch.dtype
     ) -> nn.Module:
         self.check_parts(parts, out_features, in_features, "float layer")
         linear = nn.Linear(in_features, out_features, bias=False, device="meta")
@@ -192,28 +174,19 @@ class Int4Scheme(QuantScheme):
     def part_specs(self, out_features: int, in_features: int) -> list[PartSpec]:
         return int4_part_specs(out_features, in_features, self.group_size)
 
-    def quantize_weight(self, weight: Tensor) -> dict[str, Tensor]:
+    def quantize_weight(self, weight: Tensor) -> Parts:
         return quantize_int4(weight, self.group_size)
 
     def dequantize_weight(
-        self,
-        parts: dict[str, Tensor],
-        out_features: int,
-        in_features: int,
-        dtype: torch.dtype = torch.float32,
+        self, parts: Parts, out_features: int, in_features: int, dtype: torch.dtype = torch.float32
     ) -> Tensor:
         return dequantize_int4(parts, in_features, self.group_size, dtype)
 
-    def check_parts(self, parts: dict[str, Tensor], out_features: int, in_features: int, where: str) -> None:
+    def check_parts(self, parts: Parts, out_features: int, in_features: int, where: str) -> None:
         check_int4_parts(parts, out_features, in_features, self.group_size, where)
 
     def build_linear(
-        self,
-        parts: dict[str, Tensor],
-        out_features: int,
-        in_features: int,
-        device: torch.device | str,
-        dtype: torch.dtype,
+        self, parts: Parts, out_features: int, in_features: int, device: DeviceLike, dtype: torch.dtype
     ) -> nn.Module:
         return Int4Linear.from_parts(parts, out_features, in_features, self.group_size, device, dtype)
 
@@ -231,28 +204,19 @@ class Nf4Scheme(QuantScheme):
     def part_specs(self, out_features: int, in_features: int) -> list[PartSpec]:
         return nf4_part_specs(out_features, in_features, self.group_size, self.double_quant)
 
-    def quantize_weight(self, weight: Tensor) -> dict[str, Tensor]:
+    def quantize_weight(self, weight: Tensor) -> Parts:
         return quantize_nf4(weight, self.group_size, self.double_quant)
 
     def dequantize_weight(
-        self,
-        parts: dict[str, Tensor],
-        out_features: int,
-        in_features: int,
-        dtype: torch.dtype = torch.float32,
+        self, parts: Parts, out_features: int, in_features: int, dtype: torch.dtype = torch.float32
     ) -> Tensor:
         return dequantize_nf4(parts, out_features, in_features, self.group_size, dtype)
 
-    def check_parts(self, parts: dict[str, Tensor], out_features: int, in_features: int, where: str) -> None:
+    def check_parts(self, parts: Parts, out_features: int, in_features: int, where: str) -> None:
         check_nf4_parts(parts, out_features, in_features, self.group_size, self.double_quant, where)
 
     def build_linear(
-        self,
-        parts: dict[str, Tensor],
-        out_features: int,
-        in_features: int,
-        device: torch.device | str,
-        dtype: torch.dtype,
+        self, parts: Parts, out_features: int, in_features: int, device: DeviceLike, dtype: torch.dtype
     ) -> nn.Module:
         return Nf4Linear.from_parts(
             parts, out_features, in_features, self.group_size, self.double_quant, device, dtype
@@ -266,13 +230,11 @@ def get_scheme(
     float_dtype: torch.dtype | None = None,
 ) -> QuantScheme:
     """The handler for a scheme name; QuantizationError for unknown names or bad options."""
+    if double_quant and name in ("none", "int4"):
+        raise QuantizationError("double quantization applies to nf4 only")
     if name == "none":
-        if double_quant:
-            raise QuantizationError("double quantization applies to nf4 only")
         return NoneScheme(float_dtype)
     if name == "int4":
-        if double_quant:
-            raise QuantizationError("double quantization applies to nf4 only")
         return Int4Scheme(DEFAULT_GROUP_SIZE["int4"] if group_size is None else group_size)
     if name == "nf4":
         return Nf4Scheme(DEFAULT_GROUP_SIZE["nf4"] if group_size is None else group_size, double_quant)

@@ -18,9 +18,10 @@ from mixtral_chat.app.chat_session import (
     prompt_messages,
     stream_answer,
 )
-from mixtral_chat.app.settings import DEFAULT_PERSONAS, GenerationDefaults
+from mixtral_chat.app.settings import DEFAULT_PERSONAS
 from mixtral_chat.app.storage import Storage
-from mixtral_chat.engine.runtime import Engine, GenerationConfig
+from mixtral_chat.engine.options import GenerationConfig
+from mixtral_chat.engine.runtime import Engine
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo"
 GREEDY = GenerationConfig(temperature=0.0, top_p=1.0, max_tokens=16)
@@ -109,7 +110,7 @@ def test_an_edited_prompt_is_sent_as_edited_without_what_came_after_it(storage: 
 
 def test_a_chats_generation_settings_override_the_defaults(storage: Storage) -> None:
     chat = storage.create_conversation(generation={"temperature": 0.2, "max_tokens": 7, "unknown": 1})
-    defaults = GenerationDefaults(temperature=0.7, top_p=0.9, top_k=5, max_tokens=100, seed=3)
+    defaults = GenerationConfig(temperature=0.7, top_p=0.9, top_k=5, max_tokens=100, seed=3)
     conversation = storage.get_conversation(chat.id)
     assert generation_values(defaults, conversation) == {
         "temperature": 0.2,

@@ -14,8 +14,7 @@ so the simulator and the trace reader stay free of torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mixtral_chat.engine.lazy import lazy_exports
 
 _EXPORTS = {
     "ExpertOffloader": "offloader",
@@ -30,10 +29,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(globals(), _EXPORTS)
