@@ -407,9 +407,7 @@ def describe_scheme(model_dir: Path, found: CheckpointKind, quant: str | None) -
     if found.kind == ckpt.QUANTIZED:  # made by `mixtral-chat quantize`
         return str(found.scheme or "unknown")
     if found.kind == ckpt.BNB_4BIT:
-        from mixtral_chat.quant.bnb_checkpoint import read_bnb_4bit_config  # (torch)
-
-        return read_bnb_4bit_config(model_dir).describe()  # "nf4 (bitsandbytes checkpoint)"
+        return str(found.label)  # "nf4 (bitsandbytes)", as `models list` says it
     return quant or "none"
 
 

@@ -61,7 +61,7 @@ class Bnb4bitConfig:
     double_quant: bool
 
     def describe(self) -> str:
-        return f"{self.quant_type} (bitsandbytes checkpoint)"
+        return f"{self.quant_type} (bitsandbytes)"  # the label of checkpoint.detect, too
 
 
 def read_bnb_4bit_config(model_dir: str | Path) -> Bnb4bitConfig:

@@ -257,14 +257,14 @@ def test_offloading_a_bnb_checkpoint_gives_the_same_text(v4_dirs, isolated_home:
     messages = [{"role": "user", "content": "Tell me a story"}]
     config = GenerationConfig(max_tokens=12)
     resident = Engine.load(directory, LoadOptions(device="cpu", dtype="float32"))
-    assert resident.info.scheme == "nf4 (bitsandbytes checkpoint)"
+    assert resident.info.scheme == "nf4 (bitsandbytes)"
     expected = "".join(resident.chat(messages, config))
     engine = Engine.load(
         directory,
         LoadOptions(device="cpu", dtype="float32", offload=True, experts_per_layer=2, offload_store=store),
     )
     try:
-        assert engine.info.scheme == "nf4 (bitsandbytes checkpoint)"
+        assert engine.info.scheme == "nf4 (bitsandbytes)"
         assert "".join(engine.chat(messages, config)) == expected
         stats = engine.cache_stats()
         assert stats is not None and stats["hits"] + stats["misses"] > 0
@@ -399,7 +399,7 @@ def test_other_quantization_configs_are_refused(transformers_saved, tmp_path: Pa
 
 def test_quantizing_again_is_refused(transformers_saved) -> None:
     directory, _ = transformers_saved["nf4", True]
-    with pytest.raises(QuantizationError, match=r"already 4-bit \(nf4 \(bitsandbytes checkpoint\)\)"):
+    with pytest.raises(QuantizationError, match=r"already 4-bit \(nf4 \(bitsandbytes\)\)"):
         load_model(directory, quant="int4")
     with pytest.raises(MixtralChatError, match="already 4-bit"):
         Engine.load(directory, LoadOptions(device="cpu", quant="nf4"))

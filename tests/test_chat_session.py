@@ -20,7 +20,7 @@ from mixtral_chat.app.chat_session import (
 )
 from mixtral_chat.app.settings import DEFAULT_PERSONAS
 from mixtral_chat.app.storage import Storage
-from mixtral_chat.engine.options import GenerationConfig
+from mixtral_chat.engine.options import GenerationConfig, LoadOptions
 from mixtral_chat.engine.runtime import Engine
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo"
@@ -39,7 +39,7 @@ def demo() -> Iterator[Engine]:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: one thread is as fast, and cheaper on shared cores
-    engine = Engine.load(DEMO_DIR, device="cpu", name="demo")
+    engine = Engine.load(DEMO_DIR, LoadOptions(device="cpu"), name="demo")
     yield engine
     engine.close()
     torch.set_num_threads(threads)
@@ -47,7 +47,7 @@ def demo() -> Iterator[Engine]:
 
 @pytest.fixture(scope="module")
 def small_context_demo() -> Iterator[Engine]:
-    engine = Engine.load(DEMO_DIR, device="cpu", name="demo", context_length=96)
+    engine = Engine.load(DEMO_DIR, LoadOptions(device="cpu", context_length=96), name="demo")
     yield engine
     engine.close()
 

@@ -486,7 +486,7 @@ def test_a_prequantized_bitsandbytes_repo_is_used_as_it_is(server: HubServer, ti
     (saved / "tokenizer.model").write_bytes(files["tokenizer.model"])
     messages, config = [{"role": "user", "content": "hi"}], GenerationConfig(max_tokens=6)
     engine = Engine.load(entry.path, LoadOptions(device="cpu"))
-    assert engine.info.scheme == "nf4 (bitsandbytes checkpoint)"
+    assert engine.info.scheme == "nf4 (bitsandbytes)"
     stream = engine.chat(messages, config)
     answer = "".join(stream)
     assert stream.stats is not None and stream.stats.completion_tokens > 0
