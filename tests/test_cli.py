@@ -1,0 +1,41 @@
+"""The CLI's own surface: --version and usage errors, through the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+
+
+def test_version_prints_the_installed_version(isolated_home: Path) -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout == f"mixtral-chat {version('mixtral-chat')}\n"
+
+
+WRONG_FLAGS = [
+    (["ask", "--bogus", "hi"], "usage: mixtral-chat ask "),
+    (["models", "list", "--bogus"], "usage: mixtral-chat models list "),
+    (["models", "--bogus"], "usage: mixtral-chat models "),
+    (["--bogus"], "usage: mixtral-chat [-h] [--version]"),
+]
+
+
+@pytest.mark.parametrize(("argv", "usage"), WRONG_FLAGS, ids=[" ".join(a) for a, _ in WRONG_FLAGS])
+def test_a_wrong_flag_prints_the_usage_of_the_command_it_was_given_to(
+    isolated_home: Path, argv: list[str], usage: str
+) -> None:
+    result = run_cli(*argv)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(usage)
+    assert result.stderr.splitlines()[-1] == "mixtral-chat: error: unrecognized arguments: --bogus"
+
+
+def test_models_list_stars_the_demo_when_no_default_was_chosen(isolated_home: Path) -> None:
+    result = run_cli("models", "list")
+    assert result.returncode == 0, result.stderr
+    starred = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("*  ")]
+    assert starred == ["demo"]  # what runs is what is starred
