@@ -24,6 +24,10 @@ class GenerationConfigError(MixtralChatError):
     """A sampling value outside its bounds; the message names the field and the value."""
 
 
+# The scheme name of float weights (`--quant none`, and `engine.info.scheme` for them).
+UNQUANTIZED = "none"
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     """How one answer is sampled. The defaults are the engine's (greedy, as `ask` runs); the

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Literal
 from mixtral_chat.engine import checkpoint as ckpt
 from mixtral_chat.engine.config import ModelArgs
 from mixtral_chat.engine.errors import ContextTooLongError, MixtralChatError, OutOfMemoryError
-from mixtral_chat.engine.options import GenerationConfig, LoadOptions
+from mixtral_chat.engine.options import UNQUANTIZED, GenerationConfig, LoadOptions
 from mixtral_chat.engine.tokenizer import StreamingDetokenizer, Tokenizer
 
 if TYPE_CHECKING:
@@ -408,7 +408,7 @@ def describe_scheme(model_dir: Path, found: CheckpointKind, quant: str | None) -
         return str(found.scheme or "unknown")
     if found.kind == ckpt.BNB_4BIT:
         return str(found.label)  # "nf4 (bitsandbytes)", as `models list` says it
-    return quant or "none"
+    return quant or UNQUANTIZED
 
 
 def describe_offload(offload: OffloadDecision | None, offloader: ExpertOffloader | None) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from importlib.metadata import version
 from pathlib import Path
 
@@ -39,3 +40,12 @@ def test_models_list_stars_the_demo_when_no_default_was_chosen(isolated_home: Pa
     assert result.returncode == 0, result.stderr
     starred = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("*  ")]
     assert starred == ["demo"]  # what runs is what is starred
+
+
+def test_models_info_says_parameter_counts_in_units_that_fit(isolated_home: Path) -> None:
+    mixtral = run_cli("models", "info", "mixtral-8x7b-instruct")
+    assert mixtral.returncode == 0, mixtral.stderr
+    assert "46.7 B total, 12.9 B per token" in mixtral.stdout  # 46,702,792,704 parameters
+    demo = run_cli("models", "info", "demo")
+    line = next(line for line in demo.stdout.splitlines() if line.startswith("parameters"))
+    assert re.fullmatch(r"parameters +\d\.\d\d M total, \d\.\d\d M per token", line), line

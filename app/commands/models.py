@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from mixtral_chat.app.progress import ProgressLine
 from mixtral_chat.app.terminal import ask_yes_no
-from mixtral_chat.engine.units import format_bytes, format_duration, format_size
+from mixtral_chat.engine.units import format_bytes, format_count, format_duration, format_size
 
 if TYPE_CHECKING:
     from mixtral_chat.engine.models.entries import ModelEntry
@@ -186,7 +186,7 @@ def _info(args: argparse.Namespace) -> int:
         lines.append(
             (
                 "parameters",
-                f"{arch['parameters'] / 1e9:.2f} B total, {arch['active_parameters'] / 1e9:.2f} B per token",
+                f"{format_count(arch['parameters'])} total, {format_count(arch['active_parameters'])} per token",
             )
         )
     lines.append(("on disk", format_size(entry.size_on_disk)))
