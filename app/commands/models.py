@@ -186,7 +186,8 @@ def _info(args: argparse.Namespace) -> int:
         lines.append(
             (
                 "parameters",
-                f"{format_count(arch['parameters'])} total, {format_count(arch['active_parameters'])} per token",
+                f"{format_count(arch['parameters'])} total, "
+                f"{format_count(arch['active_parameters'])} per token",
             )
         )
     lines.append(("on disk", format_size(entry.size_on_disk)))
