@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("textual")
 
+from textual.widgets import TextArea
+
+from mixtral_chat.app.clipboard import copy_with_system_tool, system_clipboard_command
+from mixtral_chat.app.screens.text_view import TextViewScreen
 from mixtral_chat.app.storage import Storage
-from tests.test_tui import chat_model_dir, make_app, run, wait_ready
+from tests.test_tui import chat_model_dir, make_app, run, wait_for, wait_ready
 
 __all__ = ["chat_model_dir"]  # the fixture, shared with test_tui
 
@@ -35,3 +40,53 @@ def test_a_long_chat_title_is_one_line_with_its_age_apart(isolated_home: Path, c
             assert lines[1].strip().startswith(LONG_TITLE[:10]) and len(lines[1]) <= width + 2
 
     run(scenario)
+
+
+def notifications(app) -> list[str]:
+    return [str(n.message) for n in app._notifications]
+
+
+def test_copy_says_what_it_did_and_v_shows_the_text_to_select(
+    isolated_home: Path, chat_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DISPLAY", raising=False)  # no desktop session: OSC 52 is the only way
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    answer = "A harbor is a sheltered body of water where ships can dock safely."
+    with Storage() as storage:
+        chat = storage.create_conversation("Harbors")
+        storage.add_message(chat.id, "user", "What is a harbor?")
+        storage.add_message(chat.id, "assistant", answer)
+    app = make_app(chat_model_dir)
+
+    async def scenario() -> None:
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_ready(pilot, app)
+            view = app.chat_screen.message_list.views[-1]
+            view.focus()
+            await pilot.press("c")
+            assert app.clipboard == answer
+            said = notifications(app)[-1]
+            assert "OSC 52" not in said and said.startswith(f"Copied the message ({len(answer)} characters).")
+            assert "press v to select the text" in said
+            await pilot.press("v")
+            await wait_for(pilot, lambda: isinstance(app.screen, TextViewScreen), "the text view")
+            area = app.screen.query_one(TextArea)
+            assert area.read_only and area.text == answer and area.selected_text == answer
+            await pilot.press("escape")
+            await wait_for(pilot, lambda: not isinstance(app.screen, TextViewScreen), "the view to close")
+
+    run(scenario)
+
+
+def test_the_system_clipboard_tool_gets_the_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    received = tmp_path / "received.txt"
+    tool = tmp_path / "bin" / "xclip"
+    tool.parent.mkdir()
+    tool.write_text(f"#!/bin/sh\ncat > {received}\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tool.parent}:{os.environ['PATH']}")
+    assert system_clipboard_command({}, "linux") is None  # over ssh: no display, no tool
+    command = system_clipboard_command({"DISPLAY": ":0"}, "linux")
+    assert command == ("xclip", "-selection", "clipboard")
+    assert copy_with_system_tool("fn main() {}", command) and received.read_text() == "fn main() {}"
+    assert not copy_with_system_tool("x", ("/nonexistent/tool",))
