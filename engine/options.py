@@ -77,6 +77,6 @@ class LoadOptions:
     # copy/compute ratio even with wrong guesses stopped mid-copy (docs/BENCHMARKS.md).
     prefetch: bool = False
     offload_store: str = "ram"  # with offload: "ram" | "disk"
-    context_length: int | None = None  # None: 4096, at most the model's own
+    context_length: int | None = None  # None: the model's own, shortened to fit memory
     cache_policy: str = "lru"  # "lru" | "lfu"
     simulate_link_gbps: float | None = None  # CPU benchmarks: copies take bytes / bandwidth

@@ -49,3 +49,13 @@ def test_models_info_says_parameter_counts_in_units_that_fit(isolated_home: Path
     demo = run_cli("models", "info", "demo")
     line = next(line for line in demo.stdout.splitlines() if line.startswith("parameters"))
     assert re.fullmatch(r"parameters +\d\.\d\d M total, \d\.\d\d M per token", line), line
+
+
+def test_a_diff_longer_than_the_demo_context_says_what_to_do(isolated_home: Path) -> None:
+    diff = "".join(f"+    line {i}: a changed line of code\n" for i in range(200))  # ~2,000 tokens
+    result = run_cli("ask", "review this", input=diff)
+    assert result.returncode == 1 and result.stdout == ""
+    notice, line = result.stderr.strip().splitlines()  # "using the bundled demo model ...", then the error
+    assert "demo" in notice and line.startswith("mixtral-chat: error: the prompt is ")
+    assert "over the context of 512 tokens (demo's maximum)" in line
+    assert line.endswith("shorten the prompt or use a model with a longer context")

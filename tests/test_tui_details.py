@@ -13,8 +13,10 @@ from textual.widgets import TextArea
 
 from mixtral_chat.app.clipboard import copy_with_system_tool, system_clipboard_command
 from mixtral_chat.app.screens.text_view import TextViewScreen
+from mixtral_chat.app.settings import NEW_CHAT_GENERATION
 from mixtral_chat.app.storage import Storage
-from tests.test_tui import chat_model_dir, make_app, run, wait_for, wait_ready
+from mixtral_chat.engine.models.catalog import demo_dir
+from tests.test_tui import chat_model_dir, make_app, run, send, wait_for, wait_ready
 
 __all__ = ["chat_model_dir"]  # the fixture, shared with test_tui
 
@@ -90,3 +92,21 @@ def test_the_system_clipboard_tool_gets_the_text(tmp_path: Path, monkeypatch: py
     assert command == ("xclip", "-selection", "clipboard")
     assert copy_with_system_tool("fn main() {}", command) and received.read_text() == "fn main() {}"
     assert not copy_with_system_tool("x", ("/nonexistent/tool",))
+
+
+def test_the_demo_keeps_the_first_turn_in_a_second_message(isolated_home: Path) -> None:
+    app = make_app(demo_dir(), max_tokens=NEW_CHAT_GENERATION.max_tokens)  # 1024 > the demo's 512
+
+    async def scenario() -> None:
+        async with app.run_test(size=(120, 35)) as pilot:
+            await wait_ready(pilot, app)
+            await send(pilot, app, "What is a harbor?")
+            await send(pilot, app, "What is a lighthouse?")
+            assert not [n for n in notifications(app) if "dropped" in n]
+            stats = app.storage.messages(app.chat_screen.conversation_id)[-1].stats
+            assert stats is not None and stats["dropped_turns"] == 0
+            assert stats["prompt_tokens"] > len(
+                app.engine.tokenizer.encode_chat([{"role": "user", "content": "What is a lighthouse?"}])
+            )
+
+    run(scenario)
