@@ -37,6 +37,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mixtral-chat", description="Local chat with Mixtral-8x7B-Instruct.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     parser.add_argument("--model", help="model for the chat app: catalog name, repo id or path")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -47,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would blame the top-level parser; the subcommand's usage is the one that helps
+        _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     debug = args.debug or bool(os.environ.get("MIXTRAL_CHAT_DEBUG"))
     try:
         if args.command is None:
@@ -56,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_tui(model=args.model)
         return int(args.handler(args) or 0)
     except UsageError as exc:
-        _command_parser(parser, args.command).print_usage(sys.stderr)
+        _command_parser(parser, args).print_usage(sys.stderr)
         print(f"mixtral-chat: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -69,11 +72,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _command_parser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
-    """The subcommand's parser (its usage line is the one that helps), else the main one."""
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mixtral-chat")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The innermost chosen subcommand's parser (`models list`'s usage is the one that helps)."""
     for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
-            return action.choices[command]
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = getattr(args, action.dest, None)
+            if chosen in action.choices:
+                return _command_parser(action.choices[chosen], args)
     return parser
 
 

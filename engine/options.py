@@ -24,6 +24,10 @@ class GenerationConfigError(MixtralChatError):
     """A sampling value outside its bounds; the message names the field and the value."""
 
 
+# The scheme name of float weights (`--quant none`, and `engine.info.scheme` for them).
+UNQUANTIZED = "none"
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     """How one answer is sampled. The defaults are the engine's (greedy, as `ask` runs); the
@@ -73,6 +77,6 @@ class LoadOptions:
     # copy/compute ratio even with wrong guesses stopped mid-copy (docs/BENCHMARKS.md).
     prefetch: bool = False
     offload_store: str = "ram"  # with offload: "ram" | "disk"
-    context_length: int | None = None  # None: 4096, at most the model's own
+    context_length: int | None = None  # None: the model's own, shortened to fit memory
     cache_policy: str = "lru"  # "lru" | "lfu"
     simulate_link_gbps: float | None = None  # CPU benchmarks: copies take bytes / bandwidth

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Literal
 from mixtral_chat.engine import checkpoint as ckpt
 from mixtral_chat.engine.config import ModelArgs
 from mixtral_chat.engine.errors import ContextTooLongError, MixtralChatError, OutOfMemoryError
-from mixtral_chat.engine.options import GenerationConfig, LoadOptions
+from mixtral_chat.engine.options import UNQUANTIZED, GenerationConfig, LoadOptions
 from mixtral_chat.engine.tokenizer import StreamingDetokenizer, Tokenizer
 
 if TYPE_CHECKING:
@@ -23,7 +23,10 @@ if TYPE_CHECKING:
     from mixtral_chat.engine.model import Mixtral
     from mixtral_chat.engine.offload import ExpertOffloader, StoredExperts
 
-DEFAULT_CONTEXT = 4096
+# The default context is the model's own, shortened (halved) while its KV cache would take more
+# than this share of the device's memory budget, but never below MIN_DEFAULT_CONTEXT.
+KV_SHARE_OF_BUDGET = 1 / 8
+MIN_DEFAULT_CONTEXT = 2048
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
@@ -123,13 +126,13 @@ class Engine:
         device = resolve_device(options.device)
         dtype = resolve_dtype(options.dtype, device)
         tokenizer = Tokenizer(model_dir / "tokenizer.model")
-        offload = decide_offload(model_dir, device, dtype, options)
+        ctx = context_for(ModelArgs.from_hf_config(model_dir), options.context_length, dtype, device)
+        offload = decide_offload(model_dir, device, dtype, options, ctx)
         found = ckpt.detect(model_dir)
         try:
             stored = open_stored_experts(model_dir, found, device, dtype, offload, options.quant)
             check_offload_can_stream(model_dir, found, device, offload, stored)
             model = load_weights(model_dir, device, dtype, options.quant, offload, stored)
-            ctx = context_for(model.args, options.context_length)
             offloader = offload_experts(model, ctx, device, offload, options, stored) if offload else None
             model.setup_cache(ctx)
         except torch.OutOfMemoryError as exc:
@@ -151,16 +154,19 @@ class Engine:
     def fit_prompt(self, messages: list[dict], max_tokens: int) -> tuple[list[int], int]:
         """Encode messages, dropping the oldest turns (never the system prompt) to fit.
 
-        Returns the prompt ids and how many messages were dropped. Turns are dropped until the
-        prompt leaves room for max_tokens; the last user turn alone only has to leave room for one.
+        Returns the prompt ids and how many messages were dropped. Turns are dropped only while
+        the prompt leaves less than `reply_room` for the answer (max_tokens, at most a quarter of
+        the context: a 1024-token budget must not empty a 512-token demo's memory); the answer
+        then stops at the context's end. The last user turn alone only has to leave room for one.
         """
         ctx = self.info.context_length
+        reply_room = max(1, min(max_tokens, ctx // 4))
         system = [m for m in messages[:1] if m.get("role") == "system"]
         turns = messages[len(system) :]
         dropped = 0
         while True:
             ids = self.tokenizer.encode_chat(system + turns)
-            if len(ids) + max_tokens <= ctx:
+            if len(ids) + reply_room <= ctx:
                 return ids, dropped
             # Drop from the front, a user message with the assistant reply after it together.
             cut = 1
@@ -169,11 +175,17 @@ class Engine:
             if cut >= len(turns):
                 if len(ids) < ctx:
                     return ids, dropped
-                raise ContextTooLongError(
-                    f"the prompt is {len(ids)} tokens, more than the context of {ctx} tokens"
-                )
+                raise ContextTooLongError(self._too_long(len(ids)))
             turns = turns[cut:]
             dropped += cut
+
+    def _too_long(self, prompt_tokens: int) -> str:
+        ctx, own = self.info.context_length, self.model.args.max_position_embeddings
+        over = prompt_tokens - ctx + 1  # one token of room for the answer
+        what = f"the prompt is {prompt_tokens} tokens, {over} over the context of {ctx} tokens"
+        if ctx < own:
+            return f"{what}; raise --context (this model takes up to {own}) or shorten the prompt"
+        return f"{what} ({self.info.name}'s maximum); shorten the prompt or use a model with a longer context"
 
     def chat(
         self,
@@ -283,13 +295,24 @@ def available_ram_bytes() -> int:
 # -- the steps of Engine.load ---------------------------------------------------------------------
 
 
-def context_for(args: ModelArgs, context_length: int | None) -> int:
-    """The context asked for (default DEFAULT_CONTEXT), at most the model's own."""
-    return min(context_length or DEFAULT_CONTEXT, args.max_position_embeddings)
+def context_for(args: ModelArgs, context_length: int | None, dtype: torch.dtype, device: torch.device) -> int:
+    """The context asked for, at most the model's own; by default the model's own, as long as its
+    KV cache fits KV_SHARE_OF_BUDGET of the device's memory (Mixtral: 32768 on a big card)."""
+    if context_length:
+        return min(context_length, args.max_position_embeddings)
+    return default_context(args, dtype.itemsize, default_memory_budget_gb(device) * 1e9)
+
+
+def default_context(args: ModelArgs, dtype_bytes: int, budget_bytes: float) -> int:
+    ctx = args.max_position_embeddings
+    floor = min(MIN_DEFAULT_CONTEXT, ctx)
+    while ctx // 2 >= floor and args.kv_cache_bytes(ctx, dtype_bytes) > budget_bytes * KV_SHARE_OF_BUDGET:
+        ctx //= 2
+    return ctx
 
 
 def decide_offload(
-    model_dir: Path, device: torch.device, dtype: torch.dtype, options: LoadOptions
+    model_dir: Path, device: torch.device, dtype: torch.dtype, options: LoadOptions, ctx: int
 ) -> OffloadDecision | None:
     """None: all experts resident. Asked for, offloading is as the options say; else it starts
     only when the model does not fit the budget, with the planner's k and the store for the device."""
@@ -299,7 +322,6 @@ def decide_offload(
     from mixtral_chat.engine.weights import loaded_weight_bytes  # (torch)
 
     args = ModelArgs.from_hf_config(model_dir)
-    ctx = context_for(args, options.context_length)
     need = loaded_weight_bytes(model_dir, dtype) + args.kv_cache_bytes(ctx, dtype.itemsize)
     budget_gb = options.gpu_budget_gb
     if budget_gb is None:
@@ -408,7 +430,7 @@ def describe_scheme(model_dir: Path, found: CheckpointKind, quant: str | None) -
         return str(found.scheme or "unknown")
     if found.kind == ckpt.BNB_4BIT:
         return str(found.label)  # "nf4 (bitsandbytes)", as `models list` says it
-    return quant or "none"
+    return quant or UNQUANTIZED
 
 
 def describe_offload(offload: OffloadDecision | None, offloader: ExpertOffloader | None) -> str | None:

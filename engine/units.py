@@ -17,6 +17,15 @@ def format_bytes(count: float, *, binary: bool = False) -> str:
     raise AssertionError("unreachable")
 
 
+def format_count(count: float) -> str:
+    """A count of things as people say it: "46.7 B", "12.9 B", "6.1 M", "950"; three significant
+    digits so that a small model's "0.00 B" reads "1.2 M"."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(count) >= scale:
+            return f"{count / scale:.3g} {unit}"
+    return f"{count:.0f}"
+
+
 def format_duration(seconds: float | None) -> str:
     """A remaining time as people read it: "5 s", "3 min 05 s", "1 h 02 min"; "?" when unknown."""
     if seconds is None:

@@ -196,7 +196,7 @@ def test_a_failure_is_one_line_for_the_user(small_context_demo: Engine) -> None:
     messages = [{"role": "user", "content": "word " * 400}]  # alone more than the context
     outcome = stream_answer(small_context_demo, messages, GREEDY, threading.Event(), chunks.append)
     assert outcome.failed and outcome.stats is None and chunks == []
-    assert outcome.error is not None and "more than the context of 96 tokens" in outcome.error
+    assert outcome.error is not None and "over the context of 96 tokens" in outcome.error
 
 
 def test_progress_counts_time_to_first_piece_and_speed() -> None:

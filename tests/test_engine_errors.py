@@ -187,7 +187,7 @@ def test_cli_prompt_longer_than_the_context(tiny_model_dir: Path) -> None:
     result = run_cli("ask", "--model", str(tiny_model_dir), "--context", "32", "word " * 100)
     assert result.returncode == 1
     assert result.stderr.strip().startswith("mixtral-chat: error: the prompt is ")
-    assert "more than the context of 32 tokens" in result.stderr
+    assert "over the context of 32 tokens; raise --context (this model takes up to" in result.stderr
     assert result.stdout == ""
 
 

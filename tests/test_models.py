@@ -309,6 +309,16 @@ def test_cli_pull_offers_to_delete_the_originals_on_a_terminal(server: HubServer
 
     controller, terminal = os.openpty()
     with os.fdopen(terminal, "r", encoding="utf-8") as tty_stdin:
+        os.write(controller, b"\x04")  # Ctrl+D at the question: end of input means no
+        monkeypatch.setattr("sys.stdin", tty_stdin)
+        ended = cli_in_process(capfd, "models", "pull", REPO, "--scheme", "int4")
+    os.close(controller)
+    assert ended.returncode == 0, ended.stderr
+    assert "Delete the bf16 originals" in ended.stdout and "EOFError" not in ended.stderr
+    assert registry.get_model(REPO).original_path is not None
+
+    controller, terminal = os.openpty()
+    with os.fdopen(terminal, "r", encoding="utf-8") as tty_stdin:
         os.write(controller, b"y\n")  # the user's answer, typed ahead
         monkeypatch.setattr("sys.stdin", tty_stdin)
         pulled = cli_in_process(capfd, "models", "pull", REPO, "--scheme", "int4")

@@ -169,6 +169,10 @@ def test_send_streams_the_answer_and_saves_it(
             assert info.model == chat_model_dir.name and info.context_total == 4096
             assert info.context_used == stats["prompt_tokens"] + 120
             assert info.tok_s and info.ttft_s is not None
+            # Float weights show no scheme ("none" read as if something were missing): model · device dtype.
+            assert screen.status_bar.render_info(info).plain.startswith(
+                f"{chat_model_dir.name} · cpu float32"
+            )
             assert app.storage.list_conversations()[0].title == "Hello there"
 
     run(scenario)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from mixtral_chat.app.progress import ProgressLine
 from mixtral_chat.app.terminal import ask_yes_no
-from mixtral_chat.engine.units import format_bytes, format_duration, format_size
+from mixtral_chat.engine.units import format_bytes, format_count, format_duration, format_size
 
 if TYPE_CHECKING:
     from mixtral_chat.engine.models.entries import ModelEntry
@@ -129,7 +129,9 @@ def _list(args: argparse.Namespace) -> int:
             + "  "
             + row[-1]
         )
-    print("\n* default model.  (N GB): download size.  `mixtral-chat models pull NAME` to download.")
+    print("\n* default model: `mixtral-chat models use NAME` changes it.")
+    print("(N GB): download size: `mixtral-chat models pull NAME` downloads it.")
+
     return 0
 
 
@@ -184,7 +186,8 @@ def _info(args: argparse.Namespace) -> int:
         lines.append(
             (
                 "parameters",
-                f"{arch['parameters'] / 1e9:.2f} B total, {arch['active_parameters'] / 1e9:.2f} B per token",
+                f"{format_count(arch['parameters'])} total, "
+                f"{format_count(arch['active_parameters'])} per token",
             )
         )
     lines.append(("on disk", format_size(entry.size_on_disk)))
@@ -302,13 +305,12 @@ def _pull(args: argparse.Namespace) -> int:
         print(f"{entry.name}: original at {entry.original_path} ({format_size(_original_size(entry))})")
     if entry.quantized_path is not None:
         print(f"{entry.name}: {entry.scheme} model at {entry.quantized_path}")
-        if not args.keep_original and entry.original_path is not None and sys.stdin.isatty():
-            answer = input(
+        if not args.keep_original and entry.original_path is not None:
+            question = (
                 f"Delete the bf16 originals ({format_size(_original_size(entry))}) "
-                "from the Hugging Face cache? "
-                "The 4-bit model does not need them. [y/N] "
+                "from the Hugging Face cache? The 4-bit model does not need them. [y/N] "
             )
-            if answer.strip().lower() in ("y", "yes"):
+            if ask_yes_no(question):
                 freed = delete_original(entry.name)
                 print(f"deleted the originals: {format_size(freed)} freed")
     if entry.is_default:

@@ -36,6 +36,7 @@ from mixtral_chat.app.chat_session import (
     stream_answer,
 )
 from mixtral_chat.app.screens.lifecycle import DatabaseChanged, Generation
+from mixtral_chat.app.screens.text_view import TextViewScreen
 from mixtral_chat.app.storage import (
     DEFAULT_TITLE,
     Conversation,
@@ -713,6 +714,12 @@ class ChatScreen(Screen[None]):
         self.prompt.border_title = "Editing an earlier message: Enter answers again from there, Esc cancels"
         self.prompt.add_class("-editing")
         self.prompt.focus()
+
+    @on(MessageView.ViewTextRequested)
+    def _view_text_requested(self, event: MessageView.ViewTextRequested) -> None:
+        self.app.push_screen(
+            TextViewScreen("Select with the mouse or Shift+arrows; Esc closes", event.view.text)
+        )
 
     def _cancel_edit(self) -> None:
         if self.editing_message_id is not None:

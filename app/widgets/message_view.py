@@ -19,6 +19,7 @@ from textual.message import Message
 from textual.widget import Widget
 from textual.widgets import Button, Label
 
+from mixtral_chat.app.clipboard import copy_with_system_tool, system_clipboard_command
 from mixtral_chat.app.storage import StoredMessage
 
 if TYPE_CHECKING:
@@ -52,12 +53,23 @@ class MessageView(Vertical, can_focus=True):
         Binding("c", "copy", "Copy", id="message.copy"),
         Binding("b", "copy_code", "Copy code", id="message.copy_code"),
         Binding("e", "edit", "Edit", id="message.edit"),
+        Binding("v", "view_text", "Select text", id="message.view_text"),
         Binding("up,k", "focus_neighbour(-1)", "Previous", id="message.previous", show=False),
         Binding("down,j", "focus_neighbour(1)", "Next", id="message.next", show=False),
     ]
 
     @dataclass(eq=False)
     class EditRequested(Message):
+        view: MessageView
+
+        @property
+        def control(self) -> MessageView:
+            return self.view
+
+    @dataclass(eq=False)
+    class ViewTextRequested(Message):
+        """Show the text to select by hand (the screen opens the view)."""
+
         view: MessageView
 
         @property
@@ -140,8 +152,21 @@ class MessageView(Vertical, can_focus=True):
     # -- actions ---------------------------------------------------------------------------------
 
     def action_copy(self) -> None:
-        self.app.copy_to_clipboard(self.text)
-        self.notify(f"Copied the message ({len(self.text)} characters) to the clipboard (OSC 52).")
+        self.copy_text(self.text, f"Copied the message ({len(self.text)} characters).")
+
+    def copy_text(self, text: str, done: str) -> None:
+        """To the terminal's clipboard and, in a desktop session, the system's (in a thread: the
+        tool may take a moment). Where neither reaches, `v` shows the text to select by hand."""
+        self.app.copy_to_clipboard(text)
+        command = system_clipboard_command()
+        if command is not None:
+            self.run_worker(lambda: copy_with_system_tool(text, command), thread=True, group="clipboard")
+            self.notify(done)
+        else:
+            self.notify(f"{done} If it does not paste, press v to select the text.")
+
+    def action_view_text(self) -> None:
+        self.post_message(self.ViewTextRequested(self))
 
     def action_copy_code(self) -> None:
         blocks = code_blocks(self.text)
@@ -150,8 +175,7 @@ class MessageView(Vertical, can_focus=True):
             return
         index = self._code_index % len(blocks)
         self._code_index = index + 1
-        self.app.copy_to_clipboard(blocks[index])
-        self.notify(f"Copied code block {index + 1} of {len(blocks)} to the clipboard.")
+        self.copy_text(blocks[index], f"Copied code block {index + 1} of {len(blocks)}.")
 
     def action_edit(self) -> None:
         if self.role != "user":

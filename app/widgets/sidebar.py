@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 
+from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal
@@ -45,14 +46,19 @@ class ConversationList(OptionList):
         self.clear_options()
         options = []
         for conversation in conversations:
-            label = Text(no_wrap=True, overflow="ellipsis")
+            title = Text(no_wrap=True, overflow="ellipsis")
             if conversation.id in busy:
-                label.append(BUSY_MARK, style=BUSY_STYLE)
-            label.append(conversation.title)
+                title.append(BUSY_MARK, style=BUSY_STYLE)
+            title.append(conversation.title)
             if conversation.id in busy:
-                label.append("  busy", style=BUSY_STYLE)
+                age = Text("busy", style=BUSY_STYLE)
             else:
-                label.append(f"  {relative_time(conversation.updated_at, now)}", style="dim")
+                age = Text(relative_time(conversation.updated_at, now), style="dim")
+            # Two columns: the title is cut with an ellipsis to one line, the age keeps its own.
+            label = Table.grid(expand=True, padding=(0, 0, 0, 2))
+            label.add_column(ratio=1, no_wrap=True, overflow="ellipsis")
+            label.add_column(justify="right", no_wrap=True)
+            label.add_row(title, age)
             options.append(Option(label, id=f"chat-{conversation.id}"))
         self.add_options(options)
         self.select_conversation(current_id)

@@ -10,6 +10,7 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widgets import Static
 
+from mixtral_chat.engine.options import UNQUANTIZED
 from mixtral_chat.engine.units import format_bytes
 
 
@@ -89,7 +90,7 @@ class StatusBar(Static):
         model = Text(info.model, style="bold")
         if info.loading:
             model.append(" (loading)", style="italic")
-        if info.scheme:
+        if info.scheme and info.scheme != UNQUANTIZED:  # float weights: the dtype after the device says it
             model.append(f" · {info.scheme}")
         if info.device:
             model.append(f" · {info.device}")

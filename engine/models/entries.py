@@ -144,8 +144,10 @@ def find_quantized_dir(item: KnownModel) -> Path | None:
 
 
 def model_entry(item: KnownModel, default: str | None) -> ModelEntry:
-    """`item` as it stands on disk now; `default` is the registry's default model name."""
-    is_default = default is not None and default == item.name
+    """`item` as it stands on disk now; `default` is the registry's default model name.
+
+    With no default chosen the bundled demo is what runs, so it is the one marked default."""
+    is_default = item.source == "bundled" if default is None else default == item.name
     if item.source == "bundled":
         return _bundled_entry(item, is_default)
     if item.source == "local":

@@ -1,0 +1,112 @@
+"""Issue 17's details under Pilot: the real app on the real engine and real SQLite."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("textual")
+
+from textual.widgets import TextArea
+
+from mixtral_chat.app.clipboard import copy_with_system_tool, system_clipboard_command
+from mixtral_chat.app.screens.text_view import TextViewScreen
+from mixtral_chat.app.settings import NEW_CHAT_GENERATION
+from mixtral_chat.app.storage import Storage
+from mixtral_chat.engine.models.catalog import demo_dir
+from tests.test_tui import chat_model_dir, make_app, run, send, wait_for, wait_ready
+
+__all__ = ["chat_model_dir"]  # the fixture, shared with test_tui
+
+LONG_TITLE = "What is a harbor and why do ships need one at all, in any weather?"
+
+
+def test_a_long_chat_title_is_one_line_with_its_age_apart(isolated_home: Path, chat_model_dir: Path) -> None:
+    storage = Storage()
+    storage.create_conversation(LONG_TITLE)
+    storage.create_conversation("Hi")
+    storage.close()
+    app = make_app(chat_model_dir)
+
+    async def scenario() -> None:
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_ready(pilot, app)
+            listing = app.chat_screen.conversation_list
+            width = listing.content_region.width
+            lines = [listing.render_line(y).text.rstrip() for y in range(listing.option_count)]
+            # Newest first; each chat on exactly one line: title cut with an ellipsis, then the age.
+            assert lines[0].strip().endswith("now") and lines[0].strip().startswith("Hi")
+            assert "…" in lines[1] and lines[1].strip().endswith("now")
+            assert lines[1].strip().startswith(LONG_TITLE[:10]) and len(lines[1]) <= width + 2
+
+    run(scenario)
+
+
+def notifications(app) -> list[str]:
+    return [str(n.message) for n in app._notifications]
+
+
+def test_copy_says_what_it_did_and_v_shows_the_text_to_select(
+    isolated_home: Path, chat_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DISPLAY", raising=False)  # no desktop session: OSC 52 is the only way
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    answer = "A harbor is a sheltered body of water where ships can dock safely."
+    with Storage() as storage:
+        chat = storage.create_conversation("Harbors")
+        storage.add_message(chat.id, "user", "What is a harbor?")
+        storage.add_message(chat.id, "assistant", answer)
+    app = make_app(chat_model_dir)
+
+    async def scenario() -> None:
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_ready(pilot, app)
+            view = app.chat_screen.message_list.views[-1]
+            view.focus()
+            await pilot.press("c")
+            assert app.clipboard == answer
+            said = notifications(app)[-1]
+            assert "OSC 52" not in said and said.startswith(f"Copied the message ({len(answer)} characters).")
+            assert "press v to select the text" in said
+            await pilot.press("v")
+            await wait_for(pilot, lambda: isinstance(app.screen, TextViewScreen), "the text view")
+            area = app.screen.query_one(TextArea)
+            assert area.read_only and area.text == answer and area.selected_text == answer
+            await pilot.press("escape")
+            await wait_for(pilot, lambda: not isinstance(app.screen, TextViewScreen), "the view to close")
+
+    run(scenario)
+
+
+def test_the_system_clipboard_tool_gets_the_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    received = tmp_path / "received.txt"
+    tool = tmp_path / "bin" / "xclip"
+    tool.parent.mkdir()
+    tool.write_text(f"#!/bin/sh\ncat > {received}\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tool.parent}:{os.environ['PATH']}")
+    assert system_clipboard_command({}, "linux") is None  # over ssh: no display, no tool
+    command = system_clipboard_command({"DISPLAY": ":0"}, "linux")
+    assert command == ("xclip", "-selection", "clipboard")
+    assert copy_with_system_tool("fn main() {}", command) and received.read_text() == "fn main() {}"
+    assert not copy_with_system_tool("x", ("/nonexistent/tool",))
+
+
+def test_the_demo_keeps_the_first_turn_in_a_second_message(isolated_home: Path) -> None:
+    app = make_app(demo_dir(), max_tokens=NEW_CHAT_GENERATION.max_tokens)  # 1024 > the demo's 512
+
+    async def scenario() -> None:
+        async with app.run_test(size=(120, 35)) as pilot:
+            await wait_ready(pilot, app)
+            await send(pilot, app, "What is a harbor?")
+            await send(pilot, app, "What is a lighthouse?")
+            assert not [n for n in notifications(app) if "dropped" in n]
+            stats = app.storage.messages(app.chat_screen.conversation_id)[-1].stats
+            assert stats is not None and stats["dropped_turns"] == 0
+            assert stats["prompt_tokens"] > len(
+                app.engine.tokenizer.encode_chat([{"role": "user", "content": "What is a lighthouse?"}])
+            )
+
+    run(scenario)
