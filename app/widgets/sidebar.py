@@ -35,6 +35,10 @@ class ConversationList(OptionList):
     """Conversations, most recently used first; option ids are `chat-<id>`. A chat another app
     is answering in is marked busy (`busy`: conversation id -> that app's pid)."""
 
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._plain_labels: dict[int, str] = {}
+
     def show(
         self,
         conversations: list[Conversation],
@@ -44,6 +48,7 @@ class ConversationList(OptionList):
         now = time.time()
         busy = busy or {}
         self.clear_options()
+        self._plain_labels = {}
         options = []
         for conversation in conversations:
             title = Text(no_wrap=True, overflow="ellipsis")
@@ -59,6 +64,7 @@ class ConversationList(OptionList):
             label.add_column(ratio=1, no_wrap=True, overflow="ellipsis")
             label.add_column(justify="right", no_wrap=True)
             label.add_row(title, age)
+            self._plain_labels[conversation.id] = f"{title.plain} {age.plain}"
             options.append(Option(label, id=f"chat-{conversation.id}"))
         self.add_options(options)
         self.select_conversation(current_id)
@@ -71,6 +77,10 @@ class ConversationList(OptionList):
             self.highlighted = self.get_option_index(f"chat-{conversation_id}")
         except Exception:  # not in the list (deleted elsewhere)
             self.highlighted = None
+
+    def label_text(self, conversation_id: int) -> str:
+        """A conversation's row as plain text (title, then its age or "busy")."""
+        return self._plain_labels.get(conversation_id, "")
 
     @staticmethod
     def conversation_id(option: Option) -> int:

@@ -214,7 +214,7 @@ def test_a_chat_another_instance_answers_in_is_busy(home: Path, chat_model_dir: 
                 # A marks the chat busy, in the sidebar and the status line.
                 await wait_for(lambda: screen_a.busy.get(chat_id) == os.getpid(), "A to see the chat busy")
                 await wait_for(lambda: screen_a.status_bar.info.busy_pid == os.getpid(), "A's status line")
-                label = str(screen_a.conversation_list.get_option(f"chat-{chat_id}").prompt)
+                label = screen_a.conversation_list.label_text(chat_id)
                 assert label.startswith("● ") and label.endswith("busy")
                 assert f"busy: answered in pid {os.getpid()}" in str(screen_a.status_bar.render())
 
