@@ -65,6 +65,8 @@ class ChatApp(App[int]):
     ]
 
     model_status: reactive[ModelStatus] = reactive(ModelStatus, init=False)
+    # False until on_mount has applied the saved theme: theme changes before that are not the user's.
+    _theme_restored = False
 
     def __init__(
         self,
@@ -109,6 +111,7 @@ class ChatApp(App[int]):
     def on_mount(self) -> None:
         if self.settings.theme in self.available_themes:
             self.theme = self.settings.theme
+        self._theme_restored = True  # from now on a theme change is the user's, and is kept
         if self.settings.keymap:
             self.set_keymap(self.settings.keymap)
         self.push_screen(self.chat_screen)
@@ -296,6 +299,19 @@ class ChatApp(App[int]):
             self.notify(f"Could not save the settings: {exc}", severity="error")
             return False
         return True
+
+    def remember_ui(self, **changes: object) -> None:
+        """Keep a UI choice (theme, sidebar, cache panel) across restarts: saved at once. Quiet
+        when the config file has errors: the choice still holds for this run."""
+        for name, value in changes.items():
+            setattr(self.settings, name, value)
+        if self.settings_writable:
+            self.save_settings()
+
+    def watch_theme(self, theme: str) -> None:
+        # From the palette's theme picker or the Appearance tab; the start-up restore is a no-op.
+        if self._theme_restored and theme != self.settings.theme:
+            self.remember_ui(theme=theme)
 
     def action_settings(self) -> None:
         from mixtral_chat.app.screens.settings import SettingsScreen

@@ -482,7 +482,9 @@ def test_expert_cache_panel_shows_residency(home: Path, chat_model_dir: Path) ->
             await pilot.pause()
             settings_screen.query_one("#context-length", Input).value = "2048"
             await pilot.click("#save-engine")
-            await wait_for(pilot, lambda: (home / "config" / "config.toml").exists(), "the saved config")
+            await wait_for(
+                pilot, lambda: load_settings().engine.context_length == 2048, "the saved engine options"
+            )
             saved = load_settings()
             assert saved.engine.context_length == 2048 and saved.engine.offload
             assert saved.engine.experts_per_layer == 2

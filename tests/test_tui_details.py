@@ -110,3 +110,73 @@ def test_the_demo_keeps_the_first_turn_in_a_second_message(isolated_home: Path) 
             )
 
     run(scenario)
+
+
+def test_theme_sidebar_and_cache_panel_are_kept_across_a_restart(
+    isolated_home: Path, chat_model_dir: Path
+) -> None:
+    from mixtral_chat.app.settings import load_settings
+
+    first = make_app(chat_model_dir, settings=load_settings())
+
+    async def change_them() -> None:
+        async with first.run_test(size=(120, 35)) as pilot:
+            await wait_ready(pilot, first)
+            await pilot.press("ctrl+b")  # hide the sidebar
+            await pilot.press("ctrl+g")  # show the cache panel
+            first.theme = "nord"  # what the palette's theme picker does
+            await pilot.pause()
+
+    run(change_them)
+    saved = load_settings()
+    assert (saved.theme, saved.show_sidebar, saved.show_cache_panel) == ("nord", False, True)
+
+    second = make_app(chat_model_dir, settings=load_settings())
+
+    async def see_them() -> None:
+        async with second.run_test(size=(120, 35)) as pilot:
+            await wait_ready(pilot, second)
+            screen = second.chat_screen
+            assert second.theme == "nord"
+            assert not screen.query_one("#sidebar").display and screen.cache_panel.display
+
+    run(see_them)
+
+
+def test_settings_screen_details(isolated_home: Path, chat_model_dir: Path) -> None:
+    """Delete is off for a catalog model with nothing on disk; an empty context means the model's
+    own; the theme lives under Appearance and applies and is saved at once."""
+    from textual.widgets import Button, Input, Select, TabbedContent
+
+    from mixtral_chat.app.screens.settings import SettingsScreen
+    from mixtral_chat.app.settings import load_settings
+
+    app = make_app(chat_model_dir)
+
+    async def scenario() -> None:
+        async with app.run_test(size=(120, 35)) as pilot:
+            await wait_ready(pilot, app)
+            await pilot.press("f3")
+            await wait_for(pilot, lambda: isinstance(app.screen, SettingsScreen), "the settings screen")
+            screen = app.screen
+            assert isinstance(screen, SettingsScreen)
+            table = screen.models_table
+            mixtral = next(e for e in screen.entries.values() if e.status == "not downloaded")
+            table.move_cursor(row=table.get_row_index(mixtral.name))
+            await pilot.pause()
+            assert screen.query_one("#delete-model", Button).disabled
+            assert not screen.query_one("#download-model", Button).disabled
+
+            screen.query_one(TabbedContent).active = "engine-tab"
+            await pilot.pause()
+            context = screen.query_one("#context-length", Input)
+            assert context.value == ""
+            assert context.placeholder == f"the model's own ({app.engine.info.context_length} now)"
+
+            screen.query_one(TabbedContent).active = "appearance-tab"
+            await pilot.pause()
+            screen.query_one("#theme", Select).value = "gruvbox"
+            await wait_for(pilot, lambda: app.theme == "gruvbox", "the theme to apply")
+            assert load_settings().theme == "gruvbox"
+
+    run(scenario)

@@ -16,7 +16,7 @@ from mixtral_chat.engine.config import ModelArgs
 from mixtral_chat.engine.errors import QuantizationError, TokenizerError
 from mixtral_chat.engine.tokenizer import Tokenizer
 from mixtral_chat.engine.units import format_duration
-from mixtral_chat.quant.workdir import partial_dir
+from mixtral_chat.quant.workdir import kept_shards, partial_dir
 
 if TYPE_CHECKING:
     from mixtral_chat.quant.convert import QuantProgress
@@ -122,7 +122,8 @@ def interrupted_message(dst: Path, progress: QuantProgress | None) -> str:
             return f"interrupted; earlier work is kept in {partial}: run the same command to resume"
         return "interrupted before anything was written"
     if progress.phase == "quantizing":
-        done = f"{progress.shards_done} of {progress.shards_total} shards done"
+        kept = kept_shards(partial)
+        done = f"{progress.shards_done if kept is None else kept} of {progress.shards_total} shards done"
     else:
         done = f"all {progress.shards_total} shards done"
     return f"interrupted with {done}, kept in {partial}: run the same command to resume"

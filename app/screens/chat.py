@@ -866,10 +866,12 @@ class ChatScreen(Screen[None]):
     def action_toggle_sidebar(self) -> None:
         sidebar = self.query_one("#sidebar")
         sidebar.display = not sidebar.display
+        self.chat_app.remember_ui(show_sidebar=bool(sidebar.display))
 
     def action_toggle_cache_panel(self) -> None:
         panel = self.cache_panel
         panel.display = not panel.display
+        self.chat_app.remember_ui(show_cache_panel=bool(panel.display))
         if panel.display:
             engine = self.chat_app.engine
             panel.show_stats(engine.cache_stats() if engine is not None else None)

@@ -8,12 +8,11 @@ progress keeps counting) while the user is back in the chat.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from textual import on, work
 from textual.app import ComposeResult
@@ -29,15 +28,16 @@ from textual.widgets import (
     Label,
     ProgressBar,
     Select,
-    Switch,
     TabbedContent,
     TabPane,
 )
-from textual.widgets.data_table import CellDoesNotExist
 
 from mixtral_chat.app.errors import error_line
 from mixtral_chat.app.screens.dialogs import ConfirmScreen, DeleteModelScreen
+from mixtral_chat.app.widgets.engine_form import EngineForm
+from mixtral_chat.app.widgets.models_table import ModelsTable
 from mixtral_chat.engine.fileio import free_disk_bytes
+from mixtral_chat.engine.options import UNQUANTIZED
 from mixtral_chat.engine.units import format_duration, format_size
 
 if TYPE_CHECKING:
@@ -85,19 +85,24 @@ class SettingsScreen(Screen[None]):
         return self.app  # type: ignore[return-value]
 
     @property
-    def models_table(self) -> DataTable[Any]:
-        return self.query_one("#models-table", DataTable)
+    def models_table(self) -> ModelsTable:
+        return self.query_one("#models-table", ModelsTable)
+
+    def _context_hint(self) -> str:
+        engine = self.chat_app.engine
+        if engine is not None:
+            return f"the model's own ({engine.info.context_length} now)"
+        return "the model's own, shortened if memory is short"
 
     # -- layout ----------------------------------------------------------------------------------
 
     def compose(self) -> ComposeResult:
         settings = self.chat_app.settings
-        engine = settings.engine
         yield Label("Settings", id="settings-title")
         with TabbedContent(initial="models-tab"):
             with TabPane("Models", id="models-tab"), VerticalScroll():
                 yield Label("", id="disk-free", classes="settings-note")
-                yield DataTable(id="models-table", cursor_type="row", zebra_stripes=True)
+                yield ModelsTable(id="models-table")
                 yield Label("", id="model-detail", classes="settings-note")
                 with Horizontal(classes="settings-buttons"):
                     yield Button("Use", id="use-model", variant="primary")
@@ -114,54 +119,13 @@ class SettingsScreen(Screen[None]):
                     )
                     yield Button("Add", id="add-model")
             with TabPane("Engine", id="engine-tab"), VerticalScroll():
+                yield EngineForm(settings.engine, self._context_hint(), id="engine-form")
+                yield Label("", id="plan-note", classes="settings-note")
+                with Horizontal(classes="settings-buttons"):
+                    yield Button("Save", id="save-engine", variant="primary")
+                    yield Button("Save and reload the model", id="save-reload")
+            with TabPane("Appearance", id="appearance-tab"), VerticalScroll():
                 with Grid(classes="engine-grid"):
-                    yield Label("Device")
-                    yield Select(
-                        [("auto", "auto"), ("CPU", "cpu"), ("CUDA GPU", "cuda")],
-                        value=engine.device if engine.device in ("auto", "cpu", "cuda") else "auto",
-                        allow_blank=False,
-                        id="device",
-                    )
-                    yield Label("Weights dtype")
-                    yield Select(
-                        [("auto", "auto"), ("float32", "float32"), ("bfloat16", "bfloat16")],
-                        value=engine.dtype if engine.dtype in ("auto", "float32", "bfloat16") else "auto",
-                        allow_blank=False,
-                        id="dtype",
-                    )
-                    yield Label("Quantize at load (float models)")
-                    yield Select(
-                        [("as stored", "stored"), ("none", "none"), ("int4", "int4"), ("nf4", "nf4")],
-                        value=engine.quant or "stored",
-                        allow_blank=False,
-                        id="quant",
-                    )
-                    yield Label("Offload experts")
-                    yield Switch(engine.offload, id="offload")
-                    yield Label("Experts on device per layer")
-                    yield Input(
-                        _text(engine.experts_per_layer),
-                        placeholder="planner decides",
-                        type="integer",
-                        id="experts-per-layer",
-                    )
-                    yield Label("Device memory budget (GB)")
-                    yield Input(
-                        _text(engine.gpu_budget_gb), placeholder="free memory", type="number", id="gpu-budget"
-                    )
-                    yield Label("Prefetch experts")
-                    yield Switch(engine.prefetch, id="prefetch")
-                    yield Label("Offloaded experts live in")
-                    yield Select(
-                        [("RAM", "ram"), ("disk", "disk")],
-                        value=engine.offload_store if engine.offload_store in ("ram", "disk") else "ram",
-                        allow_blank=False,
-                        id="offload-store",
-                    )
-                    yield Label("Context length (tokens)")
-                    yield Input(
-                        _text(engine.context_length), placeholder="4096", type="integer", id="context-length"
-                    )
                     yield Label("Theme")
                     yield Select(
                         [(name, name) for name in sorted(self.app.available_themes)],
@@ -169,21 +133,10 @@ class SettingsScreen(Screen[None]):
                         allow_blank=False,
                         id="theme",
                     )
-                yield Label("", id="plan-note", classes="settings-note")
-                with Horizontal(classes="settings-buttons"):
-                    yield Button("Save", id="save-engine", variant="primary")
-                    yield Button("Save and reload the model", id="save-reload")
+                yield Label("A theme applies and is saved at once.", classes="settings-note")
         yield Footer()
 
     def on_mount(self) -> None:
-        table = self.models_table
-        table.add_column("", key="marks", width=2)
-        table.add_column("Model", key="name")
-        table.add_column("Status", key="status")
-        table.add_column("On disk", key="size")
-        table.add_column("Download", key="download")
-        table.add_column("Scheme", key="scheme")
-        table.add_column("Source", key="source")
         self.query_one("#download-row").display = False
         self.refresh_models()
         self.watch(self.chat_app, "model_status", self._model_status_changed)
@@ -205,46 +158,9 @@ class SettingsScreen(Screen[None]):
             self.notify(str(exc), severity="error")
             entries = []
         self.entries = {entry.name: entry for entry in entries}
-        table = self.models_table
-        selected = self.selected_name()
-        table.clear()
-        active = self.chat_app.engine.info.path.resolve() if self.chat_app.engine is not None else None
-        for entry in entries:
-            marks = (
-                "●"
-                if active is not None and entry.path is not None and entry.path.resolve() == active
-                else ""
-            )
-            marks += "★" if entry.is_default else ""
-            table.add_row(
-                marks,
-                entry.name,
-                self._status_text(entry, active),
-                format_size(entry.size_on_disk),
-                format_size(entry.download_bytes),
-                entry.scheme or "-",
-                entry.repo_id or (str(entry.path) if entry.path else entry.source),
-                key=entry.name,
-            )
         engine = self.chat_app.engine
-        if (
-            engine is not None
-            and active is not None
-            and not any(entry.path is not None and entry.path.resolve() == active for entry in entries)
-        ):
-            # Loaded from a directory given with --model, not in the registry.
-            table.add_row(
-                "●",
-                engine.info.name,
-                "active (not registered)",
-                "-",
-                "-",
-                engine.info.scheme,
-                str(active),
-                key=None if engine.info.name in self.entries else engine.info.name,
-            )
-        if selected in self.entries:
-            table.move_cursor(row=table.get_row_index(selected))
+        pulling = (self.pulling, self.last_progress) if self.pulling and self.last_progress else None
+        self.models_table.show(entries, engine.info if engine is not None else None, pulling)
         cache = hub_cache_dir()
         data = _existing(paths.data_dir())
         parts = [
@@ -254,26 +170,8 @@ class SettingsScreen(Screen[None]):
         self.query_one("#disk-free", Label).update("\n".join(parts))
         self._show_detail()
 
-    def _status_text(self, entry: ModelEntry, active: Path | None) -> str:
-        if entry.name == self.pulling and self.last_progress is not None:
-            verb = "downloading" if self.last_progress.phase == "download" else "quantizing"
-            return f"{verb} {self.last_progress.fraction * 100:.0f}%"
-        status = entry.status
-        if entry.status == "partial" and entry.partial_bytes:
-            status = f"partial ({format_size(entry.partial_bytes)})"
-        if active is not None and entry.path is not None and entry.path.resolve() == active:
-            status += ", active"
-        return status
-
     def selected_name(self) -> str | None:
-        table = self.models_table
-        if table.row_count == 0:
-            return None
-        try:
-            row_key, _ = table.coordinate_to_cell_key(table.cursor_coordinate)
-        except Exception:
-            return None
-        return str(row_key.value) if row_key.value is not None else None
+        return self.models_table.selected_name()
 
     def selected_entry(self) -> ModelEntry | None:
         name = self.selected_name()
@@ -304,7 +202,11 @@ class SettingsScreen(Screen[None]):
         self.query_one("#quantize-model", Button).disabled = (
             busy or not downloadable or entry.status not in ("downloaded", "quantized")
         )
-        self.query_one("#delete-model", Button).disabled = busy or entry.source == "bundled"
+        # A catalog model with nothing on disk has nothing to delete (the catalog keeps listing it).
+        nothing_here = (
+            entry.source == "catalog" and entry.status == "not downloaded" and not entry.partial_bytes
+        )
+        self.query_one("#delete-model", Button).disabled = busy or entry.source == "bundled" or nothing_here
 
     def action_refresh_models(self) -> None:
         self.refresh_models()
@@ -406,11 +308,7 @@ class SettingsScreen(Screen[None]):
             text += f" ({update.file})"
         self.query_one("#download-label", Label).update(text)
         if message.name in self.entries:
-            # CellDoesNotExist: the row was refreshed away; the next refresh shows it again.
-            with contextlib.suppress(CellDoesNotExist):
-                self.models_table.update_cell(
-                    message.name, "status", self._status_text(self.entries[message.name], None)
-                )
+            self.models_table.show_status(self.entries[message.name], update)
 
     def on_pull_done(self, message: Pull.Done) -> None:
         self.pulling = None
@@ -532,7 +430,11 @@ class SettingsScreen(Screen[None]):
     def _model_status_changed(self, status: ModelStatus) -> None:
         engine = self.chat_app.engine
         plan = engine.info.offload_plan if engine is not None else None
-        note = f"Loaded: {engine.info.name} on {engine.info.device} ({engine.info.scheme})" if engine else ""
+        note = ""
+        if engine is not None:
+            info = engine.info
+            weights = info.scheme if info.scheme != UNQUANTIZED else info.dtype
+            note = f"Loaded: {info.name} on {info.device} ({weights})"
         if plan:
             note += f"\nOffload plan: {plan}"
         elif engine is not None:
@@ -548,32 +450,17 @@ class SettingsScreen(Screen[None]):
     # -- engine ----------------------------------------------------------------------------------
 
     def _read_engine_settings(self) -> bool:
-        settings = self.chat_app.settings
-        engine = settings.engine
         try:
-            experts = _optional_int(self.query_one("#experts-per-layer", Input).value, "experts per layer", 1)
-            budget = _optional_float(self.query_one("#gpu-budget", Input).value, "memory budget")
-            context = _optional_int(self.query_one("#context-length", Input).value, "context length", 16)
+            self.query_one("#engine-form", EngineForm).apply_to(self.chat_app.settings.engine)
         except ValueError as exc:
             self.notify(str(exc), severity="error")
             return False
-        engine.device = str(self.query_one("#device", Select).value)
-        engine.dtype = str(self.query_one("#dtype", Select).value)
-        quant = str(self.query_one("#quant", Select).value)
-        engine.quant = None if quant == "stored" else quant
-        engine.offload = self.query_one("#offload", Switch).value
-        engine.experts_per_layer = experts
-        engine.gpu_budget_gb = budget
-        engine.prefetch = self.query_one("#prefetch", Switch).value
-        engine.offload_store = str(self.query_one("#offload-store", Select).value)
-        engine.context_length = context
-        settings.theme = str(self.query_one("#theme", Select).value)
         return True
 
     @on(Select.Changed, "#theme")
     def _theme_changed(self, event: Select.Changed) -> None:
         if isinstance(event.value, str) and event.value in self.app.available_themes:
-            self.app.theme = event.value
+            self.app.theme = event.value  # the app saves it (ChatApp.watch_theme)
 
     @on(Button.Pressed, "#save-engine")
     def _save(self) -> None:
@@ -595,38 +482,8 @@ def _quantized_size(entry: ModelEntry) -> int:
     return directory_size(entry.quantized_path) if entry.quantized_path is not None else 0
 
 
-def _text(value: object) -> str:
-    return "" if value is None else str(value)
-
-
 def _existing(path: Path) -> Path:
     """The nearest existing folder (free space is asked of a folder that may not exist yet)."""
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
-
-
-def _optional_int(text: str, what: str, minimum: int) -> int | None:
-    text = text.strip()
-    if not text:
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"{what}: {text!r} is not a whole number") from None
-    if value < minimum:
-        raise ValueError(f"{what} must be at least {minimum}")
-    return value
-
-
-def _optional_float(text: str, what: str) -> float | None:
-    text = text.strip()
-    if not text:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{what}: {text!r} is not a number") from None
-    if not value > 0:
-        raise ValueError(f"{what} must be positive")
-    return value
