@@ -11,10 +11,6 @@ import argparse
 import math
 from collections.abc import Callable, Sequence
 
-# What torch.Generator.manual_seed accepts (the engine passes --seed to it unchecked).
-SEED_MIN = -(2**63)
-SEED_MAX = 2**64 - 1
-
 
 def _parse_int(flag: str, text: str) -> int:
     try:

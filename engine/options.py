@@ -18,6 +18,9 @@ TOP_P_ABOVE = 0.0  # top_p is in (TOP_P_ABOVE, TOP_P_MAX]
 TOP_P_MAX = 1.0
 TOP_K_MIN = 0  # 0: no top-k cut
 MAX_TOKENS_MIN = 1
+# What torch.Generator.manual_seed accepts.
+SEED_MIN = -(2**63)
+SEED_MAX = 2**64 - 1
 
 
 class GenerationConfigError(MixtralChatError):
@@ -54,6 +57,8 @@ class GenerationConfig:
             raise GenerationConfigError(
                 f"max_tokens must be at least {MAX_TOKENS_MIN}, got {self.max_tokens}"
             )
+        if self.seed is not None and not (SEED_MIN <= self.seed <= SEED_MAX):
+            raise GenerationConfigError(f"seed must be between {SEED_MIN} and {SEED_MAX}, got {self.seed}")
 
 
 @dataclass

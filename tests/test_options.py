@@ -35,6 +35,7 @@ OUT_OF_BOUNDS = [
     ("top_p", float("nan"), "top_p must be in (0, 1], got nan"),
     ("top_k", -1, "top_k must be 0 (off) or positive, got -1"),
     ("max_tokens", 0, "max_tokens must be at least 1, got 0"),
+    ("seed", 2**64, f"seed must be between {-(2**63)} and {2**64 - 1}, got {2**64}"),
 ]
 IDS = [f"{name}={value}" for name, value, _ in OUT_OF_BOUNDS]
 
@@ -79,6 +80,7 @@ CLI_OUT_OF_BOUNDS = [
     (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
     (["--top-k", "-1"], "--top-k must be an integer >= 0, got -1"),
     (["--max-tokens", "0"], "--max-tokens must be a positive integer, got 0"),
+    (["--seed", str(2**64)], f"--seed must be an integer from {-(2**63)} to {2**64 - 1}, got {2**64}"),
 ]
 
 

@@ -180,3 +180,38 @@ def test_settings_screen_details(isolated_home: Path, chat_model_dir: Path) -> N
             assert load_settings().theme == "gruvbox"
 
     run(scenario)
+
+
+def test_chat_options_refuse_what_the_engine_refuses(isolated_home: Path, chat_model_dir: Path) -> None:
+    """The dialog checks sampling with GenerationConfig's bounds: the same line as the settings file."""
+    from textual.widgets import Button, Input
+
+    from mixtral_chat.app.screens.dialogs import ChatOptionsScreen
+
+    app = make_app(chat_model_dir)
+
+    async def scenario() -> None:
+        async with app.run_test(size=(120, 35)) as pilot:
+            await wait_ready(pilot, app)
+            await send(pilot, app, "hello")
+            await pilot.press("ctrl+o")
+            await wait_for(pilot, lambda: isinstance(app.screen, ChatOptionsScreen), "the chat options")
+            dialog = app.screen
+            for field, value, said in [
+                ("temperature", "7", "temperature must be between 0 and 5, got 7.0"),
+                ("top_p", "0", "top_p must be in (0, 1], got 0.0"),
+                ("seed", str(2**64), f"seed must be between {-(2**63)} and {2**64 - 1}, got {2**64}"),
+                ("max_tokens", "many", "max tokens: 'many' is not a whole number"),
+            ]:
+                before = dialog.query_one(f"#{field}", Input).value
+                dialog.query_one(f"#{field}", Input).value = value
+                dialog.query_one("#save", Button).press()  # a click could land on the last toast
+                await pilot.pause()
+                assert app.screen is dialog and notifications(app)[-1] == said
+                dialog.query_one(f"#{field}", Input).value = before
+            dialog.query_one("#save", Button).press()
+            await wait_for(
+                pilot, lambda: not isinstance(app.screen, ChatOptionsScreen), "the dialog to close"
+            )
+
+    run(scenario)

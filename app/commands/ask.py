@@ -9,9 +9,11 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mixtral_chat.app.argtypes import SEED_MAX, SEED_MIN, float_range, int_range
+from mixtral_chat.app.argtypes import float_range, int_range
 from mixtral_chat.engine.options import (
     MAX_TOKENS_MIN,
+    SEED_MAX,
+    SEED_MIN,
     TEMPERATURE_MAX,
     TEMPERATURE_MIN,
     TOP_K_MIN,

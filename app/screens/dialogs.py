@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -17,6 +16,7 @@ from textual.widgets import Button, Checkbox, Input, Label, OptionList, Select, 
 from textual.widgets.option_list import Option
 
 from mixtral_chat.app.storage import MATCH_END, MATCH_START, SearchHit, Storage
+from mixtral_chat.engine.options import GenerationConfig, GenerationConfigError
 
 
 class ConfirmScreen(ModalScreen[bool]):
@@ -186,24 +186,28 @@ class ChatOptionsScreen(ModalScreen[ChatOptions | None]):
         )
 
     def _read_generation(self) -> dict[str, Any]:
-        def number(field_id: str, kind: type, low: float, high: float) -> Any:
+        """The chat's sampling as typed, checked by GenerationConfig (the one set of bounds)."""
+
+        def number(field_id: str, kind: type) -> Any:
             raw = self.query_one(f"#{field_id}", Input).value.strip()
             try:
-                value = kind(raw)
+                return kind(raw)
             except ValueError:
-                raise ValueError(f"{field_id.replace('_', ' ')}: {raw!r} is not a number") from None
-            if (isinstance(value, float) and not math.isfinite(value)) or not low <= value <= high:
-                raise ValueError(f"{field_id.replace('_', ' ')} must be between {low:g} and {high:g}")
-            return value
+                kind_name = "a whole number" if kind is int else "a number"
+                raise ValueError(f"{field_id.replace('_', ' ')}: {raw!r} is not {kind_name}") from None
 
         seed_text = self.query_one("#seed", Input).value.strip()
         generation = {
-            "temperature": number("temperature", float, 0.0, 5.0),
-            "top_p": number("top_p", float, 1e-6, 1.0),
-            "top_k": number("top_k", int, 0, 1_000_000),
-            "max_tokens": number("max_tokens", int, 1, 1_000_000),
-            "seed": int(seed_text) if seed_text else None,
+            "temperature": number("temperature", float),
+            "top_p": number("top_p", float),
+            "top_k": number("top_k", int),
+            "max_tokens": number("max_tokens", int),
+            "seed": number("seed", int) if seed_text else None,
         }
+        try:
+            GenerationConfig(**generation)
+        except GenerationConfigError as exc:
+            raise ValueError(str(exc)) from None
         return generation
 
     def action_cancel(self) -> None:
