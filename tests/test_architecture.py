@@ -52,3 +52,13 @@ def test_the_cycle_script_sees_function_local_imports_and_skips_type_checking_on
     graph = {name: import_graph._imports(name, path, known) & set(sources) for name, path in paths.items()}
     assert graph == {"pkg.low": {"pkg.high"}, "pkg.high": {"pkg.low"}, "pkg.typed": set()}
     assert import_graph.cycles(graph) == [["pkg.high", "pkg.low"]]
+
+
+def test_the_file_map_in_architecture_md_is_current() -> None:
+    """docs/ARCHITECTURE.md lists every module with its size and docstring (scripts/file_map.py)."""
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "file_map.py"), "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, "docs/ARCHITECTURE.md's file list is stale: run python scripts/file_map.py"
