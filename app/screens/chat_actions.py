@@ -11,10 +11,9 @@ from mixtral_chat.app.chat_session import (
     generation_values,
 )
 from mixtral_chat.app.screens.chat_base import ChatScreenBase, shows_errors
+from mixtral_chat.app.screens.chat_sync import REFUSED
 from mixtral_chat.app.screens.text_view import TextViewScreen
 from mixtral_chat.app.storage import (
-    ConversationBusy,
-    ConversationChanged,
     SearchHit,
     StoredMessage,
 )
@@ -62,15 +61,14 @@ class ChatActions(ChatScreenBase):
         if last_user is None:
             self.notify("Nothing to answer yet.", severity="warning")
             return
-        try:
-            deleted = self.storage.delete_messages_from(
+        deleted = await self._checked_write(
+            lambda: self.storage.delete_messages_from(
                 conversation_id, last_user.id + 1, expected=self.shown, claim=True
-            )
-        except ConversationBusy as exc:
-            self._refuse_busy(exc, "regenerate when it is done.")
-            return
-        except ConversationChanged as exc:
-            await self._reload_changed(exc, "nothing was deleted; press Ctrl+R again to regenerate.")
+            ),
+            if_busy="regenerate when it is done.",
+            if_changed="nothing was deleted; press Ctrl+R again to regenerate.",
+        )
+        if deleted is REFUSED:
             return
         if deleted:
             await self.open_conversation(conversation_id)
@@ -107,13 +105,14 @@ class ChatActions(ChatScreenBase):
         if conversation_id is None or message_id not in self.shown:
             self.notify("The message being edited is no longer shown.", severity="warning")
             return
-        try:
-            self.storage.edit_message(conversation_id, message_id, text, expected=self.shown, claim=True)
-        except ConversationBusy as exc:
-            self._refuse_busy(exc, "your edit is kept in the prompt.")
-            return
-        except ConversationChanged as exc:
-            await self._reload_changed(exc, "nothing was changed; your edit is kept in the prompt.")
+        edit = await self._checked_write(
+            lambda: self.storage.edit_message(
+                conversation_id, message_id, text, expected=self.shown, claim=True
+            ),
+            if_busy="your edit is kept in the prompt.",
+            if_changed="nothing was changed; your edit is kept in the prompt.",
+        )
+        if edit is REFUSED:
             return
         edited = self.storage.get_message(message_id)
         self.prompt.clear()
@@ -170,13 +169,12 @@ class ChatActions(ChatScreenBase):
         async def answered(confirmed: bool | None) -> None:
             if not confirmed:
                 return
-            try:
-                self.storage.delete_conversation(conversation.id, expected=expected)
-            except ConversationBusy as exc:
-                self._refuse_busy(exc, "nothing was deleted.")
-                return
-            except ConversationChanged as exc:
-                await self._reload_changed(exc, "nothing was deleted.")
+            deletion = await self._checked_write(
+                lambda: self.storage.delete_conversation(conversation.id, expected=expected),
+                if_busy="nothing was deleted.",
+                if_changed="nothing was deleted.",
+            )
+            if deletion is REFUSED:
                 return
             if self.generation is not None and self.generation.conversation_id == conversation.id:
                 self.generation.stop_event.set()

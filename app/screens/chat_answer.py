@@ -20,10 +20,10 @@ from mixtral_chat.app.chat_session import (
     stream_answer,
 )
 from mixtral_chat.app.screens.chat_base import SAVE_INTERVAL_S, ActiveGeneration, ChatScreenBase, shows_errors
+from mixtral_chat.app.screens.chat_sync import REFUSED
 from mixtral_chat.app.screens.lifecycle import Generation
 from mixtral_chat.app.storage import (
     ConversationBusy,
-    ConversationChanged,
     PartialAnswerSaver,
     StorageError,
 )
@@ -56,14 +56,13 @@ class ChatAnswering(ChatScreenBase):
         """Commit the prompt, show it, and start the answer. The prompt is appended only after
         the messages shown, and only while no other app is answering in the chat."""
         conversation_id = self._ensure_conversation(text)
-        try:
-            # Committed before generating, with this app's lease on the chat.
-            stored = self.storage.add_message(conversation_id, "user", text, expected=self.shown, claim=True)
-        except ConversationBusy as exc:
-            self._refuse_busy(exc, "your message is kept in the prompt; send it when it is done.")
-            return
-        except ConversationChanged as exc:
-            await self._reload_changed(exc, "your message is not sent yet; press Enter to send it.")
+        # Committed before generating, with this app's lease on the chat.
+        stored = await self._checked_write(
+            lambda: self.storage.add_message(conversation_id, "user", text, expected=self.shown, claim=True),
+            if_busy="your message is kept in the prompt; send it when it is done.",
+            if_changed="your message is not sent yet; press Enter to send it.",
+        )
+        if stored is REFUSED:
             return
         self.shown[stored.id] = stored.version
         self.prompt.clear()

@@ -4,6 +4,9 @@ another app commits (`DatabaseChanged`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from mixtral_chat.app.screens.chat_base import ChatScreenBase, shows_errors
 from mixtral_chat.app.screens.lifecycle import DatabaseChanged
 from mixtral_chat.app.storage import (
@@ -11,9 +14,24 @@ from mixtral_chat.app.storage import (
     ConversationChanged,
 )
 
+# What a checked write returns when it was refused (the chat is busy elsewhere, or changed).
+REFUSED = object()
+
 
 class ChatSync(ChatScreenBase):
     # -- other instances -------------------------------------------------------------------------
+
+    async def _checked_write(self, write: Callable[[], Any], *, if_busy: str, if_changed: str) -> Any:
+        """Run a write guarded against the chat shown (`expected=self.shown`, `claim=True`): its
+        result, or REFUSED once the user has been told why (`if_busy` / `if_changed`: what became
+        of their action)."""
+        try:
+            return write()
+        except ConversationBusy as exc:
+            self._refuse_busy(exc, if_busy)
+        except ConversationChanged as exc:
+            await self._reload_changed(exc, if_changed)
+        return REFUSED
 
     def _refuse_busy(self, exc: ConversationBusy, what: str) -> None:
         self.notify(
