@@ -154,6 +154,23 @@ def test_chat_screen_with_a_stored_conversation(
     assert snapshot(snap_compare, app, run_before)
 
 
+def test_chat_screen_at_80x24(
+    home: Path, snapshot_model_dir: Path, snap_compare: Callable[..., bool]
+) -> None:
+    """The smallest common terminal: the sidebar folded away, the essential keys first in the
+    footer (Stop, Help, Quit, Settings), the status line whole."""
+    seed_conversations()
+    app = make_app(snapshot_model_dir)
+
+    async def run_before(pilot: Pilot[Any]) -> None:
+        await settle(pilot)
+        screen = app.chat_screen
+        assert screen.has_class("-narrow") and not screen.query_one("#sidebar").display
+        assert [view.role for view in screen.message_list.views] == ["user", "assistant"]
+
+    assert snapshot(snap_compare, app, run_before, size=(80, 24))
+
+
 def test_settings_screen_models_tab(
     home: Path, snapshot_model_dir: Path, snap_compare: Callable[..., bool]
 ) -> None:

@@ -43,11 +43,21 @@ from mixtral_chat.app.screens.chat_sync import ChatSync
 __all__ = ["ActiveGeneration", "ChatScreen"]
 
 
+# Columns at which the layout changes (see HORIZONTAL_BREAKPOINTS).
+NORMAL_WIDTH = 100
+WIDE_WIDTH = 160
+
+
 class ChatScreen(ChatActions, ChatAnswering, ChatSync):
     # The footer shows the everyday keys (every footer key is widgets to lay out at start-up);
     # the command palette (Ctrl+P) lists every action with its key.
     BINDINGS: ClassVar[list[BindingType]] = [
+        # The footer shows keys in this order and cuts the rest on a narrow screen: the essential
+        # ones first (Quit and Settings are the app's, repeated here to be placed first).
         Binding("escape", "stop", "Stop", id="chat.stop"),
+        Binding("f1", "help", "Help", id="chat.help"),
+        Binding("ctrl+q", "app.quit", "Quit", id="chat.quit"),
+        Binding("f3", "app.settings", "Settings", id="chat.settings"),
         Binding("ctrl+n", "new_chat", "New chat", id="chat.new"),
         Binding("ctrl+r", "regenerate", "Regenerate", id="chat.regenerate"),
         Binding("ctrl+f", "search", "Search", id="chat.search"),
@@ -57,6 +67,14 @@ class ChatScreen(ChatActions, ChatAnswering, ChatSync):
         Binding("f9", "export", "Export", id="chat.export", show=False),
         Binding("ctrl+b", "toggle_sidebar", "Sidebar", id="chat.toggle_sidebar", show=False),
         Binding("ctrl+g", "toggle_cache_panel", "Experts", id="chat.toggle_cache_panel", show=False),
+    ]
+
+    # Narrow: the sidebar is folded away (Ctrl+B opens it over the chat) and the cache panel lies
+    # over the chat; normal: the sidebar beside it, the panel over it; wide: both beside it.
+    HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [
+        (0, "-narrow"),
+        (NORMAL_WIDTH, "-normal"),
+        (WIDE_WIDTH, "-wide"),
     ]
 
     # -- layout ----------------------------------------------------------------------------------
@@ -77,8 +95,9 @@ class ChatScreen(ChatActions, ChatAnswering, ChatSync):
 
     def on_mount(self) -> None:
         settings = self.chat_app.settings
-        self.query_one("#sidebar").display = settings.show_sidebar
-        self.cache_panel.display = settings.show_cache_panel
+        # Classes, not `display`: the stylesheet decides per width (app.tcss, the breakpoints).
+        self.set_class(not settings.show_sidebar, "-hide-sidebar")
+        self.set_class(settings.show_cache_panel, "-show-cache")
         self.loading_bar.display = False
         self.prompt.focus()
         self.watch(self.chat_app, "model_status", self._model_status_changed)
@@ -198,6 +217,7 @@ class ChatScreen(ChatActions, ChatAnswering, ChatSync):
         conversation_id = ConversationList.conversation_id(event.option)
         if conversation_id != self.conversation_id:
             await self.open_conversation(conversation_id)
+        self.close_folded_sidebar()
         self.prompt.focus()
 
     # -- model -----------------------------------------------------------------------------------

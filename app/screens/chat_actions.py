@@ -18,6 +18,7 @@ from mixtral_chat.app.storage import (
     StoredMessage,
 )
 from mixtral_chat.app.widgets.message_view import MessageView
+from mixtral_chat.app.widgets.prompt import PromptInput
 
 if TYPE_CHECKING:
     from mixtral_chat.app.screens.dialogs import ChatOptions
@@ -33,6 +34,8 @@ class ChatActions(ChatScreenBase):
         return True
 
     def action_stop(self) -> None:
+        if self.close_folded_sidebar():
+            return
         if self.generation is not None:
             self.generation.stop_event.set()
             self.notify("Stopping: the answer so far is kept.", timeout=2)
@@ -234,18 +237,53 @@ class ChatActions(ChatScreenBase):
 
         self.app.push_screen(ChatOptionsScreen(options, dict(settings.personas)), self._guarded(saved))
 
+    def action_help(self) -> None:
+        from mixtral_chat.app.screens.dialogs import ConfirmScreen, SearchScreen
+        from mixtral_chat.app.screens.help import HelpScreen
+        from mixtral_chat.app.screens.settings import SettingsScreen
+
+        sections = [
+            ("Everywhere", [type(self.app)]),
+            ("Chat", [type(self)]),
+            ("The prompt", [PromptInput]),
+            ("A message (Shift+Tab from the prompt, then Up/Down)", [MessageView]),
+            ("Settings (F3)", [SettingsScreen]),
+            ("Search (Ctrl+F)", [SearchScreen]),
+            ("A question", [ConfirmScreen]),
+        ]
+        self.app.push_screen(HelpScreen(sections, self.chat_app.settings.keymap))
+
+    @property
+    def sidebar_folded(self) -> bool:
+        """Narrow screens fold the sidebar away; Ctrl+B opens it over the chat for a while."""
+        return self.has_class("-narrow")
+
     def action_toggle_sidebar(self) -> None:
-        sidebar = self.query_one("#sidebar")
-        sidebar.display = not sidebar.display
-        self.chat_app.remember_ui(show_sidebar=bool(sidebar.display))
+        if self.sidebar_folded:
+            self.toggle_class("-sidebar-open")  # this time only: the saved choice is for wider screens
+            if self.has_class("-sidebar-open"):
+                self.conversation_list.focus()
+            else:
+                self.prompt.focus()
+            return
+        self.toggle_class("-hide-sidebar")
+        self.chat_app.remember_ui(show_sidebar=not self.has_class("-hide-sidebar"))
+
+    def close_folded_sidebar(self) -> bool:
+        """Close the sidebar opened over the chat; False if it was not open."""
+        if not (self.sidebar_folded and self.has_class("-sidebar-open")):
+            return False
+        self.remove_class("-sidebar-open")
+        self.prompt.focus()
+        return True
 
     def action_toggle_cache_panel(self) -> None:
-        panel = self.cache_panel
-        panel.display = not panel.display
-        self.chat_app.remember_ui(show_cache_panel=bool(panel.display))
-        if panel.display:
+        self.toggle_class("-show-cache")
+        shown = self.has_class("-show-cache")
+        self.chat_app.remember_ui(show_cache_panel=shown)
+        if shown:
             engine = self.chat_app.engine
-            panel.show_stats(engine.cache_stats() if engine is not None else None)
+            self.cache_panel.show_stats(engine.cache_stats() if engine is not None else None)
 
     def last_answer(self) -> StoredMessage | None:
         if self.conversation_id is None:

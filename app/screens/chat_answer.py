@@ -231,5 +231,5 @@ class ChatAnswering(ChatScreenBase):
             return
         if stats.get("hit_rate") is not None:
             self.status_bar.update_info(cache_hit_rate=float(stats["hit_rate"]))
-        if self.cache_panel.display:
+        if self.has_class("-show-cache"):
             self.cache_panel.show_stats(stats)

@@ -12,7 +12,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, Checkbox, Input, Label, OptionList, Select, TextArea
+from textual.widgets import Button, Checkbox, Footer, Input, Label, OptionList, Select, TextArea
 from textual.widgets.option_list import Option
 
 from mixtral_chat.app.storage import MATCH_END, MATCH_START, SearchHit, Storage
@@ -23,8 +23,8 @@ class ConfirmScreen(ModalScreen[bool]):
     """Yes / no. `y` / `n` / Esc work too."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("y", "answer(True)", "Yes", id="confirm.yes", show=False),
-        Binding("n,escape", "answer(False)", "No", id="confirm.no", show=False),
+        Binding("y", "answer(True)", "Yes", id="confirm.yes"),
+        Binding("n,escape", "answer(False)", "No", id="confirm.no"),
     ]
 
     def __init__(self, question: str, confirm_label: str = "Delete", *, danger: bool = True) -> None:
@@ -39,6 +39,7 @@ class ConfirmScreen(ModalScreen[bool]):
             with Horizontal(classes="dialog-buttons"):
                 yield Button(self.confirm_label, variant="error" if self.danger else "primary", id="confirm")
                 yield Button("Cancel", id="cancel")
+        yield Footer()  # the dialog's keys
 
     def on_mount(self) -> None:
         self.query_one("#cancel", Button).focus()
@@ -68,6 +69,7 @@ class DeleteModelScreen(ConfirmScreen):
             with Horizontal(classes="dialog-buttons"):
                 yield Button(self.confirm_label, variant="error", id="confirm")
                 yield Button("Cancel", id="cancel")
+        yield Footer()  # the dialog's keys
 
     @on(Checkbox.Changed, "#delete-hf-cache")
     def _hf_cache_changed(self, event: Checkbox.Changed) -> None:
@@ -91,6 +93,7 @@ class TextInputScreen(ModalScreen[str | None]):
             with Horizontal(classes="dialog-buttons"):
                 yield Button("OK", variant="primary", id="ok")
                 yield Button("Cancel", id="cancel")
+        yield Footer()  # the dialog's keys
 
     @on(Input.Submitted)
     def _submitted(self, event: Input.Submitted) -> None:
@@ -158,6 +161,7 @@ class ChatOptionsScreen(ModalScreen[ChatOptions | None]):
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Save", variant="primary", id="save")
                 yield Button("Cancel", id="cancel")
+        yield Footer()  # the dialog's keys
 
     @on(Select.Changed, "#persona")
     def _persona_changed(self, event: Select.Changed) -> None:
@@ -244,6 +248,7 @@ class SearchScreen(ModalScreen[SearchHit | None]):
             yield Input(self.initial_query, placeholder="words to find…", id="search-input")
             yield OptionList(id="search-results")
             yield Label("", id="search-count")
+        yield Footer()  # the dialog's keys
 
     def on_mount(self) -> None:
         self.query_one(Input).focus()

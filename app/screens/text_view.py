@@ -9,7 +9,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Label, TextArea
+from textual.widgets import Footer, Label, TextArea
 
 
 class TextViewScreen(ModalScreen[None]):
@@ -26,6 +26,7 @@ class TextViewScreen(ModalScreen[None]):
         with Vertical(classes="dialog text-view"):
             yield Label(self.title_text, classes="dialog-question")
             yield TextArea(self.text, read_only=True, soft_wrap=True, id="text-view-area")
+        yield Footer()  # the dialog's keys
 
     def on_mount(self) -> None:
         area = self.query_one(TextArea)
