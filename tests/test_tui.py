@@ -297,11 +297,25 @@ def test_new_export_rename_and_delete_chats(home: Path, chat_model_dir: Path) ->
             await send(pilot, app, "alpha chat")
             first_id = screen.conversation_id
 
+            # Export: the dialog offers a Markdown file in the data folder; Enter takes it.
             await pilot.press("f9")
+            await wait_for(pilot, lambda: isinstance(app.screen, TextInputScreen), "the export dialog")
             exports = home / "data" / "exports"
-            await wait_for(pilot, lambda: len(list(exports.glob("*"))) == 2, "two export files")
-            markdown = next(exports.glob("*.md")).read_text()
-            exported = json.loads(next(exports.glob("*.json")).read_text())
+            default = Path(app.screen.query_one(Input).value)
+            assert default.parent == exports and default.suffix == ".md"
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: default.exists(), "the Markdown export")
+            markdown = default.read_text()
+            toast = [n for n in app._notifications if n.title == "Exported"][-1]
+            assert str(toast.message).splitlines() == [default.name, f"in {exports}"]
+            # A name ending in .json, anywhere the user says, writes JSON.
+            chosen = home / "elsewhere" / "alpha.json"
+            await pilot.press("f9")
+            await wait_for(pilot, lambda: isinstance(app.screen, TextInputScreen), "the export dialog")
+            app.screen.query_one(Input).value = str(chosen)
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: chosen.exists(), "the JSON export")
+            exported = json.loads(chosen.read_text())
             answer = stored(app)[1][2]
             assert "## User\n\nalpha chat" in markdown and answer in markdown
             assert [(m["role"], m["content"]) for m in exported["messages"]] == [

@@ -3,6 +3,7 @@ delete, export, chat options, the panels and copying."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from textual import on
@@ -22,6 +23,14 @@ from mixtral_chat.app.widgets.prompt import PromptInput
 
 if TYPE_CHECKING:
     from mixtral_chat.app.screens.dialogs import ChatOptions
+
+
+def home_relative(path: Path) -> str:
+    """`path` with the home folder written `~`, as people read paths."""
+    try:
+        return str(Path("~") / path.relative_to(Path.home()))
+    except ValueError:
+        return str(path)
 
 
 class ChatActions(ChatScreenBase):
@@ -192,16 +201,28 @@ class ChatActions(ChatScreenBase):
 
     @shows_errors
     def action_export(self) -> None:
-        if self.conversation_id is None:
+        """Ask where (a default in the data folder), then write Markdown, or JSON for a .json name."""
+        conversation_id = self.conversation_id
+        if conversation_id is None:
             return
+        from mixtral_chat.app.screens.dialogs import TextInputScreen
         from mixtral_chat.engine.paths import data_dir
 
-        try:
-            paths = self.storage.export(self.conversation_id, data_dir() / "exports")
-        except OSError as exc:
-            self.notify(f"Export failed: {exc.strerror or exc}", severity="error")
-            return
-        self.notify("Exported to\n" + "\n".join(str(path) for path in paths), title="Export", timeout=8)
+        default = data_dir() / "exports" / f"{self.storage.export_name(conversation_id)}.md"
+
+        def chosen(answer: str | None) -> None:
+            if not answer or not answer.strip():
+                return
+            try:
+                path = self.storage.export_file(conversation_id, Path(answer.strip()).expanduser())
+            except OSError as exc:
+                self.notify(f"Export failed: {exc.strerror or exc}", severity="error")
+                return
+            # File and folder on lines of their own: a toast wraps a long line wherever it must.
+            self.notify(f"{path.name}\nin {home_relative(path.parent)}", title="Exported", timeout=8)
+
+        question = "Export this chat to (Markdown; a name ending in .json writes JSON):"
+        self.app.push_screen(TextInputScreen(question, str(default)), self._guarded(chosen))
 
     @shows_errors
     def action_options(self) -> None:

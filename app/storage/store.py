@@ -538,15 +538,25 @@ class Storage:
             lines += [f"## {heading}", "", message.content, ""]
         return "\n".join(lines)
 
-    def export(self, conversation_id: int, folder: Path) -> list[Path]:
-        """Write `<title>-<id>.md` and `.json` into `folder` (atomically); returns their paths."""
+    def export_name(self, conversation_id: int) -> str:
+        """`<title>-<id>`: a file name stem for the chat's export."""
         conversation = self.get_conversation(conversation_id)
         slug = re.sub(r"[^\w-]+", "-", conversation.title.lower(), flags=re.UNICODE).strip("-")[:40]
-        stem = f"{slug or 'chat'}-{conversation.id}"
-        markdown_path = folder / f"{stem}.md"
-        json_path = folder / f"{stem}.json"
-        write_atomic(markdown_path, self.export_markdown(conversation_id))
-        write_atomic(
-            json_path, json.dumps(self.export_json(conversation_id), indent=2, ensure_ascii=False) + "\n"
-        )
-        return [markdown_path, json_path]
+        return f"{slug or 'chat'}-{conversation.id}"
+
+    def export_file(self, conversation_id: int, path: Path) -> Path:
+        """Write the chat to `path` (atomically): JSON for a `.json` name, else Markdown. A folder
+        gets `<title>-<id>.md` inside it. Returns the file written."""
+        if path.is_dir():
+            path = path / f"{self.export_name(conversation_id)}.md"
+        if path.suffix.lower() == ".json":
+            text = json.dumps(self.export_json(conversation_id), indent=2, ensure_ascii=False) + "\n"
+        else:
+            text = self.export_markdown(conversation_id)
+        write_atomic(path, text)
+        return path
+
+    def export(self, conversation_id: int, folder: Path) -> list[Path]:
+        """Write `<title>-<id>.md` and `.json` into `folder` (atomically); returns their paths."""
+        stem = self.export_name(conversation_id)
+        return [self.export_file(conversation_id, folder / f"{stem}{suffix}") for suffix in (".md", ".json")]
