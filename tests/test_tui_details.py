@@ -242,7 +242,7 @@ def test_f1_lists_every_key_and_a_dialog_footer_shows_its_own(
             await pilot.press("f1")
             await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen), "the help screen")
             help_screen = app.screen
-            assert isinstance(help_screen, HelpScreen) and help_screen.query_one(Static)
+            assert isinstance(help_screen, HelpScreen) and help_screen.query(Static)
             rows = help_screen.rows()
             # The keys the footer hides, and the message actions only shown once a message has focus.
             for key, action in [
@@ -307,3 +307,30 @@ def test_a_narrow_screen_folds_the_sidebar_and_lays_the_cache_panel_over_the_cha
         assert load_settings().show_sidebar
 
     run(scenario)
+
+
+def test_the_screenshot_script_draws_every_screen(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    out = tmp_path / "shots"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "scripts" / "screenshots.py"),
+            "--sizes",
+            "80x24",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = sorted(path.name for path in out.glob("*.svg"))
+    for screen in ("chat", "help", "chat-options", "search", "export", "settings-models", "settings-engine"):
+        assert f"{screen}-80x24.svg" in names
+    assert all((out / name).read_text().startswith("<svg") for name in names)

@@ -17,17 +17,21 @@ from textual.widgets import Footer, Label, Static
 HelpSections = Sequence[tuple[str, Sequence[type]]]
 
 
-def key_rows(classes: Sequence[type], keymap: Mapping[str, str]) -> list[tuple[str, str]]:
+def key_rows(
+    classes: Sequence[type], keymap: Mapping[str, str], seen: set[str] | None = None
+) -> list[tuple[str, str]]:
     """(keys as the user presses them, what they do) for each binding of `classes`, in order; a
-    binding the keymap rebinds shows its new keys. Bindings that repeat a key's action are left out."""
+    binding the keymap rebinds shows its new keys. An action already in `seen` (the app's, listed
+    again by a screen to order its footer) is left out; `seen` gains the actions listed."""
     rows: list[tuple[str, str]] = []
-    seen: set[str] = set()
+    seen = set() if seen is None else seen
     for cls in classes:
         for item in getattr(cls, "BINDINGS", []):
             binding = item if isinstance(item, Binding) else Binding(*item)
-            if binding.action in seen:
+            action = binding.action.removeprefix("app.")
+            if action in seen:
                 continue
-            seen.add(binding.action)
+            seen.add(action)
             keys = keymap.get(binding.id or "", binding.key)
             rows.append((", ".join(_key_name(key) for key in keys.split(",")), binding.description))
     return rows
@@ -56,26 +60,24 @@ class HelpScreen(ModalScreen[None]):
         """(where, keys, what they do), in the order shown; the palette's key with the first
         section's (it is Textual's own binding, in no class here)."""
         rows: list[tuple[str, str, str]] = []
+        seen: set[str] = set()
         for index, (where, classes) in enumerate(self.sections):
-            rows += [(where, keys, action) for keys, action in key_rows(classes, self.keymap)]
+            rows += [(where, keys, action) for keys, action in key_rows(classes, self.keymap, seen)]
             if index == 0:
                 rows.append((where, "Ctrl+P", "The command palette: every action, by name"))
         return rows
 
     def compose(self) -> ComposeResult:
-        table = Table.grid(padding=(0, 2))
-        table.add_column(style="bold", no_wrap=True)
-        table.add_column()
-        last_where = None
-        for where, keys, action in self.rows():
-            if where != last_where:
-                if last_where is not None:
-                    table.add_row("", "")
-                table.add_row(f"[underline]{where}[/]", "")
-                last_where = where
-            table.add_row(keys, action)
         with Vertical(classes="dialog wide tall"):
             yield Label("Keys", classes="dialog-title")
             with VerticalScroll(id="help-keys"):
-                yield Static(table)
+                rows = self.rows()
+                for where in dict.fromkeys(where for where, _, _ in rows):
+                    table = Table.grid(padding=(0, 2))
+                    table.add_column(style="bold", no_wrap=True, min_width=14)
+                    table.add_column()
+                    for _, keys, action in (row for row in rows if row[0] == where):
+                        table.add_row(keys, action)
+                    yield Label(where, classes="help-section")
+                    yield Static(table, classes="help-table")
         yield Footer()
