@@ -334,3 +334,37 @@ def test_the_screenshot_script_draws_every_screen(tmp_path: Path) -> None:
     for screen in ("chat", "help", "chat-options", "search", "export", "settings-models", "settings-engine"):
         assert f"{screen}-80x24.svg" in names
     assert all((out / name).read_text().startswith("<svg") for name in names)
+
+
+def test_switching_the_model_in_a_chat_and_the_chat_remembering_it(
+    isolated_home: Path, chat_model_dir: Path
+) -> None:
+    from mixtral_chat.engine.models.registry import add_model
+
+    add_model(str(chat_model_dir), name="tiny")
+    app = make_app("demo")
+
+    async def scenario() -> None:
+        async with app.run_test(size=(120, 35)) as pilot:
+            await wait_ready(pilot, app)
+            screen = app.chat_screen
+            await send(pilot, app, "first chat")
+            first = screen.conversation_id
+            assert app.storage.get_conversation(first).model == "demo"
+            # The palette offers the other installed model; choosing it answers this chat with it.
+            await pilot.press("ctrl+p")
+            await pilot.press(*"switch model")
+            await pilot.pause(0.3)
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: app.model_name == "tiny", "the tiny model", timeout=60)
+            assert app.storage.get_conversation(first).model == "tiny"
+            # A new chat on the demo again, then back to the first one: it loads its model.
+            await pilot.press("ctrl+n")
+            screen.switch_model("demo")
+            await wait_for(pilot, lambda: app.model_name == "demo", "the demo again", timeout=60)
+            await send(pilot, app, "second chat")
+            await screen.open_conversation(first, follow_model=True)
+            await wait_for(pilot, lambda: app.model_name == "tiny", "the first chat's model", timeout=60)
+            assert any("This chat uses tiny" in text for text in notifications(app))
+
+    run(scenario)

@@ -153,7 +153,11 @@ class ChatScreen(ChatActions, ChatAnswering, ChatSync):
         self.status_bar.update_info(context_used=None, tok_s=None, ttft_s=None)
         self.refresh_sidebar()
 
-    async def open_conversation(self, conversation_id: int, *, include_id: int | None = None) -> None:
+    async def open_conversation(
+        self, conversation_id: int, *, include_id: int | None = None, follow_model: bool = False
+    ) -> None:
+        """Show a chat. `follow_model`: the user chose it, so the model it was last answered with
+        is loaded if another one is (a registered, installed model only)."""
         try:
             conversation = self.storage.get_conversation(conversation_id)
         except StorageError as exc:
@@ -192,6 +196,8 @@ class ChatScreen(ChatActions, ChatAnswering, ChatSync):
         )
         self.status_bar.update_info(context_used=used)
         self.refresh_sidebar()
+        if follow_model:
+            self.follow_chat_model(conversation)
 
     def current_conversation(self) -> Conversation | None:
         if self.conversation_id is None:
@@ -216,7 +222,7 @@ class ChatScreen(ChatActions, ChatAnswering, ChatSync):
     async def _conversation_chosen(self, event: OptionList.OptionSelected) -> None:
         conversation_id = ConversationList.conversation_id(event.option)
         if conversation_id != self.conversation_id:
-            await self.open_conversation(conversation_id)
+            await self.open_conversation(conversation_id, follow_model=True)
         self.close_folded_sidebar()
         self.prompt.focus()
 

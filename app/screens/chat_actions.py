@@ -15,11 +15,13 @@ from mixtral_chat.app.screens.chat_base import ChatScreenBase, shows_errors
 from mixtral_chat.app.screens.chat_sync import REFUSED
 from mixtral_chat.app.screens.text_view import TextViewScreen
 from mixtral_chat.app.storage import (
+    Conversation,
     SearchHit,
     StoredMessage,
 )
 from mixtral_chat.app.widgets.message_view import MessageView
 from mixtral_chat.app.widgets.prompt import PromptInput
+from mixtral_chat.engine.errors import MixtralChatError
 
 if TYPE_CHECKING:
     from mixtral_chat.app.screens.dialogs import ChatOptions
@@ -257,6 +259,37 @@ class ChatActions(ChatScreenBase):
             self.notify("Chat options saved.")
 
         self.app.push_screen(ChatOptionsScreen(options, dict(settings.personas)), self._guarded(saved))
+
+    # -- the model of a chat -----------------------------------------------------------------------
+
+    def switch_model(self, name: str) -> None:
+        """Answer this chat (and new ones) with `name` from now on; the default model is not
+        changed (Settings > Use does that)."""
+        if self.is_generating:
+            self.notify("Stop the answer being written before switching the model.", severity="warning")
+            return
+        if self.conversation_id is not None:
+            self.storage.set_conversation_model(self.conversation_id, name)
+        self.chat_app.model_spec = name
+        self.chat_app.load_model(name)
+
+    def follow_chat_model(self, conversation: Conversation) -> None:
+        """Load the model `conversation` was last answered with, if another one is loaded."""
+        wanted = conversation.model
+        if not wanted or wanted == self.chat_app.model_name or self.is_generating:
+            return
+        if self.chat_app.model_status.state == "loading" and self.chat_app.model_status.name == wanted:
+            return
+        from mixtral_chat.engine.models.registry import get_model
+
+        try:
+            installed = get_model(wanted).installed
+        except MixtralChatError:
+            return  # a folder given with --model, or a model since removed: keep the one loaded
+        if installed:
+            self.notify(f"This chat uses {wanted}: loading it.", title="Model")
+            self.chat_app.model_spec = wanted
+            self.chat_app.load_model(wanted)
 
     def action_help(self) -> None:
         from mixtral_chat.app.screens.dialogs import ConfirmScreen, SearchScreen

@@ -104,6 +104,9 @@ class ChatAnswering(ChatScreenBase):
         except ConversationBusy as exc:
             self._refuse_busy(exc, "this one does not answer now.")
             return
+        if conversation.model != engine.info.name:
+            # The chat remembers the model that answered it last (opening it again loads that one).
+            self.storage.set_conversation_model(conversation.id, engine.info.name)
         messages = prompt_messages(self.storage, conversation, answer.id)
         if self.conversation_id == conversation.id:
             self.shown[answer.id] = None

@@ -1,4 +1,5 @@
-"""Command palette (Ctrl+P) entries: the chat actions, and "Open chat: <title>" for each chat."""
+"""Command palette (Ctrl+P) entries: the chat actions, "Switch model: <name>" for each installed
+model, and "Open chat: <title>" for each chat."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ CHAT_ACTIONS: tuple[tuple[str, str, str], ...] = (
     ("Chat options", "System prompt, persona, temperature, top-p, max tokens, seed (Ctrl+O)", "options"),
     ("Rename chat", "Give this conversation a new title (F2)", "rename"),
     ("Delete chat", "Delete this conversation after a confirmation (F8)", "delete_chat"),
-    ("Export chat", "Write this conversation as Markdown and JSON (F9)", "export"),
+    ("Export chat", "Write this conversation to a file: Markdown, or JSON (F9)", "export"),
     ("Copy last answer", "Copy the last answer to the clipboard", "copy_last_answer"),
     (
         "Copy last code block",
@@ -50,7 +51,27 @@ class ChatCommands(Provider):
                 (title, help, partial(screen.run_action, action)) for title, help, action in CHAT_ACTIONS
             ]
         commands.append(("Settings", "Models, downloads, engine options, theme (F3)", app.action_settings))
+        if self.screen is screen:
+            commands += [
+                (
+                    f"Switch model: {name}",
+                    "Answer this chat with it from now on",
+                    partial(screen.switch_model, name),
+                )
+                for name in self._installed_models()
+            ]
         return commands
+
+    def _installed_models(self) -> list[str]:
+        """Registered models on this machine, but the one loaded now."""
+        from mixtral_chat.engine.errors import MixtralChatError
+        from mixtral_chat.engine.models.registry import list_models
+
+        try:
+            entries = list_models()
+        except MixtralChatError:
+            return []
+        return [entry.name for entry in entries if entry.installed and entry.name != self.chat_app.model_name]
 
     async def discover(self) -> Hits:
         for title, help, command in self._commands():
@@ -69,4 +90,8 @@ class ChatCommands(Provider):
             title = f"Open chat: {conversation.title}"
             score = matcher.match(title)
             if score > 0:
-                yield Hit(score, matcher.highlight(title), partial(screen.open_conversation, conversation.id))
+                yield Hit(
+                    score,
+                    matcher.highlight(title),
+                    partial(screen.open_conversation, conversation.id, follow_model=True),
+                )
