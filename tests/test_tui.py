@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -567,11 +568,17 @@ def test_settings_add_download_cancel_resume_use_and_delete(local_hub, chat_mode
             # the partial file.
             await pilot.click("#download-model")
             await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the download confirmation")
-            assert "Free disk space" in str(app.screen.query_one(".dialog-question").render())
+            question = str(app.screen.query_one(".dialog-question").render())
+            # The size comes from the hub's listing (a repo added by id is not in the catalog).
+            assert "Free disk space" in question and "and quantize it to 4 bits" in question
+            assert re.search(r"\(about [\d.]+ MB\)", question), question
             await pilot.press("y")
             label = settings.query_one("#download-label")
             await wait_for(pilot, lambda: "Downloading org/tiny" in str(label.render()), "download progress")
             assert " of " in str(label.render()) and status("org/tiny").startswith("downloading")
+            # The server holds the file after 1 MB: the line says the transfer is stalled.
+            settings.stall_after_s = 0.5
+            await wait_for(pilot, lambda: "stalled: no data for" in str(label.render()), "the stall notice")
             await pilot.click("#cancel-pull")
             release.set()
             await wait_for(pilot, lambda: settings.pulling is None, "the cancelled download to end")
@@ -582,9 +589,11 @@ def test_settings_add_download_cancel_resume_use_and_delete(local_hub, chat_mode
             await pilot.click("#download-model")
             await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the download confirmation")
             await pilot.press("y")
-            await wait_for(pilot, lambda: settings.pulling is None, "the download to finish")
-            assert status("org/tiny") == "downloaded"
+            await wait_for(pilot, lambda: settings.pulling is None, "the download to finish", timeout=120)
+            # Downloaded and quantized, as `models pull` does; not made the default (that is Use).
+            assert status("org/tiny") == "quantized", [str(n.message) for n in app._notifications]
             assert settings.entries["org/tiny"].size_on_disk > 8_000_000
+            assert not settings.entries["org/tiny"].is_default
 
             # Use it: it loads and answers.
             await pilot.click("#use-model")

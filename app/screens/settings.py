@@ -20,6 +20,7 @@ from textual.binding import Binding, BindingType
 from textual.containers import Grid, Horizontal, VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
+from textual.timer import Timer
 from textual.widgets import (
     Button,
     DataTable,
@@ -46,6 +47,9 @@ if TYPE_CHECKING:
     from mixtral_chat.engine.models.progress import PullProgress
 
 PROGRESS_INTERVAL_S = 0.2  # progress messages per second from a pull: at most 5
+# No new byte for this long and the progress line says the transfer is stalled (huggingface_hub's
+# http_get meanwhile times the connection out and resumes it with a Range request).
+STALL_AFTER_S = 15.0
 
 
 class Pull:
@@ -79,6 +83,9 @@ class SettingsScreen(Screen[None]):
         self.pull_cancel: threading.Event | None = None
         self.last_progress: PullProgress | None = None
         self._last_progress_post = 0.0
+        self.stall_after_s = STALL_AFTER_S
+        self._bytes_seen_at = 0.0  # when the pull's byte count last moved
+        self._stall_timer: Timer | None = None
 
     @property
     def chat_app(self) -> ChatApp:
@@ -233,14 +240,34 @@ class SettingsScreen(Screen[None]):
         entry = self.selected_entry()
         if entry is None:
             return
+        if entry.download_bytes or entry.repo_id is None:
+            self._confirm_download(entry, entry.download_bytes)
+        else:  # a repo added by id: its size is in the hub's file listing (no download yet)
+            self.query_one("#model-detail", Label).update(f"Asking the hub how big {entry.name} is…")
+            self._size_worker(entry)
+
+    @work(thread=True, exclusive=True, group="download-size", exit_on_error=False)
+    def _size_worker(self, entry: ModelEntry) -> None:
+        from mixtral_chat.engine.models.download import remote_download_bytes
+
+        try:
+            size: int | None = remote_download_bytes(entry.repo_id or entry.name, entry.revision or "main")
+        except Exception:  # unreachable hub, no such repo: the pull itself will say which
+            size = None
+        self.app.call_from_thread(self._confirm_download, entry, size)
+
+    def _confirm_download(self, entry: ModelEntry, size_bytes: int | None) -> None:
         from mixtral_chat.engine.models.hub_cache import hub_cache_dir
 
+        self._show_detail()
         free = free_disk_bytes(_existing(hub_cache_dir()))
-        needed = (entry.download_bytes or 0) - entry.partial_bytes
-        size = format_size(entry.download_bytes) if entry.download_bytes else "size unknown"
+        needed = (size_bytes or 0) - entry.partial_bytes
+        size = f"about {format_size(size_bytes)}" if size_bytes else "size unknown"
         resume = f", resuming {format_size(entry.partial_bytes)} already here" if entry.partial_bytes else ""
-        question = f"Download {entry.name} ({size}{resume})?\nFree disk space: {format_size(free)}."
-
+        question = (
+            f"Download {entry.name} ({size}{resume}) and quantize it to 4 bits?\n"
+            f"Free disk space: {format_size(free)}."
+        )
         if needed > free:
             question += " That is not enough: the download will stop before it starts."
 
@@ -266,6 +293,8 @@ class SettingsScreen(Screen[None]):
         self.query_one("#download-label", Label).update(f"{action}ing {name}: starting…")
         self.query_one("#cancel-pull", Button).disabled = False
         self._show_detail()
+        self._bytes_seen_at = time.monotonic()
+        self._stall_timer = self.set_interval(1.0, self._say_if_stalled)
         scheme = self.chat_app.settings.engine.quant
         self._pull_worker(name, action, self.pull_cancel, scheme if scheme in ("int4", "nf4") else None)
 
@@ -284,7 +313,8 @@ class SettingsScreen(Screen[None]):
                 self.post_message(Pull.Progress(name, update))
 
         try:
-            pull_model(name, quantize=action == "quantize", scheme=scheme, progress=progress, cancel=cancel)
+            # A download quantizes too, as `models pull` does; choosing the model is the Use button's.
+            pull_model(name, scheme=scheme, progress=progress, cancel=cancel, make_default=False)
         except Exception as exc:
             # DownloadCancelled, or the quantizer's own QuantizationCancelled: either way the
             # user asked for it, and the next pull resumes.
@@ -295,22 +325,43 @@ class SettingsScreen(Screen[None]):
             return
         self.post_message(Pull.Done(name, action, None))
 
-    def on_pull_progress(self, message: Pull.Progress) -> None:
-        update = message.progress
-        self.last_progress = update
-        bar = self.query_one("#download-progress", ProgressBar)
-        bar.update(total=update.bytes_total or None, progress=update.bytes_done)
+    def _say_if_stalled(self) -> None:
+        quiet_s = time.monotonic() - self._bytes_seen_at
+        if self.pulling is None or quiet_s < self.stall_after_s:
+            return
+        self.query_one("#download-label", Label).update(
+            f"{self._progress_text()} - stalled: no data for {format_duration(quiet_s)}; "
+            "retrying (Cancel keeps what is here)"
+        )
+
+    def _progress_text(self) -> str:
+        update = self.last_progress
+        if update is None or self.pulling is None:
+            return f"{self.pull_action.capitalize()}ing {self.pulling}: starting"
         verb = "Downloading" if update.phase == "download" else "Quantizing"
-        text = f"{verb} {message.name}: {format_size(update.bytes_done)} of {format_size(update.bytes_total)}"
+        text = f"{verb} {self.pulling}: {format_size(update.bytes_done)} of {format_size(update.bytes_total)}"
         if update.speed:
             text += f" at {format_size(update.speed)}/s, {format_duration(update.eta_s)} left"
         if update.file:
             text += f" ({update.file})"
-        self.query_one("#download-label", Label).update(text)
+        return text
+
+    def on_pull_progress(self, message: Pull.Progress) -> None:
+        update = message.progress
+        previous = self.last_progress
+        if previous is None or (update.phase, update.bytes_done) != (previous.phase, previous.bytes_done):
+            self._bytes_seen_at = time.monotonic()
+        self.last_progress = update
+        bar = self.query_one("#download-progress", ProgressBar)
+        bar.update(total=update.bytes_total or None, progress=update.bytes_done)
+        self.query_one("#download-label", Label).update(self._progress_text())
         if message.name in self.entries:
             self.models_table.show_status(self.entries[message.name], update)
 
     def on_pull_done(self, message: Pull.Done) -> None:
+        if self._stall_timer is not None:
+            self._stall_timer.stop()
+            self._stall_timer = None
         self.pulling = None
         self.pull_cancel = None
         self.last_progress = None

@@ -120,6 +120,22 @@ def download_model_files(
     )
 
 
+def remote_download_bytes(
+    repo_id: str, revision: str = "main", *, token: str | None = None, endpoint: str | None = None
+) -> int:
+    """About how many bytes a pull of `repo_id` fetches, from the repo's file listing alone
+    (nothing is downloaded): its top-level safetensors files, the tokenizer and the metadata."""
+    endpoint = (endpoint or hub_endpoint()).rstrip("/")
+    _, remote = _list_repo_files(repo_id, revision, endpoint=endpoint, token=token)
+    names = [
+        name
+        for name in remote
+        if name.endswith(".safetensors") and "/" not in name and not name.startswith("consolidated")
+    ]
+    names += [name for name in (CONFIG_FILE, INDEX_FILE, TOKENIZER_FILE, *OPTIONAL_FILES) if name in remote]
+    return sum(remote[name].size or 0 for name in names)
+
+
 def _list_repo_files(
     repo_id: str, revision: str, *, endpoint: str, token: str | None
 ) -> tuple[str, dict[str, RemoteFile]]:

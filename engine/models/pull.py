@@ -61,11 +61,13 @@ def pull_model(
     endpoint: str | None = None,
     progress: Callable[[PullProgress], None] | None = None,
     cancel: threading.Event | None = None,
+    make_default: bool = True,
 ) -> ModelEntry:
     """Download a catalog model or any Mixtral repo id into the hub cache, then (by default)
     quantize it into `data_dir()/models/<name>-<scheme>`. Resumes interrupted pulls; a model
     already in the hub cache is not downloaded again. Raises DownloadCancelled when `cancel`
-    is set (partial files are kept)."""
+    is set (partial files are kept). `make_default`: the first model pulled becomes the default
+    (the CLI's `pull`; the TUI leaves that to its Use button)."""
     item = _pull_target(read_registry(), name)
     revision = revision or item.revision
     if quantize and _quantized_as_asked(item, scheme, group_size, revision):
@@ -89,7 +91,7 @@ def pull_model(
         # A cached copy used offline skipped before_weights: validate and record it here.
         validate_model_dir(snapshot.path)
         _record_pull_started(item, plan.repo_id, revision)
-        _record_downloaded(item.name, snapshot)
+        _record_downloaded(item.name, snapshot, make_default)
         quant = plan.quant
         if quant is not None and ckpt.detect(snapshot.path).quantization_config is None:
             # A repo saved already 4-bit (bitsandbytes) is used as it is: only float ones are quantized.
@@ -192,7 +194,7 @@ def _record_pull_started(item: KnownModel, repo_id: str, revision: str) -> None:
         record.setdefault("added", timestamp_now())
 
 
-def _record_downloaded(name: str, snapshot: Snapshot) -> None:
+def _record_downloaded(name: str, snapshot: Snapshot, make_default: bool) -> None:
     with registry_update() as data:
         record = data["models"].setdefault(name, {})
         record.update(
@@ -201,5 +203,5 @@ def _record_downloaded(name: str, snapshot: Snapshot) -> None:
             download_bytes=snapshot.total_bytes,
             state=record.get("state") if record.get("state") == QUANTIZED else DOWNLOADED,
         )
-        if not data.get("default"):
+        if make_default and not data.get("default"):
             data["default"] = name  # the first real model becomes the default
