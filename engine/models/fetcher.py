@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -36,6 +37,25 @@ from mixtral_chat.engine.models.progress import ChunkSink, ProgressTracker
 from mixtral_chat.engine.units import format_bytes
 
 _HASH_BLOCK = 8 * 1024 * 1024
+_log = logging.getLogger(__name__)
+
+
+class _QuietResumeWarnings(logging.Filter):
+    """huggingface_hub's `http_get` warns "Error while downloading from <url>" when it resumes a
+    dropped connection. On a terminal that line breaks the progress line, and the URL is a CDN's
+    signed one. The resume itself goes on; this drops the line and logs one without the URL."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.WARNING and "Error while downloading" in str(record.msg):
+            _log.info("a download connection dropped; huggingface_hub resumes it")
+            return False
+        return True
+
+
+def _quiet_hub_resume_warnings() -> None:
+    hub_logger = logging.getLogger("huggingface_hub.file_download")
+    if not any(isinstance(item, _QuietResumeWarnings) for item in hub_logger.filters):
+        hub_logger.addFilter(_QuietResumeWarnings())
 
 
 class _HashingWriter:
@@ -261,6 +281,7 @@ class Fetcher:
         """Append the rest of the file to `partial_file` with huggingface_hub's `http_get`."""
         from huggingface_hub.file_download import http_get
 
+        _quiet_hub_resume_warnings()
         sink = partial(ChunkSink, tracker=tracker, cancel=self.cancel)
         # Errors are translated outside the `with`: closing a file on a full disk can raise
         # again, and that second ENOSPC must not replace the message.
