@@ -294,3 +294,29 @@ def test_default_k_range_and_concatenated_traces(tmp_path: Path) -> None:
     result = run_cli("bench", "cache", "--trace", str(both), "--json")
     assert result.returncode == 0, result.stderr
     assert [row["k"] for row in json.loads(result.stdout)["rows"]] == [2, 3, 4, 5, 6]
+
+
+def test_routing_repeats_from_a_trace_and_the_cli(recorded_trace: Path) -> None:
+    from mixtral_chat.engine.offload import locality
+
+    # By hand: layer 0 repeats its first choice once in two comparisons, its pair never.
+    layers = locality.trace_repeats({0: [[1, 2], [1, 3], [4, 1]], 1: [[5, 6], [6, 5], [6, 5]]})
+    assert (layers[0].tokens, layers[0].first, layers[0].pair) == (2, 1, 0)
+    assert (layers[1].first_rate, layers[1].pair_rate) == (0.5, 1.0)  # {5,6} == {6,5}
+    assert locality.chance_rates(8, 2) == (0.125, 1 / 28)
+
+    trace = load_trace(recorded_trace)
+    expected = locality.trace_repeats(trace)
+    result = run_cli("bench", "routing", "--trace", str(recorded_trace), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["chance_first"] == 0.125 and report["chance_pair"] == pytest.approx(1 / 28)
+    assert [row["first_repeat"] for row in report["layers"]] == [
+        expected[0].first_rate,
+        expected[1].first_rate,
+    ]
+    assert [row["tokens"] for row in report["layers"]] == [len(trace[0]) - 1, len(trace[1]) - 1]
+
+    table = run_cli("bench", "routing", "--trace", str(recorded_trace)).stdout.splitlines()
+    assert table[1].split() == ["layer", "tokens", "first", "repeat", "pair", "repeat"]
+    assert table[-1].split() == ["chance", "12.5%", "3.6%"]

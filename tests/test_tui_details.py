@@ -368,3 +368,30 @@ def test_switching_the_model_in_a_chat_and_the_chat_remembering_it(
             assert any("This chat uses tiny" in text for text in notifications(app))
 
     run(scenario)
+
+
+def test_the_cache_panel_shows_how_often_consecutive_tokens_repeat_their_experts(
+    isolated_home: Path, chat_model_dir: Path
+) -> None:
+    app = make_app(chat_model_dir, max_tokens=12)
+
+    async def scenario() -> None:
+        async with app.run_test(size=(200, 50)) as pilot:
+            await wait_ready(pilot, app)
+            screen = app.chat_screen
+            await pilot.press("ctrl+g")
+            await send(pilot, app, "tell me about harbors")
+            await wait_for(pilot, lambda: not screen.is_generating, "the answer")
+            repeats = screen.repeats
+            assert repeats is not None
+            summary = repeats.summary()
+            answer = app.storage.messages(screen.conversation_id)[-1]
+            # The first token comes from the prefill and the last is not fed back: N - 1 decode steps,
+            # each but the first compared with the one before it, in each layer.
+            assert summary["tokens"] == answer.stats["completion_tokens"] - 2 >= 1
+            assert all(counts.tokens == summary["tokens"] for counts in repeats.layers)
+            text = str(screen.cache_panel.render())
+            assert "same experts as the token before: first choice" in text and "(chance 25.0%)" in text
+            assert text.splitlines()[3].split()[0] == "layer" and "repeat" in text.splitlines()[3]
+
+    run(scenario)

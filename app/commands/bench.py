@@ -37,10 +37,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     cache.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     cache.set_defaults(handler=run_cache)
+    routing = benches.add_parser(
+        "routing",
+        help="how often consecutive tokens get the same experts, per layer (the Mixtral paper's Table 5)",
+        description="From a routing trace (`mixtral-chat ask --trace-routing FILE`): per layer, the share "
+        "of decode tokens whose first-choice expert, and whose whole set of experts, repeats the previous "
+        "token's, next to the rate by chance. That locality is what the expert cache lives on.",
+    )
+    routing.add_argument("--trace", required=True, metavar="FILE", help="routing trace (JSON lines)")
+    routing.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    routing.set_defaults(handler=run_routing)
 
 
 def run_missing(args: argparse.Namespace) -> int:
-    raise UsageError("choose a benchmark: mixtral-chat bench cache --trace FILE")
+    raise UsageError("choose a benchmark: mixtral-chat bench cache|routing --trace FILE")
 
 
 def parse_k_values(text: str) -> list[int]:
@@ -140,6 +150,58 @@ def run_cache(args: argparse.Namespace) -> int:
     for line in table:
         print("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)))
     return 0
+
+
+def run_routing(args: argparse.Namespace) -> int:
+    from mixtral_chat.engine.offload import locality, simulate
+    from mixtral_chat.engine.offload.trace import load_trace
+
+    trace = load_trace(args.trace)
+    summary = simulate.summarize(trace)
+    layers = locality.trace_repeats(trace)
+    chance_first, chance_pair = locality.chance_rates(summary.num_experts, summary.experts_per_token)
+    first, pair = locality.overall(list(layers.values()))
+    if args.json:
+        rows = [
+            {"layer": layer, "tokens": c.tokens, "first_repeat": c.first_rate, "pair_repeat": c.pair_rate}
+            for layer, c in layers.items()
+        ]
+        print(
+            json.dumps(
+                {
+                    "trace": str(args.trace),
+                    "experts": summary.num_experts,
+                    "experts_per_token": summary.experts_per_token,
+                    "chance_first": chance_first,
+                    "chance_pair": chance_pair,
+                    "first_repeat": first,
+                    "pair_repeat": pair,
+                    "layers": rows,
+                }
+            )
+        )
+        return 0
+    print(
+        f"trace {args.trace}: {summary.tokens} tokens x {summary.layers} layers, "
+        f"{summary.num_experts} experts per layer, top-{summary.experts_per_token}"
+    )
+    table = [["layer", "tokens", "first repeat", "pair repeat"]]
+    for layer, counts in layers.items():
+        table.append(
+            [str(layer), str(counts.tokens), _percent(counts.first_rate), _percent(counts.pair_rate)]
+        )
+    table.append(
+        ["all", str(max((c.tokens for c in layers.values()), default=0)), _percent(first), _percent(pair)]
+    )
+    table.append(["chance", "", _percent(chance_first), _percent(chance_pair)])
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    for line in table:
+        print("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)))
+    return 0
+
+
+def _percent(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate:.1%}"
 
 
 def _result(per_layer: dict, summary) -> dict:

@@ -246,6 +246,8 @@ class ChatScreen(ChatActions, ChatAnswering, ChatSync):
                 context_total=info.context_length,
             )
             args = engine.model.args
+            if self.has_class("-show-cache"):
+                self.count_repeats()
             self.cache_panel.set_model_shape(args.num_hidden_layers, args.num_local_experts)
             self._show_cache_stats(engine.cache_stats())
             pending, self.pending_conversation_id = self.pending_conversation_id, None

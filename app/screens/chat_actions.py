@@ -337,7 +337,17 @@ class ChatActions(ChatScreenBase):
         self.chat_app.remember_ui(show_cache_panel=shown)
         if shown:
             engine = self.chat_app.engine
+            self.count_repeats()
             self.cache_panel.show_stats(engine.cache_stats() if engine is not None else None)
+
+    def count_repeats(self) -> None:
+        """Count the loaded model's routing repeats from now on (the panel shows them)."""
+        engine = self.chat_app.engine
+        if engine is None or (self.repeats is not None and self.repeats.model is engine.model):
+            return
+        from mixtral_chat.engine.offload.locality import LiveRepeats
+
+        self.repeats = LiveRepeats(engine.model)
 
     def last_answer(self) -> StoredMessage | None:
         if self.conversation_id is None:

@@ -108,6 +108,8 @@ class ChatAnswering(ChatScreenBase):
             # The chat remembers the model that answered it last (opening it again loads that one).
             self.storage.set_conversation_model(conversation.id, engine.info.name)
         messages = prompt_messages(self.storage, conversation, answer.id)
+        if self.repeats is not None:
+            self.repeats.new_sequence()
         if self.conversation_id == conversation.id:
             self.shown[answer.id] = None
         view = await self.message_list.add(answer)
@@ -230,6 +232,10 @@ class ChatAnswering(ChatScreenBase):
             self.storage.release_conversation()
 
     def _show_cache_stats(self, stats: dict[str, Any] | None) -> None:
+        if self.repeats is not None and self.has_class("-show-cache"):
+            self.cache_panel.repeats = self.repeats.summary()  # drawn with the stats just below
+            if stats is None:
+                self.cache_panel.show_stats(self.cache_panel.last_stats)
         if stats is None:
             return
         if stats.get("hit_rate") is not None:

@@ -34,6 +34,7 @@ from mixtral_chat.engine.errors import MixtralChatError
 
 if TYPE_CHECKING:
     from mixtral_chat.app.chat_app import ChatApp
+    from mixtral_chat.engine.offload.locality import LiveRepeats
 
 
 SAVE_INTERVAL_S = 1.0
@@ -99,6 +100,8 @@ class ChatScreenBase(Screen[None]):
         # Chats another app is answering in: conversation id -> its pid.
         self.busy: dict[int, int] = {}
         self._conversations_signature: tuple[object, ...] | None = None
+        # Routing repeats of the loaded model, counted once the cache panel has been shown.
+        self.repeats: LiveRepeats | None = None
 
     # -- typed access ----------------------------------------------------------------------------
 
