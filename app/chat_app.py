@@ -250,7 +250,12 @@ class ChatApp(App[int]):
 
             resolved = resolve_model(spec)
             self.call_from_thread(self._resolved, serial, resolved.name, resolved.is_demo)
-            engine = Engine.load(resolved.path, self.settings.engine, name=resolved.name)
+            engine = Engine.load(
+                resolved.path,
+                self.settings.engine,
+                name=resolved.name,
+                progress=lambda progress: self.post_message(ModelLoad.Progress(serial, progress)),
+            )
         except Exception as exc:  # shown as a notification; the chat stays usable
             self.post_message(ModelLoad.Failed(serial, spec, error_line(exc, "loading the model")))
             return
@@ -268,6 +273,10 @@ class ChatApp(App[int]):
                 title="Demo model",
                 timeout=8,
             )
+
+    def on_model_load_progress(self, message: ModelLoad.Progress) -> None:
+        if message.serial == self._load_serial:
+            self.chat_screen.loading_bar.show_progress(message.progress)
 
     def on_model_load_finished(self, message: ModelLoad.Finished) -> None:
         if message.serial != self._load_serial:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from mixtral_chat.engine import checkpoint as ckpt
+from mixtral_chat.engine import load_progress
 from mixtral_chat.engine.config import ModelArgs
 from mixtral_chat.engine.errors import ContextTooLongError, MixtralChatError, OutOfMemoryError
+from mixtral_chat.engine.load_progress import LoadProgress
 from mixtral_chat.engine.options import UNQUANTIZED, GenerationConfig, LoadOptions
 from mixtral_chat.engine.tokenizer import StreamingDetokenizer, Tokenizer
 
@@ -113,16 +115,26 @@ class Engine:
 
     @classmethod
     def load(
-        cls, model_dir: str | Path, options: LoadOptions | None = None, *, name: str | None = None
+        cls,
+        model_dir: str | Path,
+        options: LoadOptions | None = None,
+        *,
+        name: str | None = None,
+        progress: Callable[[LoadProgress], None] | None = None,
     ) -> Engine:
         """Resolve device and dtype, decide on offloading, load the weights (experts streamed from
-        a quantized directory's files where they can be), offload, check the tokenizer."""
+        a quantized directory's files where they can be), offload, check the tokenizer.
+        `progress` hears how many weight bytes are read, about every 0.1 s and at the end."""
+        with load_progress.counting(load_progress.weight_bytes(Path(model_dir)), progress):
+            return cls._load(Path(model_dir), options, name)
+
+    @classmethod
+    def _load(cls, model_dir: Path, options: LoadOptions | None, name: str | None) -> Engine:
         import torch
 
         # A copy: the app's settings hold the options it passes, and its settings screen may
         # edit them while this load runs in a thread.
         options = dataclasses.replace(options) if options else LoadOptions()
-        model_dir = Path(model_dir)
         device = resolve_device(options.device)
         dtype = resolve_dtype(options.dtype, device)
         tokenizer = Tokenizer(model_dir / "tokenizer.model")

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from mixtral_chat.engine.errors import WeightsError
+from mixtral_chat.engine.load_progress import note_read
 
 # safetensors dtype names <-> torch dtypes (those a checkpoint may hold).
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -116,6 +117,7 @@ def read_tensor(
             raise WeightsError(f"{file}: tensor '{key}' is unreadable ({exc.strerror or exc})") from None
         if read != nbytes:
             raise WeightsError(f"{file}: truncated safetensors file (tensor '{key}' is cut off)")
+        note_read(nbytes)
     return buffer.view(dtype).reshape(info["shape"])
 
 

@@ -395,3 +395,23 @@ def test_the_cache_panel_shows_how_often_consecutive_tokens_repeat_their_experts
             assert text.splitlines()[3].split()[0] == "layer" and "repeat" in text.splitlines()[3]
 
     run(scenario)
+
+
+def test_the_loading_line_has_a_real_progress_bar(isolated_home: Path, chat_model_dir: Path) -> None:
+    from textual.widgets import ProgressBar
+
+    from mixtral_chat.engine.load_progress import weight_bytes
+
+    app = make_app(chat_model_dir)
+
+    async def scenario() -> None:
+        async with app.run_test(size=(120, 35)) as pilot:
+            await wait_ready(pilot, app)
+            bar = app.chat_screen.loading_bar
+            progress = bar.progress
+            assert progress is not None and progress.finished
+            assert progress.bytes_total == weight_bytes(chat_model_dir) and progress.bytes_done > 0
+            assert bar.query_one(ProgressBar).percentage == 1.0
+            assert not bar.display  # gone once the model is ready
+
+    run(scenario)

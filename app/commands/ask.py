@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mixtral_chat.app.argtypes import float_range, int_range
+from mixtral_chat.app.progress import ProgressLine
 from mixtral_chat.engine.options import (
     MAX_TOKENS_MIN,
     SEED_MAX,
@@ -22,8 +24,10 @@ from mixtral_chat.engine.options import (
     GenerationConfig,
     LoadOptions,
 )
+from mixtral_chat.engine.units import format_duration, format_size
 
 if TYPE_CHECKING:
+    from mixtral_chat.engine.load_progress import LoadProgress
     from mixtral_chat.engine.models.resolve import ResolvedModel
     from mixtral_chat.engine.runtime import ChatStream, Engine, GenerationStats
 
@@ -184,10 +188,29 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
     )
 
 
+# Loads shorter than this print no progress line (the demo loads in about 0.3 s).
+LOAD_QUIET_S = 1.0
+
+
 def load_engine(args: argparse.Namespace, resolved: ResolvedModel) -> Engine:
     from mixtral_chat.engine.runtime import Engine
 
-    engine = Engine.load(resolved.path, load_options(args), name=resolved.name)
+    line = ProgressLine(sys.stderr, log_interval_s=math.inf)
+    shown = line.tty and not args.json  # a terminal only: a pipe or a log gets no progress lines
+
+    def loading(progress: LoadProgress) -> None:
+        if not shown or (progress.elapsed_s < LOAD_QUIET_S and not line.width):
+            return  # under a second: no line at all
+        done, total = format_size(progress.bytes_done), format_size(progress.bytes_total)
+        text = f"loading {resolved.name}: {done} of {total}"
+        if progress.eta_s is not None and not progress.finished:
+            text += f", {format_duration(progress.eta_s)} left"
+        line.show(text, phase="load", final=progress.finished)
+
+    try:
+        engine = Engine.load(resolved.path, load_options(args), name=resolved.name, progress=loading)
+    finally:
+        line.end()
     plan = engine.info.offload_plan
     # Automatic offloading is always announced: it explains a slower answer.
     if plan and (args.stats or plan.startswith("auto")):

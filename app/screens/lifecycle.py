@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from textual.message import Message
 
 if TYPE_CHECKING:
+    from mixtral_chat.engine.load_progress import LoadProgress
     from mixtral_chat.engine.runtime import Engine, GenerationStats
 
 
@@ -44,6 +45,11 @@ class Generation:
 
 class ModelLoad:
     """Loading a model in the background. `serial` tells which load: only the latest counts."""
+
+    @dataclass(eq=False)
+    class Progress(Message):
+        serial: int
+        progress: LoadProgress
 
     @dataclass(eq=False)
     class Finished(Message):

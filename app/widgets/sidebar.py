@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal
-from textual.widgets import Label, LoadingIndicator, OptionList
+from textual.widgets import Label, LoadingIndicator, OptionList, ProgressBar
 from textual.widgets.option_list import Option
 
 from mixtral_chat.app.storage import Conversation
+from mixtral_chat.engine.units import format_duration, format_size
+
+if TYPE_CHECKING:
+    from mixtral_chat.engine.load_progress import LoadProgress
 
 
 def relative_time(timestamp: float, now: float | None = None) -> str:
@@ -88,16 +93,19 @@ class ConversationList(OptionList):
 
 
 class ModelLoadingBar(Horizontal):
-    """Shown while a model loads: a spinner and what is being loaded, with the seconds so far."""
+    """Shown while a model loads: a spinner, what is being loaded, a bar of the weights read so far
+    (`Engine.load`'s progress) with the seconds so far and an ETA."""
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self._what = ""
         self._started = 0.0
+        self.progress: LoadProgress | None = None
 
     def compose(self) -> ComposeResult:
         yield LoadingIndicator()
         yield Label("", classes="loading-label")
+        yield ProgressBar(show_eta=False, show_percentage=True, id="loading-progress")
 
     def on_mount(self) -> None:
         self.set_interval(0.5, self._tick)
@@ -105,13 +113,28 @@ class ModelLoadingBar(Horizontal):
     def begin(self, what: str) -> None:
         self._what = what
         self._started = time.monotonic()
+        self.progress = None
+        self.query_one(ProgressBar).update(total=None, progress=0)
         self.display = True
         self._tick()
 
     def end(self) -> None:
         self.display = False
 
+    def show_progress(self, progress: LoadProgress) -> None:
+        self.progress = progress
+        bar = self.query_one(ProgressBar)
+        bar.update(total=progress.bytes_total or None, progress=progress.fraction * progress.bytes_total)
+        self._tick()
+
     def _tick(self) -> None:
-        if self.display:
-            elapsed = time.monotonic() - self._started
-            self.query_one(".loading-label", Label).update(f"Loading {self._what}… {elapsed:.0f} s")
+        if not self.display:
+            return
+        elapsed = time.monotonic() - self._started
+        text = f"Loading {self._what}… {elapsed:.0f} s"
+        progress = self.progress
+        if progress is not None and progress.bytes_total:
+            text += f", {format_size(progress.bytes_done)} of {format_size(progress.bytes_total)}"
+            if progress.eta_s is not None and not progress.finished:
+                text += f", about {format_duration(progress.eta_s)} left"
+        self.query_one(".loading-label", Label).update(text)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from mixtral_chat.engine.config import ModelArgs
 from mixtral_chat.engine.errors import MixtralChatError
+from mixtral_chat.engine.load_progress import note_read
 from mixtral_chat.engine.model import Expert
 from mixtral_chat.quant.blob import ExpertBlobLayout, expert_linears_from_blob
 from mixtral_chat.quant.load import ExpertBlobReader
@@ -105,6 +106,7 @@ class FileStore(ExpertStore):
         read = os.preadv(fd, [memoryview(target.numpy())], offset + start)
         if read != end - start:
             raise MixtralChatError(f"{self.where}: expert {expert} of layer {layer} is truncated")
+        note_read(read)  # counted while a load warms the caches; a no-op while answering
         if out.device.type != "cpu":
             out[start:end].copy_(target, non_blocking=False)
 
