@@ -15,12 +15,13 @@ import re
 import sqlite3
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from mixtral_chat.app.storage import DB_FILENAME, Storage
+from mixtral_chat.app.storage import DB_FILENAME, ConversationBusy, Storage
 from mixtral_chat.engine.tokenizer import Tokenizer
 from tests.conftest import REPO_ROOT, run_cli
 
@@ -490,3 +491,53 @@ def test_the_tui_opens_a_cli_chat_and_ask_continues_a_tui_chat(
         {"role": "user", "content": "And a lake?"},
     ]
     assert continued["usage"]["prompt_tokens"] == prompt_tokens(history)
+
+
+def test_ask_holds_the_chat_while_it_answers(home: Home, tmp_path: Path) -> None:
+    """While `ask` answers, its chat is busy for every other app: the TUI's guarded writes and
+    another `ask --cid` are refused. `ask` is held mid-answer by its routing trace, a FIFO that
+    nobody reads yet: opening it blocks, and it is opened once the prompt is stored."""
+    first = home.ask_json("What is a lighthouse?")
+    chat_id = first["conversation_id"]
+    fifo = tmp_path / "trace.fifo"
+    os.mkfifo(fifo)
+    argv = ["ask", "--json", *FEW_TOKENS, "-c", "And a harbour?", "--trace-routing", str(fifo)]
+    answering = subprocess.Popen(
+        [sys.executable, "-m", "mixtral_chat.app.cli", *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **home.env, "PYTHONIOENCODING": "utf-8"},
+    )
+    other = home.storage()
+    try:
+        other.register_instance()
+        deadline = time.monotonic() + 120
+        while chat_id not in other.busy_conversations():
+            assert answering.poll() is None, answering.communicate()
+            assert time.monotonic() < deadline, "ask never claimed the chat"
+            time.sleep(0.05)
+        assert other.busy_conversations() == {chat_id: answering.pid}
+        assert [(m.role, m.status) for m in other.messages(chat_id)][2:] == [
+            ("user", "complete"),
+            ("assistant", "streaming"),
+        ]
+        with pytest.raises(ConversationBusy):  # what the TUI's send does
+            other.add_message(chat_id, "user", "me too", claim=True)
+        refused = home.cli("ask", "--cid", str(chat_id), "me too")
+        assert refused.returncode == 1 and f"(pid {answering.pid})" in one_error(refused)
+        with open(fifo, encoding="utf-8") as trace:  # let it go on
+            trace.read()
+        out, err = answering.communicate(timeout=120)
+        assert answering.returncode == 0, err
+        answer = json.loads(out)
+        assert other.busy_conversations() == {}
+        assert turns(other, chat_id)[2:] == [
+            ("user", "complete", "And a harbour?"),
+            ("assistant", "complete", answer["text"]),
+        ]
+    finally:
+        if answering.poll() is None:
+            answering.kill()
+            answering.wait()
+        other.close()
