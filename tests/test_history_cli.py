@@ -405,9 +405,10 @@ def test_history_without_a_database_reads_as_empty_and_creates_none(home: Home) 
     assert not home.db.exists()
 
 
-def test_history_does_not_import_torch_or_textual(logged: Logged) -> None:
+def test_history_does_not_import_torch_or_textual_and_start_up_not_the_store(logged: Logged) -> None:
     probe = (
         "import sys; from mixtral_chat.app.cli import main; "
+        "assert 'sqlite3' not in sys.modules, 'the store is imported at CLI start-up'; "
         "codes = [main(['history', 'list']), main(['history', 'search', 'harbour']), "
         "main(['history', 'show', '1'])]; "
         "print(codes, 'torch' in sys.modules, 'textual' in sys.modules)"

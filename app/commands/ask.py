@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mixtral_chat.app.argtypes import SEED_MAX, SEED_MIN, float_range, int_range
-from mixtral_chat.app.chat_session import chat_messages, generation_values
-from mixtral_chat.app.conversation_log import ConversationLog
 from mixtral_chat.engine.options import (
     MAX_TOKENS_MIN,
     TEMPERATURE_MAX,
@@ -29,6 +27,7 @@ from mixtral_chat.engine.options import (
 )
 
 if TYPE_CHECKING:
+    from mixtral_chat.app.conversation_log import ConversationLog
     from mixtral_chat.app.storage import Conversation
     from mixtral_chat.engine.models.resolve import ResolvedModel
     from mixtral_chat.engine.runtime import ChatStream, Engine, GenerationStats
@@ -133,6 +132,9 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    # The conversation store (sqlite3) only when `ask` runs: not at every CLI start-up.
+    from mixtral_chat.app.conversation_log import ConversationLog
+
     prompt = read_prompt(args)
     check_history_flags(args)
     # Before the model loads: an unknown --cid or a busy chat is said at once.
@@ -150,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def answer(args: argparse.Namespace, prompt: str, log: ConversationLog | None) -> int:
+    from mixtral_chat.app.chat_session import chat_messages
+
     continued = log.conversation if log is not None else None
     config = generation_config(args, continued)
     resolved = resolve_the_model(args)
@@ -184,6 +188,7 @@ def print_warning(line: str) -> None:
 
 def generation_config(args: argparse.Namespace, continued: Conversation | None = None) -> GenerationConfig:
     """`ask`'s defaults (greedy), then a continued chat's own settings, then the flags given."""
+    from mixtral_chat.app.chat_session import generation_values
     from mixtral_chat.app.errors import UsageError
     from mixtral_chat.engine.errors import MixtralChatError
 

@@ -1,8 +1,8 @@
 """`mixtral-chat history`: list, show, search, export and delete the stored conversations (the
 chat app's and `ask`'s, one database).
 
-Plain SQLite through app/storage: no torch, no Textual. A database that does not exist yet is
-read as empty and not created.
+Plain SQLite through app/storage (imported when an action runs, not at CLI start-up): no torch,
+no Textual. A database that does not exist yet is read as empty and not created.
 """
 
 from __future__ import annotations
@@ -12,20 +12,17 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mixtral_chat.app.argtypes import int_range
 from mixtral_chat.app.errors import UsageError
-from mixtral_chat.app.storage import (
-    MATCH_END,
-    MATCH_START,
-    ConversationBusy,
-    Storage,
-    StorageError,
-    default_db_path,
-)
 from mixtral_chat.app.terminal import ask_yes_no
+from mixtral_chat.engine.errors import MixtralChatError
 from mixtral_chat.engine.fileio import write_atomic
 from mixtral_chat.engine.units import format_age
+
+if TYPE_CHECKING:
+    from mixtral_chat.app.storage import Storage
 
 # Matched words in `search` snippets on a terminal: bold, as grep --color shows them.
 BOLD, RESET = "\x1b[1m", "\x1b[0m"
@@ -70,12 +67,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _open() -> Storage | None:
     """The conversation database; None if there is none yet (nothing is created)."""
+    from mixtral_chat.app.storage import Storage, default_db_path
+
     path = default_db_path()
     return Storage(path) if path.exists() else None
 
 
-def _no_conversation(conversation_id: int) -> StorageError:
-    return StorageError(f"no conversation with id {conversation_id}")
+def _no_conversation(conversation_id: int) -> MixtralChatError:
+    return MixtralChatError(f"no conversation with id {conversation_id}")
 
 
 # -- list ---------------------------------------------------------------------------------------
@@ -195,10 +194,14 @@ def _search(args: argparse.Namespace) -> int:
 
 def _plain(snippet: str) -> str:
     """A snippet on one line without its match markers."""
+    from mixtral_chat.app.storage import MATCH_END, MATCH_START
+
     return " ".join(snippet.replace(MATCH_START, "").replace(MATCH_END, "").split())
 
 
 def _highlighted(snippet: str) -> str:
+    from mixtral_chat.app.storage import MATCH_END, MATCH_START
+
     return " ".join(snippet.replace(MATCH_START, BOLD).replace(MATCH_END, RESET).split())
 
 
@@ -219,7 +222,7 @@ def _export(args: argparse.Namespace) -> int:
         return 0
     target = Path(args.output).expanduser()
     if target.is_dir():
-        raise StorageError(f"{target} is a folder: give a file name to export to")
+        raise MixtralChatError(f"{target} is a folder: give a file name to export to")
     write_atomic(target, text)
     print(f"mixtral-chat: exported chat {args.id} to {target}", file=sys.stderr)
     return 0
@@ -229,6 +232,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _rm(args: argparse.Namespace) -> int:
+    from mixtral_chat.app.storage import ConversationBusy
+
     storage = _open()
     if storage is None:
         raise _no_conversation(args.id)
