@@ -542,3 +542,24 @@ def test_ask_holds_the_chat_while_it_answers(home: Home, tmp_path: Path) -> None
             answering.kill()
             answering.wait()
         other.close()
+
+
+def test_a_continued_chat_keeps_its_own_generation_settings_unless_a_flag_is_given(home: Home) -> None:
+    """Settings a chat was given in the app (chat options) apply to `ask --cid`; flags win."""
+    with home.storage() as storage:
+        chat = storage.create_conversation("Lighthouses", generation={"max_tokens": 3, "top_k": 5})
+        storage.add_message(chat.id, "user", "What is a lighthouse?")
+        storage.add_message(chat.id, "assistant", "A tower with a light.")
+        broken = storage.create_conversation("Broken", generation={"temperature": -1.0})
+    own = home.cli("ask", "--json", "--cid", str(chat.id), "And a harbour?")
+    assert own.returncode == 0, own.stderr
+    flagged = home.cli("ask", "--json", "--cid", str(chat.id), "--max-tokens", "5", "And a ship?")
+    assert flagged.returncode == 0, flagged.stderr
+    assert json.loads(own.stdout)["usage"]["completion_tokens"] == 3
+    assert json.loads(flagged.stdout)["usage"]["completion_tokens"] == 5
+    with home.storage() as storage:
+        answers = [m.stats for m in storage.messages(chat.id) if m.role == "assistant" and m.stats]
+    assert [(s["generation"]["max_tokens"], s["generation"]["top_k"]) for s in answers] == [(3, 5), (5, 5)]
+    bad = home.cli("ask", "--cid", str(broken.id), "hello")
+    assert bad.returncode == 1
+    assert one_error(bad).startswith(f"chat {broken.id} has invalid generation settings (")

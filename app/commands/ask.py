@@ -77,7 +77,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     which = history.add_mutually_exclusive_group()
     which.add_argument(
-        "-c", "--continue", dest="continue_latest", action="store_true", help="continue the latest chat"
+        "-c",
+        "--continue",
+        dest="continue_latest",
+        action="store_true",
+        help="continue the most recent chat (the chat app's too)",
     )
     which.add_argument("--cid", type=int_range("--cid", 1), metavar="ID", help="continue chat ID")
     history.add_argument("--no-log", action="store_true", help="do not store this exchange")
@@ -198,8 +202,14 @@ def generation_config(args: argparse.Namespace, continued: Conversation | None =
             values[name] = getattr(args, name)
     try:
         return GenerationConfig(**values)
-    except (MixtralChatError, TypeError, ValueError) as exc:  # the flags' converters check the same bounds
-        raise UsageError(f"invalid generation settings: {exc}") from None
+    except (MixtralChatError, TypeError, ValueError) as exc:
+        if continued is None:  # the flags' converters check the same bounds first
+            raise UsageError(str(exc)) from None
+        # A flag would have been refused by its converter: the chat's stored settings are wrong.
+        raise MixtralChatError(
+            f"chat {continued.id} has invalid generation settings ({exc}); change them in the chat "
+            "app's chat options, or give the flag"
+        ) from None
 
 
 def resolve_the_model(args: argparse.Namespace) -> ResolvedModel:
