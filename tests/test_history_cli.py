@@ -12,6 +12,7 @@ import json
 import os
 import pty
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -494,30 +495,51 @@ def test_the_tui_opens_a_cli_chat_and_ask_continues_a_tui_chat(
     assert continued["usage"]["prompt_tokens"] == prompt_tokens(history)
 
 
-def test_ask_holds_the_chat_while_it_answers(home: Home, tmp_path: Path) -> None:
-    """While `ask` answers, its chat is busy for every other app: the TUI's guarded writes and
-    another `ask --cid` are refused. `ask` is held mid-answer by its routing trace, a FIFO that
-    nobody reads yet: opening it blocks, and it is opened once the prompt is stored."""
-    first = home.ask_json("What is a lighthouse?")
-    chat_id = first["conversation_id"]
-    fifo = tmp_path / "trace.fifo"
+def held_ask(home: Home, fifo: Path, *args: str) -> subprocess.Popen[bytes]:
+    """`ask --json ARGS` held mid-answer: its routing trace is FIFO `fifo`, which nobody reads
+    yet, and `ask` opens it once the prompt is stored (opening blocks until a reader comes)."""
     os.mkfifo(fifo)
-    argv = ["ask", "--json", *FEW_TOKENS, "-c", "And a harbour?", "--trace-routing", str(fifo)]
-    answering = subprocess.Popen(
+    argv = ["ask", "--json", *FEW_TOKENS, *args, "--trace-routing", str(fifo)]
+    return subprocess.Popen(
         [sys.executable, "-m", "mixtral_chat.app.cli", *argv],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, **home.env, "PYTHONIOENCODING": "utf-8"},
     )
+
+
+def wait_until_held(storage: Storage, process: subprocess.Popen[bytes]) -> int:
+    """The chat `process` holds, once its answer row is stored (then it waits on the FIFO; a
+    hang fails after two minutes)."""
+
+    def answering_in() -> int | None:
+        for chat_id in storage.busy_conversations():
+            messages = storage.messages(chat_id)
+            if messages and (messages[-1].role, messages[-1].status) == ("assistant", "streaming"):
+                return chat_id
+        return None
+
+    deadline = time.monotonic() + 120
+    while (chat_id := answering_in()) is None:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "ask never stored its answer row"
+        time.sleep(0.05)
+    assert storage.busy_conversations() == {chat_id: process.pid}
+    return chat_id
+
+
+def test_ask_holds_the_chat_while_it_answers(home: Home, tmp_path: Path) -> None:
+    """While `ask` answers, its chat is busy for every other app: the TUI's guarded writes and
+    another `ask --cid` are refused. `ask` is held mid-answer by its routing trace, a FIFO that
+    nobody reads yet: opening it blocks, and it is opened once the prompt is stored."""
+    first = home.ask_json("What is a lighthouse?")
+    chat_id = first["conversation_id"]
+    answering = held_ask(home, tmp_path / "trace.fifo", "-c", "And a harbour?")
     other = home.storage()
     try:
         other.register_instance()
-        deadline = time.monotonic() + 120
-        while chat_id not in other.busy_conversations():
-            assert answering.poll() is None, answering.communicate()
-            assert time.monotonic() < deadline, "ask never claimed the chat"
-            time.sleep(0.05)
+        assert wait_until_held(other, answering) == chat_id
         assert other.busy_conversations() == {chat_id: answering.pid}
         assert [(m.role, m.status) for m in other.messages(chat_id)][2:] == [
             ("user", "complete"),
@@ -527,7 +549,7 @@ def test_ask_holds_the_chat_while_it_answers(home: Home, tmp_path: Path) -> None
             other.add_message(chat_id, "user", "me too", claim=True)
         refused = home.cli("ask", "--cid", str(chat_id), "me too")
         assert refused.returncode == 1 and f"(pid {answering.pid})" in one_error(refused)
-        with open(fifo, encoding="utf-8") as trace:  # let it go on
+        with open(tmp_path / "trace.fifo", encoding="utf-8") as trace:  # let it go on
             trace.read()
         out, err = answering.communicate(timeout=120)
         assert answering.returncode == 0, err
@@ -563,3 +585,26 @@ def test_a_continued_chat_keeps_its_own_generation_settings_unless_a_flag_is_giv
     bad = home.cli("ask", "--cid", str(broken.id), "hello")
     assert bad.returncode == 1
     assert one_error(bad).startswith(f"chat {broken.id} has invalid generation settings (")
+
+
+def test_ctrl_c_leaves_the_answer_stored_as_stopped_and_the_chat_free(home: Home, tmp_path: Path) -> None:
+    answering = held_ask(home, tmp_path / "trace.fifo", "What is a lighthouse?")
+    with home.storage() as storage:
+        try:
+            chat_id = wait_until_held(storage, answering)
+            answering.send_signal(signal.SIGINT)
+            out, err = answering.communicate(timeout=120)
+        finally:
+            if answering.poll() is None:
+                answering.kill()
+                answering.wait()
+        assert answering.returncode == 130, err
+        printed = json.loads(out)
+        assert (printed["finish_reason"], printed["conversation_id"]) == ("cancelled", chat_id)
+        messages = storage.messages(chat_id)
+        assert [(m.role, m.status, m.content) for m in messages] == [
+            ("user", "complete", "What is a lighthouse?"),
+            ("assistant", "stopped", printed["text"]),
+        ]
+        assert messages[1].stats is not None and messages[1].stats["finish_reason"] == "cancelled"
+        assert storage.busy_conversations() == {}

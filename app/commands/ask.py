@@ -276,18 +276,19 @@ def stream_answer(
     stream = engine.chat(messages, config, stop_event=stop)
     if log is not None:
         log.begin(prompt, system_prompt=system_prompt, model=engine.info.name)
-    trace_file = None
-    if args.trace_routing:
-        from mixtral_chat.engine.offload import RoutingTrace
-
-        trace_file = open(args.trace_routing, "w", encoding="utf-8")  # noqa: SIM115 (closed below)
-        RoutingTrace(engine.model, trace_file)
-    for notice in stream.notices:
-        print(f"mixtral-chat: {notice}", file=sys.stderr)
     pieces: list[str] = []
     interrupted = False
     status = "error"  # unless the loop ends
+    trace_file = None
+    # From here on the stored answer row is finished whatever happens (never left "streaming").
     try:
+        if args.trace_routing:
+            from mixtral_chat.engine.offload import RoutingTrace
+
+            trace_file = open(args.trace_routing, "w", encoding="utf-8")  # noqa: SIM115 (closed below)
+            RoutingTrace(engine.model, trace_file)
+        for notice in stream.notices:
+            print(f"mixtral-chat: {notice}", file=sys.stderr)
         for piece in stream:
             pieces.append(piece)
             if log is not None:
@@ -305,14 +306,18 @@ def stream_answer(
         if trace_file:
             trace_file.close()
         if log is not None:
-            log.finish(status, exchange_stats(engine, stream.stats, config), "".join(pieces))
+            log.finish(status, exchange_stats(engine, stream.stats, config, status), "".join(pieces))
     return stream, pieces, interrupted
 
 
-def exchange_stats(engine: Engine, stats: GenerationStats | None, config: GenerationConfig) -> dict[str, Any]:
+def exchange_stats(
+    engine: Engine, stats: GenerationStats | None, config: GenerationConfig, status: str
+) -> dict[str, Any]:
     """What the answer's row keeps beside its text: the engine's stats (as the TUI stores them),
     the model and the generation settings that produced it."""
     stored: dict[str, Any] = asdict(stats) if stats is not None else {}
+    if status == "stopped":  # Ctrl+C lands in the loop, not through the engine's stop event
+        stored["finish_reason"] = "cancelled"
     return {**stored, "model": engine.info.name, "generation": asdict(config)}
 
 
