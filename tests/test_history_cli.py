@@ -233,6 +233,25 @@ def test_a_damaged_database_costs_the_log_not_the_answer(home: Home) -> None:
     assert home.db.read_bytes().startswith(b"not a database")  # never touched
 
 
+def test_a_locked_database_costs_the_log_not_the_answer(home: Home) -> None:
+    """Another process holds the write lock past the busy timeout (10 s): the answer prints."""
+    with Storage(home.db):  # the database exists, as after any earlier run
+        pass
+    holder = sqlite3.connect(home.db, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        result = home.cli("ask", *FEW_TOKENS, "What is a lighthouse?")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert result.returncode == 0 and result.stdout.strip()
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and warnings[0].startswith(NOT_LOGGED_WARNING), result.stderr
+    assert warnings[0].endswith("database is locked")
+    with home.storage() as storage:
+        assert storage.list_conversations() == [] and storage.other_instances() == []
+
+
 def test_a_chat_another_instance_is_answering_in_is_refused(logged: Logged) -> None:
     """A second app (this test process, through the TUI's Storage API) holds the claim."""
     chat_id = logged.first["conversation_id"]
