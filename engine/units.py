@@ -38,6 +38,18 @@ def format_duration(seconds: float | None) -> str:
     return f"{whole} s"
 
 
+def format_age(seconds: float) -> str:
+    """How long ago, as a list column shows it: "now", "5 min", "3 h", "2 d"."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return "now"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f} min"
+    if seconds < 86400:
+        return f"{seconds // 3600:.0f} h"
+    return f"{seconds // 86400:.0f} d"
+
+
 def format_size(count: float | None) -> str:
     """`format_bytes` for a table cell: "-" when the size is unknown or nothing."""
     return format_bytes(count) if count else "-"

@@ -1,4 +1,8 @@
-"""`mixtral-chat ask`: one answer, streamed to stdout. Diagnostics go to stderr."""
+"""`mixtral-chat ask`: one answer, streamed to stdout. Diagnostics go to stderr.
+
+Each exchange is stored in the chat app's conversation database (app/conversation_log.py)
+unless --no-log; -c/--continue and --cid ID answer after an earlier chat's turns.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,9 @@ import json
 import math
 import sys
 import threading
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mixtral_chat.app.argtypes import float_range, int_range
 from mixtral_chat.app.progress import ProgressLine
@@ -27,6 +32,8 @@ from mixtral_chat.engine.options import (
 from mixtral_chat.engine.units import format_duration, format_size
 
 if TYPE_CHECKING:
+    from mixtral_chat.app.conversation_log import ConversationLog
+    from mixtral_chat.app.storage import Conversation
     from mixtral_chat.engine.load_progress import LoadProgress
     from mixtral_chat.engine.models.resolve import ResolvedModel
     from mixtral_chat.engine.runtime import ChatStream, Engine, GenerationStats
@@ -49,25 +56,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--temperature",
         type=float_range("--temperature", TEMPERATURE_MIN, cap=TEMPERATURE_MAX),
-        default=DEFAULT_GENERATION.temperature,
         help="0 = greedy (default)",
     )
     parser.add_argument(
         "--top-p",
         type=float_range("--top-p", TOP_P_ABOVE, TOP_P_MAX, low_open=True),
-        default=DEFAULT_GENERATION.top_p,
+        help=f"default {DEFAULT_GENERATION.top_p:g}",
     )
     parser.add_argument(
         "--top-k",
         type=int_range("--top-k", TOP_K_MIN),
-        default=DEFAULT_GENERATION.top_k,
-        help="0 = no top-k cut",
+        help=f"0 = no top-k cut (default {DEFAULT_GENERATION.top_k})",
     )
     parser.add_argument(
-        "--max-tokens", type=int_range("--max-tokens", MAX_TOKENS_MIN), default=DEFAULT_GENERATION.max_tokens
+        "--max-tokens",
+        type=int_range("--max-tokens", MAX_TOKENS_MIN),
+        help=f"default {DEFAULT_GENERATION.max_tokens}",
     )
     parser.add_argument("--seed", type=int_range("--seed", SEED_MIN, SEED_MAX))
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    history = parser.add_argument_group(
+        "conversation history",
+        "Each exchange is stored with the chat app's conversations (`mixtral-chat history`). A "
+        "continued chat keeps its system prompt and its own generation settings unless flags "
+        "are given.",
+    )
+    which = history.add_mutually_exclusive_group()
+    which.add_argument(
+        "-c",
+        "--continue",
+        dest="continue_latest",
+        action="store_true",
+        help="continue the most recent chat (the chat app's too)",
+    )
+    which.add_argument("--cid", type=int_range("--cid", 1), metavar="ID", help="continue chat ID")
+    history.add_argument("--no-log", action="store_true", help="do not store this exchange")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--quant", choices=["none", "int4", "nf4"], help="quantize a float model in memory")
@@ -119,16 +142,42 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    # The conversation store (sqlite3) only when `ask` runs: not at every CLI start-up.
+    from mixtral_chat.app.conversation_log import ConversationLog
+
     prompt = read_prompt(args)
-    config = generation_config(args)
+    check_history_flags(args)
+    # Before the model loads: an unknown --cid or a busy chat is said at once.
+    log = ConversationLog.open(
+        continue_latest=args.continue_latest,
+        conversation_id=args.cid,
+        write=not args.no_log,
+        warn=print_warning,
+    )
+    try:
+        return answer(args, prompt, log)
+    finally:
+        if log is not None:
+            log.close()
+
+
+def answer(args: argparse.Namespace, prompt: str, log: ConversationLog | None) -> int:
+    from mixtral_chat.app.chat_session import chat_messages
+
+    continued = log.conversation if log is not None else None
+    config = generation_config(args, continued)
     resolved = resolve_the_model(args)
     engine = load_engine(args, resolved)
-    stream, pieces, interrupted = stream_answer(args, engine, prompt, config)
+    history = log.prepare() if log is not None else []
+    system_prompt = continued.system_prompt if continued is not None else (args.system or "")
+    messages = [*chat_messages(system_prompt, history), {"role": "user", "content": prompt}]
+    stream, pieces, interrupted = stream_answer(args, engine, messages, config, log, prompt, system_prompt)
     cache = engine.cache_stats()
     engine.close()
     text = "".join(pieces)
     if args.json:
-        print_json(args, engine, text, pieces, stream.stats, cache, interrupted)
+        conversation_id = log.conversation_id if log is not None else None
+        print_json(args, engine, text, pieces, stream.stats, cache, interrupted, conversation_id)
     elif text and not text.endswith("\n"):
         sys.stdout.write("\n")
     if args.stats:
@@ -136,20 +185,37 @@ def run(args: argparse.Namespace) -> int:
     return 130 if interrupted else 0
 
 
-def generation_config(args: argparse.Namespace) -> GenerationConfig:
+def check_history_flags(args: argparse.Namespace) -> None:
+    from mixtral_chat.app.errors import UsageError
+
+    if args.system is not None and (args.continue_latest or args.cid is not None):
+        raise UsageError("--system starts a new chat: a continued chat keeps its own system prompt")
+
+
+def print_warning(line: str) -> None:
+    print(f"mixtral-chat: warning: {line}", file=sys.stderr)
+
+
+def generation_config(args: argparse.Namespace, continued: Conversation | None = None) -> GenerationConfig:
+    """`ask`'s defaults (greedy), then a continued chat's own settings, then the flags given."""
+    from mixtral_chat.app.chat_session import generation_values
     from mixtral_chat.app.errors import UsageError
     from mixtral_chat.engine.errors import MixtralChatError
 
+    values = generation_values(DEFAULT_GENERATION, continued)
+    for name in ("temperature", "top_p", "top_k", "max_tokens", "seed"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
     try:
-        return GenerationConfig(
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            max_tokens=args.max_tokens,
-            seed=args.seed,
-        )
-    except MixtralChatError as exc:  # the flags' converters check the same bounds first
-        raise UsageError(str(exc)) from None
+        return GenerationConfig(**values)
+    except (MixtralChatError, TypeError, ValueError) as exc:
+        if continued is None:  # the flags' converters check the same bounds first
+            raise UsageError(str(exc)) from None
+        # A flag would have been refused by its converter: the chat's stored settings are wrong.
+        raise MixtralChatError(
+            f"chat {continued.id} has invalid generation settings ({exc}); change them in the chat "
+            "app's chat options, or give the flag"
+        ) from None
 
 
 def resolve_the_model(args: argparse.Namespace) -> ResolvedModel:
@@ -219,38 +285,65 @@ def load_engine(args: argparse.Namespace, resolved: ResolvedModel) -> Engine:
 
 
 def stream_answer(
-    args: argparse.Namespace, engine: Engine, prompt: str, config: GenerationConfig
+    args: argparse.Namespace,
+    engine: Engine,
+    messages: list[dict[str, str]],
+    config: GenerationConfig,
+    log: ConversationLog | None,
+    prompt: str,
+    system_prompt: str,
 ) -> tuple[ChatStream, list[str], bool]:
-    """Generate, streaming to stdout unless --json; returns the stream, the pieces and whether
-    Ctrl+C stopped it."""
-    trace_file = None
-    if args.trace_routing:
-        from mixtral_chat.engine.offload import RoutingTrace
-
-        trace_file = open(args.trace_routing, "w", encoding="utf-8")  # noqa: SIM115 (closed below)
-        RoutingTrace(engine.model, trace_file)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    messages.append({"role": "user", "content": prompt})
+    """Generate, streaming to stdout unless --json, and into the log; returns the stream, the
+    pieces and whether Ctrl+C stopped it."""
     stop = threading.Event()
+    # A prompt over the context raises here, before anything is stored; nothing runs until the
+    # stream is iterated.
     stream = engine.chat(messages, config, stop_event=stop)
-    for notice in stream.notices:
-        print(f"mixtral-chat: {notice}", file=sys.stderr)
+    if log is not None:
+        log.begin(prompt, system_prompt=system_prompt, model=engine.info.name)
     pieces: list[str] = []
     interrupted = False
+    status = "error"  # unless the loop ends
+    trace_file = None
+    # From here on the stored answer row is finished whatever happens (never left "streaming").
     try:
+        if args.trace_routing:
+            from mixtral_chat.engine.offload import RoutingTrace
+
+            trace_file = open(args.trace_routing, "w", encoding="utf-8")  # noqa: SIM115 (closed below)
+            RoutingTrace(engine.model, trace_file)
+        for notice in stream.notices:
+            print(f"mixtral-chat: {notice}", file=sys.stderr)
         for piece in stream:
             pieces.append(piece)
+            if log is not None:
+                log.append(piece)
             if not args.json:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
+        status = "complete"
     except KeyboardInterrupt:
         # Ctrl+C stops generation; what was printed stays, and the JSON says "cancelled".
         interrupted = True
         stop.set()
+        status = "stopped"
     finally:
         if trace_file:
             trace_file.close()
+        if log is not None:
+            log.finish(status, exchange_stats(engine, stream.stats, config, status), "".join(pieces))
     return stream, pieces, interrupted
+
+
+def exchange_stats(
+    engine: Engine, stats: GenerationStats | None, config: GenerationConfig, status: str
+) -> dict[str, Any]:
+    """What the answer's row keeps beside its text: the engine's stats (as the TUI stores them),
+    the model and the generation settings that produced it."""
+    stored: dict[str, Any] = asdict(stats) if stats is not None else {}
+    if status == "stopped":  # Ctrl+C lands in the loop, not through the engine's stop event
+        stored["finish_reason"] = "cancelled"
+    return {**stored, "model": engine.info.name, "generation": asdict(config)}
 
 
 def print_json(
@@ -261,6 +354,7 @@ def print_json(
     stats: GenerationStats | None,
     cache: dict | None,
     interrupted: bool,
+    conversation_id: int | None,
 ) -> None:
     finish = "cancelled" if interrupted or stats is None else stats.finish_reason
     print(
@@ -277,6 +371,7 @@ def print_json(
                     "ttft_s": round(stats.ttft_s, 4) if stats else None,
                     "decode_tok_s": round(stats.decode_tok_s, 2) if stats else None,
                 },
+                "conversation_id": conversation_id,  # None: not stored (--no-log, or it failed)
                 **({"cache": cache_summary(cache)} if cache and args.stats else {}),
             },
             ensure_ascii=False,

@@ -470,6 +470,11 @@ class Storage:
             )
             return cursor.rowcount
 
+    def message_counts(self) -> dict[int, int]:
+        """Conversation id -> how many messages it holds (chats without any are absent)."""
+        rows = self._read("SELECT conversation_id, count(*) AS n FROM messages GROUP BY conversation_id")
+        return {row["conversation_id"]: row["n"] for row in rows}
+
     def recent_user_prompts(self, limit: int = 200) -> list[str]:
         """The latest distinct prompts across all conversations, oldest first (prompt history)."""
         rows = self._read(

@@ -14,21 +14,14 @@ from textual.widgets import Label, LoadingIndicator, OptionList, ProgressBar
 from textual.widgets.option_list import Option
 
 from mixtral_chat.app.storage import Conversation
-from mixtral_chat.engine.units import format_duration, format_size
+from mixtral_chat.engine.units import format_age, format_duration, format_size
 
 if TYPE_CHECKING:
     from mixtral_chat.engine.load_progress import LoadProgress
 
 
 def relative_time(timestamp: float, now: float | None = None) -> str:
-    seconds = max(0.0, (now or time.time()) - timestamp)
-    if seconds < 60:
-        return "now"
-    if seconds < 3600:
-        return f"{seconds // 60:.0f} min"
-    if seconds < 86400:
-        return f"{seconds // 3600:.0f} h"
-    return f"{seconds // 86400:.0f} d"
+    return format_age((now or time.time()) - timestamp)
 
 
 # Marks a chat that another running mixtral-chat is answering in.
