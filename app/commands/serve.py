@@ -90,8 +90,11 @@ def run(args: argparse.Namespace) -> int:
     engine = ask.load_engine(args, resolved)
     try:
         serve(args, engine, listener, api_key)
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl+C it shut down for: the normal way to stop
+        pass
     finally:
         engine.close()
+    print("mixtral-chat serve: stopped", file=sys.stderr)
     return 0
 
 

@@ -47,7 +47,18 @@ SUPPORTED = {
     "n",
 }
 # Accepted and without effect here: bookkeeping for the caller, or the value that means "off".
-IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
+# The prompt-cache hints: this server reuses the KV prefix of the last answer whatever they say.
+IGNORED = {
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "parallel_tool_calls",
+    "safety_identifier",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+    "prompt_cache_options",
+}
 # Fields this engine cannot honour, unless given the value that means "not asked for".
 UNSUPPORTED_UNLESS_OFF: dict[str, tuple[Any, ...]] = {
     "logprobs": (None, False),
@@ -65,6 +76,8 @@ UNSUPPORTED_UNLESS_OFF: dict[str, tuple[Any, ...]] = {
     "prediction": (None,),
     "reasoning_effort": (None,),
     "web_search_options": (None,),
+    "verbosity": (None,),
+    "moderation": (None,),
 }
 
 
