@@ -69,6 +69,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--context", type=int_range("--context", 1), help="context length in tokens (default 4096)"
     )
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    remote = parser.add_argument_group("remote backend")
+    remote.add_argument(
+        "--backend",
+        metavar="URL",
+        help="answer with an OpenAI-compatible server instead of the local engine (vLLM, "
+        "llama-server, Ollama's /v1, mixtral-chat serve): http://HOST:PORT/v1",
+    )
+    remote.add_argument(
+        "--api-key-env", metavar="NAME", help="environment variable that holds the backend's API key"
+    )
     offload = parser.add_argument_group("expert offloading")
     offload.add_argument(
         "--experts-per-layer",
@@ -115,6 +125,10 @@ def read_prompt(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     prompt = read_prompt(args)
     config = generation_config(args)
+    if args.backend or args.api_key_env:
+        from mixtral_chat.app.commands.ask_remote import run_remote
+
+        return run_remote(args, prompt, config)
     resolved = resolve_the_model(args)
     engine = load_engine(args, resolved)
     stream, pieces, interrupted = stream_answer(args, engine, prompt, config)
