@@ -128,7 +128,10 @@ def run(args: argparse.Namespace) -> int:
     if args.backend or args.api_key_env:
         from mixtral_chat.app.commands.ask_remote import run_remote
 
-        return run_remote(args, prompt, config)
+        stats, interrupted = run_remote(args, prompt, config)
+        if args.stats:
+            print_stats(stats, None)
+        return 130 if interrupted else 0
     resolved = resolve_the_model(args)
     engine = load_engine(args, resolved)
     stream, pieces, interrupted = stream_answer(args, engine, prompt, config)

@@ -11,9 +11,13 @@ import argparse
 import os
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from mixtral_chat.app.errors import UsageError
 from mixtral_chat.engine.options import GenerationConfig
+
+if TYPE_CHECKING:
+    from mixtral_chat.engine.runtime import GenerationStats
 
 # Flags of the local engine, and the value each has when not given.
 LOCAL_ONLY = {
@@ -30,8 +34,10 @@ LOCAL_ONLY = {
 }
 
 
-def run_remote(args: argparse.Namespace, prompt: str, config: GenerationConfig) -> int:
-    from mixtral_chat.app.commands.ask import print_stats
+def run_remote(
+    args: argparse.Namespace, prompt: str, config: GenerationConfig
+) -> tuple[GenerationStats | None, bool]:
+    """Print the answer; returns its client-side stats and whether Ctrl+C stopped it."""
     from mixtral_chat.app.remote import RemoteBackend
 
     backend = RemoteBackend(args.backend or "", api_key(args))
@@ -64,9 +70,7 @@ def run_remote(args: argparse.Namespace, prompt: str, config: GenerationConfig) 
         print_json(text, model, backend.base, stats, interrupted)
     elif text and not text.endswith("\n"):
         sys.stdout.write("\n")
-    if args.stats:
-        print_stats(stats, None)
-    return 130 if interrupted else 0
+    return stats, interrupted
 
 
 def api_key(args: argparse.Namespace) -> str | None:
@@ -87,7 +91,7 @@ def check_local_flags(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag} is for the local engine; the server at --backend decides that")
 
 
-def print_json(text: str, model: str, base: str, stats, interrupted: bool) -> None:
+def print_json(text: str, model: str, base: str, stats: GenerationStats | None, interrupted: bool) -> None:
     import json
 
     finish = "cancelled" if interrupted or stats is None else stats.finish_reason
