@@ -4,6 +4,7 @@ another `mixtral-chat serve`) with the local engine's shapes: a stream of text p
 
 - `RemoteBackend(url, api_key)`: `models()` from GET /v1/models, `chat(...)` streams
   POST /v1/chat/completions (Server-Sent Events).
+- `RemoteEngine`: a backend's model where the TUI holds an Engine (chat, info, cache_stats).
 - Every failure is a RemoteError with one line: unreachable, time-out, 401, 404, an error event
   in the stream. The key is sent as a header and never put in a message.
 
@@ -16,6 +17,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mixtral_chat.engine.errors import MixtralChatError
@@ -250,3 +252,46 @@ def _network_reason(exc: BaseException) -> str:
         if known.lower() in text.lower():
             return known.lower()
     return " ".join(text.split()) or type(exc).__name__
+
+
+class RemoteEngine:
+    """A remote server's model where the app holds an Engine: `chat`, `info`, `cache_stats` and
+    `close`, so the TUI's answer loop (chat_session.stream_answer) runs unchanged. `model` is None:
+    there are no weights here (nor an expert cache to show)."""
+
+    model = None
+
+    def __init__(self, backend: RemoteBackend, model: str, label: str) -> None:
+        from mixtral_chat.engine.runtime import EngineInfo
+
+        self.backend = backend
+        self.info = EngineInfo(
+            name=model,
+            path=Path(),
+            device=f"remote: {label}",  # what the status bar shows after the model's name
+            dtype="",
+            scheme="",
+            context_length=0,  # not told by /v1/models: the server cuts the answer itself
+            n_params=0,
+            n_active_params=0,
+        )
+
+    @classmethod
+    def connect(cls, url: str, api_key: str | None, model: str | None, label: str) -> RemoteEngine:
+        """Ask the server for its models; the one wanted (or its first) answers."""
+        backend = RemoteBackend(url, api_key)
+        return cls(backend, backend.pick_model(model), label)
+
+    def chat(
+        self,
+        messages: list[dict[str, str]],
+        config: GenerationConfig | None = None,
+        stop_event: threading.Event | None = None,
+    ) -> RemoteStream:
+        return self.backend.chat(messages, config or GenerationConfig(), self.info.name, stop_event)
+
+    def cache_stats(self) -> None:
+        return None
+
+    def close(self) -> None:
+        pass  # each answer has its own connection, closed when it ends

@@ -59,6 +59,7 @@ from mixtral_chat.engine.options import GenerationConfig
 
 if TYPE_CHECKING:
     from mixtral_chat.app.chat_app import ChatApp, ModelStatus
+    from mixtral_chat.app.remote import RemoteEngine
     from mixtral_chat.app.screens.dialogs import ChatOptions
     from mixtral_chat.engine.runtime import Engine
 
@@ -489,7 +490,7 @@ class ChatScreen(Screen[None]):
     @work(thread=True, exclusive=True, group="generate", exit_on_error=False)
     def generate(
         self,
-        engine: Engine,
+        engine: Engine | RemoteEngine,
         messages: list[dict[str, str]],
         config: GenerationConfig,
         message_id: int,
@@ -615,11 +616,12 @@ class ChatScreen(Screen[None]):
                 model=info.name,
                 loading=False,
                 scheme=info.scheme,
-                device=f"{info.device} {info.dtype}",
-                context_total=info.context_length,
+                device=f"{info.device} {info.dtype}".strip(),  # a remote one: "remote: NAME"
+                context_total=info.context_length or None,
             )
-            args = engine.model.args
-            self.cache_panel.set_model_shape(args.num_hidden_layers, args.num_local_experts)
+            if engine.model is not None:  # a remote model has no expert cache here
+                args = engine.model.args
+                self.cache_panel.set_model_shape(args.num_hidden_layers, args.num_local_experts)
             self._show_cache_stats(engine.cache_stats())
             pending, self.pending_conversation_id = self.pending_conversation_id, None
             if pending is not None and pending == self.conversation_id and not self.is_generating:
