@@ -136,6 +136,21 @@ def test_a_seed_makes_sampling_repeatable(client: openai.OpenAI) -> None:
     assert len(set(texts[1:])) > 1  # sampling does sample: other seeds, other answers
 
 
+def test_a_request_that_extends_the_last_conversation_reuses_its_kv_prefix(client: openai.OpenAI) -> None:
+    first = ask(client, PROMPTS[0], temperature=0)
+    answer = first.choices[0].message.content
+    follow_up = [
+        {"role": "user", "content": PROMPTS[0]},
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": PROMPTS[1]},
+    ]
+    extended = client.chat.completions.create(model="demo", messages=follow_up, temperature=0)
+    cached = extended.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens <= cached < extended.usage.prompt_tokens
+    unrelated = ask(client, "Define ocean.", temperature=0)
+    assert unrelated.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens  # <s> [INST] only
+
+
 def test_health_answers_without_a_key(demo_server: ServeProcess) -> None:
     response = httpx2.get(f"{demo_server.root_url}/health")
     assert response.status_code == 200 and response.json()["status"] == "ok"
@@ -238,6 +253,24 @@ def test_no_cors_headers_unless_asked(demo_server: ServeProcess) -> None:
         headers={"Origin": "https://example.com", "Access-Control-Request-Method": "POST"},
     )
     assert "access-control-allow-origin" not in preflight.headers
+
+
+def test_cors_answers_only_the_origin_it_was_given(home: Path) -> None:
+    server = ServeProcess(["--cors", "https://app.example.com"], env={"MIXTRAL_CHAT_HOME": str(home)})
+    try:
+        url = f"{server.base_url}/chat/completions"
+        for origin, allowed in (("https://app.example.com", True), ("https://elsewhere.example", False)):
+            preflight = httpx2.options(
+                url,
+                headers={
+                    "Origin": origin,
+                    "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "authorization, content-type",
+                },
+            )
+            assert (preflight.headers.get("access-control-allow-origin") == origin) is allowed
+    finally:
+        server.stop()
 
 
 def test_the_key_is_never_in_the_servers_output(demo_server: ServeProcess, api_key: str) -> None:

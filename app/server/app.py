@@ -270,11 +270,18 @@ class ChatServer:
         return {"id": self.engine.info.name, "object": "model", "created": self.created, "owned_by": OWNER}
 
 
-def usage(finished: Finished) -> dict[str, int]:
+def usage(finished: Finished) -> dict[str, Any]:
     stats = finished.stats
     prompt = stats.prompt_tokens if stats else 0
     completion = stats.completion_tokens if stats else 0
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        # OpenAI's field for a reused prompt prefix: a request that extends the previous
+        # conversation finds its start in the engine's KV cache.
+        "prompt_tokens_details": {"cached_tokens": stats.cached_tokens if stats else 0},
+    }
 
 
 def sse(data: dict[str, Any]) -> str:
