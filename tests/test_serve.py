@@ -410,3 +410,19 @@ def test_a_client_that_disconnects_mid_stream_frees_the_engine(queue_server: Ser
     completion = int(line.split(" prompt + ")[1].split()[0])
     assert 3 <= completion < LONG_ANSWER  # three pieces were read: at least three tokens
     wait_for_health(queue_server, running=0, waiting=0)
+
+
+def test_a_non_streaming_client_that_gives_up_stops_its_generation(queue_server: ServeProcess) -> None:
+    before = len(cancelled_lines(queue_server))
+    body = {
+        "model": model_id(queue_server),
+        "messages": [{"role": "user", "content": "an answer nobody waits for"}],
+        "temperature": 0,
+        "max_tokens": LONG_ANSWER,
+    }
+    with pytest.raises(httpx2.ReadTimeout):  # the client closes the connection at its time-out
+        httpx2.post(f"{queue_server.base_url}/chat/completions", json=body, timeout=1.0)
+    queue_server.wait_for_line(lambda line: len(cancelled_lines(queue_server)) > before, timeout=30)
+    line = cancelled_lines(queue_server)[before]
+    assert int(line.split(" prompt + ")[1].split()[0]) < LONG_ANSWER
+    wait_for_health(queue_server, running=0, waiting=0)
