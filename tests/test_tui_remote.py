@@ -18,7 +18,7 @@ from mixtral_chat.app.chat_app import ChatApp
 from mixtral_chat.app.settings import Endpoint, Settings, SettingsError, load_settings, save_settings
 from mixtral_chat.app.storage import Storage
 from mixtral_chat.engine.options import GenerationConfig
-from tests.conftest import run_cli
+from tests.conftest import run_cli, save_tiny_checkpoint
 from tests.serve_process import ServeProcess
 from tests.test_tui import SIZE, run, send, stored, type_text, wait_for, wait_ready
 
@@ -68,6 +68,37 @@ def test_the_tui_answers_from_a_remote_endpoint_and_says_so(
             assert answer.stats["completion_tokens"] == expected["usage"]["completion_tokens"]
 
     run(scenario)
+
+
+def test_escape_closes_the_remote_stream_and_keeps_the_partial_answer(
+    isolated_home: Path, serve_home: Path, tmp_path: Path
+) -> None:
+    model = save_tiny_checkpoint(tmp_path / "tiny-long", max_position_embeddings=8192)  # runs to max_tokens
+    long_server = ServeProcess(["--model", str(model)], env={"MIXTRAL_CHAT_HOME": str(serve_home)})
+    app = remote_app(long_server, Endpoint(url=long_server.base_url))
+    app.settings.generation = GenerationConfig(temperature=0.0, max_tokens=6000)
+
+    async def scenario() -> None:
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_ready(pilot, app)
+            screen = app.chat_screen
+            await type_text(pilot, "Write a long story")
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: screen.message_list.views[-1].text, "the first words of the answer")
+            await pilot.press("escape")
+            await wait_for(pilot, lambda: screen.generation is None, "the answer to stop")
+            message = app.storage.messages(screen.conversation_id)[-1]  # type: ignore[arg-type]
+            assert message.status == "stopped" and message.content
+            assert message.content == screen.message_list.views[-1].text
+            assert message.stats is not None and message.stats["finish_reason"] == "cancelled"
+
+    try:
+        run(scenario)
+        # The server saw the connection close and stopped generating long before max_tokens.
+        line = long_server.wait_for_line(lambda line: line.endswith("cancelled: the client went away"))
+        assert int(line.split(" prompt + ")[1].split()[0]) < 6000
+    finally:
+        long_server.stop()
 
 
 def test_a_wrong_key_fails_the_connection_with_one_line(
