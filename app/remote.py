@@ -188,8 +188,12 @@ class RemoteBackend:
         try:
             request = client.build_request(method, url, json=body, headers=headers)
             return client.send(request, stream=True)
+        except httpx2.ConnectTimeout:
+            raise RemoteError(
+                f"cannot reach {self.base}: no connection within {CONNECT_TIMEOUT_S:g} s"
+            ) from None
         except httpx2.TimeoutException:
-            raise RemoteError(f"{url}: no answer within {CONNECT_TIMEOUT_S:g} s (time-out)") from None
+            raise RemoteError(f"{url}: no answer within {self._read_timeout_s:g} s (time-out)") from None
         except httpx2.HTTPError as exc:
             raise RemoteError(f"cannot reach {self.base}: {_network_reason(exc)}") from None
 

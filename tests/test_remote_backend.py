@@ -137,6 +137,24 @@ def test_local_engine_flags_and_an_unset_key_variable_are_usage_errors(
     assert "NOT_SET_ANYWHERE: that environment variable is not set" in line
 
 
+def test_a_server_that_never_answers_is_a_time_out_line() -> None:
+    """A real socket that accepts and stays silent; the client's read time-out, shortened."""
+    from mixtral_chat.app.remote import RemoteBackend, RemoteError
+    from mixtral_chat.engine.options import GenerationConfig
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/v1"
+        backend = RemoteBackend(url, read_timeout_s=0.3)
+        with pytest.raises(RemoteError, match=r"/v1/models: no answer within 0.3 s \(time-out\)$"):
+            backend.models()
+        stream = backend.chat([{"role": "user", "content": "hi"}], GenerationConfig(), "any")
+        with pytest.raises(RemoteError, match=r"/v1/chat/completions: no answer within 0.3 s"):
+            list(stream)
+        assert stream.stats is not None and stream.stats.finish_reason == "cancelled"
+
+
 # -- an answer cut short -----------------------------------------------------------------------------
 
 
