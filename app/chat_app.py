@@ -34,6 +34,7 @@ from mixtral_chat.app.settings import Settings, SettingsError, save_settings
 from mixtral_chat.app.storage import HEARTBEAT_S, Instance, Storage, StorageError
 
 if TYPE_CHECKING:
+    from mixtral_chat.app.remote import RemoteEngine
     from mixtral_chat.engine.runtime import Engine
 
 # Set to a file path, the app appends the wall-clock times at which its first screen became
@@ -96,7 +97,7 @@ class ChatApp(App[int]):
         self._data_version: int | None = None
         self._last_heartbeat = 0.0
         self._signals_installed: list[int] = []
-        self.engine: Engine | None = None
+        self.engine: Engine | RemoteEngine | None = None
         self.chat_screen = ChatScreen()
         self._startup_report = os.environ.get(STARTUP_REPORT_ENV)
         # Threads inside Engine.load: a cancelled worker's thread runs on until the load returns.
@@ -236,7 +237,8 @@ class ChatApp(App[int]):
         previous, self.engine = self.engine, None
         if previous is not None:
             previous.close()  # offload transfers and stores; the weights go with the last reference
-        self.model_status = ModelStatus("loading", spec)
+        backend = self.settings.backend
+        self.model_status = ModelStatus("loading", f"{backend} (remote)" if backend else spec)
         self._load_serial += 1
         self._load_model_worker(spec, self._load_serial)
 
@@ -245,6 +247,10 @@ class ChatApp(App[int]):
         started = time.monotonic()
         self.loading_threads.add(threading.current_thread())
         try:
+            if self.settings.backend is not None:  # a remote server answers: nothing loads here
+                engine = self._connect_backend(self.settings.backend)
+                self.post_message(ModelLoad.Finished(serial, engine, time.monotonic() - started))
+                return
             from mixtral_chat.engine.models.resolve import resolve_model
             from mixtral_chat.engine.runtime import Engine
 
@@ -262,6 +268,12 @@ class ChatApp(App[int]):
         finally:
             self.loading_threads.discard(threading.current_thread())
         self.post_message(ModelLoad.Finished(serial, engine, time.monotonic() - started))
+
+    def _connect_backend(self, name: str) -> RemoteEngine:
+        from mixtral_chat.app.remote import RemoteEngine
+
+        endpoint = self.settings.endpoints[name]  # settings_from_dict checked that it exists
+        return RemoteEngine.connect(endpoint.url, endpoint.key(), endpoint.model, label=name)
 
     def _resolved(self, serial: int, name: str, is_demo: bool) -> None:
         if serial != self._load_serial:

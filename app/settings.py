@@ -1,9 +1,12 @@
 """User settings as TOML in the config folder: generation defaults, engine options, theme,
-keymap (binding id -> keys) and personas (name -> system prompt).
+keymap (binding id -> keys), personas (name -> system prompt) and remote endpoints (name -> an
+OpenAI-compatible server; `backend` names the one that answers instead of the local engine).
 
-Read with tomllib; written by a small writer (only tables of strings, numbers, booleans and
-tables of strings occur) through a temp file and os.replace, so a crash never leaves half a file.
-A broken file is reported with its path and line, and never overwritten by the app.
+Read with tomllib; written by a small writer (tables of strings, numbers and booleans, and the
+endpoints' tables under [endpoints]) through a temp file and os.replace, so a crash never leaves
+half a file. The temp file is created 0600 (mkstemp), so the file stays private to its user: an
+endpoint's key may be stored in it. A broken file is reported with its path and line, and never
+overwritten by the app.
 """
 
 from __future__ import annotations
@@ -42,6 +45,24 @@ class SettingsError(MixtralChatError):
     """The config file cannot be read or holds a value of the wrong type."""
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """A remote OpenAI-compatible server (vLLM, llama-server, Ollama's /v1, mixtral-chat serve)."""
+
+    url: str  # the API root, http://HOST:PORT/v1
+    model: str | None = None  # None: the first its /v1/models lists
+    api_key_env: str | None = None  # the environment variable that holds the key
+    api_key: str | None = field(default=None, repr=False)  # or the key itself, kept in the 0600 file
+
+    def key(self) -> str | None:
+        """The key to send: the stored one, else the environment variable's (None: no key)."""
+        import os
+
+        if self.api_key:
+            return self.api_key
+        return os.environ.get(self.api_key_env) or None if self.api_key_env else None
+
+
 @dataclass
 class Settings:
     model: str | None = None  # catalog name, repo id or path; None: the registry's default
@@ -52,6 +73,8 @@ class Settings:
     engine: LoadOptions = field(default_factory=LoadOptions)  # applied at the next model load
     keymap: dict[str, str] = field(default_factory=dict)  # binding id -> "key1,key2"
     personas: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PERSONAS))
+    endpoints: dict[str, Endpoint] = field(default_factory=dict)
+    backend: str | None = None  # the endpoint that answers; None: the local engine
 
 
 def default_config_path() -> Path:
@@ -95,10 +118,14 @@ def settings_from_dict(data: dict[str, Any]) -> Settings:
             settings.engine = _dataclass_from(settings.engine, value, "engine")
         elif item.name in ("keymap", "personas"):
             setattr(settings, item.name, _string_table(value, item.name))
+        elif item.name == "endpoints":
+            settings.endpoints = _endpoints(value)
         else:
             setattr(
                 settings, item.name, _check_type(item.name, value, getattr(Settings(), item.name), item.type)
             )
+    if settings.backend is not None and settings.backend not in settings.endpoints:
+        raise SettingsError(f"backend {settings.backend!r} is not one of the [endpoints.NAME] tables")
     return settings
 
 
@@ -120,8 +147,12 @@ def dumps_toml(data: dict[str, Any]) -> str:
     for table, entries in tables.items():
         lines += ["", f"[{_toml_key(table)}]"]
         for key, value in entries.items():
-            if value is not None:
+            if value is not None and not isinstance(value, dict):
                 lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+        for key, value in entries.items():  # [endpoints.NAME]: one table per entry
+            if isinstance(value, dict):
+                lines += ["", f"[{_toml_key(table)}.{_toml_key(key)}]"]
+                lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None]
     return "\n".join(lines) + "\n"
 
 
@@ -178,6 +209,17 @@ def _check_type(name: str, value: Any, default: Any, annotation: Any) -> Any:
     if not isinstance(value, tuple(allowed)):
         raise SettingsError(f"{name} must be {' or '.join(t.__name__ for t in allowed)}, got {value!r}")
     return value
+
+
+def _endpoints(value: Any) -> dict[str, Endpoint]:
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise SettingsError("[endpoints] must hold one [endpoints.NAME] table per endpoint")
+    endpoints = {}
+    for name, table in value.items():
+        if not isinstance(table.get("url"), str) or "://" not in table["url"]:
+            raise SettingsError(f"endpoints.{name}.url must be a URL such as http://127.0.0.1:8000/v1")
+        endpoints[name] = _dataclass_from(Endpoint(url=table["url"]), table, f"endpoints.{name}")
+    return endpoints
 
 
 def _string_table(value: Any, table: str) -> dict[str, str]:

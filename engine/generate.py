@@ -63,6 +63,7 @@ class TokenStreamState:
 
     cached_ids: list[int]
     finish_reason: str = "stop"
+    reused: int = 0  # prompt tokens whose keys/values were already in the cache (not prefilled)
 
 
 def generate_tokens(
@@ -91,6 +92,7 @@ def generate_tokens(
     room = model.max_seq_len - len(prompt)
     budget = min(params.max_tokens, room)
     state.cached_ids = list(prompt[:reuse])
+    state.reused = reuse
     state.finish_reason = "length"
     if stop_event is not None and stop_event.is_set():
         state.finish_reason = "cancelled"

@@ -40,6 +40,7 @@ class GenerationStats:
     decode_tok_s: float
     finish_reason: FinishReason
     dropped_turns: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, those the KV cache held from the previous answer
 
 
 @dataclass(frozen=True)
@@ -268,6 +269,7 @@ class Engine:
                     else 0.0,
                     finish_reason=state.finish_reason,  # type: ignore[arg-type]
                     dropped_turns=dropped,
+                    cached_tokens=state.reused,
                 )
 
     def cache_stats(self) -> dict | None:

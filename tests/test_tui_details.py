@@ -408,10 +408,10 @@ def test_the_loading_line_has_a_real_progress_bar(isolated_home: Path, chat_mode
         async with app.run_test(size=(120, 35)) as pilot:
             await wait_ready(pilot, app)
             bar = app.chat_screen.loading_bar
+            await wait_for(pilot, lambda: not bar.display, "the loading line to go")  # once ready
             progress = bar.progress
-            assert progress is not None and progress.finished
+            assert progress is not None and progress.finished, progress
             assert progress.bytes_total == weight_bytes(chat_model_dir) and progress.bytes_done > 0
             assert bar.query_one(ProgressBar).percentage == 1.0
-            assert not bar.display  # gone once the model is ready
 
     run(scenario)

@@ -98,6 +98,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--context", type=int_range("--context", 1), help="context length in tokens (default 4096)"
     )
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    remote = parser.add_argument_group("remote backend")
+    remote.add_argument(
+        "--backend",
+        metavar="URL",
+        help="answer with an OpenAI-compatible server instead of the local engine (vLLM, "
+        "llama-server, Ollama's /v1, mixtral-chat serve): http://HOST:PORT/v1",
+    )
+    remote.add_argument(
+        "--api-key-env", metavar="NAME", help="environment variable that holds the backend's API key"
+    )
     offload = parser.add_argument_group("expert offloading")
     offload.add_argument(
         "--experts-per-layer",
@@ -146,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
     from mixtral_chat.app.conversation_log import ConversationLog
 
     prompt = read_prompt(args)
+    if args.backend or args.api_key_env:
+        return answer_remotely(args, prompt)
     check_history_flags(args)
     # Before the model loads: an unknown --cid or a busy chat is said at once.
     log = ConversationLog.open(
@@ -182,6 +194,20 @@ def answer(args: argparse.Namespace, prompt: str, log: ConversationLog | None) -
         sys.stdout.write("\n")
     if args.stats:
         print_stats(stream.stats, cache)
+    return 130 if interrupted else 0
+
+
+def answer_remotely(args: argparse.Namespace, prompt: str) -> int:
+    """`--backend`: the answer comes from another OpenAI-compatible server. It is not logged to
+    the conversation store (that is for this machine's chats), so -c/--cid do not apply."""
+    from mixtral_chat.app.commands.ask_remote import run_remote
+    from mixtral_chat.app.errors import UsageError
+
+    if args.continue_latest or args.cid is not None:
+        raise UsageError("-c/--cid continue a chat of this machine's model; not with --backend")
+    stats, interrupted = run_remote(args, prompt, generation_config(args))
+    if args.stats:
+        print_stats(stats, None)
     return 130 if interrupted else 0
 
 

@@ -242,13 +242,14 @@ class ChatScreen(ChatActions, ChatAnswering, ChatSync):
                 model=info.name,
                 loading=False,
                 scheme=info.scheme,
-                device=f"{info.device} {info.dtype}",
-                context_total=info.context_length,
+                device=f"{info.device} {info.dtype}".strip(),  # a remote one: "remote: NAME"
+                context_total=info.context_length or None,
             )
-            args = engine.model.args
-            if self.has_class("-show-cache"):
-                self.count_repeats()
-            self.cache_panel.set_model_shape(args.num_hidden_layers, args.num_local_experts)
+            if engine.model is not None:  # a remote model has no expert cache here
+                args = engine.model.args
+                if self.has_class("-show-cache"):
+                    self.count_repeats()
+                self.cache_panel.set_model_shape(args.num_hidden_layers, args.num_local_experts)
             self._show_cache_stats(engine.cache_stats())
             pending, self.pending_conversation_id = self.pending_conversation_id, None
             if pending is not None and pending == self.conversation_id and not self.is_generating:

@@ -343,7 +343,9 @@ class ChatActions(ChatScreenBase):
     def count_repeats(self) -> None:
         """Count the loaded model's routing repeats from now on (the panel shows them)."""
         engine = self.chat_app.engine
-        if engine is None or (self.repeats is not None and self.repeats.model is engine.model):
+        if engine is None or engine.model is None:  # none loaded, or a remote one
+            return
+        if self.repeats is not None and self.repeats.model is engine.model:
             return
         from mixtral_chat.engine.offload.locality import LiveRepeats
 

@@ -32,6 +32,7 @@ from mixtral_chat.engine.errors import MixtralChatError
 from mixtral_chat.engine.options import GenerationConfig
 
 if TYPE_CHECKING:
+    from mixtral_chat.app.remote import RemoteEngine
     from mixtral_chat.engine.runtime import Engine
 
 
@@ -129,7 +130,7 @@ class ChatAnswering(ChatScreenBase):
     @work(thread=True, exclusive=True, group="generate", exit_on_error=False)
     def generate(
         self,
-        engine: Engine,
+        engine: Engine | RemoteEngine,
         messages: list[dict[str, str]],
         config: GenerationConfig,
         message_id: int,
