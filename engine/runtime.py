@@ -49,6 +49,7 @@ class OffloadDecision:
     budget_gb: float | None
     store: Literal["ram", "disk"]
     reason: str | None = None
+    on_miss: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -318,7 +319,9 @@ def decide_offload(
     only when the model does not fit the budget, with the planner's k and the store for the device."""
     if options.offload:
         store = "disk" if options.offload_store == "disk" else "ram"
-        return OffloadDecision(options.experts_per_layer, options.gpu_budget_gb, store)
+        return OffloadDecision(
+            options.experts_per_layer, options.gpu_budget_gb, store, on_miss=options.on_miss
+        )
     from mixtral_chat.engine.weights import loaded_weight_bytes  # (torch)
 
     args = ModelArgs.from_hf_config(model_dir)
@@ -329,7 +332,8 @@ def decide_offload(
     if need <= budget_gb * 1e9:
         return None
     reason = f"the model needs {need / 1e9:.2f} GB, the {device.type} budget is {budget_gb:.2f} GB"
-    return OffloadDecision(None, budget_gb, "disk" if device.type == "cpu" else "ram", reason)
+    store = "disk" if device.type == "cpu" else "ram"
+    return OffloadDecision(None, budget_gb, store, reason, on_miss=options.on_miss)
 
 
 def open_stored_experts(
@@ -393,9 +397,17 @@ def offload_experts(
     options: LoadOptions,
     stored: StoredExperts | None,
 ) -> ExpertOffloader:
-    """Move all but the experts to the device, plan k experts per layer, start the cache."""
+    """Move all but the experts to the device, plan each layer's slots and misses (from the host's
+    bandwidths, measured once and cached), start the cache."""
     from mixtral_chat.engine.offload import ExpertOffloader, move_non_experts, plan_offload
+    from mixtral_chat.engine.offload.bandwidth import measured, with_overrides
 
+    bandwidths = with_overrides(measured(device), h2d_gbps=options.h2d_gbps, cpu_gbps=options.cpu_gbps)
+    # Experts streamed from the files next to a GPU compute on the CPU only where their CPU form
+    # reads the same blobs; loaded experts were built on the CPU, so their form is the CPU's.
+    cpu_template = stored.cpu_template() if stored is not None and device.type != "cpu" else None
+    cpu_compute = stored is None or device.type == "cpu" or cpu_template is not None
+    on_miss = offload.on_miss if cpu_compute or offload.on_miss != "auto" else "copy"
     move_non_experts(model, device)
     budget = offload.budget_gb
     if budget is None and offload.experts_per_layer is None:
@@ -407,6 +419,8 @@ def offload_experts(
         experts_per_layer=offload.experts_per_layer,
         store=offload.store,
         expert_bytes=stored.layout.nbytes if stored else None,
+        on_miss=on_miss,
+        bandwidths=bandwidths,
     )
     return ExpertOffloader(
         model,
@@ -415,6 +429,7 @@ def offload_experts(
         prefetch=options.prefetch,
         simulate_link_gbps=options.simulate_link_gbps,
         stored=stored,
+        cpu_template=cpu_template,
     )
 
 

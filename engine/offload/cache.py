@@ -3,6 +3,9 @@
 k preallocated slot buffers, each with a slot module whose tensors are views into it: loading
 expert e into slot s is one copy, no allocation per token. Which expert sits where is
 `slots.SlotMap`'s business; the copies are `transfers.Transfers`'.
+
+A layer whose misses run on the CPU (`placement.CPU`) keeps its slots fixed (maybe none) and
+serves every other expert from `cpu_experts.CpuExperts`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from mixtral_chat.engine.offload.cpu_experts import CpuExperts
+from mixtral_chat.engine.offload.placement import COPY, CPU
 from mixtral_chat.engine.offload.slots import CacheCounters, SlotMap, make_policy
 from mixtral_chat.engine.offload.store import ExpertStore
 from mixtral_chat.engine.offload.transfers import Transfer, Transfers
@@ -41,8 +46,14 @@ class LayerExpertCache:
         policy: str,
         device: torch.device,
         transfers: Transfers,
+        on_miss: str = COPY,
+        cpu_experts: CpuExperts | None = None,
     ) -> None:
+        if on_miss == CPU and cpu_experts is None:
+            raise ValueError("a layer that computes its misses on the CPU needs the CPU experts")
         self.layer = layer
+        self.on_miss = on_miss
+        self.cpu_experts = cpu_experts
         self.store = store
         self.transfers = transfers
         self.slots = SlotMap(capacity, make_policy(policy), CacheCounters(), store.layout.nbytes)
@@ -66,6 +77,8 @@ class LayerExpertCache:
         self.pending[slot] = self.transfers.submit(self.store, self.layer, expert, self.buffers[slot])
 
     def experts_for(self, expert_ids: Sequence[int]) -> list[nn.Module]:
+        if self.on_miss == CPU:
+            return self._slots_or_cpu(expert_ids)
         self._cancel_wrong_prefetches(expert_ids)
         accesses = self.slots.access(expert_ids)
         self.activity.hits = [a.expert for a in accesses if a.hit]
@@ -80,6 +93,23 @@ class LayerExpertCache:
                 self.transfers.wait(transfer)
         self.slots.counters.stall_s += time.perf_counter() - started
         return [self.modules[a.slot] for a in accesses]
+
+    def _slots_or_cpu(self, expert_ids: Sequence[int]) -> list[nn.Module]:
+        """Fixed slots: a resident expert runs in its slot, any other on the CPU."""
+        assert self.cpu_experts is not None
+        found = self.slots.lookup(expert_ids)
+        self.activity.hits = [e for e, slot in zip(expert_ids, found, strict=True) if slot is not None]
+        self.activity.misses = [e for e, slot in zip(expert_ids, found, strict=True) if slot is None]
+        if self.pending:  # the warm start's copies
+            started = time.perf_counter()
+            for transfer in self.pending.values():
+                self.transfers.wait(transfer)
+            self.pending.clear()
+            self.slots.counters.stall_s += time.perf_counter() - started
+        return [
+            self.modules[slot] if slot is not None else self.cpu_experts.module(self.layer, e)
+            for e, slot in zip(expert_ids, found, strict=True)
+        ]
 
     def _cancel_wrong_prefetches(self, needed: Sequence[int]) -> None:
         """Drop predicted experts the step does not need if their copy has not started yet.
@@ -100,6 +130,8 @@ class LayerExpertCache:
             self.slots.cancel_prefetch(expert)
 
     def prefetch(self, expert_ids: Sequence[int]) -> None:
+        if self.on_miss == CPU:
+            return  # fixed slots: nothing to load ahead
         loads = self.slots.prefetch(expert_ids)
         self.activity.prefetched = [a.expert for a in loads]
         for access in loads:

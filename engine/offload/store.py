@@ -54,23 +54,23 @@ class RamStore(ExpertStore):
         total = num_layers * num_experts * layout.nbytes
         self.buffer = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
 
-    def _blob(self, layer: int, expert: int) -> Tensor:
+    def blob(self, layer: int, expert: int) -> Tensor:
         start = (layer * self.num_experts + expert) * self.layout.nbytes
         return self.buffer[start : start + self.layout.nbytes]
 
     def put(self, layer: int, expert: int, module: nn.Module) -> None:
-        self.layout.pack_module(module, self._blob(layer, expert))
+        self.layout.pack_module(module, self.blob(layer, expert))
 
     def copy_into(
         self, layer: int, expert: int, out: Tensor, start: int, end: int, non_blocking: bool
     ) -> None:
-        out[start:end].copy_(self._blob(layer, expert)[start:end], non_blocking=non_blocking)
+        out[start:end].copy_(self.blob(layer, expert)[start:end], non_blocking=non_blocking)
 
     def fill_from(self, source: ExpertStore) -> None:
         """Every expert's blob read from another store (the quantized files)."""
         for layer in range(self.num_layers):
             for expert in range(self.num_experts):
-                source.copy_into(layer, expert, self._blob(layer, expert), 0, self.layout.nbytes, False)
+                source.copy_into(layer, expert, self.blob(layer, expert), 0, self.layout.nbytes, False)
 
     def close(self) -> None:
         self.buffer = torch.empty(0, dtype=torch.uint8)
@@ -158,9 +158,15 @@ class StoredExperts:
     """
 
     def __init__(
-        self, model_dir: Path, reader: ExpertBlobReader, layout: ExpertBlobLayout, template: nn.Module
+        self,
+        model_dir: Path,
+        reader: ExpertBlobReader,
+        layout: ExpertBlobLayout,
+        template: nn.Module,
+        dtype: torch.dtype,
     ) -> None:
         self.model_dir = model_dir
+        self.dtype = dtype  # the compute dtype the runtime experts were built for
         self.reader = reader
         self.layout = layout
         self.template = template  # a meta shell of the runtime expert, for the cache's slots
@@ -180,7 +186,15 @@ class StoredExperts:
         layout = ExpertBlobLayout.viewing(template, blob)
         if layout is None:
             return None
-        return cls(model_dir, reader, layout, template.to("meta"))
+        return cls(model_dir, reader, layout, template.to("meta"), dtype)
+
+    def cpu_template(self) -> nn.Module | None:
+        """A meta shell of the CPU form of these experts, if it computes on the same blob layout
+        (nf4 and int4 on the native kernel do); None where the CPU form differs."""
+        cpu = StoredExperts.open(self.model_dir, torch.device("cpu"), self.dtype)
+        if cpu is None or cpu.layout != self.layout:
+            return None
+        return cpu.template
 
     def file_store(self, num_layers: int, num_experts: int) -> FileStore:
         """The quantized shards as a store: every expert's blob where the file has it."""
