@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +22,7 @@ from mixtral_chat.engine.offload.cpu_experts import CpuExperts
 from mixtral_chat.engine.offload.placement import COPY, CPU
 from mixtral_chat.engine.offload.slots import CacheCounters, SlotMap, make_policy
 from mixtral_chat.engine.offload.store import ExpertStore
-from mixtral_chat.engine.offload.transfers import Transfer, Transfers
+from mixtral_chat.engine.offload.transfers import DEMAND, PREFETCH, Transfer, Transfers
 
 
 @dataclass
@@ -67,14 +67,22 @@ class LayerExpertCache:
             self.modules.append(module)
         self.pending: dict[int, Transfer] = {}  # slot -> transfer in flight
         self.activity = LayerActivity()
+        # Called once this step's own misses are queued, before waiting for them: the next layer's
+        # speculative prefetch goes here, so it queues behind this layer's demand.
+        self.after_demand: Callable[[], None] | None = None
 
     def warm_start(self, expert_ids: Sequence[int]) -> None:
         self.slots.start_warm(list(expert_ids))
         for expert, slot in self.slots.slot_of.items():
             self._load(expert, slot)
 
-    def _load(self, expert: int, slot: int) -> None:
-        self.pending[slot] = self.transfers.submit(self.store, self.layer, expert, self.buffers[slot])
+    def _load(self, expert: int, slot: int, priority: int = DEMAND) -> None:
+        replaced = self.pending.get(slot)
+        if replaced is not None:  # its expert was evicted before its copy finished
+            self.transfers.cancel(replaced)
+        self.pending[slot] = self.transfers.submit(
+            self.store, self.layer, expert, self.buffers[slot], priority=priority
+        )
 
     def experts_for(self, expert_ids: Sequence[int]) -> list[nn.Module]:
         if self.on_miss == CPU:
@@ -86,6 +94,8 @@ class LayerExpertCache:
         for access in accesses:
             if access.load:
                 self._load(access.expert, access.slot)
+        if self.after_demand is not None:
+            self.after_demand()
         started = time.perf_counter()
         for access in accesses:
             transfer = self.pending.pop(access.slot, None)
@@ -112,21 +122,20 @@ class LayerExpertCache:
         ]
 
     def _cancel_wrong_prefetches(self, needed: Sequence[int]) -> None:
-        """Drop predicted experts the step does not need if their copy has not started yet.
+        """Drop predicted experts the step does not need unless their copy has completed.
 
-        Otherwise wrong guesses hold the single copy queue ahead of the misses that the step
-        waits for (measured: prefetch at 85% recall made decode 19-28% slower without this).
+        Otherwise wrong guesses hold the single copy thread while the step waits for its misses
+        (measured: prefetch at 85% recall made decode 19-28% slower without this).
         """
         for expert in self.slots.prefetched_unused() - set(needed):
             slot = self.slots.slot_of[expert]
             transfer = self.pending.get(slot)
-            if transfer is None or transfer.future.done():
+            if transfer is None or transfer.completed:
                 continue  # already copied: keep it, it may be used later
             del self.pending[slot]
             # Not started: never runs. Running: ends at its next chunk. Either way the slot is
-            # free, and a later copy into it queues behind this one.
-            transfer.stop.set()
-            transfer.future.cancel()
+            # free, and a later copy into it runs after this one on the one copy thread.
+            self.transfers.cancel(transfer)
             self.slots.cancel_prefetch(expert)
 
     def prefetch(self, expert_ids: Sequence[int]) -> None:
@@ -135,4 +144,4 @@ class LayerExpertCache:
         loads = self.slots.prefetch(expert_ids)
         self.activity.prefetched = [a.expert for a in loads]
         for access in loads:
-            self._load(access.expert, access.slot)
+            self._load(access.expert, access.slot, PREFETCH)

@@ -3,8 +3,9 @@
 Each layer follows its `placement.LayerPlacement`: k slots on the device, and misses copied into
 them or computed on the CPU from the store (`cpu_experts`).
 
-Speculative prefetch: the hidden state entering layer l's MoE goes through layer l+1's router,
-and the predicted experts start loading while layer l computes.
+Speculative prefetch (off by default): the hidden state entering layer l's MoE goes through layer
+l+1's router once layer l's own misses are queued, and the predicted experts load (behind any
+demand copy) while layer l computes.
 """
 
 from __future__ import annotations
@@ -146,19 +147,32 @@ class ExpertOffloader:
             moe = layer.block_sparse_moe
             moe.expert_source = self.caches[li].experts_for
             if prefetch and li + 1 < len(layers) and self.plan.layers[li + 1].on_miss == COPY:
-                moe.prefetch_hook = self._prefetcher(layers[li + 1].block_sparse_moe, self.caches[li + 1])
+                self._prefetch_after_demand(
+                    moe, self.caches[li], layers[li + 1].block_sparse_moe, self.caches[li + 1]
+                )
 
     @staticmethod
-    def _prefetcher(next_moe: SparseMoE, next_cache: LayerExpertCache):
-        def hook(x: Tensor) -> None:
-            # The paper's speculative loading: layer l+1's router on layer l's MoE input.
-            if x.shape[0] != 1:
-                return  # prefill touches most experts anyway; predict for decode steps
+    def _prefetch_after_demand(
+        moe: SparseMoE, cache: LayerExpertCache, next_moe: SparseMoE, next_cache: LayerExpertCache
+    ) -> None:
+        """The paper's speculative loading: layer l+1's router on layer l's MoE input. The hook
+        before routing only keeps the input; the prediction runs once layer l's misses are queued."""
+        held: list[Tensor] = []
+
+        def keep_input(x: Tensor) -> None:
+            held.clear()
+            if x.shape[0] == 1:  # prefill touches most experts anyway; predict for decode steps
+                held.append(x)
+
+        def predict() -> None:
+            if not held:
+                return
             with torch.no_grad():
-                _, chosen, _ = next_moe.route(x)
+                _, chosen, _ = next_moe.route(held.pop())
             next_cache.prefetch(sorted(set(chosen.flatten().tolist())))
 
-        return hook
+        moe.prefetch_hook = keep_input
+        cache.after_demand = predict
 
     def counters(self) -> CacheCounters:
         total = CacheCounters()

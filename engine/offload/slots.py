@@ -150,6 +150,7 @@ class SlotMap:
         self._free = list(range(self.capacity - 1, -1, -1))
         self._prefetched_unused: set[int] = set()
         self._predicted: set[int] | None = None
+        self.last_needed: list[int] = []  # the last step's experts: speculation never evicts them
 
     @property
     def resident(self) -> list[int]:
@@ -179,6 +180,7 @@ class SlotMap:
             self.counters.predicted_needed += len(self._predicted.intersection(needed))
             self._predicted = None
         protected = set(needed)
+        self.last_needed = list(needed)
         accesses = []
         for expert in needed:
             if expert in self.slot_of:
@@ -237,10 +239,11 @@ class SlotMap:
         return set(self._prefetched_unused)
 
     def prefetch(self, predicted: Sequence[int], keep: Iterable[int] = ()) -> list[Access]:
-        """Start loading predicted experts that are not resident; never evicts `keep` or them."""
+        """Start loading predicted experts that are not resident; never evicts `keep`, them, or
+        the experts of the layer's last step (the likeliest to be needed again)."""
         self._predicted = set(predicted)
         self.counters.predicted += len(self._predicted)
-        protected = set(predicted) | set(keep)
+        protected = set(predicted) | set(keep) | set(self.last_needed)
         loads = []
         for expert in predicted:
             if expert in self.slot_of:
