@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from mixtral_chat.engine import checkpoint as ckpt
+from mixtral_chat.engine.capability import GpuSupport, gpu_support
 from mixtral_chat.engine.config import ModelArgs
 from mixtral_chat.engine.errors import ContextTooLongError, MixtralChatError, OutOfMemoryError
 from mixtral_chat.engine.options import UNQUANTIZED, GenerationConfig, LoadOptions
@@ -81,12 +82,21 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     import torch
 
     if dtype == "auto":
-        # bfloat16 halves memory and is fast on GPUs; most CPUs compute float32 faster.
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        # bfloat16 halves memory and is fast on GPUs (float16 before Ampere, which lacks bfloat16);
+        # most CPUs compute float32 faster.
+        if device.type != "cuda":
+            return torch.float32
+        return getattr(torch, cuda_support(device).dtype)
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in table:
         raise MixtralChatError(f"unknown dtype {dtype!r} (auto, float32 or bfloat16)")
     return table[dtype]
+
+
+def cuda_support(device: torch.device) -> GpuSupport:
+    import torch
+
+    return gpu_support(*torch.cuda.get_device_capability(device))
 
 
 class ChatStream:
@@ -130,6 +140,11 @@ class Engine:
         ctx = context_for(ModelArgs.from_hf_config(model_dir), options.context_length, dtype, device)
         offload = decide_offload(model_dir, device, dtype, options, ctx)
         found = ckpt.detect(model_dir)
+        if device.type == "cuda":  # int4 needs Ampere: nf4 where it cannot run
+            support = cuda_support(device)
+            options.quant = support.scheme_for(options.quant)
+            if found.kind == ckpt.QUANTIZED and not options.quant:
+                support.check_stored_scheme(found.scheme, str(model_dir))
         try:
             stored = open_stored_experts(model_dir, found, device, dtype, offload, options.quant)
             check_offload_can_stream(model_dir, found, device, offload, stored)
