@@ -347,7 +347,11 @@ def decide_offload(
     if need <= budget_gb * 1e9:
         return None
     reason = f"the model needs {need / 1e9:.2f} GB, the {device.type} budget is {budget_gb:.2f} GB"
-    store = "disk" if device.type == "cpu" else "ram"
+    # Next to a GPU the store is RAM when it fits what is available (the experts are most of the
+    # weights), else the files; on a CPU, RAM is what is short.
+    from mixtral_chat.engine.offload.store import choose_store  # (torch)
+
+    store = "disk" if device.type == "cpu" else choose_store(need, available_ram_bytes())
     return OffloadDecision(None, budget_gb, store, reason, on_miss=options.on_miss)
 
 

@@ -12,6 +12,7 @@ from mixtral_chat.engine.models.catalog import MIXTRAL_8X7B_CONFIG, demo_dir
 from mixtral_chat.engine.offload.bandwidth import PROFILES
 from mixtral_chat.engine.offload.placement import COPY, CPU, place_layers
 from mixtral_chat.engine.offload.planner import plan_placement, sizes_of_config, sizes_of_model
+from mixtral_chat.engine.offload.store import choose_store
 from mixtral_chat.engine.runtime import default_context
 from mixtral_chat.engine.weights import load_model
 from tests.conftest import run_cli
@@ -162,3 +163,16 @@ def test_ask_stats_prints_the_plan_the_engine_used(tmp_path: Path) -> None:
     assert [row[:3] for row in layers] == [[str(i), "3", "cpu"] for i in range(4)]
     assert any(row[:1] == ["decode"] for row in rows)
     assert "computed on the CPU" in done.stderr
+
+
+def test_the_store_is_ram_only_with_room_to_spare() -> None:
+    """Defect 2: next to a GPU the store was always RAM; now RAM only when it fits what is available."""
+    store = 25_370_000_000  # Mixtral's nf4 experts
+    assert choose_store(store, 64 * 10**9) == "ram"
+    assert choose_store(store, 16 * 10**9) == "disk"
+    assert choose_store(store, store) == "disk"  # nothing left for the process or the system
+    reserve = store // 20  # 5% of a store that large, more than the 1 GB floor
+    assert (
+        choose_store(store, store + reserve) == "ram" and choose_store(store, store + reserve - 1) == "disk"
+    )
+    assert choose_store(10**8, 10**8 + 10**9) == "ram" and choose_store(10**8, 10**9) == "disk"  # 1 GB floor

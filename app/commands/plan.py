@@ -112,6 +112,7 @@ def make_plan(args: argparse.Namespace, name: str, model: ModelArgs, stored_sche
 
     from mixtral_chat.engine.offload import bandwidth
     from mixtral_chat.engine.offload.planner import plan_placement, sizes_of_config
+    from mixtral_chat.engine.offload.store import choose_store
     from mixtral_chat.engine.runtime import available_ram_bytes, default_context, default_memory_budget_gb
 
     has_gpu = torch.cuda.is_available()
@@ -150,7 +151,7 @@ def make_plan(args: argparse.Namespace, name: str, model: ModelArgs, stored_sche
         + sizes.num_layers * sizes.num_experts * sizes.expert_bytes
     )
     store_bytes = sizes.num_layers * sizes.num_experts * sizes.expert_bytes
-    store = "ram" if store_bytes + sizes.expert_bytes <= ram_bytes else "disk"
+    store = choose_store(store_bytes, ram_bytes)
     if not on_gpu and everything <= budget:
         plan = plan_placement(sizes, experts_per_layer=sizes.num_experts, store="ram", bandwidths=rates)
         note = "everything fits in RAM: no offloading"
