@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from mixtral_chat.engine.checkpoint import CheckpointKind
     from mixtral_chat.engine.model import Mixtral
     from mixtral_chat.engine.offload import ExpertOffloader, StoredExperts
+    from mixtral_chat.engine.offload.streamed import StreamedExperts
 
 # The default context is the model's own, shortened (halved) while its KV cache would take more
 # than this share of the device's memory budget, but never below MIN_DEFAULT_CONTEXT.
@@ -148,8 +149,10 @@ class Engine:
         try:
             stored = open_stored_experts(model_dir, found, device, dtype, offload, options.quant)
             check_offload_can_stream(model_dir, found, device, offload, stored)
-            model = load_weights(model_dir, device, dtype, options.quant, offload, stored)
-            offloader = offload_experts(model, ctx, device, offload, options, stored) if offload else None
+            model, streamed = load_weights(model_dir, found, device, dtype, options.quant, offload, stored)
+            offloader = (
+                offload_experts(model, ctx, device, offload, options, stored, streamed) if offload else None
+            )
             model.setup_cache(ctx)
         except torch.OutOfMemoryError as exc:
             raise OutOfMemoryError(f"out of {device.type} memory loading {model_dir}: {exc}") from None
@@ -394,18 +397,39 @@ def check_offload_can_stream(
 
 def load_weights(
     model_dir: Path,
+    found: CheckpointKind,
     device: torch.device,
     dtype: torch.dtype,
     quant: str | None,
     offload: OffloadDecision | None,
     stored: StoredExperts | None,
-) -> Mixtral:
+) -> tuple[Mixtral, StreamedExperts | None]:
+    """The model; offloaded from a float checkpoint, its experts go into the store as they load
+    (the model keeps meta shells), so they are never held twice."""
+    import os
+
     from mixtral_chat.engine.weights import load_model  # (torch)
 
+    streamed = None
+    if offload and stored is None and found.kind not in (ckpt.QUANTIZED, ckpt.BNB_4BIT):
+        from mixtral_chat.engine.offload.streamed import StreamedExperts
+        from mixtral_chat.engine.paths import data_dir
+
+        args = ModelArgs.from_hf_config(model_dir)
+        path = data_dir() / "offload" / f"experts-{os.getpid()}-{time.monotonic_ns()}.pack"
+        streamed = StreamedExperts(
+            args.num_hidden_layers, args.num_local_experts, offload.store, device.type == "cuda", path
+        )
     # With offloading, weights load into host memory and only the resident part moves.
-    return load_model(
-        model_dir, "cpu" if offload else device, dtype, quant=quant, skip_experts=stored is not None
+    model = load_model(
+        model_dir,
+        "cpu" if offload else device,
+        dtype,
+        quant=quant,
+        skip_experts=stored is not None,
+        expert_sink=streamed.put if streamed else None,
     )
+    return model, streamed
 
 
 def offload_experts(
@@ -415,6 +439,7 @@ def offload_experts(
     offload: OffloadDecision,
     options: LoadOptions,
     stored: StoredExperts | None,
+    streamed: StreamedExperts | None = None,
 ) -> ExpertOffloader:
     """Move all but the experts to the device, plan each layer's slots and misses (from the host's
     bandwidths, measured once and cached), start the cache."""
@@ -437,7 +462,9 @@ def offload_experts(
         budget_bytes=int(budget * 1e9) if budget is not None else None,
         experts_per_layer=offload.experts_per_layer,
         store=offload.store,
-        expert_bytes=stored.layout.nbytes if stored else None,
+        expert_bytes=stored.layout.nbytes
+        if stored
+        else (streamed.complete()[0].layout.nbytes if streamed else None),
         on_miss=on_miss,
         bandwidths=bandwidths,
     )
@@ -449,6 +476,7 @@ def offload_experts(
         simulate_link_gbps=options.simulate_link_gbps,
         stored=stored,
         cpu_template=cpu_template,
+        streamed=streamed,
     )
 
 

@@ -25,6 +25,7 @@ from mixtral_chat.engine.offload.placement import COPY
 from mixtral_chat.engine.offload.planner import OffloadPlan
 from mixtral_chat.engine.offload.slots import CacheCounters
 from mixtral_chat.engine.offload.store import DiskStore, ExpertStore, RamStore, StoredExperts
+from mixtral_chat.engine.offload.streamed import StreamedExperts
 from mixtral_chat.engine.offload.transfers import Transfers
 from mixtral_chat.engine.paths import data_dir
 from mixtral_chat.quant.blob import ExpertBlobLayout
@@ -44,17 +45,21 @@ class ExpertOffloader:
         simulate_link_gbps: float | None = None,
         stored: StoredExperts | None = None,
         cpu_template: nn.Module | None = None,
+        streamed: StreamedExperts | None = None,
     ) -> None:
         """`stored`: the experts come from the quantized files (the model holds meta shells of
         them); otherwise the model's loaded experts are packed into the store. `cpu_template`: a
         meta shell of the experts' CPU form, for layers that compute misses on the CPU (by default
-        the slots' own when it is a CPU form: a CPU device, or experts loaded on the CPU)."""
+        the slots' own when it is a CPU form: a CPU device, or experts loaded on the CPU).
+        `streamed`: a store already filled while the weights loaded."""
         self.model = model
         self.plan = plan
         self.prefetch_enabled = prefetch
         self.from_files = stored is not None
         if stored is not None:
             self.store, template = self._store_from_files(stored), stored.template
+        elif streamed is not None:
+            self.store, template = streamed.complete()
         else:
             self.store, template = self._store_from_loaded_experts(store_path)
         self._leave_meta_shells()
