@@ -19,6 +19,7 @@ from mixtral_chat.engine.offload.bandwidth import CACHE_FILE, measured, with_ove
 from mixtral_chat.engine.offload.placement import (
     COPY,
     CPU,
+    SPLIT,
     Bandwidths,
     LayerPlacement,
     MissCosts,
@@ -64,12 +65,15 @@ def greedy(model, prompt: list[int]) -> tuple[list[int], torch.Tensor]:
 
 def placements(num_layers: int, num_experts: int) -> dict[str, dict]:
     """Every kind of placement, as plan_offload arguments."""
-    mixed = [LayerPlacement(2, COPY) if i % 3 == 0 else LayerPlacement(i % 3, CPU) for i in range(num_layers)]
+    kinds = [LayerPlacement(2, COPY), LayerPlacement(0, CPU), LayerPlacement(1, SPLIT)]
+    kinds.append(LayerPlacement(3, CPU))
+    mixed = [kinds[i % len(kinds)] for i in range(num_layers)]
     return {
         "all-slots": dict(experts_per_layer=num_experts),
         "copy-misses": dict(experts_per_layer=2),
         "all-cpu": dict(experts_per_layer=0, on_miss=CPU),
         "some-slots-cpu": dict(experts_per_layer=3, on_miss=CPU),
+        "split": dict(experts_per_layer=1, on_miss=SPLIT),
         "mixed": dict(layers=mixed),
         "disk-cpu": dict(experts_per_layer=1, on_miss=CPU, store="disk"),
         "disk-mixed": dict(layers=mixed, store="disk"),
@@ -96,9 +100,9 @@ def test_every_placement_is_bit_identical_to_the_resident_model(
         assert tokens == expected_tokens, name
         assert torch.equal(logits, expected_logits), name
         counters = offloader.counters()
-        has_cpu_misses = any(layer.on_miss == CPU and layer.slots < E for layer in plan.layers)
+        has_cpu_misses = any(layer.on_miss != COPY and layer.slots < E for layer in plan.layers)
         assert (counters.cpu_computed > 0) == has_cpu_misses, name
-        if not any(layer.on_miss == COPY for layer in plan.layers):
+        if all(layer.on_miss == CPU for layer in plan.layers):
             assert counters.bytes_moved == 0, name  # nothing copied after the warm start
         assert counters.hits + counters.misses > 0
 

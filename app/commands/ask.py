@@ -104,8 +104,8 @@ def add_placement_flags(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--on-miss",
         default="auto",
-        choices=["auto", "copy", "cpu"],
-        help="a missed expert is copied to the device or computed on the CPU (auto: the cost model picks)",
+        choices=["auto", "copy", "cpu", "split"],
+        help="missed experts: copied to the device, computed on the CPU, or split (auto: planned)",
     )
     group.add_argument(
         "--h2d-gbps",

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mixtral_chat.engine.offload.cpu_experts import CpuExperts
-from mixtral_chat.engine.offload.placement import COPY, CPU
+from mixtral_chat.engine.offload.placement import COPY, CPU, SPLIT, MissCosts, copies_for
 from mixtral_chat.engine.offload.slots import CacheCounters, SlotMap, make_policy
 from mixtral_chat.engine.offload.store import ExpertStore
 from mixtral_chat.engine.offload.transfers import DEMAND, PREFETCH, Transfer, Transfers
@@ -48,12 +48,15 @@ class LayerExpertCache:
         transfers: Transfers,
         on_miss: str = COPY,
         cpu_experts: CpuExperts | None = None,
+        costs: MissCosts | None = None,
     ) -> None:
-        if on_miss == CPU and cpu_experts is None:
+        """`costs`: what a SPLIT layer weighs to share a step's misses (None: copy them all)."""
+        if on_miss in (CPU, SPLIT) and cpu_experts is None:
             raise ValueError("a layer that computes its misses on the CPU needs the CPU experts")
         self.layer = layer
         self.on_miss = on_miss
         self.cpu_experts = cpu_experts
+        self.costs = costs
         self.store = store
         self.transfers = transfers
         self.slots = SlotMap(capacity, make_policy(policy), CacheCounters(), store.layout.nbytes)
@@ -87,7 +90,32 @@ class LayerExpertCache:
     def experts_for(self, expert_ids: Sequence[int]) -> list[nn.Module]:
         if self.on_miss == CPU:
             return self._slots_or_cpu(expert_ids)
-        self._cancel_wrong_prefetches(expert_ids)
+        if self.on_miss == COPY:
+            self._cancel_wrong_prefetches(expert_ids)
+            return self._copy_in(expert_ids)
+        # SPLIT: the step's misses beyond what the cost model copies run on the CPU meanwhile.
+        assert self.cpu_experts is not None
+        on_cpu = self._misses_for_the_cpu(expert_ids)
+        copied = [e for e in expert_ids if e not in on_cpu]
+        by_expert = dict(zip(copied, self._copy_in(copied), strict=True))
+        self.activity.misses += sorted(on_cpu)
+        return [
+            by_expert[e] if e in by_expert else self.cpu_experts.module(self.layer, e) for e in expert_ids
+        ]
+
+    def _misses_for_the_cpu(self, expert_ids: Sequence[int]) -> set[int]:
+        """SPLIT: which of this step's misses run on the CPU while the others are copied."""
+        misses = [e for e in expert_ids if e not in self.slots.slot_of]
+        hits = len(expert_ids) - len(misses)
+        room = self.slots.capacity - hits
+        copies = copies_for(len(misses), hits, self.costs, room) if self.costs else min(len(misses), room)
+        on_cpu = set(misses[copies:])
+        self.slots.counters.misses += len(on_cpu)
+        self.slots.counters.cpu_computed += len(on_cpu)
+        return on_cpu
+
+    def _copy_in(self, expert_ids: Sequence[int]) -> list[nn.Module]:
+        """Make every expert resident (copying the misses), wait for them: their slot modules."""
         accesses = self.slots.access(expert_ids)
         self.activity.hits = [a.expert for a in accesses if a.hit]
         self.activity.misses = [a.expert for a in accesses if not a.hit]
@@ -139,8 +167,8 @@ class LayerExpertCache:
             self.slots.cancel_prefetch(expert)
 
     def prefetch(self, expert_ids: Sequence[int]) -> None:
-        if self.on_miss == CPU:
-            return  # fixed slots: nothing to load ahead
+        if self.on_miss != COPY:
+            return  # fixed slots, or a step's own split: nothing to load ahead
         loads = self.slots.prefetch(expert_ids)
         self.activity.prefetched = [a.expert for a in loads]
         for access in loads:

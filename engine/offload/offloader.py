@@ -21,7 +21,7 @@ from mixtral_chat.engine.errors import MixtralChatError
 from mixtral_chat.engine.model import Mixtral, SparseMoE
 from mixtral_chat.engine.offload.cache import LayerExpertCache
 from mixtral_chat.engine.offload.cpu_experts import CpuExperts
-from mixtral_chat.engine.offload.placement import COPY
+from mixtral_chat.engine.offload.placement import COPY, MissCosts
 from mixtral_chat.engine.offload.planner import OffloadPlan
 from mixtral_chat.engine.offload.slots import CacheCounters
 from mixtral_chat.engine.offload.store import DiskStore, ExpertStore, RamStore, StoredExperts
@@ -114,7 +114,7 @@ class ExpertOffloader:
         return stored.cpu_template()
 
     def _cpu_experts(self, cpu_template: nn.Module | None) -> CpuExperts | None:
-        if not self.plan.cpu_layers:
+        if all(layer.on_miss == COPY for layer in self.plan.layers):
             return None
         if cpu_template is None:
             raise MixtralChatError(
@@ -127,6 +127,7 @@ class ExpertOffloader:
         """One cache per layer; warm start with each layer's first k experts, so the first token
         is not all misses (and a layer with fixed slots keeps those)."""
         device = self.model.device
+        costs = MissCosts.of(self.store.layout.nbytes, self.plan.bandwidths) if self.plan.bandwidths else None
         caches = [
             LayerExpertCache(
                 li,
@@ -138,6 +139,7 @@ class ExpertOffloader:
                 self.transfers,
                 placed.on_miss,
                 self.cpu_experts,
+                costs,
             )
             for li, placed in enumerate(self.plan.layers)
         ]

@@ -5,10 +5,12 @@ Per MoE layer an expert that sits in a device slot runs there. A miss is either 
 link into a slot (then it runs on the device, and the slot keeps it for later steps) or computed on
 the CPU from the host store (the [1, D] hidden state goes to the CPU and back).
 
-The choice is static, per layer, not per miss: every expert has the same size and the bandwidths do
-not change between tokens, so a per-miss comparison would give the same answer every time; and a
-layer that computes its misses on the CPU keeps its slots fixed (as llama.cpp's `--n-cpu-moe` and
-Fiddler do), so its CPU experts can run while the device computes the resident ones.
+The choice is per layer (static), and in a SPLIT layer per step: every expert has the same size and
+the bandwidths do not change between tokens, so comparing one miss against another gives the same
+answer every time; what changes from step to step is how many misses there are, and with two the
+link and the CPU can each take one at the same time. A CPU layer keeps its slots fixed (as
+llama.cpp's `--n-cpu-moe` and Fiddler do), so its CPU experts run while the device computes the
+resident ones.
 
 Hit rates are estimated as slots / experts (routing spread evenly): the planner has no trace. A
 trace makes it better (`mixtral-chat bench cache` measures LRU), but the estimate keeps the bound
@@ -17,11 +19,15 @@ honest rather than flattering: LRU does somewhat better than k/E on real Mixtral
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 COPY = "copy"  # a miss is copied into a slot, then runs on the device
 CPU = "cpu"  # a miss runs on the CPU from the host store; the layer's slots stay fixed
-ON_MISS = (COPY, CPU)
+# A step's misses are shared: some copied into slots (the link busy) while the CPU computes the
+# others at the same time, as many each way as makes the step shortest (`copies_for`).
+SPLIT = "split"
+ON_MISS = (COPY, CPU, SPLIT)
 
 # The hidden state to the CPU and back, and the CPU's call overhead, per CPU-computed expert.
 CPU_CALL_OVERHEAD_S = 50e-6
@@ -83,14 +89,36 @@ def expected_hit_rate(slots: int, num_experts: int) -> float:
     return min(1.0, slots / num_experts)
 
 
+def step_seconds(hits: int, copies: int, on_cpu: int, costs: MissCosts) -> float:
+    """One step of one layer: the device runs its hits and the copied misses (after their copies),
+    while the CPU runs its share."""
+    device = hits * costs.device_s + copies * (costs.copy_s + costs.device_s)
+    return max(device, on_cpu * costs.cpu_s)
+
+
+def copies_for(misses: int, hits: int, costs: MissCosts, room: int | None = None) -> int:
+    """How many of a step's misses a SPLIT layer copies (the rest run on the CPU, concurrently):
+    the count that makes the step shortest, fewest copies on a tie; at most `room` (free slots)."""
+    most = misses if room is None else max(0, min(misses, room))
+    return min(range(most + 1), key=lambda j: (step_seconds(hits, j, misses - j, costs), j))
+
+
 def layer_seconds(placement: LayerPlacement, num_experts: int, top_k: int, costs: MissCosts) -> float:
-    """Expected time of one layer's experts per decode token."""
+    """Expected time of one layer's experts per decode token: each of the top_k experts a hit with
+    probability slots / experts, independently, and each step timed by `step_seconds`."""
     hit = expected_hit_rate(placement.slots, num_experts)
-    hits, misses = top_k * hit, top_k * (1 - hit)
-    if placement.on_miss == COPY:
-        return hits * costs.device_s + misses * (costs.copy_s + costs.device_s)
-    # CPU experts run while the device computes the resident ones.
-    return max(hits * costs.device_s, misses * costs.cpu_s)
+    total = 0.0
+    for misses in range(top_k + 1):
+        chance = math.comb(top_k, misses) * (1 - hit) ** misses * hit ** (top_k - misses)
+        hits = top_k - misses
+        if placement.on_miss == COPY:
+            copies = misses
+        elif placement.on_miss == CPU:
+            copies = 0
+        else:
+            copies = copies_for(misses, hits, costs)
+        total += chance * step_seconds(hits, copies, misses - copies, costs)
+    return total
 
 
 def spread_slots(total: int, num_layers: int, num_experts: int) -> list[int]:
@@ -109,17 +137,24 @@ def place_layers(
 ) -> list[LayerPlacement] | None:
     """Slots and miss handling per layer for `total_slots` slots on the device.
 
-    on_miss CPU: the slots spread evenly (a layer may get none: all its experts on the CPU).
-    COPY: every layer needs top_k slots to copy into; the same k everywhere, as the cache always
-    had. With fewer than top_k slots per layer, as many layers as the slots allow copy (top_k
-    slots each) and the rest compute on the CPU. None: COPY asked for and it cannot be done.
+    on_miss CPU: the slots spread evenly (a layer may get none: all its experts on the CPU);
+    SPLIT: spread evenly too, at least one per layer. COPY: every layer needs top_k slots to copy
+    into; the same k everywhere, as the cache always had. None: there are not that many slots.
     """
-    if on_miss == CPU:
-        return [LayerPlacement(slots, CPU) for slots in spread_slots(total_slots, num_layers, num_experts)]
+    if on_miss in (CPU, SPLIT):
+        spread = spread_slots(total_slots, num_layers, num_experts)
+        if min(spread) < min_slots(on_miss, top_k):
+            return None
+        return [LayerPlacement(slots, on_miss) for slots in spread]
     k = min(num_experts, total_slots // num_layers)
-    if k >= top_k:
-        return [LayerPlacement(k, COPY) for _ in range(num_layers)]
+    if k >= min_slots(on_miss, top_k):
+        return [LayerPlacement(k, on_miss) for _ in range(num_layers)]
     return None
+
+
+def min_slots(on_miss: str, top_k: int) -> int:
+    """COPY needs a slot for every expert of a step; SPLIT one to copy into; CPU none."""
+    return {COPY: top_k, SPLIT: 1, CPU: 0}[on_miss]
 
 
 def mixed_layers(total_slots: int, num_layers: int, num_experts: int, top_k: int) -> list[LayerPlacement]:

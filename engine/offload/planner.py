@@ -19,10 +19,12 @@ from mixtral_chat.engine.offload.placement import (
     COPY,
     CPU,
     ON_MISS,
+    SPLIT,
     Bandwidths,
     LayerPlacement,
     MissCosts,
     decode_seconds,
+    min_slots,
     mixed_layers,
     place_layers,
 )
@@ -104,6 +106,9 @@ class OffloadPlan:
         )
         if self.cpu_layers:
             text += f"; misses computed on the CPU in {self.cpu_layers} of {len(self.layers)} layers"
+        split = sum(layer.on_miss == SPLIT for layer in self.layers)
+        if split:
+            text += f"; misses shared between the link and the CPU in {split} of {len(self.layers)} layers"
         if self.decode_bound_s and self.bandwidths:
             text += (
                 f"; predicted bound {self.decode_bound_s * 1e3:.1f} ms/token "
@@ -154,8 +159,9 @@ class OffloadPlan:
                     "layer": index,
                     "gpu_slots": layer.slots,
                     "on_miss": layer.on_miss,
-                    "cpu_experts": self.num_experts - layer.slots if layer.on_miss == CPU else 0,
-                    "copied_experts": self.num_experts - layer.slots if layer.on_miss == COPY else 0,
+                    # SPLIT: the experts off the device go either way, step by step
+                    "cpu_experts": self.num_experts - layer.slots if layer.on_miss != COPY else 0,
+                    "copied_experts": self.num_experts - layer.slots if layer.on_miss != CPU else 0,
                     "disk_experts": self.num_experts - layer.slots if self.store == "disk" else 0,
                 }
                 for index, layer in enumerate(self.layers)
@@ -260,8 +266,9 @@ def plan_placement(
     explicit placement per layer), with the numbers and the predicted decode bound.
 
     on_miss: COPY (every layer copies its misses; the cache as it always was), CPU (every layer
-    computes its misses on the CPU, a layer may have no slots), or AUTO: the cost model picks the
-    placement with the lowest predicted bound. AUTO without a host-to-device link (the device is
+    computes its misses on the CPU, a layer may have no slots), SPLIT (a step's misses shared
+    between the link and the CPU), or AUTO: the cost model picks the placement with the lowest
+    predicted bound. AUTO without a host-to-device link (the device is
     the CPU) is COPY: CPU-only hosts are unchanged.
     """
     if on_miss not in (*ON_MISS, AUTO):
@@ -322,6 +329,7 @@ def _from_budget(
         candidates = [
             place_layers(total, L, E, K, CPU),
             place_layers(total, L, E, K, COPY),
+            place_layers(total, L, E, K, SPLIT),
             mixed_layers(total, L, E, K),
         ]
         dense = 0.0  # the same in every candidate
@@ -343,7 +351,7 @@ def _from_budget(
 def _check_layer(layer: LayerPlacement, E: int, K: int) -> None:
     if layer.on_miss not in ON_MISS:
         raise MixtralChatError(f"unknown miss handling {layer.on_miss!r} (copy or cpu)")
-    low = K if layer.on_miss == COPY else 0
+    low = min_slots(layer.on_miss, K)
     if not low <= layer.slots <= E:
-        why = "experts per token" if layer.on_miss == COPY else "all on the CPU"
+        why = {COPY: "experts per token", SPLIT: "one to copy into", CPU: "all on the CPU"}[layer.on_miss]
         raise MixtralChatError(f"experts per layer must be between {low} ({why}) and {E}, got {layer.slots}")
