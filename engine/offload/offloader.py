@@ -40,7 +40,7 @@ class ExpertOffloader:
         plan: OffloadPlan,
         *,
         policy: str = "lru",
-        prefetch: bool = True,
+        prefetch: bool = False,  # off by default: it measured slower (docs/BENCHMARKS.md)
         store_path: Path | None = None,
         simulate_link_gbps: float | None = None,
         stored: StoredExperts | None = None,
