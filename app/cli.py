@@ -12,7 +12,7 @@ import re
 import sys
 from collections.abc import Sequence
 
-from mixtral_chat.app.commands import ask, bench, history, models, paths, quantize, serve
+from mixtral_chat.app.commands import ask, bench, history, models, paths, plan, quantize, serve
 from mixtral_chat.app.errors import UsageError, one_line_error
 
 # Before torch loads OpenMP: threads that sleep instead of spinning when they wait. On a busy
@@ -22,7 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Each subcommand lives in app/commands/<module>.py with `register(subparsers)` and
 # `run(args) -> int`. Registering is cheap: the modules import nothing heavy at top level.
-COMMAND_MODULES = (ask, history, serve, models, quantize, bench, paths)
+COMMAND_MODULES = (ask, history, serve, models, quantize, bench, plan, paths)
 
 
 class _Parser(argparse.ArgumentParser):

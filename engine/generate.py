@@ -43,9 +43,10 @@ def prefill(model: Mixtral, tokens: Sequence[int], start_pos: int) -> Tensor:
     logits = None
     for offset in range(0, len(tokens), PREFILL_CHUNK):
         chunk = tokens[offset : offset + PREFILL_CHUNK]
-        ids = torch.tensor([chunk], dtype=torch.long, device=device)  # [1, S]
-        pos = torch.arange(start_pos + offset, start_pos + offset + len(chunk), device=device)  # [S]
-        logits = model(ids, pos, last_only=True)
+        ids = host_to_device([chunk], device)  # [1, S]
+        end = start_pos + offset + len(chunk)
+        pos = torch.arange(start_pos + offset, end, device=device)  # [S]
+        logits = model(ids, pos, last_only=True, end=end)
     assert logits is not None, "prefill needs at least one token"
     return logits[0, -1]
 
@@ -53,8 +54,17 @@ def prefill(model: Mixtral, tokens: Sequence[int], start_pos: int) -> Tensor:
 @torch.inference_mode()
 def decode_one(model: Mixtral, token: int, pos: int) -> Tensor:
     """One token at position pos -> next-token logits [V]."""
-    ids = torch.tensor([[token]], dtype=torch.long, device=model.device)  # [1, 1]
-    return model(ids, torch.tensor([pos], device=model.device))[0, -1]
+    ids, positions = host_to_device([[token], [pos]], model.device)  # [2, 1]: one copy for both
+    return model(ids[None], positions, end=pos + 1)[0, -1]
+
+
+def host_to_device(rows: Sequence[Sequence[int]], device: torch.device) -> Tensor:
+    """Integer rows as a long tensor on `device`: on a GPU from pinned memory, asynchronously
+    (a pageable copy would wait for the device), on a CPU as is."""
+    host = torch.tensor(rows, dtype=torch.long)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass

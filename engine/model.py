@@ -258,11 +258,17 @@ class Mixtral(nn.Module):
             allowed &= distance < window
         return allowed
 
-    def forward(self, tokens: Tensor, input_pos: Tensor, last_only: bool = False) -> Tensor:
-        """tokens [B, S] at positions input_pos [S] (contiguous) -> logits [B, S or 1, V] in float32."""
+    def forward(
+        self, tokens: Tensor, input_pos: Tensor, last_only: bool = False, end: int | None = None
+    ) -> Tensor:
+        """tokens [B, S] at positions input_pos [S] (contiguous) -> logits [B, S or 1, V] in float32.
+
+        `end` (input_pos[-1] + 1) from a caller that knows it: reading it from input_pos is a host
+        sync on a GPU."""
         if self.rope_cos is None or self.rope_sin is None:
             raise RuntimeError("call Mixtral.setup_cache() before forward()")
-        end = int(input_pos[-1]) + 1
+        if end is None:
+            end = int(input_pos[-1]) + 1
         if end > self.max_seq_len:
             raise ValueError(f"position {end - 1} is beyond the cache ({self.max_seq_len} tokens)")
         mask = self.attention_mask(input_pos, end)

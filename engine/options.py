@@ -85,3 +85,9 @@ class LoadOptions:
     context_length: int | None = None  # None: the model's own, shortened to fit memory
     cache_policy: str = "lru"  # "lru" | "lfu"
     simulate_link_gbps: float | None = None  # CPU benchmarks: copies take bytes / bandwidth
+    # With offload, what a missed expert does: "copy" into a slot, "cpu" (computed on the CPU from
+    # the host store), or "auto": the planner's cost model picks from the bandwidths below (copy on
+    # a CPU-only host). The bandwidths: None = measured once per host (engine/offload/bandwidth.py).
+    on_miss: str = "auto"
+    h2d_gbps: float | None = None
+    cpu_gbps: float | None = None

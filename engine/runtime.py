@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Literal
 
 from mixtral_chat.engine import checkpoint as ckpt
 from mixtral_chat.engine import load_progress
+from mixtral_chat.engine.capability import GpuSupport, gpu_support
 from mixtral_chat.engine.config import ModelArgs
 from mixtral_chat.engine.errors import ContextTooLongError, MixtralChatError, OutOfMemoryError
 from mixtral_chat.engine.load_progress import LoadProgress
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from mixtral_chat.engine.checkpoint import CheckpointKind
     from mixtral_chat.engine.model import Mixtral
     from mixtral_chat.engine.offload import ExpertOffloader, StoredExperts
+    from mixtral_chat.engine.offload.streamed import StreamedExperts
 
 # The default context is the model's own, shortened (halved) while its KV cache would take more
 # than this share of the device's memory budget, but never below MIN_DEFAULT_CONTEXT.
@@ -52,6 +54,7 @@ class OffloadDecision:
     budget_gb: float | None
     store: Literal["ram", "disk"]
     reason: str | None = None
+    on_miss: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -83,12 +86,21 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     import torch
 
     if dtype == "auto":
-        # bfloat16 halves memory and is fast on GPUs; most CPUs compute float32 faster.
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        # bfloat16 halves memory and is fast on GPUs (float16 before Ampere, which lacks bfloat16);
+        # most CPUs compute float32 faster.
+        if device.type != "cuda":
+            return torch.float32
+        return getattr(torch, cuda_support(device).dtype)
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in table:
         raise MixtralChatError(f"unknown dtype {dtype!r} (auto, float32 or bfloat16)")
     return table[dtype]
+
+
+def cuda_support(device: torch.device) -> GpuSupport:
+    import torch
+
+    return gpu_support(*torch.cuda.get_device_capability(device))
 
 
 class ChatStream:
@@ -142,11 +154,18 @@ class Engine:
         ctx = context_for(ModelArgs.from_hf_config(model_dir), options.context_length, dtype, device)
         offload = decide_offload(model_dir, device, dtype, options, ctx)
         found = ckpt.detect(model_dir)
+        if device.type == "cuda":  # int4 needs Ampere: nf4 where it cannot run
+            support = cuda_support(device)
+            options.quant = support.scheme_for(options.quant)
+            if found.kind == ckpt.QUANTIZED and not options.quant:
+                support.check_stored_scheme(found.scheme, str(model_dir))
         try:
             stored = open_stored_experts(model_dir, found, device, dtype, offload, options.quant)
             check_offload_can_stream(model_dir, found, device, offload, stored)
-            model = load_weights(model_dir, device, dtype, options.quant, offload, stored)
-            offloader = offload_experts(model, ctx, device, offload, options, stored) if offload else None
+            model, streamed = load_weights(model_dir, found, device, dtype, options.quant, offload, stored)
+            offloader = (
+                offload_experts(model, ctx, device, offload, options, stored, streamed) if offload else None
+            )
             model.setup_cache(ctx)
         except torch.OutOfMemoryError as exc:
             raise OutOfMemoryError(f"out of {device.type} memory loading {model_dir}: {exc}") from None
@@ -332,7 +351,9 @@ def decide_offload(
     only when the model does not fit the budget, with the planner's k and the store for the device."""
     if options.offload:
         store = "disk" if options.offload_store == "disk" else "ram"
-        return OffloadDecision(options.experts_per_layer, options.gpu_budget_gb, store)
+        return OffloadDecision(
+            options.experts_per_layer, options.gpu_budget_gb, store, on_miss=options.on_miss
+        )
     from mixtral_chat.engine.weights import loaded_weight_bytes  # (torch)
 
     args = ModelArgs.from_hf_config(model_dir)
@@ -343,7 +364,12 @@ def decide_offload(
     if need <= budget_gb * 1e9:
         return None
     reason = f"the model needs {need / 1e9:.2f} GB, the {device.type} budget is {budget_gb:.2f} GB"
-    return OffloadDecision(None, budget_gb, "disk" if device.type == "cpu" else "ram", reason)
+    # Next to a GPU the store is RAM when it fits what is available (the experts are most of the
+    # weights), else the files; on a CPU, RAM is what is short.
+    from mixtral_chat.engine.offload.store import choose_store  # (torch)
+
+    store = "disk" if device.type == "cpu" else choose_store(need, available_ram_bytes())
+    return OffloadDecision(None, budget_gb, store, reason, on_miss=options.on_miss)
 
 
 def open_stored_experts(
@@ -385,18 +411,39 @@ def check_offload_can_stream(
 
 def load_weights(
     model_dir: Path,
+    found: CheckpointKind,
     device: torch.device,
     dtype: torch.dtype,
     quant: str | None,
     offload: OffloadDecision | None,
     stored: StoredExperts | None,
-) -> Mixtral:
+) -> tuple[Mixtral, StreamedExperts | None]:
+    """The model; offloaded from a float checkpoint, its experts go into the store as they load
+    (the model keeps meta shells), so they are never held twice."""
+    import os
+
     from mixtral_chat.engine.weights import load_model  # (torch)
 
+    streamed = None
+    if offload and stored is None and found.kind not in (ckpt.QUANTIZED, ckpt.BNB_4BIT):
+        from mixtral_chat.engine.offload.streamed import StreamedExperts
+        from mixtral_chat.engine.paths import data_dir
+
+        args = ModelArgs.from_hf_config(model_dir)
+        path = data_dir() / "offload" / f"experts-{os.getpid()}-{time.monotonic_ns()}.pack"
+        streamed = StreamedExperts(
+            args.num_hidden_layers, args.num_local_experts, offload.store, device.type == "cuda", path
+        )
     # With offloading, weights load into host memory and only the resident part moves.
-    return load_model(
-        model_dir, "cpu" if offload else device, dtype, quant=quant, skip_experts=stored is not None
+    model = load_model(
+        model_dir,
+        "cpu" if offload else device,
+        dtype,
+        quant=quant,
+        skip_experts=stored is not None,
+        expert_sink=streamed.put if streamed else None,
     )
+    return model, streamed
 
 
 def offload_experts(
@@ -406,10 +453,19 @@ def offload_experts(
     offload: OffloadDecision,
     options: LoadOptions,
     stored: StoredExperts | None,
+    streamed: StreamedExperts | None = None,
 ) -> ExpertOffloader:
-    """Move all but the experts to the device, plan k experts per layer, start the cache."""
+    """Move all but the experts to the device, plan each layer's slots and misses (from the host's
+    bandwidths, measured once and cached), start the cache."""
     from mixtral_chat.engine.offload import ExpertOffloader, move_non_experts, plan_offload
+    from mixtral_chat.engine.offload.bandwidth import measured, with_overrides
 
+    bandwidths = with_overrides(measured(device), h2d_gbps=options.h2d_gbps, cpu_gbps=options.cpu_gbps)
+    # Experts streamed from the files next to a GPU compute on the CPU only where their CPU form
+    # reads the same blobs; loaded experts were built on the CPU, so their form is the CPU's.
+    cpu_template = stored.cpu_template() if stored is not None and device.type != "cpu" else None
+    cpu_compute = stored is None or device.type == "cpu" or cpu_template is not None
+    on_miss = offload.on_miss if cpu_compute or offload.on_miss != "auto" else "copy"
     move_non_experts(model, device)
     budget = offload.budget_gb
     if budget is None and offload.experts_per_layer is None:
@@ -420,7 +476,11 @@ def offload_experts(
         budget_bytes=int(budget * 1e9) if budget is not None else None,
         experts_per_layer=offload.experts_per_layer,
         store=offload.store,
-        expert_bytes=stored.layout.nbytes if stored else None,
+        expert_bytes=stored.layout.nbytes
+        if stored
+        else (streamed.complete()[0].layout.nbytes if streamed else None),
+        on_miss=on_miss,
+        bandwidths=bandwidths,
     )
     return ExpertOffloader(
         model,
@@ -429,6 +489,8 @@ def offload_experts(
         prefetch=options.prefetch,
         simulate_link_gbps=options.simulate_link_gbps,
         stored=stored,
+        cpu_template=cpu_template,
+        streamed=streamed,
     )
 
 

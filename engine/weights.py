@@ -7,13 +7,15 @@ tensor. Pickle checkpoints (.bin/.pt) are never loaded.
 
 from __future__ import annotations
 
+import ctypes
 import math
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from mixtral_chat.engine import checkpoint as ckpt
 from mixtral_chat.engine.checkpoint import (
@@ -25,12 +27,17 @@ from mixtral_chat.engine.checkpoint import (
 )
 from mixtral_chat.engine.config import ModelArgs
 from mixtral_chat.engine.errors import QuantizationError, WeightsError
-from mixtral_chat.engine.model import Mixtral
+from mixtral_chat.engine.model import Expert, Mixtral
 from mixtral_chat.engine.safetensors_io import SAFETENSORS_DTYPES, check_finite, read_header, read_tensor
 from mixtral_chat.quant.bnb_checkpoint import load_bnb_4bit_weights, read_bnb_4bit_config
 from mixtral_chat.quant.load import load_quantized_model_weights, quantize_model_in_memory
+from mixtral_chat.quant.schemes import get_scheme
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_EXPERT_WEIGHT = re.compile(r"layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
+
+# Takes each expert as soon as its three weights are read (and quantized): (layer, expert, module).
+ExpertSink = Callable[[int, int, nn.Module], None]
 _FLOAT_DTYPES = {"F32", "F16", "BF16"}
 
 
@@ -76,8 +83,11 @@ class Checkpoint:
             )
         raise WeightsError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} found")
 
-    def tensors(self, keys: list[str] | None = None) -> Iterator[tuple[str, Tensor]]:
-        """Yield (key, tensor) shard by shard, each read on its own into fresh memory.
+    def tensors(
+        self, keys: list[str] | None = None, out_for: Callable[[str, int], Tensor | None] | None = None
+    ) -> Iterator[tuple[str, Tensor]]:
+        """Yield (key, tensor) shard by shard, each read on its own into fresh memory (or into
+        `out_for(key, nbytes)`'s buffer, when it gives one: a caller that reuses buffers).
 
         Reading with pread rather than through safetensors' mmap keeps the file's pages out of
         this process's RSS: peak memory is what the caller keeps plus one tensor.
@@ -93,7 +103,8 @@ class Checkpoint:
                     info = header.get(key)
                     if info is None:
                         raise WeightsError(f"{file}: tensor '{key}' listed in the index is missing")
-                    yield key, read_tensor(handle, file, key, info, data_start)
+                    out = out_for(key, info["data_offsets"][1] - info["data_offsets"][0]) if out_for else None
+                    yield key, read_tensor(handle, file, key, info, data_start, out)
 
 
 def _dtype_name(dtype: str) -> str:
@@ -158,6 +169,7 @@ def load_model(
     quant: str | None = None,
     group_size: int | None = None,
     skip_experts: bool = False,
+    expert_sink: ExpertSink | None = None,
 ) -> Mixtral:
     """Load a model directory (HF safetensors, or a quantized directory with quant_config.json,
     or a bitsandbytes 4-bit checkpoint: config.json with a quantization_config).
@@ -165,6 +177,8 @@ def load_model(
     `quant` quantizes a float checkpoint in memory after loading (small models and tests).
     `skip_experts` (quantized directories only) leaves the experts as meta shells, unread: an
     offloading expert store reads them from the files (`engine.offload.StoredExperts`).
+    `expert_sink` (float checkpoints): each expert goes to the sink once read (and quantized with
+    `quant`), and the model keeps a meta shell of it: experts are never held twice in RAM.
     """
     model_dir = Path(model_dir)
     args = ModelArgs.from_hf_config(model_dir)
@@ -185,17 +199,140 @@ def load_model(
         checkpoint = Checkpoint.open(model_dir)
         check_checkpoint(checkpoint, model)
         state = {}
-        for key, tensor in checkpoint.tensors():
-            loaded = tensor.to(device=device, dtype=dtype)
+        streaming = _ExpertStreaming(model, quant, group_size, expert_sink) if expert_sink else None
+        out_for = streaming.read_buffer if streaming else None
+        for key, tensor in checkpoint.tensors(out_for=out_for):
+            if streaming is not None and streaming.is_expert(key):
+                loaded = streaming.converted(key, tensor, dtype)
+            else:
+                loaded = tensor.to(device=device, dtype=dtype)
             # A NaN/inf weight is named here, not met later as NaN logits. One sum per tensor: from
             # the page cache, a 105 MB bf16 load took 42 ms instead of 32, 211 MB float32 116 ms
             # instead of 100 (one core); on a GPU the sum runs there, after the copy.
             check_finite(loaded, checkpoint.shards[key], key)
-            state[hf_to_module_name(key)] = loaded
+            name = hf_to_module_name(key)
+            if streaming is None or not streaming.take(name, loaded):
+                state[name] = loaded
         if args.tie_word_embeddings:
             state["lm_head.weight"] = state["embed_tokens.weight"]
+        if streaming is not None:
+            streaming.finish()
+            state.update(streaming.shell_state())
         model.load_state_dict(state, strict=True, assign=True)
         if quant and quant != "none":
             quantize_model_in_memory(model, quant, group_size)
     model.requires_grad_(False)
     return model.eval()
+
+
+class _ExpertStreaming:
+    """Experts handed to a sink one by one as their weights arrive (`load_model(expert_sink=)`).
+
+    Every expert's weights are read into, and converted in, the same few buffers: fresh tensors
+    per expert fragment glibc's heap (its mmap threshold grows after the first large free, so
+    later tensors come from the heap and are never given back), which measured as ~90% of the
+    experts' size again in peak RSS."""
+
+    def __init__(self, model: Mixtral, quant: str | None, group_size: int | None, sink: ExpertSink) -> None:
+        self.args = model.args
+        self.model = model
+        self.quant = quant if quant and quant != "none" else None
+        self.group_size = group_size
+        self.sink = sink
+        self.parts: dict[tuple[int, int], dict[str, Tensor]] = {}
+        self._read: dict[tuple[str, int], Tensor] = {}  # (w1|w2|w3, nbytes) -> raw bytes
+        self._converted: dict[tuple[str, torch.dtype], Tensor] = {}
+
+    def _held(self, linear: str) -> bool:
+        """An expert still waiting for its other weights holds this linear's buffer (its weights
+        straddle two shards): the next one gets fresh memory."""
+        return any(linear in parts for parts in self.parts.values())
+
+    def is_expert(self, key: str) -> bool:
+        return _EXPERT_WEIGHT.fullmatch(hf_to_module_name(key)) is not None
+
+    def read_buffer(self, key: str, nbytes: int) -> Tensor | None:
+        match = _EXPERT_WEIGHT.fullmatch(hf_to_module_name(key))
+        if match is None or self._held(match[3]):
+            return None
+        if (match[3], nbytes) not in self._read:
+            self._read[(match[3], nbytes)] = torch.empty(nbytes, dtype=torch.uint8)
+        return self._read[(match[3], nbytes)]
+
+    def converted(self, key: str, tensor: Tensor, dtype: torch.dtype) -> Tensor:
+        """The weight in `dtype`, in this linear's reused buffer."""
+        linear = _EXPERT_WEIGHT.fullmatch(hf_to_module_name(key))[3]  # type: ignore[index]
+        if tensor.dtype == dtype:
+            return tensor
+        if self._held(linear):
+            return tensor.to(dtype)
+        target = self._converted.get((linear, dtype))
+        if target is None or target.shape != tensor.shape:
+            target = self._converted[(linear, dtype)] = torch.empty(tensor.shape, dtype=dtype)
+        return target.copy_(tensor)
+
+    def take(self, name: str, tensor: Tensor) -> bool:
+        """Keep an expert weight (True); once an expert has all three, build it and hand it on."""
+        match = _EXPERT_WEIGHT.fullmatch(name)
+        if match is None:
+            return False
+        layer, expert = int(match[1]), int(match[2])
+        parts = self.parts.setdefault((layer, expert), {})
+        parts[match[3]] = tensor
+        if len(parts) == 3:
+            del self.parts[(layer, expert)]
+            self._hand_on(layer, expert, parts)
+        return True
+
+    def _hand_on(self, layer: int, expert: int, parts: dict[str, Tensor]) -> None:
+        with torch.device("meta"):
+            module = Expert(self.args.hidden_size, self.args.intermediate_size)
+        module.load_state_dict({f"{w}.weight": t for w, t in parts.items()}, strict=True, assign=True)
+        module.requires_grad_(False)
+        if self.quant:  # as quantize_model_in_memory does it, one expert at a time
+            handler = get_scheme(self.quant, self.group_size)
+            for name in ("w1", "w2", "w3"):
+                linear = getattr(module, name)
+                parts = handler.quantize_weight(linear.weight.detach())
+                built = handler.build_linear(
+                    parts, linear.out_features, linear.in_features, linear.weight.device, linear.weight.dtype
+                )
+                setattr(module, name, built)
+        self.sink(layer, expert, module)
+        if self.quant:
+            _give_back_freed_heap()  # the quantizer's temporaries, else the heap keeps them
+        # The model keeps a meta shell of the runtime form (quantized or not), for the cache's slots.
+        self.model.layers[layer].block_sparse_moe.experts[expert] = module.to("meta")
+
+    def finish(self) -> None:
+        if self.parts:
+            (layer, expert), parts = next(iter(self.parts.items()))
+            missing = sorted({"w1", "w2", "w3"} - set(parts))
+            raise WeightsError(f"expert {expert} of layer {layer} lacks {', '.join(missing)}")
+
+    def shell_state(self) -> dict[str, Tensor]:
+        """The experts' meta tensors, so that a strict load_state_dict sees every key."""
+        return {
+            f"layers.{li}.block_sparse_moe.experts.{e}.{name}": tensor
+            for li, layer in enumerate(self.model.layers)
+            for e, expert in enumerate(layer.block_sparse_moe.experts)
+            for name, tensor in expert.state_dict().items()
+        }
+
+
+def _give_back_freed_heap() -> None:
+    """glibc's malloc_trim: return freed heap pages to the system (where glibc is the libc)."""
+    import ctypes.util
+
+    global _libc
+    if _libc is None:
+        name = ctypes.util.find_library("c")
+        try:
+            _libc = ctypes.CDLL(name) if name else False
+        except OSError:
+            _libc = False
+    if _libc and hasattr(_libc, "malloc_trim"):
+        _libc.malloc_trim(0)
+
+
+_libc: ctypes.CDLL | bool | None = None

@@ -118,15 +118,18 @@ def test_prefetch_counters() -> None:
     loads = slots.prefetch([1, 2])  # 1 resident already; 2 loads into the free slot
     assert [a.expert for a in loads] == [2]
     slots.access([1, 2])  # both predicted, both needed: recall 1, one prefetch hit
-    loads = slots.prefetch([3, 4])  # 3 evicts 0, 4 evicts 1 (least recent, not predicted)
-    assert [a.expert for a in loads] == [3, 4]
-    slots.access([1, 5])  # 1 evicts 2 (used: not wasted); 5 evicts 3 (never used: wasted)
+    # 3 evicts 0; 4 finds no slot: speculation never evicts the last step's experts (1, 2).
+    loads = slots.prefetch([3, 4])
+    assert [a.expert for a in loads] == [3]
+    slots.access([1, 5])  # 5 evicts 2, the least recent (3 came after it)
     c = slots.counters
-    assert c.prefetch_hits == 1 and c.prefetches == 3
+    assert c.prefetch_hits == 1 and c.prefetches == 2
     assert c.predicted_needed == 2 and c.needed == 4  # step 1: {1,2} of {1,2}; step 2: none of {1,5}
     assert c.prefetch_recall == 0.5
-    assert c.prefetch_wasted == 1
-    assert slots.resident == [1, 4, 5]
+    assert c.prefetch_wasted == 0
+    assert slots.resident == [1, 3, 5]
+    slots.access([0, 2])  # 3 leaves unused: a wasted prefetch
+    assert slots.counters.prefetch_wasted == 1
 
 
 def test_lfu_keeps_the_popular_expert() -> None:

@@ -126,6 +126,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     offload.add_argument("--offload", choices=["ram", "disk"], help="where the other experts live")
     offload.add_argument("--cache-policy", default="lru", choices=["lru", "lfu"])
+    add_placement_flags(offload)
     offload.add_argument(
         "--simulate-link-gbps",
         type=float_range("--simulate-link-gbps", 0, low_open=True),
@@ -135,6 +136,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     offload.add_argument("--stats", action="store_true", help="print expert-cache statistics to stderr")
     offload.add_argument("--trace-routing", metavar="FILE", help="write chosen experts as JSON lines")
     parser.set_defaults(handler=run)
+
+
+def add_placement_flags(group: argparse._ArgumentGroup) -> None:
+    """What a missed expert does, and the bandwidths the planner assumes (`ask` and `plan`)."""
+    group.add_argument(
+        "--on-miss",
+        default="auto",
+        choices=["auto", "copy", "cpu", "split"],
+        help="missed experts: copied to the device, computed on the CPU, or split (auto: planned)",
+    )
+    group.add_argument(
+        "--h2d-gbps",
+        type=float_range("--h2d-gbps", 0, low_open=True),
+        metavar="GBPS",
+        help="host-to-device bandwidth the planner assumes (default: measured once per host)",
+    )
+    group.add_argument(
+        "--cpu-gbps",
+        type=float_range("--cpu-gbps", 0, low_open=True),
+        metavar="GBPS",
+        help="CPU memory bandwidth the planner assumes (default: measured once per host)",
+    )
 
 
 def read_prompt(args: argparse.Namespace) -> str:
@@ -277,6 +300,9 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
         offload_store=args.offload or "ram",
         cache_policy=args.cache_policy,
         simulate_link_gbps=args.simulate_link_gbps,
+        on_miss=args.on_miss,
+        h2d_gbps=args.h2d_gbps,
+        cpu_gbps=args.cpu_gbps,
     )
 
 
@@ -307,6 +333,9 @@ def load_engine(args: argparse.Namespace, resolved: ResolvedModel) -> Engine:
     # Automatic offloading is always announced: it explains a slower answer.
     if plan and (args.stats or plan.startswith("auto")):
         print(f"mixtral-chat: offload plan: {plan}", file=sys.stderr)
+    if args.stats and engine.offloader is not None:
+        for line in engine.offloader.plan.summary_lines():
+            print(f"mixtral-chat: plan: {line}", file=sys.stderr)
     return engine
 
 
@@ -437,6 +466,7 @@ def print_stats(stats, cache: dict | None) -> None:
             f"mixtral-chat: expert cache: hit rate {cache['hit_rate']:.1%} ({cache['hits']} hits, "
             f"{cache['misses']} misses), prefetch recall {cache['prefetch_recall']:.1%}, "
             f"{cache['prefetch_hits']} prefetch hits, {cache['prefetch_wasted']} wasted, "
-            f"bytes moved {cache['bytes_moved'] / 1e6:.1f} MB, stalled {cache['stall_s']:.3f} s",
+            f"bytes moved {cache['bytes_moved'] / 1e6:.1f} MB, {cache['cpu_computed']} computed on the CPU, "
+            f"stalled {cache['stall_s']:.3f} s",
             file=sys.stderr,
         )

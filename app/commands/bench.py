@@ -90,11 +90,12 @@ def parse_policies(text: str) -> list[str]:
 
 def run_cache(args: argparse.Namespace) -> int:
     from mixtral_chat.engine.offload import simulate
-    from mixtral_chat.engine.offload.trace import load_trace
+    from mixtral_chat.engine.offload.trace import load_trace, sequences_in
 
     policies = parse_policies(args.policy)
     k_values = parse_k_values(args.experts_per_layer) if args.experts_per_layer is not None else None
     trace = load_trace(args.trace)
+    sequences = sequences_in(args.trace)
     summary = simulate.summarize(trace)
     if k_values is None:
         k_values = list(range(summary.experts_per_token, summary.num_experts + 1))
@@ -124,6 +125,8 @@ def run_cache(args: argparse.Namespace) -> int:
                     "layers": summary.layers,
                     "experts": summary.num_experts,
                     "experts_per_token": summary.experts_per_token,
+                    "sequences": sequences,
+                    "replayed_as": "one stream" if sequences > 1 else "one sequence",
                     "policies": policies,
                     "rows": rows,
                 }
@@ -135,6 +138,11 @@ def run_cache(args: argparse.Namespace) -> int:
         f"{summary.num_experts} experts per layer, top-{summary.experts_per_token}; "
         f"caches start empty"
     )
+    if sequences > 1:
+        print(
+            f"{sequences} sequences (problem_id / sequence field): replayed as one stream, in file order, "
+            "the caches kept from one to the next"
+        )
     columns = [*policies, "belady"]
     header = ["k", *(f"{name} hit" for name in columns), *(f"{name} miss/tok" for name in columns)]
     table = [header]

@@ -3,21 +3,26 @@
 k preallocated slot buffers, each with a slot module whose tensors are views into it: loading
 expert e into slot s is one copy, no allocation per token. Which expert sits where is
 `slots.SlotMap`'s business; the copies are `transfers.Transfers`'.
+
+A layer whose misses run on the CPU (`placement.CPU`) keeps its slots fixed (maybe none) and
+serves every other expert from `cpu_experts.CpuExperts`.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from mixtral_chat.engine.offload.cpu_experts import CpuExperts
+from mixtral_chat.engine.offload.placement import COPY, CPU, SPLIT, MissCosts, copies_for
 from mixtral_chat.engine.offload.slots import CacheCounters, SlotMap, make_policy
 from mixtral_chat.engine.offload.store import ExpertStore
-from mixtral_chat.engine.offload.transfers import Transfer, Transfers
+from mixtral_chat.engine.offload.transfers import DEMAND, PREFETCH, Transfer, Transfers
 
 
 @dataclass
@@ -41,8 +46,17 @@ class LayerExpertCache:
         policy: str,
         device: torch.device,
         transfers: Transfers,
+        on_miss: str = COPY,
+        cpu_experts: CpuExperts | None = None,
+        costs: MissCosts | None = None,
     ) -> None:
+        """`costs`: what a SPLIT layer weighs to share a step's misses (None: copy them all)."""
+        if on_miss in (CPU, SPLIT) and cpu_experts is None:
+            raise ValueError("a layer that computes its misses on the CPU needs the CPU experts")
         self.layer = layer
+        self.on_miss = on_miss
+        self.cpu_experts = cpu_experts
+        self.costs = costs
         self.store = store
         self.transfers = transfers
         self.slots = SlotMap(capacity, make_policy(policy), CacheCounters(), store.layout.nbytes)
@@ -56,23 +70,60 @@ class LayerExpertCache:
             self.modules.append(module)
         self.pending: dict[int, Transfer] = {}  # slot -> transfer in flight
         self.activity = LayerActivity()
+        # Called once this step's own misses are queued, before waiting for them: the next layer's
+        # speculative prefetch goes here, so it queues behind this layer's demand.
+        self.after_demand: Callable[[], None] | None = None
 
     def warm_start(self, expert_ids: Sequence[int]) -> None:
         self.slots.start_warm(list(expert_ids))
         for expert, slot in self.slots.slot_of.items():
             self._load(expert, slot)
 
-    def _load(self, expert: int, slot: int) -> None:
-        self.pending[slot] = self.transfers.submit(self.store, self.layer, expert, self.buffers[slot])
+    def _load(self, expert: int, slot: int, priority: int = DEMAND) -> None:
+        replaced = self.pending.get(slot)
+        if replaced is not None:  # its expert was evicted before its copy finished
+            self.transfers.cancel(replaced)
+        self.pending[slot] = self.transfers.submit(
+            self.store, self.layer, expert, self.buffers[slot], priority=priority
+        )
 
     def experts_for(self, expert_ids: Sequence[int]) -> list[nn.Module]:
-        self._cancel_wrong_prefetches(expert_ids)
+        if self.on_miss == CPU:
+            return self._slots_or_cpu(expert_ids)
+        if self.on_miss == COPY:
+            self._cancel_wrong_prefetches(expert_ids)
+            return self._copy_in(expert_ids)
+        # SPLIT: the step's misses beyond what the cost model copies run on the CPU meanwhile.
+        assert self.cpu_experts is not None
+        on_cpu = self._misses_for_the_cpu(expert_ids)
+        copied = [e for e in expert_ids if e not in on_cpu]
+        by_expert = dict(zip(copied, self._copy_in(copied), strict=True))
+        self.activity.misses += sorted(on_cpu)
+        return [
+            by_expert[e] if e in by_expert else self.cpu_experts.module(self.layer, e) for e in expert_ids
+        ]
+
+    def _misses_for_the_cpu(self, expert_ids: Sequence[int]) -> set[int]:
+        """SPLIT: which of this step's misses run on the CPU while the others are copied."""
+        misses = [e for e in expert_ids if e not in self.slots.slot_of]
+        hits = len(expert_ids) - len(misses)
+        room = self.slots.capacity - hits
+        copies = copies_for(len(misses), hits, self.costs, room) if self.costs else min(len(misses), room)
+        on_cpu = set(misses[copies:])
+        self.slots.counters.misses += len(on_cpu)
+        self.slots.counters.cpu_computed += len(on_cpu)
+        return on_cpu
+
+    def _copy_in(self, expert_ids: Sequence[int]) -> list[nn.Module]:
+        """Make every expert resident (copying the misses), wait for them: their slot modules."""
         accesses = self.slots.access(expert_ids)
         self.activity.hits = [a.expert for a in accesses if a.hit]
         self.activity.misses = [a.expert for a in accesses if not a.hit]
         for access in accesses:
             if access.load:
                 self._load(access.expert, access.slot)
+        if self.after_demand is not None:
+            self.after_demand()
         started = time.perf_counter()
         for access in accesses:
             transfer = self.pending.pop(access.slot, None)
@@ -81,26 +132,44 @@ class LayerExpertCache:
         self.slots.counters.stall_s += time.perf_counter() - started
         return [self.modules[a.slot] for a in accesses]
 
-    def _cancel_wrong_prefetches(self, needed: Sequence[int]) -> None:
-        """Drop predicted experts the step does not need if their copy has not started yet.
+    def _slots_or_cpu(self, expert_ids: Sequence[int]) -> list[nn.Module]:
+        """Fixed slots: a resident expert runs in its slot, any other on the CPU."""
+        assert self.cpu_experts is not None
+        found = self.slots.lookup(expert_ids)
+        self.activity.hits = [e for e, slot in zip(expert_ids, found, strict=True) if slot is not None]
+        self.activity.misses = [e for e, slot in zip(expert_ids, found, strict=True) if slot is None]
+        if self.pending:  # the warm start's copies
+            started = time.perf_counter()
+            for transfer in self.pending.values():
+                self.transfers.wait(transfer)
+            self.pending.clear()
+            self.slots.counters.stall_s += time.perf_counter() - started
+        return [
+            self.modules[slot] if slot is not None else self.cpu_experts.module(self.layer, e)
+            for e, slot in zip(expert_ids, found, strict=True)
+        ]
 
-        Otherwise wrong guesses hold the single copy queue ahead of the misses that the step
-        waits for (measured: prefetch at 85% recall made decode 19-28% slower without this).
+    def _cancel_wrong_prefetches(self, needed: Sequence[int]) -> None:
+        """Drop predicted experts the step does not need unless their copy has completed.
+
+        Otherwise wrong guesses hold the single copy thread while the step waits for its misses
+        (measured: prefetch at 85% recall made decode 19-28% slower without this).
         """
         for expert in self.slots.prefetched_unused() - set(needed):
             slot = self.slots.slot_of[expert]
             transfer = self.pending.get(slot)
-            if transfer is None or transfer.future.done():
+            if transfer is None or transfer.completed:
                 continue  # already copied: keep it, it may be used later
             del self.pending[slot]
             # Not started: never runs. Running: ends at its next chunk. Either way the slot is
-            # free, and a later copy into it queues behind this one.
-            transfer.stop.set()
-            transfer.future.cancel()
+            # free, and a later copy into it runs after this one on the one copy thread.
+            self.transfers.cancel(transfer)
             self.slots.cancel_prefetch(expert)
 
     def prefetch(self, expert_ids: Sequence[int]) -> None:
+        if self.on_miss != COPY:
+            return  # fixed slots, or a step's own split: nothing to load ahead
         loads = self.slots.prefetch(expert_ids)
         self.activity.prefetched = [a.expert for a in loads]
         for access in loads:
-            self._load(access.expert, access.slot)
+            self._load(access.expert, access.slot, PREFETCH)

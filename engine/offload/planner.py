@@ -1,48 +1,177 @@
-"""How many experts per layer the compute device holds: from a memory budget, or the user's k."""
+"""How many experts each layer keeps on the compute device and what a miss does there: from a memory
+budget and the host's bandwidths, or the user's k. Works from a loaded model or from sizes alone.
+
+The placement and its cost model are `placement`'s (pure); this module turns a model (or a
+config.json and a scheme, for `mixtral-chat plan`) into the sizes they need, and checks the budget.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
+from mixtral_chat.engine.config import ModelArgs
 from mixtral_chat.engine.errors import MixtralChatError, OutOfMemoryError
 from mixtral_chat.engine.model import Mixtral
+from mixtral_chat.engine.offload.placement import (
+    COPY,
+    CPU,
+    ON_MISS,
+    SPLIT,
+    Bandwidths,
+    LayerPlacement,
+    MissCosts,
+    decode_seconds,
+    min_slots,
+    mixed_layers,
+    place_layers,
+)
 from mixtral_chat.quant.blob import ExpertBlobLayout, module_tensors
+from mixtral_chat.quant.schemes import get_scheme
+
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """What the planner needs to know of a model, in bytes."""
+
+    num_layers: int
+    num_experts: int
+    top_k: int
+    expert_bytes: int  # one expert's blob
+    resident_bytes: int  # everything but the experts and the KV cache, on the device
+    kv_cache_bytes: int
+    dense_read_bytes: int  # of the resident bytes, those a decode step reads (not the embedding table)
 
 
 @dataclass(frozen=True)
 class OffloadPlan:
-    experts_per_layer: int
+    layers: tuple[LayerPlacement, ...]
     expert_bytes: int
     resident_bytes: int  # everything but the experts
     kv_cache_bytes: int
-    cache_bytes: int  # the slots of all layers
     budget_bytes: int | None
     store: str  # "ram" or "disk"
+    num_experts: int
+    top_k: int
+    bandwidths: Bandwidths | None = None
+    decode_bound_s: float | None = None  # predicted seconds per token (None: no bandwidths)
+
+    @property
+    def experts_per_layer(self) -> int:
+        """The most slots any layer has (every layer's, in a uniform plan)."""
+        return max(layer.slots for layer in self.layers)
+
+    @property
+    def uniform(self) -> bool:
+        return len(set(self.layers)) == 1
+
+    @property
+    def total_slots(self) -> int:
+        return sum(layer.slots for layer in self.layers)
+
+    @property
+    def cache_bytes(self) -> int:
+        """The slots of all layers."""
+        return self.total_slots * self.expert_bytes
+
+    @property
+    def cpu_layers(self) -> int:
+        return sum(layer.on_miss == CPU for layer in self.layers)
+
+    @property
+    def device_bytes(self) -> int:
+        return self.resident_bytes + self.kv_cache_bytes + self.cache_bytes
+
+    @property
+    def store_bytes(self) -> int:
+        return len(self.layers) * self.num_experts * self.expert_bytes
 
     def describe(self) -> str:
         gb = 1e9
         budget = f"budget {self.budget_bytes / gb:.2f} GB: " if self.budget_bytes else ""
-        return (
+        if self.uniform and self.layers[0].on_miss == COPY:
+            slots = f"{self.experts_per_layer} experts/layer"
+        else:
+            counts = sorted({layer.slots for layer in self.layers})
+            span = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+            slots = f"{span} experts/layer ({self.total_slots} slots)"
+        text = (
             f"{budget}resident weights {self.resident_bytes / gb:.2f} GB + KV cache "
-            f"{self.kv_cache_bytes / gb:.2f} GB + {self.experts_per_layer} experts/layer x "
-            f"{self.expert_bytes / 1e6:.1f} MB = {self.cache_bytes / gb:.2f} GB expert cache; "
-            f"other experts in {self.store}"
+            f"{self.kv_cache_bytes / gb:.2f} GB + {slots} x {self.expert_bytes / 1e6:.1f} MB = "
+            f"{self.cache_bytes / gb:.2f} GB expert cache; other experts in {self.store}"
         )
+        if self.cpu_layers:
+            text += f"; misses computed on the CPU in {self.cpu_layers} of {len(self.layers)} layers"
+        split = sum(layer.on_miss == SPLIT for layer in self.layers)
+        if split:
+            text += f"; misses shared between the link and the CPU in {split} of {len(self.layers)} layers"
+        if self.decode_bound_s and self.bandwidths:
+            text += (
+                f"; predicted bound {self.decode_bound_s * 1e3:.1f} ms/token "
+                f"({1 / self.decode_bound_s:.1f} tok/s at {self.bandwidths.describe()})"
+            )
+        return text
+
+    def summary_lines(self) -> list[str]:
+        """What goes where, as `mixtral-chat plan` and `ask --stats` print it: memory per device,
+        the predicted bound with the bandwidths assumed, then one row per layer."""
+        gb = 1e9
+        host = "host RAM" if self.store == "ram" else "disk"
+        lines = [
+            f"device: {self.device_bytes / gb:.2f} GB (resident weights {self.resident_bytes / gb:.2f} GB, "
+            f"KV cache {self.kv_cache_bytes / gb:.2f} GB, {self.total_slots} expert slots "
+            f"{self.cache_bytes / gb:.2f} GB)"
+            + (f" of a {self.budget_bytes / gb:.2f} GB budget" if self.budget_bytes else ""),
+            f"{host}: {self.store_bytes / gb:.2f} GB (every expert, {self.expert_bytes / 1e6:.1f} MB each)",
+        ]
+        if self.decode_bound_s and self.bandwidths:
+            lines.append(
+                f"decode bound: {self.decode_bound_s * 1e3:.1f} ms/token = "
+                f"{1 / self.decode_bound_s:.1f} tok/s "
+                f"(hit rate estimated as slots/experts; {self.bandwidths.describe()})"
+            )
+        lines.append("layer  gpu slots  on a miss  cpu-computed  copied  from disk")
+        for row in self.to_json()["layers"]:
+            lines.append(
+                f"{row['layer']:>5}  {row['gpu_slots']:>9}  {row['on_miss']:>9}  {row['cpu_experts']:>12}  "
+                f"{row['copied_experts']:>6}  {row['disk_experts']:>9}"
+            )
+        return lines
+
+    def to_json(self) -> dict:
+        return {
+            "budget_bytes": self.budget_bytes,
+            "expert_bytes": self.expert_bytes,
+            "resident_bytes": self.resident_bytes,
+            "kv_cache_bytes": self.kv_cache_bytes,
+            "cache_bytes": self.cache_bytes,
+            "device_bytes": self.device_bytes,
+            "store": self.store,
+            "store_bytes": self.store_bytes,
+            "decode_bound_s": self.decode_bound_s,
+            "bandwidths": self.bandwidths.to_json() if self.bandwidths else None,
+            "layers": [
+                {
+                    "layer": index,
+                    "gpu_slots": layer.slots,
+                    "on_miss": layer.on_miss,
+                    # SPLIT: the experts off the device go either way, step by step
+                    "cpu_experts": self.num_experts - layer.slots if layer.on_miss != COPY else 0,
+                    "copied_experts": self.num_experts - layer.slots if layer.on_miss != CPU else 0,
+                    "disk_experts": self.num_experts - layer.slots if self.store == "disk" else 0,
+                }
+                for index, layer in enumerate(self.layers)
+            ],
+        }
 
 
-def plan_offload(
-    model: Mixtral,
-    context_length: int,
-    *,
-    budget_bytes: int | None = None,
-    experts_per_layer: int | None = None,
-    store: str = "ram",
-    expert_bytes: int | None = None,
-) -> OffloadPlan:
-    """Choose k per layer from a memory budget (or take the user's k), with the numbers.
-
-    `expert_bytes`: one expert's blob size, when the experts are not loaded (`StoredExperts`).
-    """
+def sizes_of_model(model: Mixtral, context_length: int, expert_bytes: int | None = None) -> ModelSizes:
+    """The sizes of a loaded model. `expert_bytes`: one expert's blob size, when the experts are
+    not loaded (`StoredExperts`)."""
     args = model.args
     if expert_bytes is None:
         expert_bytes = ExpertBlobLayout.of_module(model.layers[0].block_sparse_moe.experts[0]).nbytes
@@ -54,30 +183,175 @@ def plan_offload(
         for name, t in module_tensors(model)
         if id(t) not in expert_ids and ".kv_cache." not in name
     )
-    kv = args.kv_cache_bytes(context_length, model.dtype.itemsize)
-    if experts_per_layer is None:
-        if budget_bytes is None:
-            raise ValueError("give a memory budget or experts per layer")
-        available = budget_bytes - resident - kv
-        experts_per_layer = min(args.num_local_experts, available // (args.num_hidden_layers * expert_bytes))
-        if experts_per_layer < args.num_experts_per_tok:
-            need = resident + kv + args.num_hidden_layers * args.num_experts_per_tok * expert_bytes
-            raise OutOfMemoryError(
-                f"a memory budget of {budget_bytes / 1e9:.2f} GB is too small: resident weights "
-                f"{resident / 1e9:.2f} GB + KV cache {kv / 1e9:.2f} GB + {args.num_experts_per_tok} "
-                f"experts/layer need {need / 1e9:.2f} GB"
-            )
-    if not args.num_experts_per_tok <= experts_per_layer <= args.num_local_experts:
-        raise MixtralChatError(
-            f"experts per layer must be between {args.num_experts_per_tok} (experts per token) and "
-            f"{args.num_local_experts}, got {experts_per_layer}"
-        )
-    return OffloadPlan(
-        experts_per_layer=int(experts_per_layer),
+    embedding = model.embed_tokens.weight
+    return ModelSizes(
+        num_layers=args.num_hidden_layers,
+        num_experts=args.num_local_experts,
+        top_k=args.num_experts_per_tok,
         expert_bytes=expert_bytes,
         resident_bytes=resident,
-        kv_cache_bytes=kv,
-        cache_bytes=int(experts_per_layer) * args.num_hidden_layers * expert_bytes,
+        kv_cache_bytes=args.kv_cache_bytes(context_length, model.dtype.itemsize),
+        dense_read_bytes=resident - embedding.numel() * embedding.element_size(),
+    )
+
+
+def sizes_of_config(
+    args: ModelArgs, scheme_name: str, context_length: int, dtype_bytes: int = 2
+) -> ModelSizes:
+    """The sizes of a model quantized with `scheme_name` ("none" for float), from its shape alone:
+    attention and experts in the scheme's parts, every other weight (and the KV cache) in a float
+    of `dtype_bytes`, as `mixtral-chat quantize` stores them and the engine loads them."""
+    float_dtype = {2: torch.bfloat16, 4: torch.float32}[dtype_bytes]
+    scheme = get_scheme(scheme_name, float_dtype=float_dtype if scheme_name == "none" else None)
+    expert_bytes = ExpertBlobLayout.build(scheme, args.hidden_size, args.intermediate_size).nbytes
+    d, h = args.hidden_size, args.head_dim
+    projections = [
+        (args.num_attention_heads * h, d),  # q_proj
+        (args.num_key_value_heads * h, d),  # k_proj
+        (args.num_key_value_heads * h, d),  # v_proj
+        (d, args.num_attention_heads * h),  # o_proj
+    ]
+    attention = sum(spec.nbytes for shape in projections for spec in scheme.part_specs(*shape))
+    per_layer_float = (2 * d + args.num_local_experts * d) * dtype_bytes  # two norms, the router
+    embedding = args.vocab_size * d * dtype_bytes
+    head = 0 if args.tie_word_embeddings else args.vocab_size * d * dtype_bytes
+    resident = args.num_hidden_layers * (attention + per_layer_float) + embedding + head + d * dtype_bytes
+    return ModelSizes(
+        num_layers=args.num_hidden_layers,
+        num_experts=args.num_local_experts,
+        top_k=args.num_experts_per_tok,
+        expert_bytes=expert_bytes,
+        resident_bytes=resident,
+        kv_cache_bytes=args.kv_cache_bytes(context_length, dtype_bytes),
+        dense_read_bytes=resident - embedding,
+    )
+
+
+def plan_offload(
+    model: Mixtral,
+    context_length: int,
+    *,
+    budget_bytes: int | None = None,
+    experts_per_layer: int | None = None,
+    store: str = "ram",
+    expert_bytes: int | None = None,
+    on_miss: str = COPY,
+    bandwidths: Bandwidths | None = None,
+    layers: Sequence[LayerPlacement] | None = None,
+) -> OffloadPlan:
+    """`plan_placement` for a loaded model."""
+    sizes = sizes_of_model(model, context_length, expert_bytes)
+    return plan_placement(
+        sizes,
+        budget_bytes=budget_bytes,
+        experts_per_layer=experts_per_layer,
+        store=store,
+        on_miss=on_miss,
+        bandwidths=bandwidths,
+        layers=layers,
+    )
+
+
+def plan_placement(
+    sizes: ModelSizes,
+    *,
+    budget_bytes: int | None = None,
+    experts_per_layer: int | None = None,
+    store: str = "ram",
+    on_miss: str = COPY,
+    bandwidths: Bandwidths | None = None,
+    layers: Sequence[LayerPlacement] | None = None,
+) -> OffloadPlan:
+    """Choose each layer's slots and miss handling from a budget (or take the user's k, or an
+    explicit placement per layer), with the numbers and the predicted decode bound.
+
+    on_miss: COPY (every layer copies its misses; the cache as it always was), CPU (every layer
+    computes its misses on the CPU, a layer may have no slots), SPLIT (a step's misses shared
+    between the link and the CPU), or AUTO: the cost model picks the placement with the lowest
+    predicted bound. AUTO without a host-to-device link (the device is
+    the CPU) is COPY: CPU-only hosts are unchanged.
+    """
+    if on_miss not in (*ON_MISS, AUTO):
+        raise MixtralChatError(f"unknown miss handling {on_miss!r} (copy, cpu or auto)")
+    L, E, K = sizes.num_layers, sizes.num_experts, sizes.top_k
+    costs = MissCosts.of(sizes.expert_bytes, bandwidths) if bandwidths else None
+    if on_miss == AUTO and (bandwidths is None or bandwidths.h2d_gbps is None):
+        on_miss = COPY
+    if layers is not None:
+        chosen = list(layers)
+        if len(chosen) != L:
+            raise MixtralChatError(f"a placement needs {L} layers, got {len(chosen)}")
+    elif experts_per_layer is not None:
+        chosen = _uniform(experts_per_layer, L, E, K, on_miss, costs)
+    else:
+        if budget_bytes is None:
+            raise ValueError("give a memory budget or experts per layer")
+        chosen = _from_budget(sizes, budget_bytes, on_miss, costs)
+    for layer in chosen:
+        _check_layer(layer, E, K)
+    dense_s = sizes.dense_read_bytes / (bandwidths.device_gbps * 1e9) if bandwidths else 0.0
+    bound = decode_seconds(chosen, E, K, costs, dense_s) if costs else None
+    return OffloadPlan(
+        layers=tuple(chosen),
+        expert_bytes=sizes.expert_bytes,
+        resident_bytes=sizes.resident_bytes,
+        kv_cache_bytes=sizes.kv_cache_bytes,
         budget_bytes=budget_bytes,
         store=store,
+        num_experts=E,
+        top_k=K,
+        bandwidths=bandwidths,
+        decode_bound_s=bound,
     )
+
+
+def _uniform(k: int, L: int, E: int, K: int, on_miss: str, costs: MissCosts | None) -> list[LayerPlacement]:
+    if on_miss == AUTO:
+        assert costs is not None
+        on_miss = costs.cheaper_on_miss() if k >= K else CPU
+    return [LayerPlacement(int(k), on_miss) for _ in range(L)]
+
+
+def _from_budget(
+    sizes: ModelSizes, budget_bytes: int, on_miss: str, costs: MissCosts | None
+) -> list[LayerPlacement]:
+    L, E, K = sizes.num_layers, sizes.num_experts, sizes.top_k
+    base = sizes.resident_bytes + sizes.kv_cache_bytes
+    total = max(0, budget_bytes - base) // sizes.expert_bytes
+    if budget_bytes < base:
+        raise OutOfMemoryError(
+            f"a memory budget of {budget_bytes / 1e9:.2f} GB is too small: resident weights "
+            f"{sizes.resident_bytes / 1e9:.2f} GB + KV cache {sizes.kv_cache_bytes / 1e9:.2f} GB "
+            f"need {base / 1e9:.2f} GB before any expert"
+        )
+    if on_miss == AUTO:
+        assert costs is not None
+        candidates = [
+            place_layers(total, L, E, K, CPU),
+            place_layers(total, L, E, K, COPY),
+            place_layers(total, L, E, K, SPLIT),
+            mixed_layers(total, L, E, K),
+        ]
+        dense = 0.0  # the same in every candidate
+        return min(
+            (c for c in candidates if c is not None),
+            key=lambda c: decode_seconds(c, E, K, costs, dense),
+        )
+    placed = place_layers(total, L, E, K, on_miss)
+    if placed is None:
+        need = base + L * K * sizes.expert_bytes
+        raise OutOfMemoryError(
+            f"a memory budget of {budget_bytes / 1e9:.2f} GB is too small: resident weights "
+            f"{sizes.resident_bytes / 1e9:.2f} GB + KV cache {sizes.kv_cache_bytes / 1e9:.2f} GB + {K} "
+            f"experts/layer need {need / 1e9:.2f} GB (computing misses on the CPU needs no slots)"
+        )
+    return placed
+
+
+def _check_layer(layer: LayerPlacement, E: int, K: int) -> None:
+    if layer.on_miss not in ON_MISS:
+        raise MixtralChatError(f"unknown miss handling {layer.on_miss!r} (copy or cpu)")
+    low = min_slots(layer.on_miss, K)
+    if not low <= layer.slots <= E:
+        why = {COPY: "experts per token", SPLIT: "one to copy into", CPU: "all on the CPU"}[layer.on_miss]
+        raise MixtralChatError(f"experts per layer must be between {low} ({why}) and {E}, got {layer.slots}")

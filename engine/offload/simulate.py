@@ -14,6 +14,7 @@ Pure Python: no torch.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -60,6 +61,32 @@ def replay(trace: Trace, experts_per_layer: int, policy: str) -> CacheCounters:
     for counters in replay_layers(trace, experts_per_layer, policy).values():
         total.add(counters)
     return total
+
+
+def replay_with_prefetch(
+    trace: Trace, experts_per_layer: int, policy: str, recall: float, seed: int = 0
+) -> dict[int, CacheCounters]:
+    """The engine's prefetch order replayed through its SlotMaps: per token, layer l's demand
+    first (`access`), then the prediction for layer l+1 (`prefetch`), right for each needed expert
+    with probability `recall` and otherwise a wrong expert. Every copy is taken to finish before
+    it is needed (a link fast enough): this counts loads and hits, not time."""
+    rng = random.Random(seed)
+    layers = sorted(trace)
+    num_experts = max(e for steps in trace.values() for step in steps for e in step) + 1
+    slot_maps = {layer: SlotMap(experts_per_layer, make_policy(policy)) for layer in layers}
+    for t in range(max(len(trace[layer]) for layer in layers)):
+        for index, layer in enumerate(layers):
+            if t >= len(trace[layer]):
+                continue
+            slot_maps[layer].access(trace[layer][t])
+            following = layers[index + 1] if index + 1 < len(layers) else None
+            if following is None or t >= len(trace[following]):
+                continue
+            needed = trace[following][t]
+            wrong = [e for e in range(num_experts) if e not in needed]
+            predicted = [e if rng.random() < recall or not wrong else rng.choice(wrong) for e in needed]
+            slot_maps[following].prefetch(sorted(set(predicted)))
+    return {layer: slots.counters for layer, slots in slot_maps.items()}
 
 
 def belady_layer(steps: Sequence[Sequence[int]], experts_per_layer: int) -> tuple[int, int]:

@@ -103,6 +103,7 @@ class CacheCounters:
     predicted_needed: int = 0  # ...of which the step then needed
     needed: int = 0  # experts needed by steps that had a prediction
     loads: int = 0  # all loads: misses + prefetches
+    cpu_computed: int = 0  # misses computed on the CPU from the host store (no load)
     bytes_moved: int = 0
     stall_s: float = 0.0  # time the compute waited for loads
 
@@ -143,12 +144,13 @@ class SlotMap:
     expert_bytes: int = 0
 
     def __post_init__(self) -> None:
-        if self.capacity < 1:
-            raise ValueError("an expert cache needs at least one slot")
+        if self.capacity < 0:
+            raise ValueError("an expert cache cannot have fewer than zero slots")
         self.slot_of: dict[int, int] = {}
         self._free = list(range(self.capacity - 1, -1, -1))
         self._prefetched_unused: set[int] = set()
         self._predicted: set[int] | None = None
+        self.last_needed: list[int] = []  # the last step's experts: speculation never evicts them
 
     @property
     def resident(self) -> list[int]:
@@ -178,6 +180,7 @@ class SlotMap:
             self.counters.predicted_needed += len(self._predicted.intersection(needed))
             self._predicted = None
         protected = set(needed)
+        self.last_needed = list(needed)
         accesses = []
         for expert in needed:
             if expert in self.slot_of:
@@ -198,6 +201,21 @@ class SlotMap:
             self.counters.bytes_moved += self.expert_bytes
             accesses.append(Access(expert, slot, hit=False, load=True))
         return accesses
+
+    def lookup(self, needed: Sequence[int]) -> list[int | None]:
+        """A layer whose misses run on the CPU: its slots never change. The slot of each needed
+        expert, None for a miss (counted as computed on the CPU, nothing loaded)."""
+        found: list[int | None] = []
+        for expert in needed:
+            slot = self.slot_of.get(expert)
+            if slot is None:
+                self.counters.misses += 1
+                self.counters.cpu_computed += 1
+            else:
+                self.counters.hits += 1
+                self.policy.touch(expert)
+            found.append(slot)
+        return found
 
     def start_warm(self, experts: Sequence[int]) -> None:
         """Fill slots before the first step (no counters, no prediction)."""
@@ -221,10 +239,11 @@ class SlotMap:
         return set(self._prefetched_unused)
 
     def prefetch(self, predicted: Sequence[int], keep: Iterable[int] = ()) -> list[Access]:
-        """Start loading predicted experts that are not resident; never evicts `keep` or them."""
+        """Start loading predicted experts that are not resident; never evicts `keep`, them, or
+        the experts of the layer's last step (the likeliest to be needed again)."""
         self._predicted = set(predicted)
         self.counters.predicted += len(self._predicted)
-        protected = set(predicted) | set(keep)
+        protected = set(predicted) | set(keep) | set(self.last_needed)
         loads = []
         for expert in predicted:
             if expert in self.slot_of:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from mixtral_chat.engine.config import ModelArgs
-from mixtral_chat.engine.errors import MixtralChatError
+from mixtral_chat.engine.errors import MixtralChatError, OutOfMemoryError
 from mixtral_chat.engine.load_progress import note_read
 from mixtral_chat.engine.model import Expert
 from mixtral_chat.quant.blob import ExpertBlobLayout, expert_linears_from_blob
@@ -45,35 +45,65 @@ class ExpertStore:
         """Release files and memory."""
 
 
+GB = 1e9
+
+
+def choose_store(store_bytes: int, available_ram_bytes: int) -> str:
+    """ "ram" when every expert fits in the RAM available with room to spare (1 GB or 5% of the
+    store, whichever is more, for the rest of the process and the system), else "disk"."""
+    reserve = max(int(1 * GB), store_bytes // 20)
+    return "ram" if store_bytes + reserve <= available_ram_bytes else "disk"
+
+
+def pin_in_place(buffer: Tensor) -> None:
+    """Page-lock a pageable host buffer for fast async copies (cudaHostRegister, as
+    torch/cuda/_pin_memory_utils.py does). PyTorch's pinned allocator would round a 25 GB store up
+    to the next power of two (34 GB pinned); registering pins exactly the buffer's bytes. A failed
+    pin is a CUDA error code, not torch.OutOfMemoryError: it becomes one line with the numbers."""
+    nbytes = buffer.numel() * buffer.element_size()
+    code = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), nbytes, 1))  # 1: portable
+    if code != 0:
+        raise OutOfMemoryError(
+            f"cannot pin {nbytes / GB:.2f} GB of host memory for the expert store (CUDA error {code}): "
+            "use --offload disk, or free RAM / raise the locked-memory limit (ulimit -l)"
+        )
+
+
 class RamStore(ExpertStore):
-    """One host buffer per expert, pinned when the compute device is a GPU."""
+    """One host buffer for every expert, pinned in place when the compute device is a GPU."""
 
     def __init__(self, layout: ExpertBlobLayout, num_layers: int, num_experts: int, pin: bool) -> None:
         super().__init__(layout, num_layers, num_experts)
-        # One allocation sliced per expert: the pinned allocator rounds each allocation up to a
-        # power of two, which would cost ~30% more pinned memory for 99 MB experts.
+        # One pageable allocation sliced per expert, then registered: pinned bytes = store bytes.
         total = num_layers * num_experts * layout.nbytes
-        self.buffer = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+        self.buffer = torch.empty(total, dtype=torch.uint8)
+        self.pinned = False
+        if pin and torch.cuda.is_available():
+            pin_in_place(self.buffer)
+            self.pinned = True
 
-    def _blob(self, layer: int, expert: int) -> Tensor:
+    def blob(self, layer: int, expert: int) -> Tensor:
         start = (layer * self.num_experts + expert) * self.layout.nbytes
         return self.buffer[start : start + self.layout.nbytes]
 
     def put(self, layer: int, expert: int, module: nn.Module) -> None:
-        self.layout.pack_module(module, self._blob(layer, expert))
+        self.layout.pack_module(module, self.blob(layer, expert))
 
     def copy_into(
         self, layer: int, expert: int, out: Tensor, start: int, end: int, non_blocking: bool
     ) -> None:
-        out[start:end].copy_(self._blob(layer, expert)[start:end], non_blocking=non_blocking)
+        out[start:end].copy_(self.blob(layer, expert)[start:end], non_blocking=non_blocking)
 
     def fill_from(self, source: ExpertStore) -> None:
         """Every expert's blob read from another store (the quantized files)."""
         for layer in range(self.num_layers):
             for expert in range(self.num_experts):
-                source.copy_into(layer, expert, self._blob(layer, expert), 0, self.layout.nbytes, False)
+                source.copy_into(layer, expert, self.blob(layer, expert), 0, self.layout.nbytes, False)
 
     def close(self) -> None:
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
+            self.pinned = False
         self.buffer = torch.empty(0, dtype=torch.uint8)
 
 
@@ -101,7 +131,9 @@ class FileStore(ExpertStore):
         else:
             key = threading.get_ident()
             if key not in self._staging:
-                self._staging[key] = torch.empty(self.layout.nbytes, dtype=torch.uint8, pin_memory=True)
+                staging = torch.empty(self.layout.nbytes, dtype=torch.uint8)
+                pin_in_place(staging)  # exactly its bytes (the pinned allocator rounds up)
+                self._staging[key] = staging
             target = self._staging[key][: end - start]
         read = os.preadv(fd, [memoryview(target.numpy())], offset + start)
         if read != end - start:
@@ -160,9 +192,15 @@ class StoredExperts:
     """
 
     def __init__(
-        self, model_dir: Path, reader: ExpertBlobReader, layout: ExpertBlobLayout, template: nn.Module
+        self,
+        model_dir: Path,
+        reader: ExpertBlobReader,
+        layout: ExpertBlobLayout,
+        template: nn.Module,
+        dtype: torch.dtype,
     ) -> None:
         self.model_dir = model_dir
+        self.dtype = dtype  # the compute dtype the runtime experts were built for
         self.reader = reader
         self.layout = layout
         self.template = template  # a meta shell of the runtime expert, for the cache's slots
@@ -182,7 +220,15 @@ class StoredExperts:
         layout = ExpertBlobLayout.viewing(template, blob)
         if layout is None:
             return None
-        return cls(model_dir, reader, layout, template.to("meta"))
+        return cls(model_dir, reader, layout, template.to("meta"), dtype)
+
+    def cpu_template(self) -> nn.Module | None:
+        """A meta shell of the CPU form of these experts, if it computes on the same blob layout
+        (nf4 and int4 on the native kernel do); None where the CPU form differs."""
+        cpu = StoredExperts.open(self.model_dir, torch.device("cpu"), self.dtype)
+        if cpu is None or cpu.layout != self.layout:
+            return None
+        return cpu.template
 
     def file_store(self, num_layers: int, num_experts: int) -> FileStore:
         """The quantized shards as a store: every expert's blob where the file has it."""

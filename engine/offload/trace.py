@@ -4,6 +4,11 @@ A trace (written by `mixtral-chat ask --trace-routing FILE`) holds one JSON line
 token and layer: `{"token_idx": int, "layer": int, "experts": [ids in gate order],
 "gating_probs": [their softmax probabilities]}`. Prefill is not traced.
 
+Public trace sets hold several sequences in one file, each row marked with a `problem_id` (or
+`sequence`) field and token_idx counting from 0 in each. Those replay as one stream: the sequences
+one after another in the order they first appear, the caches kept between them (as a server
+answering one prompt after another would), and `sequences_in` says how many there were.
+
 `read_trace_records` parses and checks every line; the cache simulator reads it per layer
 (`load_trace`), the routing replay per token with every layer present (`read_routing_trace`).
 Importing this module is cheap: torch loads only when a model is traced.
@@ -27,6 +32,8 @@ if TYPE_CHECKING:
 
 # layer -> the expert sets its decode steps needed, in token order
 Trace = dict[int, list[list[int]]]
+
+SEQUENCE_FIELDS = ("problem_id", "sequence")  # the fields that say which sequence a row is of
 
 
 class RoutingTraceError(MixtralChatError):
@@ -86,6 +93,7 @@ class TraceRecord:
     layer: int
     experts: list[int]
     gating_probs: list[float] | None  # optional for the simulator, required by the replay
+    sequence: str | None = None  # a multi-sequence trace's problem_id / sequence, as text
 
 
 def _fail(path: Path, line_no: int, what: str) -> RoutingTraceError:
@@ -138,35 +146,55 @@ def _parse_line(path: Path, line_no: int, line: str) -> TraceRecord:
     ):
         raise _fail(path, line_no, "gating_probs must be a list of numbers, one per expert")
     gating_probs = [float(p) for p in probs] if probs is not None else None
-    return TraceRecord(line_no, token_idx, layer, experts, gating_probs)
+    sequence = next((str(row[key]) for key in SEQUENCE_FIELDS if row.get(key) is not None), None)
+    return TraceRecord(line_no, token_idx, layer, experts, gating_probs, sequence)
 
 
 def read_trace_records(path: str | Path) -> list[TraceRecord]:
-    """Every record of a trace, in file order; each (token, layer) at most once, at least one."""
+    """Every record of a trace, in file order; each (sequence, token, layer) at most once, at
+    least one."""
     path = Path(path)
     records, seen = [], set()
     for line_no, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         record = _parse_line(path, line_no, line)
-        if (record.token_idx, record.layer) in seen:
-            raise _fail(path, line_no, f"token {record.token_idx} layer {record.layer} appears twice")
-        seen.add((record.token_idx, record.layer))
+        key = (record.sequence, record.token_idx, record.layer)
+        if key in seen:
+            where = f" of sequence {record.sequence}" if record.sequence is not None else ""
+            raise _fail(path, line_no, f"token {record.token_idx} layer {record.layer}{where} appears twice")
+        seen.add(key)
         records.append(record)
     if not records:
         raise RoutingTraceError(f"{path}: the routing trace is empty")
     return records
 
 
-def load_trace(path: str | Path) -> Trace:
-    """Read a routing trace: per layer, the expert sets of its steps ordered by token_idx.
+def _stream_order(records: list[TraceRecord]) -> dict[str | None, int]:
+    """Each sequence's place in the one stream: the order they first appear in the file."""
+    order: dict[str | None, int] = {}
+    for record in records:
+        order.setdefault(record.sequence, len(order))
+    return order
 
-    Traces concatenated from several runs are fine as long as their token_idx values do not
-    collide (offset each run's token_idx past the previous run's).
+
+def sequences_in(path: str | Path) -> int:
+    """How many sequences the trace holds (1 without a problem_id / sequence field)."""
+    return len(_stream_order(read_trace_records(path)))
+
+
+def load_trace(path: str | Path) -> Trace:
+    """Read a routing trace: per layer, the expert sets of its steps ordered by token_idx, several
+    sequences as one stream (see the module's docstring).
+
+    Traces concatenated from several runs without a sequence field are fine as long as their
+    token_idx values do not collide (offset each run's token_idx past the previous run's).
     """
-    steps: dict[int, dict[int, list[int]]] = {}  # layer -> token_idx -> experts
-    for record in read_trace_records(path):
-        steps.setdefault(record.layer, {})[record.token_idx] = record.experts
+    records = read_trace_records(path)
+    order = _stream_order(records)
+    steps: dict[int, dict[tuple[int, int], list[int]]] = {}  # layer -> (sequence, token_idx) -> experts
+    for record in records:
+        steps.setdefault(record.layer, {})[(order[record.sequence], record.token_idx)] = record.experts
     return {layer: [per_token[t] for t in sorted(per_token)] for layer, per_token in sorted(steps.items())}
 
 
@@ -198,13 +226,16 @@ def read_routing_trace(path: str | Path) -> RoutingTraceData:
     """Read a trace for replay: every token must have every layer, all with K experts and
     positive gating probabilities."""
     path = Path(path)
-    by_token: dict[int, dict[int, tuple[list[int], list[float]]]] = {}
-    for record in read_trace_records(path):
+    records = read_trace_records(path)
+    order = _stream_order(records)
+    by_token: dict[tuple[int, int], dict[int, tuple[list[int], list[float]]]] = {}
+    for record in records:
         if record.gating_probs is None:
             raise _fail(path, record.line_no, "not a routing record (missing 'gating_probs')")
         if any(not p > 0 for p in record.gating_probs):
             raise _fail(path, record.line_no, "negative ids or non-positive probabilities")
-        by_token.setdefault(record.token_idx, {})[record.layer] = (record.experts, record.gating_probs)
+        token = (order[record.sequence], record.token_idx)
+        by_token.setdefault(token, {})[record.layer] = (record.experts, record.gating_probs)
     num_layers = 1 + max(layer for token in by_token.values() for layer in token)
     top_k = len(next(iter(next(iter(by_token.values())).values()))[0])
     experts_out, probs_out = [], []
@@ -212,9 +243,16 @@ def read_routing_trace(path: str | Path) -> RoutingTraceData:
         layers = by_token[token]
         if sorted(layers) != list(range(num_layers)):
             missing = sorted(set(range(num_layers)) - set(layers))
-            raise RoutingTraceError(f"{path}: token {token} lacks layers {missing}")
+            raise RoutingTraceError(f"{path}: token {_token_name(token, order)} lacks layers {missing}")
         if any(len(layers[layer][0]) != top_k for layer in layers):
-            raise RoutingTraceError(f"{path}: token {token} does not choose {top_k} experts in every layer")
+            raise RoutingTraceError(
+                f"{path}: token {_token_name(token, order)} does not choose {top_k} experts in every layer"
+            )
         experts_out.append([layers[layer][0] for layer in range(num_layers)])
         probs_out.append([layers[layer][1] for layer in range(num_layers)])
     return RoutingTraceData(experts_out, probs_out)
+
+
+def _token_name(token: tuple[int, int], order: dict[str | None, int]) -> str:
+    sequence = next(name for name, place in order.items() if place == token[0])
+    return f"{token[1]}" if sequence is None else f"{token[1]} of sequence {sequence}"

@@ -1,0 +1,34 @@
+"""bench/gpu_check.sh --dry-run: the GPU check's logic on a small model on the CPU, in the suite."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO_ROOT
+
+
+def test_the_gpu_check_dry_run_passes(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHON": sys.executable, "MIXTRAL_CHAT_HOME": str(tmp_path / "home")}
+    done = subprocess.run(
+        ["bash", str(REPO_ROOT / "bench" / "gpu_check.sh"), "--dry-run", "--workdir", str(tmp_path / "work")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "gpu_check: all checks passed"
+    correctness = [line for line in lines if line.startswith("| correctness |")]
+    assert len(correctness) == 6 and all("| PASS | bit-identical |" in line for line in correctness)
+    asks = [line for line in lines if line.startswith("| ask end to end |")]
+    assert len(asks) == 3 and all("| PASS |" in line for line in asks)
+    # The smallest budget cannot copy every miss: some experts are computed on the CPU there.
+    assert " 0 CPU-computed" not in asks[0]
+    rows = [line for line in lines if line.startswith(("| 8 GB-like", "| 12 GB-like", "| 24 GB-like"))]
+    assert len(rows) == 3
+    hit_rates = [float(row.split("|")[3]) for row in rows]
+    assert hit_rates == sorted(hit_rates)  # more memory, more hits
