@@ -205,10 +205,10 @@ typedef struct {
     const float *x;
     float *y;
     int64_t M, N, Kp, g, G;
+    int64_t ldy;  /* y's row stride: N, or the total rows when several weights share one call */
     int64_t nb;   /* 64-column blocks per row, the last one possibly half (Kp % 64 == 32) */
     int variant;
     int64_t chunk;         /* rows per work item */
-    atomic_llong next;     /* next work item to take */
     /* Prepared activations, per row of x (AVX2 variants). */
     int8_t *xq;   /* [M][nb * 64] int8, permuted (Q8) */
     float *dxv;   /* [M][nb * 8]: per block, the two 32-column scales, each repeated 4 times (Q8) */
@@ -488,12 +488,12 @@ static inline __attribute__((always_inline)) void tile_q8(const job_t *J, int64_
 #undef TILE_DOT
     for (int r = 0; r < NR; r++) {
         if (CB) {
-            for (int i = 0; i < MT; i++) J->y[(m0 + i) * J->N + n + r] = J->out_scale * hsum256(acc[r][i]);
+            for (int i = 0; i < MT; i++) J->y[(m0 + i) * J->ldy + n + r] = J->out_scale * hsum256(acc[r][i]);
             continue;
         }
         float zt[M_TILE];
         zero_terms(J, n + r, m0, MT, zt);
-        for (int i = 0; i < MT; i++) J->y[(m0 + i) * J->N + n + r] = hsum256(acc[r][i]) + zt[i];
+        for (int i = 0; i < MT; i++) J->y[(m0 + i) * J->ldy + n + r] = hsum256(acc[r][i]) + zt[i];
     }
 }
 
@@ -557,7 +557,7 @@ static inline __attribute__((always_inline)) void row_f32(const job_t *J, int64_
     }
     float zt[M_TILE];
     zero_terms(J, n, m0, MT, zt);
-    for (int i = 0; i < MT; i++) J->y[(m0 + i) * J->N + n] = hsum256(acc[i]) + zt[i];
+    for (int i = 0; i < MT; i++) J->y[(m0 + i) * J->ldy + n] = hsum256(acc[i]) + zt[i];
 }
 
 /* Tiles (rows of W x rows of x) measured fastest on a 2-core Zen: batch 1, 4 x 1 (1, 2 and 8
@@ -634,7 +634,7 @@ static void rows_scalar(const job_t *J, int64_t n0, int64_t n1) {
                 float scale = bf16_to_f32(s[gi]), zero = bf16_to_f32(z[gi]);
                 total += scale * acc + (zero - 8.0f * scale) * xs;
             }
-            J->y[m * J->N + n] = total;
+            J->y[m * J->ldy + n] = total;
         }
     }
 }
@@ -655,7 +655,7 @@ static void rows_scalar_cb(const job_t *J, int64_t n0, int64_t n1) {
                 }
                 total += cb_absmax(J, n, gi) * acc;
             }
-            J->y[m * J->N + n] = total;
+            J->y[m * J->ldy + n] = total;
         }
     }
 }
@@ -677,15 +677,30 @@ static void run_rows(const job_t *J, int64_t n0, int64_t n1) {
         rows_scalar(J, n0, n1);
 }
 
+/* The weights of one call: up to MAX_SETS matrices with the same Kp and group size (w1 and w3
+ * of an expert, q, k and v of an attention layer) whose outputs lie side by side in y, so that
+ * x is prepared once and the thread pool woken once for all of them. */
+#define MAX_SETS 4
+typedef struct {
+    job_t *sets[MAX_SETS];
+    int nsets;
+    int64_t first_item[MAX_SETS + 1]; /* work items of set s: first_item[s] .. first_item[s + 1] - 1 */
+    atomic_llong next;                /* next work item to take */
+} dispatch_t;
+
 /* Each thread takes chunks of contiguous rows until none is left: on a busy machine a thread
  * that gets its core late (or never) does less, instead of holding up the whole call. */
 static void run_range(void *arg, int index, int count) {
-    job_t *J = (job_t *)arg;
+    dispatch_t *D = (dispatch_t *)arg;
     (void)index;
     (void)count;
     for (;;) {
-        int64_t n0 = (int64_t)atomic_fetch_add_explicit(&J->next, 1, memory_order_relaxed) * J->chunk;
-        if (n0 >= J->N) return;
+        int64_t item = (int64_t)atomic_fetch_add_explicit(&D->next, 1, memory_order_relaxed);
+        if (item >= D->first_item[D->nsets]) return;
+        int s = 0;
+        while (item >= D->first_item[s + 1]) s++;
+        const job_t *J = D->sets[s];
+        int64_t n0 = (item - D->first_item[s]) * J->chunk;
         run_rows(J, n0, n0 + J->chunk < J->N ? n0 + J->chunk : J->N);
     }
 }
@@ -713,10 +728,14 @@ static int check_args(int64_t M, int64_t N, int64_t Kp, int64_t group_size) {
     return INT4_OK;
 }
 
-/* Prepares x (Q8: the int8 codes and their sums; F32: the permuted floats), then runs the rows
- * of W on the thread pool. J holds the weights and shapes; the rest is set here. */
-static int run_job(job_t *J, int n_threads) {
-    const int64_t M = J->M, N = J->N, Kp = J->Kp;
+/* Prepares x (Q8: the int8 codes and their sums; F32: the permuted floats) once, then runs the
+ * rows of every set's W on the thread pool. Each set holds its weights, N and y (offset to its
+ * first output column); the first's x, M, Kp, g and variant are everyone's; the rest is set here. */
+static int run_jobs(job_t *sets, int nsets, int n_threads) {
+    job_t *J = &sets[0];
+    int64_t N = 0;
+    for (int s = 0; s < nsets; s++) N += sets[s].N;
+    const int64_t M = J->M, Kp = J->Kp;
     const int variant = J->variant;
     J->G = Kp / J->g;
     J->nb = (Kp + 63) / 64;
@@ -754,13 +773,28 @@ static int run_job(job_t *J, int n_threads) {
     if (threads > by_work) threads = by_work < 1 ? 1 : by_work;
     if (threads > N) threads = N;
     /* ~16 chunks per thread, a multiple of the row tile, at least 16 rows. */
-    J->chunk = (N + threads * 16 - 1) / (threads * 16);
-    J->chunk = J->chunk < 16 ? 16 : (J->chunk + 7) / 8 * 8;
-    atomic_init(&J->next, 0);
-    run_parallel(run_range, J, (int)threads);
+    int64_t chunk = (N + threads * 16 - 1) / (threads * 16);
+    chunk = chunk < 16 ? 16 : (chunk + 7) / 8 * 8;
+    dispatch_t D = {.nsets = nsets};
+    for (int s = 0; s < nsets; s++) {
+        job_t *S = &sets[s];
+        if (s > 0) { /* the prepared x is shared */
+            S->M = M, S->Kp = Kp, S->g = J->g, S->G = J->G, S->nb = J->nb, S->variant = J->variant;
+            S->xq = J->xq, S->dxv = J->dxv, S->xp = J->xp, S->xsum = J->xsum, S->xqsum = J->xqsum;
+            S->x = J->x, S->xcorr = J->xcorr;
+        }
+        S->chunk = chunk;
+        D.sets[s] = S;
+        D.first_item[s + 1] = D.first_item[s] + (S->N + chunk - 1) / chunk;
+    }
+    atomic_init(&D.next, 0);
+    run_parallel(run_range, &D, (int)threads);
     free(scratch);
     return INT4_OK;
 }
+
+static int run_job(job_t *J, int n_threads) { return run_jobs(J, 1, n_threads); }
+
 
 int int4_linear_f32_variant(const uint8_t *qweight, const uint16_t *scales, const uint16_t *zeros,
                             const float *x, float *y, int64_t M, int64_t N, int64_t Kp, int64_t group_size,
@@ -771,8 +805,41 @@ int int4_linear_f32_variant(const uint8_t *qweight, const uint16_t *scales, cons
     if (M == 0 || N == 0) return INT4_OK;
     if (!qweight || !scales || !zeros || !x || !y) return INT4_EBADARG;
     job_t J = {.qweight = qweight, .scales = scales, .zeros = zeros, .x = x, .y = y,
-               .M = M, .N = N, .Kp = Kp, .g = group_size, .variant = variant};
+               .M = M, .N = N, .Kp = Kp, .g = group_size, .ldy = N, .variant = variant};
     return run_job(&J, n_threads);
+}
+
+/* y [M, N_0 + ... + N_{nsets-1}] = x [M, Kp] @ [W_0; ...; W_{nsets-1}]^T in one call: each W_s
+ * (rows[s] x Kp, stored as qweights[s], scales[s], zeros[s]) writes its own columns of y, and x is
+ * prepared once. Every output equals what int4_linear_f32_variant gives for its W_s alone. */
+int int4_linear_multi(int nsets, const uint8_t *const *qweights, const uint16_t *const *scales,
+                      const uint16_t *const *zeros, const int64_t *rows, const float *x, float *y,
+                      int64_t M, int64_t Kp, int64_t group_size, int n_threads, int variant) {
+    if (nsets < 1 || nsets > MAX_SETS || !qweights || !scales || !zeros || !rows) return INT4_EBADARG;
+    if (variant != INT4_VARIANT_Q8 && variant != INT4_VARIANT_F32) return INT4_EBADARG;
+    int64_t N = 0;
+    for (int s = 0; s < nsets; s++) {
+        if (rows[s] < 0) return INT4_EBADARG;
+        N += rows[s];
+    }
+    int rc = check_args(M, N, Kp, group_size);
+    if (rc != INT4_OK) return rc;
+    if (M == 0 || N == 0) return INT4_OK;
+    if (!x || !y) return INT4_EBADARG;
+    job_t sets[MAX_SETS];
+    int used = 0;
+    int64_t column = 0;
+    for (int s = 0; s < nsets; s++) {
+        if (rows[s] == 0) continue;
+        if (!qweights[s] || !scales[s] || !zeros[s]) return INT4_EBADARG;
+        memset(&sets[used], 0, sizeof sets[used]);
+        sets[used].qweight = qweights[s], sets[used].scales = scales[s], sets[used].zeros = zeros[s];
+        sets[used].x = x, sets[used].y = y + column, sets[used].M = M, sets[used].N = rows[s];
+        sets[used].Kp = Kp, sets[used].g = group_size, sets[used].ldy = N, sets[used].variant = variant;
+        column += rows[s];
+        used++;
+    }
+    return run_jobs(sets, used, n_threads);
 }
 
 /* y [M, N] = x [M, K] @ W^T for 4-bit code-book weights in bitsandbytes' layout (nf4, fp4):
@@ -790,7 +857,7 @@ int cb4_linear_f32(const uint8_t *codes, const float *absmax, const uint8_t *abs
     if (M == 0 || N == 0) return INT4_OK;
     if (!codes || !quant_map || !x || !y) return INT4_EBADARG;
     if (!absmax && (!absmax_q || !nested_absmax || !nested_map)) return INT4_EBADARG;
-    job_t J = {.qweight = codes, .x = x, .y = y, .M = M, .N = N, .Kp = K, .g = blocksize,
+    job_t J = {.qweight = codes, .x = x, .y = y, .M = M, .N = N, .Kp = K, .g = blocksize, .ldy = N,
                .variant = INT4_VARIANT_Q8, .codebook = 1, .quant_map = quant_map, .absmax = absmax,
                .absmax_q = absmax_q, .nested_absmax = nested_absmax, .nested_map = nested_map,
                .absmax_offset = absmax_offset};
