@@ -17,6 +17,9 @@ feature flags), so a changed source, compiler or CPU builds anew; it is written 
 file and renamed, so concurrent processes are safe. A compile takes ~2 s (gcc 12, 2-core Zen), once; later
 processes load the cached library in ~3 ms.
 
+The int4 path's instruction set is chosen at run time from the CPU's features (`Int4Kernel.isa`:
+AVX2, or AVX-512 with or without VNNI, all bit-identical), capped by `MIXTRAL_CHAT_NATIVE_ISA`.
+
 ctypes releases the GIL during the call; the kernel runs its own threads (pthreads, no OpenMP:
 torch bundles its own runtime).
 """
@@ -47,6 +50,10 @@ from mixtral_chat.engine.paths import cache_dir
 from mixtral_chat.quant.common import Parts, nf4_part_specs
 
 NO_NATIVE_ENV = "MIXTRAL_CHAT_NO_NATIVE"
+ISA_ENV = "MIXTRAL_CHAT_NATIVE_ISA"  # at most this instruction set (benchmarks): one of ISAS
+# The int4 path's instruction sets (ISA_* in the C source), slowest first. AVX-512 needs
+# avx512f/bw/vl/dq; "avx512-vnni" adds vpdpbusd. All give the same bits.
+ISAS = ("portable", "avx2", "avx512", "avx512-vnni")
 NATIVE_DIR_ENV = "MIXTRAL_CHAT_NATIVE_DIR"
 SOURCE = Path(__file__).resolve().parent / "csrc" / "int4_gemv.c"
 BASE_FLAGS = ("-O3", "-std=c11", "-shared", "-fPIC", "-pthread")
@@ -80,6 +87,9 @@ class Int4Kernel:
         library.int4_native_has_avx2.argtypes = []
         library.int4_native_has_avx2.restype = ctypes.c_int
         self.has_avx2 = bool(library.int4_native_has_avx2())
+        library.int4_native_isa.argtypes = [ctypes.c_int]
+        library.int4_native_isa.restype = ctypes.c_int
+        self._isa = library.int4_native_isa
         self._run = library.int4_linear_f32_variant
         f32 = ctypes.c_float
         cb_args = [ptr, ptr, ptr, ptr, ptr, f32, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
@@ -90,6 +100,29 @@ class Int4Kernel:
         library.int4_linear_multi.argtypes = multi_args
         library.int4_linear_multi.restype = ctypes.c_int
         self._run_multi = library.int4_linear_multi
+
+    @property
+    def isa(self) -> str:
+        """The instruction set the int4 path runs on here: one of `ISAS`, the best this CPU
+        supports (read from its feature flags) unless `use_isa` capped it."""
+        return ISAS[self._isa(-1)]
+
+    @property
+    def supported_isas(self) -> tuple[str, ...]:
+        """The instruction sets this CPU can run the int4 path on, slowest first."""
+        current = self._isa(-1)
+        best = self._isa(len(ISAS) - 1)
+        self._isa(current)
+        return ISAS[1 : best + 1] if best else ISAS[:1]
+
+    def use_isa(self, name: str) -> str:
+        """Run the int4 path on at most `name` (one of `ISAS`; tests and benchmarks compare the
+        paths, MIXTRAL_CHAT_NATIVE_ISA caps it); returns the one in effect. Process-wide."""
+        if name not in ISAS:
+            raise QuantizationError(
+                f"native int4: unknown instruction set {name!r} (one of {', '.join(ISAS)})"
+            )
+        return ISAS[self._isa(ISAS.index(name))]
 
     # Layers hold the kernel: copying a layer (copy.deepcopy of a module) shares it.
     def __copy__(self) -> Int4Kernel:
@@ -461,6 +494,12 @@ def _load() -> tuple[Int4Kernel | None, str | None]:
         return None, str(exc) or type(exc).__name__
     if not kernel.has_avx2:
         return None, "this CPU (or compiler) has no AVX2: the scalar fallback is slower than PyTorch's"
+    capped = os.environ.get(ISA_ENV, "")
+    if capped:
+        try:
+            kernel.use_isa(capped)
+        except QuantizationError as exc:
+            return None, f"{ISA_ENV}: {exc}"
     return kernel, None
 
 

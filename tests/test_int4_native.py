@@ -157,6 +157,63 @@ def test_several_weights_in_one_call_give_each_ones_own_bits(kernel, group_size:
         kernel.linear_multi(stored * 2, x.contiguous(), torch.empty(5, 6 * 121), group_size)
 
 
+def cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the CPU's flags from /proc/cpuinfo")
+def test_the_instruction_set_is_what_this_cpu_has(kernel) -> None:
+    """The int4 path runs on the best instruction set the CPU reports (never assumed)."""
+    flags = cpu_flags()
+    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+    expected = ("avx512-vnni" if "avx512_vnni" in flags else "avx512") if avx512 else "avx2"
+    assert kernel.supported_isas[-1] == expected
+    assert kernel.isa == expected
+    with pytest.raises(QuantizationError, match="unknown instruction set"):
+        kernel.use_isa("sse2")
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256])
+def test_every_instruction_set_gives_the_same_bits(kernel, group_size: int) -> None:
+    """AVX2, AVX-512 and AVX-512 VNNI compute the same integer dot products and add them in the
+    same order: bit-identical outputs, for batch 1 (512-bit tiles) and batches (VNNI on 256
+    bits), odd block counts and half blocks (K % 64 == 32) included."""
+    isas = kernel.supported_isas
+    chosen = kernel.isa
+    shapes = [(33, 512), (20, 2 * group_size + (32 if group_size == 32 else 0)), (64, 1024)]
+    try:
+        for n, k in shapes:
+            parts = quantize_int4(gaussian(n, k, seed=n + k), group_size)
+            for m in (1, 2, 5):
+                x = gaussian(m, k, seed=m)
+                outs = {}
+                for isa in isas:
+                    assert kernel.use_isa(isa) == isa
+                    outs[isa] = run_kernel(kernel, parts, x, group_size)
+                for isa in isas:
+                    assert torch.equal(outs[isa], outs["avx2"]), (isa, n, k, m)
+    finally:
+        kernel.use_isa(chosen)
+    assert kernel.isa == chosen
+
+
+def test_the_instruction_set_can_be_capped_by_environment(fresh_native: Path, monkeypatch) -> None:
+    monkeypatch.setenv(native.ISA_ENV, "avx2")
+    kernel = native.int4_kernel()
+    assert kernel is not None
+    try:
+        assert kernel.isa == "avx2"
+    finally:
+        kernel.use_isa(kernel.supported_isas[-1])
+    native.reset_cache()
+    monkeypatch.setenv(native.ISA_ENV, "mmx")
+    assert native.int4_kernel() is None
+    assert "MIXTRAL_CHAT_NATIVE_ISA" in native.native_unavailable_reason()
+
+
 _THREADS_SCRIPT = """
 import os, sys, threading, torch
 from mixtral_chat.quant import native
