@@ -3,6 +3,7 @@
     python bench/bench_quant.py --mode gemv --threads 2            # CPU GEMV table
     python bench/bench_quant.py --mode gemv --device cuda          # the same on a GPU
     python bench/bench_quant.py --mode gemv --variants "int4 native g64"   # one scheme's rows
+    python bench/bench_quant.py --mode gemv --variants "int4 native g64" --isas avx2 avx512-vnni
     python bench/bench_quant.py --mode quantize --size-gb 2.2      # quantize a synthetic checkpoint
 
 GEMV: y = W x for Mixtral's expert shapes (14336x4096 = w1/w3, 4096x14336 = w2), batch 1 and
@@ -158,7 +159,11 @@ def build_layer(label, handler, weight, parts, device, dtype) -> torch.nn.Module
 
 
 def gemv_rows(
-    device: torch.device, batches: list[int], working_set: int, only: list[str] | None = None
+    device: torch.device,
+    batches: list[int],
+    working_set: int,
+    only: list[str] | None = None,
+    isas: list[str] | None = None,
 ) -> list[dict]:
     from mixtral_chat.quant import get_scheme
     from mixtral_chat.quant.native import int4_kernel, native_unavailable_reason
@@ -185,6 +190,14 @@ def gemv_rows(
         variants.append(("nf4 native b64", "nf4", 64, torch.bfloat16))
     if only:
         variants = [v for v in variants if v[0] in only]
+    kernel = int4_kernel() if native else None
+    default_isa = kernel.isa if kernel is not None else None
+    # (label, scheme, group, dtype, instruction set of the native int4 path or None)
+    runs = []
+    for label, scheme, group, dtype in variants:
+        native_int4 = label.startswith("int4 native") and "f32" not in label
+        for isa in (isas or [default_isa]) if native_int4 else [None]:
+            runs.append((label, scheme, group, dtype, isa))
     copy_src = torch.ones(PAIRED_COPY_BYTES // 4, device=device)
     copy_dst = torch.empty_like(copy_src)
 
@@ -196,7 +209,9 @@ def gemv_rows(
     rows = []
     for out_features, in_features in SHAPES:
         weight = torch.randn(out_features, in_features) * 0.02
-        for label, scheme, group, dtype in variants:
+        for label, scheme, group, dtype, isa in runs:
+            if isa is not None:
+                kernel.use_isa(isa)
             handler = get_scheme(scheme, group)
             parts = None if scheme == "none" else handler.quantize_weight(weight)
 
@@ -226,7 +241,7 @@ def gemv_rows(
                 rows.append(
                     {
                         "shape": f"{out_features}x{in_features}",
-                        "scheme": label,
+                        "scheme": label if isa is None else f"{label} [{isa}]",
                         "batch": batch,
                         "weight_mb": nbytes / 1e6,
                         "copies": len(layers),
@@ -238,6 +253,8 @@ def gemv_rows(
                     }
                 )
             del layers, parts
+            if kernel is not None:
+                kernel.use_isa(default_isa)
     # Sanity: the quantized kernels compute what F.linear computes with the dequantized weight
     # (the native kernel rounds x to int8: ~0.6% relative error for int4, ~1.3% for nf4 whose
     # code book it rounds too; the others round x to bf16: ~0.3%).
@@ -259,7 +276,7 @@ def gemv_rows(
 def run_gemv(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     copy_gbps, read_gbps = memory_bandwidth(device)
-    rows = gemv_rows(device, args.batch, int(args.working_set_mb * 1e6), args.variants)
+    rows = gemv_rows(device, args.batch, int(args.working_set_mb * 1e6), args.variants, args.isas)
     copy_again, read_again = memory_bandwidth(device)  # the machine is shared: bracket the run
     copy_gbps, read_gbps = max(copy_gbps, copy_again), max(read_gbps, read_again)
     name = (
@@ -419,6 +436,12 @@ def main() -> None:
     parser.add_argument("--json", help="gemv mode: also write the numbers here")
     parser.add_argument(
         "--variants", nargs="+", help='gemv mode: only these rows, by label (e.g. "int4 native g64")'
+    )
+    parser.add_argument(
+        "--isas",
+        nargs="+",
+        help="gemv mode: native int4 rows once per instruction set (avx2 avx512 avx512-vnni; default: "
+        "the one this CPU gets)",
     )
     parser.add_argument(
         "--working-set-mb",

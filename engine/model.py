@@ -44,12 +44,25 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self._eps_tensor: Tensor | None = None  # not a buffer: not in the state dict or a blob
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in float32 then cast back before the weight, as transformers does.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # Normalised in float32 then cast back before the weight, as transformers does. Each op
+        # is a dispatch (and on CPU a parallel region) whatever its size: 5 in float32 where
+        # x.pow(2).mean() + eps, rsqrt and the two products took 6, and no casts for float32.
+        x32 = x if x.dtype is torch.float32 else x.float()
+        norm = torch.linalg.vector_norm(x32, dim=-1, keepdim=True)  # [..., 1]: sqrt(sum x^2)
+        # mean(x^2) + eps as eps + norm * norm / D, in one op.
+        var = torch.addcmul(self._eps_for(x32), norm, norm, value=1.0 / x32.shape[-1])  # [..., 1]
+        scaled = x32 * var.rsqrt_()
+        return self.weight * (scaled if x.dtype is torch.float32 else scaled.to(x.dtype))
+
+    def _eps_for(self, x: Tensor) -> Tensor:
+        """eps as a 0-dim float32 tensor on x's device, made once per device."""
+        eps = self._eps_tensor
+        if eps is None or eps.device != x.device:
+            eps = self._eps_tensor = torch.tensor(self.eps, dtype=torch.float32, device=x.device)
+        return eps
 
 
 def rope_table(args: ModelArgs, max_seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -67,9 +80,19 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, H, S, D]; cos/sin [S, D] already in x's dtype."""
-    return x * cos + rotate_half(x) * sin
+def signed_sin(sin: Tensor) -> Tensor:
+    """sin [S, D] with its first half negated: rotate_half(x) * sin == roll(x, D/2) * signed_sin."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """x [B, H, S, D]; cos and `signed_sin(sin)` [S, D] already in x's dtype.
+
+    x * cos + rotate_half(x) * sin in 3 ops (rotate_half alone took 4: two slices, neg, cat):
+    the rotation is a roll by D/2 once the sign is folded into the table.
+    """
+    return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, -1), sin_signed)
 
 
 class KVCache(nn.Module):
@@ -101,14 +124,40 @@ class Attention(nn.Module):
         self.v_proj = Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = Linear(self.n_heads * self.head_dim, args.hidden_size, bias=False)
         self.kv_cache: KVCache | None = None
+        self._qkv_weight: Tensor | None = None  # see fuse_qkv: [hidden, (H + 2 KVH) * D]
+
+    def fuse_qkv(self) -> None:
+        """q, k and v as one GEMM where their weights are float tensors of their own (a loaded
+        float checkpoint): concatenated into one [(H + 2 KVH) * D, hidden] tensor whose rows
+        the three layers keep as views, so the checkpoint format and memory stay as they were."""
+        self._qkv_weight = _concatenate_weights((self.q_proj, self.k_proj, self.v_proj))
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [T, hidden] -> q [T, H*D], k and v [T, KVH*D]: one GEMM, or one kernel call for
+        native int4, where the layers allow; else three."""
+        sizes = (
+            self.n_heads * self.head_dim,
+            self.n_kv_heads * self.head_dim,
+            self.n_kv_heads * self.head_dim,
+        )
+        layers = (self.q_proj, self.k_proj, self.v_proj)
+        if self._qkv_weight is not None and not _still_viewed(layers, self._qkv_weight):
+            self._qkv_weight = None  # their weights changed: the fused copy is dropped
+        qkv = _concatenated_output(layers, self._qkv_weight, x)
+        if qkv is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = qkv.split(sizes, dim=-1)
+        return q, k, v
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, mask: Tensor | None, end: int
     ) -> Tensor:
+        """x [B, S, hidden]; cos and sin [S, D] as `apply_rope` takes them."""
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, D]
-        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, S, D]
-        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, S, D]
+        q, k, v = self.project(x.view(B * S, -1))  # [T, H*D], [T, KVH*D], [T, KVH*D]
+        q = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, D]
+        k = k.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, S, D]
+        v = v.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, S, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is None:
             raise RuntimeError("call Mixtral.setup_cache() before forward()")
@@ -116,21 +165,41 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads
         )  # [B, H, S, D]
-        out = out.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)  # [B, S, H*D]
-        return self.o_proj(out)
+        out = out.transpose(1, 2).reshape(B * S, self.n_heads * self.head_dim)  # [T, H*D]
+        return self.o_proj(out).view(B, S, -1)  # [B, S, hidden]
 
 
 class Expert(nn.Module):
-    """One feed-forward expert: w2(silu(w1 x) * w3 x)."""
+    """One feed-forward expert: w2(silu(w1 x) * w3 x), with w1 and w3 as one GEMM (float
+    weights after `fuse_gate_up`) or one kernel call (native int4) where they allow."""
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
         self.w1 = Linear(dim, hidden_dim, bias=False)  # gate projection
         self.w2 = Linear(hidden_dim, dim, bias=False)  # down projection
         self.w3 = Linear(dim, hidden_dim, bias=False)  # up projection
+        self._gate_up_weight: Tensor | None = None  # see fuse_gate_up: [dim, 2 * hidden]
+
+    def fuse_gate_up(self) -> None:
+        """w1 and w3 as one [2 * hidden, dim] tensor (kept transposed) whose halves they keep as views (see
+        `Attention.fuse_qkv`); experts bound to blobs (offloading) are left as they are."""
+        self._gate_up_weight = _concatenate_weights((self.w1, self.w3))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self._gate_up_weight is not None and not _still_viewed((self.w1, self.w3), self._gate_up_weight):
+            self._gate_up_weight = None  # their weights changed: the fused copy is dropped
+        gate_up = _concatenated_output((self.w1, self.w3), self._gate_up_weight, x)  # [T, 2 * hidden]
+        if gate_up is None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = gate_up.chunk(2, dim=-1)  # [T, hidden] each
+        return self.w2(F.silu(gate) * up)
+
+    def __getstate__(self) -> dict:
+        # A copy (copy.deepcopy: the offloader's slot modules) is rebound to other tensors:
+        # it must not carry, nor copy, the fused weight.
+        state = dict(super().__getstate__())
+        state["_gate_up_weight"] = None
+        return state
 
 
 class SparseMoE(nn.Module):
@@ -173,29 +242,49 @@ class SparseMoE(nn.Module):
             self.routing_hook(router_logits, chosen, weights)
         if B * S == 1:
             return self._one_token(x, chosen, weights).view(B, S, D)
-        out = torch.zeros_like(x)  # [T, D]
-        expert_ids = sorted(set(chosen.flatten().tolist()))
+        return self._many_tokens(x, chosen, weights).view(B, S, D)
+
+    def _many_tokens(self, x: Tensor, chosen: Tensor, weights: Tensor) -> Tensor:
+        """Prefill: the (token, choice) pairs sorted by expert once, each expert run on its
+        contiguous run of rows, and one index_add_ that adds each token's K outputs in
+        ascending expert order (the order of the sorted rows), as `_one_token` does.
+
+        A constant number of ops plus each expert's own, where a where/index/index_add_ chain
+        per expert took 6 more each."""
+        K = chosen.shape[1]
+        flat = chosen.flatten()  # [T*K]: (token, choice) pairs in token order
+        order = torch.argsort(flat, stable=True)  # [T*K]: by expert, tokens ascending within one
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()  # rows per expert
+        token_of = order // K  # [T*K]: the token of each sorted row
+        rows = x[token_of]  # [T*K, D]: each token once per expert it chose
+        expert_ids = [e for e, n in enumerate(counts) if n]
+        outputs, first = [], 0  # first: the expert's first row in `rows`
         # Ascending expert order whatever the source, so offloaded output stays bit-identical;
         # in groups no larger than the source holds at once (a prefill can need every expert).
         for start in range(0, len(expert_ids), self.experts_per_call):
             group = expert_ids[start : start + self.experts_per_call]
             for expert_id, expert in zip(group, self.expert_source(group), strict=True):
-                token_idx, slot = torch.where(chosen == expert_id)  # tokens routed here; which of K
-                y = expert(x[token_idx]) * weights[token_idx, slot, None]  # [t, D], float32 weights
-                out.index_add_(0, token_idx, y.to(out.dtype))
-        return out.view(B, S, D)
+                outputs.append(expert(rows[first : first + counts[expert_id]]))  # [t, D]
+                first += counts[expert_id]
+        y = torch.cat(outputs) * weights.flatten()[order, None]  # [T*K, D], float32 weights
+        return torch.zeros_like(x).index_add_(0, token_of, y.to(x.dtype))  # [T, D]
 
     def _one_token(self, x: Tensor, chosen: Tensor, weights: Tensor) -> Tensor:
         """Decode: the K outputs summed in ascending expert order, as the general path sums them.
 
         No zeros/where/index_add_: each small op costs a parallel region, and on a busy CPU
-        those dominated a decode step (2.1x slower; bench/bench_engine.py --profile).
+        those dominated a decode step (2.1x slower; bench/bench_engine.py --profile). The
+        weights are Python floats: a product with one is a single op, in x's dtype computed in
+        float32 and rounded once, as the float32 product cast to x's dtype was.
         """
-        ids = chosen[0].tolist()
+        # One host read for both (a sync each on a GPU): ids are small ints, exact in float32.
+        K = chosen.shape[1]
+        packed = torch.cat((chosen.to(weights.dtype), weights), dim=1).tolist()[0]  # [2K]
+        ids, scale = [int(e) for e in packed[:K]], packed[K:]
         order = sorted(range(len(ids)), key=ids.__getitem__)
         out = None
         for j, expert in zip(order, self.expert_source([ids[j] for j in order]), strict=True):
-            y = (expert(x) * weights[:, j : j + 1]).to(x.dtype)  # [1, D], float32 weight
+            y = expert(x) * scale[j]  # [1, D]
             out = y if out is None else out + y
         return out
 
@@ -225,7 +314,15 @@ class Mixtral(nn.Module):
         self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         self.max_seq_len = 0
         self.rope_cos: Tensor | None = None
-        self.rope_sin: Tensor | None = None
+        self.rope_sin: Tensor | None = None  # signed_sin(sin), as apply_rope takes it
+
+    def fuse_weights(self) -> None:
+        """q|k|v and each resident expert's w1|w3 as one GEMM each, where they are float
+        tensors of their own (see `Attention.fuse_qkv`): once the weights are loaded."""
+        for layer in self.layers:
+            layer.self_attn.fuse_qkv()
+            for expert in layer.block_sparse_moe.experts:
+                expert.fuse_gate_up()
 
     @property
     def device(self) -> torch.device:
@@ -240,7 +337,7 @@ class Mixtral(nn.Module):
         a = self.args
         self.max_seq_len = max_seq_len
         cos, sin = rope_table(a, max_seq_len, self.device)
-        self.rope_cos, self.rope_sin = cos.to(self.dtype), sin.to(self.dtype)
+        self.rope_cos, self.rope_sin = cos.to(self.dtype), signed_sin(sin).to(self.dtype)
         for layer in self.layers:
             layer.self_attn.kv_cache = KVCache(
                 batch, a.num_key_value_heads, max_seq_len, a.head_dim, self.dtype, self.device
@@ -279,3 +376,54 @@ class Mixtral(nn.Module):
         if last_only:
             x = x[:, -1:]  # [B, 1, D]
         return self.lm_head(self.norm(x)).float()
+
+
+def _concatenate_weights(layers: Sequence[nn.Module]) -> Tensor | None:
+    """The float weights of `layers` (same input size) concatenated by rows, each layer's weight
+    becoming a view of its rows; None, changing nothing, unless each is a plain float `Linear`
+    weight owning its whole storage (a view into a blob, or a meta shell, stays as it is)."""
+    weights = [layer.weight if type(layer) is Linear else None for layer in layers]
+    first = weights[0]
+    if first is None or first.device.type == "meta" or not first.is_floating_point():
+        return None
+    for weight in weights:
+        if not (
+            weight is not None
+            and weight.dtype == first.dtype
+            and weight.device == first.device
+            and weight.shape[1:] == first.shape[1:]
+            and weight.is_contiguous()
+            and weight.untyped_storage().nbytes() == weight.numel() * weight.element_size()
+        ):
+            return None
+    fused = torch.cat(weights)  # [sum of out_features, in_features]
+    row = 0
+    for layer, weight in zip(layers, weights, strict=True):
+        layer.weight = nn.Parameter(fused[row : row + weight.shape[0]], requires_grad=False)
+        row += weight.shape[0]
+    return fused.t()  # [in_features, sum of out_features]: what mm takes, kept to save a `t` per call
+
+
+def _still_viewed(layers: Sequence[nn.Module], fused_t: Tensor) -> bool:
+    """The layers' weights still are the rows of `fused_t` (`_concatenate_weights`), not rebound
+    since (an offload slot, `.to()`, quantization in memory)."""
+    row = 0
+    for layer in layers:
+        weight = layer._parameters.get("weight")
+        if (
+            weight is None
+            or weight.data_ptr() != fused_t.data_ptr() + row * fused_t.stride(1) * fused_t.element_size()
+        ):
+            return False
+        row += weight.shape[0]
+    return True
+
+
+def _concatenated_output(layers: Sequence[nn.Module], fused_t: Tensor | None, x: Tensor) -> Tensor | None:
+    """The outputs of `layers` on x [T, in], concatenated [T, sum of out_features], in one GEMM
+    (their fused float weight, transposed, checked by the caller with `_still_viewed`) or one
+    native int4 call; None when neither applies."""
+    if fused_t is not None:
+        return torch.mm(x, fused_t)
+    concat = getattr(layers[0], "forward_concat", None)
+    return None if concat is None else concat(layers[1:], x)

@@ -221,6 +221,7 @@ def load_model(
         model.load_state_dict(state, strict=True, assign=True)
         if quant and quant != "none":
             quantize_model_in_memory(model, quant, group_size)
+    model.fuse_weights()  # q|k|v and w1|w3 as one GEMM each (float weights; model.py)
     model.requires_grad_(False)
     return model.eval()
 

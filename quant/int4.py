@@ -24,13 +24,15 @@ layout depends on the CPU's vector width) and CUDA (`_convert_weight_to_int4pack
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mixtral_chat.engine.errors import QuantizationError
 from mixtral_chat.quant.common import PartSpec
-from mixtral_chat.quant.native import Int4Kernel, int4_kernel, kernel_input, kernel_output
+from mixtral_chat.quant.native import MAX_MULTI, Int4Kernel, int4_kernel, kernel_input, kernel_output
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 # Rows quantized at once: bounds the float32 temporaries to ~64 MB whatever the matrix size.
@@ -286,6 +288,29 @@ class Int4Linear(nn.Module):
         buffers = self._buffers  # not through nn.Module.__getattr__: hundreds of calls per token
         self._kernel.linear(buffers["qweight"], buffers["scales"], buffers["zeros"], x2, y, self.group_size)
         return kernel_output(y, x, self.out_features)
+
+    def forward_concat(self, others: Sequence[nn.Module], x: Tensor) -> Tensor | None:
+        """x [..., in] through this layer and `others` in one kernel call: [..., out + theirs],
+        each layer's columns bit-identical to its own forward. None when they cannot share a
+        call (another backend or input size, over 4 layers): then run them one by one."""
+        kernel = self._kernel
+        if kernel is None or len(others) >= MAX_MULTI:
+            return None
+        layers = (self, *others)
+        for layer in others:
+            if not (
+                type(layer) is Int4Linear
+                and layer._kernel is kernel
+                and layer.in_features == self.in_features
+                and layer.group_size == self.group_size
+            ):
+                return None
+        x2 = kernel_input(x, self.in_features, self.padded_in)  # [M, Kp]
+        total = sum(layer.out_features for layer in layers)
+        y = x2.new_empty((x2.shape[0], total))  # [M, out + theirs]
+        weights = [(b["qweight"], b["scales"], b["zeros"]) for b in (layer._buffers for layer in layers)]
+        kernel.linear_multi(weights, x2, y, self.group_size)
+        return kernel_output(y, x, total)
 
     def extra_repr(self) -> str:
         return (

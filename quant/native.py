@@ -17,6 +17,9 @@ feature flags), so a changed source, compiler or CPU builds anew; it is written 
 file and renamed, so concurrent processes are safe. A compile takes ~2 s (gcc 12, 2-core Zen), once; later
 processes load the cached library in ~3 ms.
 
+The int4 path's instruction set is chosen at run time from the CPU's features (`Int4Kernel.isa`:
+AVX2, or AVX-512 with or without VNNI, all bit-identical), capped by `MIXTRAL_CHAT_NATIVE_ISA`.
+
 ctypes releases the GIL during the call; the kernel runs its own threads (pthreads, no OpenMP:
 torch bundles its own runtime).
 """
@@ -35,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -46,6 +50,10 @@ from mixtral_chat.engine.paths import cache_dir
 from mixtral_chat.quant.common import Parts, nf4_part_specs
 
 NO_NATIVE_ENV = "MIXTRAL_CHAT_NO_NATIVE"
+ISA_ENV = "MIXTRAL_CHAT_NATIVE_ISA"  # at most this instruction set (benchmarks): one of ISAS
+# The int4 path's instruction sets (ISA_* in the C source), slowest first. AVX-512 needs
+# avx512f/bw/vl/dq; "avx512-vnni" adds vpdpbusd. All give the same bits.
+ISAS = ("portable", "avx2", "avx512", "avx512-vnni")
 NATIVE_DIR_ENV = "MIXTRAL_CHAT_NATIVE_DIR"
 SOURCE = Path(__file__).resolve().parent / "csrc" / "int4_gemv.c"
 BASE_FLAGS = ("-O3", "-std=c11", "-shared", "-fPIC", "-pthread")
@@ -56,6 +64,7 @@ COMPILE_TIMEOUT_S = 120
 VARIANT_Q8 = 0  # activations rounded to int8 per 32 columns, integer dot products (default)
 VARIANT_F32 = 1  # codes converted to float, FMA with float32 activations
 _GROUP_SIZES = (32, 64, 128, 256)
+MAX_MULTI = 4  # weights per `linear_multi` call (MAX_SETS in the C source)
 _CODEBOOK_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' (codebook_linear)
 _ERRORS = {1: "invalid arguments", 2: "out of memory"}
 
@@ -78,12 +87,42 @@ class Int4Kernel:
         library.int4_native_has_avx2.argtypes = []
         library.int4_native_has_avx2.restype = ctypes.c_int
         self.has_avx2 = bool(library.int4_native_has_avx2())
+        library.int4_native_isa.argtypes = [ctypes.c_int]
+        library.int4_native_isa.restype = ctypes.c_int
+        self._isa = library.int4_native_isa
         self._run = library.int4_linear_f32_variant
         f32 = ctypes.c_float
         cb_args = [ptr, ptr, ptr, ptr, ptr, f32, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
         library.cb4_linear_f32.argtypes = cb_args
         library.cb4_linear_f32.restype = ctypes.c_int
         self._run_codebook = library.cb4_linear_f32
+        multi_args = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int, ctypes.c_int]
+        library.int4_linear_multi.argtypes = multi_args
+        library.int4_linear_multi.restype = ctypes.c_int
+        self._run_multi = library.int4_linear_multi
+
+    @property
+    def isa(self) -> str:
+        """The instruction set the int4 path runs on here: one of `ISAS`, the best this CPU
+        supports (read from its feature flags) unless `use_isa` capped it."""
+        return ISAS[self._isa(-1)]
+
+    @property
+    def supported_isas(self) -> tuple[str, ...]:
+        """The instruction sets this CPU can run the int4 path on, slowest first."""
+        current = self._isa(-1)
+        best = self._isa(len(ISAS) - 1)
+        self._isa(current)
+        return ISAS[1 : best + 1] if best else ISAS[:1]
+
+    def use_isa(self, name: str) -> str:
+        """Run the int4 path on at most `name` (one of `ISAS`; tests and benchmarks compare the
+        paths, MIXTRAL_CHAT_NATIVE_ISA caps it); returns the one in effect. Process-wide."""
+        if name not in ISAS:
+            raise QuantizationError(
+                f"native int4: unknown instruction set {name!r} (one of {', '.join(ISAS)})"
+            )
+        return ISAS[self._isa(ISAS.index(name))]
 
     # Layers hold the kernel: copying a layer (copy.deepcopy of a module) shares it.
     def __copy__(self) -> Int4Kernel:
@@ -122,6 +161,56 @@ class Int4Kernel:
             x.shape[0],
             n,
             2 * half,
+            group_size,
+            _get_num_threads() if threads is None else threads,
+            variant,
+        )
+        if rc != 0:
+            raise QuantizationError(f"native int4 kernel failed: {_ERRORS.get(rc, f'error {rc}')}")
+        return out
+
+    def linear_multi(
+        self,
+        weights: Sequence[tuple[Tensor, Tensor, Tensor]],
+        x: Tensor,
+        out: Tensor,
+        group_size: int,
+        threads: int | None = None,
+        variant: int = VARIANT_Q8,
+    ) -> Tensor:
+        """out [M, N_0 + N_1 + ...] = x [M, Kp] @ [W_0; W_1; ...]^T for up to 4 weights stored as
+        (qweight, scales, zeros) with the same Kp: one call, x prepared once. Each W_s's columns
+        are bit-identical to `linear` on it alone. Returns `out`."""
+        count = len(weights)
+        if not 1 <= count <= MAX_MULTI:
+            raise QuantizationError(f"native int4: 1 to {MAX_MULTI} weights per call, got {count}")
+        if not (x.dim() == 2 and x.dtype is _F32 and x.is_cpu and x.is_contiguous()):
+            raise QuantizationError("native int4: 'x' must be a contiguous float32 CPU matrix")
+        column = 0
+        for qweight, scales, zeros in weights:
+            if not _weight_fits(qweight, scales, zeros, x.shape[1], group_size):
+                _explain(qweight, scales, zeros, x, out.new_empty((x.shape[0], qweight.shape[0])), group_size)
+            column += qweight.shape[0]
+        if not (
+            out.shape == (x.shape[0], column) and out.dtype is _F32 and out.is_cpu and out.is_contiguous()
+        ):
+            raise QuantizationError(
+                f"native int4: 'out' is {out.dtype} {tuple(out.shape)}, expected a contiguous float32 "
+                f"{(x.shape[0], column)}"
+            )
+        if variant != VARIANT_Q8 and variant != VARIANT_F32:
+            raise QuantizationError(f"native int4: unknown variant {variant}")
+        pointers = ctypes.c_void_p * count
+        rc = self._run_multi(
+            count,
+            pointers(*(w[0].data_ptr() for w in weights)),
+            pointers(*(w[1].data_ptr() for w in weights)),
+            pointers(*(w[2].data_ptr() for w in weights)),
+            (ctypes.c_int64 * count)(*(w[0].shape[0] for w in weights)),
+            x.data_ptr(),
+            out.data_ptr(),
+            x.shape[0],
+            x.shape[1],
             group_size,
             _get_num_threads() if threads is None else threads,
             variant,
@@ -228,8 +317,23 @@ def _fits(qweight: Tensor, scales: Tensor, zeros: Tensor, x: Tensor, out: Tensor
     Written for speed (~3 us): layers call it per forward."""
     if qweight.dim() != 2 or x.dim() != 2:
         return False
+    return (
+        _weight_fits(qweight, scales, zeros, x.shape[1], group_size)
+        and out.shape == (x.shape[0], qweight.shape[0])
+        and x.dtype is _F32
+        and out.dtype is _F32
+        and x.is_cpu
+        and out.is_cpu
+        and x.is_contiguous()
+        and out.is_contiguous()
+    )
+
+
+def _weight_fits(qweight: Tensor, scales: Tensor, zeros: Tensor, kp: int, group_size: int) -> bool:
+    """The stored parts of one weight fit x's Kp and the group size (see `_fits`)."""
+    if qweight.dim() != 2:
+        return False
     n, half = qweight.shape
-    m, kp = x.shape
     groups = scales.shape
     return (
         kp == 2 * half
@@ -237,22 +341,15 @@ def _fits(qweight: Tensor, scales: Tensor, zeros: Tensor, x: Tensor, out: Tensor
         and kp % group_size == 0
         and groups == zeros.shape
         and groups == (n, kp // group_size)
-        and out.shape == (m, n)
         and qweight.dtype is _U8
         and scales.dtype is _BF16
         and zeros.dtype is _BF16
-        and x.dtype is _F32
-        and out.dtype is _F32
         and qweight.is_cpu
         and scales.is_cpu
         and zeros.is_cpu
-        and x.is_cpu
-        and out.is_cpu
         and qweight.is_contiguous()
         and scales.is_contiguous()
         and zeros.is_contiguous()
-        and x.is_contiguous()
-        and out.is_contiguous()
     )
 
 
@@ -397,6 +494,12 @@ def _load() -> tuple[Int4Kernel | None, str | None]:
         return None, str(exc) or type(exc).__name__
     if not kernel.has_avx2:
         return None, "this CPU (or compiler) has no AVX2: the scalar fallback is slower than PyTorch's"
+    capped = os.environ.get(ISA_ENV, "")
+    if capped:
+        try:
+            kernel.use_isa(capped)
+        except QuantizationError as exc:
+            return None, f"{ISA_ENV}: {exc}"
     return kernel, None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 from pathlib import Path
@@ -51,6 +52,30 @@ def test_logits_match_transformers(tmp_path: Path, overrides: dict) -> None:
         steps = [model(tokens[:, :10], torch.arange(10))]
         steps += [model(tokens[:, i : i + 1], torch.tensor([i])) for i in range(10, 24)]
     assert (torch.cat(steps, dim=1) - expected).abs().max().item() <= 1e-4
+
+
+def test_float_weights_are_fused_as_views_and_unfused_when_rebound(tmp_path: Path) -> None:
+    """q|k|v and w1|w3 run as one GEMM each on a loaded float model, the layers keeping views
+    of the fused rows (state dict and memory as before); a layer rebound to other weights (an
+    offload slot, quantization in memory) drops the fused copy and runs on its own weights."""
+    directory = save_tiny_checkpoint(tmp_path / "m", vocab_size=512, with_tokenizer=False)
+    model = load_model(directory)
+    expert = model.layers[0].block_sparse_moe.experts[1]
+    fused = expert._gate_up_weight
+    assert fused is not None and fused.shape == (32, 128)
+    assert expert.w1.weight.data_ptr() == fused.data_ptr()
+    assert model.layers[1].self_attn._qkv_weight is not None
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert len(storages) < len(list(model.parameters()))  # views, not copies
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        unfused = expert.w2(torch.nn.functional.silu(expert.w1(x)) * expert.w3(x))
+        assert (expert(x) - unfused).abs().max().item() <= 1e-6
+        expert.w3.weight = torch.nn.Parameter(expert.w3.weight.clone() * 2, requires_grad=False)
+        rebound = expert.w2(torch.nn.functional.silu(expert.w1(x)) * expert.w3(x))
+        assert torch.equal(expert(x), rebound)
+    assert expert._gate_up_weight is None
+    assert copy.deepcopy(model.layers[0].block_sparse_moe.experts[2])._gate_up_weight is None
 
 
 def test_bfloat16_runs_close_to_float32(tiny_model_dir: Path) -> None:

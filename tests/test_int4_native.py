@@ -137,6 +137,83 @@ def test_results_do_not_depend_on_batch_or_threads(kernel) -> None:
     )
 
 
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_several_weights_in_one_call_give_each_ones_own_bits(kernel, group_size: int) -> None:
+    """linear_multi (w1|w3, q|k|v): each weight's columns equal its own call, bit for bit,
+    whatever the batch, the threads and where the work chunks fall between the weights."""
+    k = 192
+    weights = [quantize_int4(gaussian(n, k, seed=30 + n), group_size) for n in (40, 17, 64)]
+    for m in (1, 5):
+        x = gaussian(m, k, seed=m)
+        alone = torch.cat([run_kernel(kernel, parts, x, group_size) for parts in weights], dim=1)
+        for threads in (1, 2, 3):
+            out = torch.empty(m, alone.shape[1])
+            stored = [(w["qweight"], w["scales"], w["zeros"]) for w in weights]
+            kernel.linear_multi(stored, x.contiguous(), out, group_size, threads)
+            assert torch.equal(out, alone)
+    with pytest.raises(QuantizationError, match="'out'"):
+        kernel.linear_multi(stored, x.contiguous(), torch.empty(5, 3), group_size)
+    with pytest.raises(QuantizationError, match="1 to 4 weights"):
+        kernel.linear_multi(stored * 2, x.contiguous(), torch.empty(5, 6 * 121), group_size)
+
+
+def cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the CPU's flags from /proc/cpuinfo")
+def test_the_instruction_set_is_what_this_cpu_has(kernel) -> None:
+    """The int4 path runs on the best instruction set the CPU reports (never assumed)."""
+    flags = cpu_flags()
+    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+    expected = ("avx512-vnni" if "avx512_vnni" in flags else "avx512") if avx512 else "avx2"
+    assert kernel.supported_isas[-1] == expected
+    assert kernel.isa == expected
+    with pytest.raises(QuantizationError, match="unknown instruction set"):
+        kernel.use_isa("sse2")
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256])
+def test_every_instruction_set_gives_the_same_bits(kernel, group_size: int) -> None:
+    """AVX2, AVX-512 and AVX-512 VNNI compute the same integer dot products and add them in the
+    same order: bit-identical outputs, for batch 1 (512-bit tiles) and batches (VNNI on 256
+    bits), odd block counts and half blocks (K % 64 == 32) included."""
+    isas = kernel.supported_isas
+    chosen = kernel.isa
+    shapes = [(33, 512), (20, 2 * group_size + (32 if group_size == 32 else 0)), (64, 1024)]
+    try:
+        for n, k in shapes:
+            parts = quantize_int4(gaussian(n, k, seed=n + k), group_size)
+            for m in (1, 2, 5):
+                x = gaussian(m, k, seed=m)
+                outs = {}
+                for isa in isas:
+                    assert kernel.use_isa(isa) == isa
+                    outs[isa] = run_kernel(kernel, parts, x, group_size)
+                for isa in isas:
+                    assert torch.equal(outs[isa], outs["avx2"]), (isa, n, k, m)
+    finally:
+        kernel.use_isa(chosen)
+    assert kernel.isa == chosen
+
+
+def test_the_instruction_set_can_be_capped_by_environment(fresh_native: Path, monkeypatch) -> None:
+    monkeypatch.setenv(native.ISA_ENV, "avx2")
+    kernel = native.int4_kernel()
+    assert kernel is not None
+    try:
+        assert kernel.isa == "avx2"
+    finally:
+        kernel.use_isa(kernel.supported_isas[-1])
+    native.reset_cache()
+    monkeypatch.setenv(native.ISA_ENV, "mmx")
+    assert native.int4_kernel() is None
+    assert "MIXTRAL_CHAT_NATIVE_ISA" in native.native_unavailable_reason()
+
+
 _THREADS_SCRIPT = """
 import os, sys, threading, torch
 from mixtral_chat.quant import native
@@ -294,6 +371,24 @@ def test_int4_linear_native_computes_on_views_into_an_expert_blob(native_availab
         x = gaussian(2, shapes[name][1], seed=21)
         ref = F.linear(x.double(), dequantize_int4(parts[name], shapes[name][1], 64, torch.float64))
         assert relative_error(module(x), ref) < Q8_BOUND
+
+
+def test_int4_linears_share_one_call_where_they_fit(native_available, monkeypatch) -> None:
+    """Int4Linear.forward_concat (an expert's w1|w3): the layers' outputs side by side, bit for
+    bit; None for layers that cannot share the call (another input size, the aten backend)."""
+    parts = [quantize_int4(gaussian(n, 100, seed=n), 32) for n in (24, 40)]
+    w1, w3 = (build(p, p["qweight"].shape[0], 100, 32, True, monkeypatch) for p in parts)
+    x = gaussian(2, 3, 100, seed=1)  # leading dimensions kept
+    both = w1.forward_concat([w3], x)
+    assert both.shape == (2, 3, 64)
+    assert torch.equal(both, torch.cat([w1(x), w3(x)], dim=-1))
+    assert torch.equal(
+        w1.forward_concat([w3], x.bfloat16()), torch.cat([w1(x.bfloat16()), w3(x.bfloat16())], -1)
+    )
+    other = build(quantize_int4(gaussian(8, 64, seed=3), 32), 8, 64, 32, True, monkeypatch)
+    aten = build(parts[1], 40, 100, 32, False, monkeypatch)
+    assert w1.forward_concat([other], x) is None
+    assert w1.forward_concat([aten], x) is None
 
 
 def test_int4_linear_is_aten_without_the_kernel(fresh_native, monkeypatch) -> None:
