@@ -64,7 +64,12 @@ def main() -> int:
             f"{prompt!r}: {got['model']} answered {got['usage']['completion_tokens']} tokens, "
             f"ttft {timings['ttft_s']} s, {timings['decode_tok_s']} tok/s, {got['finish_reason']}",
         )
-        same = "equal to" if got["text"] == mine["text"] else "differs from"
+        if got["text"] == mine["text"]:
+            same = "equal to"
+        elif got["text"].strip() == mine["text"].strip():  # llama.cpp keeps sentencepiece's leading space
+            same = "equal but for surrounding whitespace to"
+        else:
+            same = "differs from"
         print(
             f"     text {same} the local engine's: remote {got['text'][:70]!r} / local {mine['text'][:70]!r}"
         )
