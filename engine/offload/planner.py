@@ -109,11 +109,7 @@ class OffloadPlan:
         split = sum(layer.on_miss == SPLIT for layer in self.layers)
         if split:
             text += f"; misses shared between the link and the CPU in {split} of {len(self.layers)} layers"
-        if self.decode_bound_s and self.bandwidths:
-            text += (
-                f"; predicted bound {self.decode_bound_s * 1e3:.1f} ms/token "
-                f"({1 / self.decode_bound_s:.1f} tok/s at {self.bandwidths.describe()})"
-            )
+        # The predicted bound depends on measured bandwidths: `summary_lines` says it, with them.
         return text
 
     def summary_lines(self) -> list[str]:
