@@ -378,14 +378,53 @@ class Mixtral(nn.Module):
         return self.lm_head(self.norm(x)).float()
 
 
+# Module-name suffixes of the weights run as one GEMM (the checkpoint keeps them apart).
+FUSED_GROUPS = (
+    ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    ("w1.weight", "w3.weight"),
+)
+
+
+def fuse_loaded_group(state: dict[str, Tensor], name: str) -> None:
+    """While a float checkpoint loads: once every weight of `name`'s group (FUSED_GROUPS) is in
+    `state`, they become consecutive row views of one concatenated tensor (the originals are
+    dropped), which `Mixtral.fuse_weights` then uses as it is, without copying."""
+    for group in FUSED_GROUPS:
+        suffix = next((s for s in group if name.endswith("." + s)), None)
+        if suffix is None:
+            continue
+        prefix = name[: -len(suffix)]
+        names = [prefix + s for s in group]
+        tensors = [state.get(n) for n in names]
+        if any(t is None for t in tensors):
+            return
+        first = tensors[0]
+        if all(
+            t.dim() == 2
+            and t.dtype == first.dtype
+            and t.device == first.device
+            and t.shape[1] == first.shape[1]
+            for t in tensors
+        ):
+            fused = torch.cat(tensors)  # [sum of rows, in_features]
+            rows = [t.shape[0] for t in tensors]
+            for n, view in zip(names, fused.split(rows), strict=True):
+                state[n] = view
+        return
+
+
 def _concatenate_weights(layers: Sequence[nn.Module]) -> Tensor | None:
     """The float weights of `layers` (same input size) concatenated by rows, each layer's weight
     becoming a view of its rows; None, changing nothing, unless each is a plain float `Linear`
-    weight owning its whole storage (a view into a blob, or a meta shell, stays as it is)."""
+    weight owning its whole storage, or all already are consecutive rows of one storage
+    (`fuse_loaded_group`: then nothing is copied). A view into a blob, or a meta shell, stays."""
     weights = [layer.weight if type(layer) is Linear else None for layer in layers]
     first = weights[0]
     if first is None or first.device.type == "meta" or not first.is_floating_point():
         return None
+    adjacent = _consecutive_rows(weights)
+    if adjacent is not None:
+        return adjacent.t()
     for weight in weights:
         if not (
             weight is not None
@@ -402,6 +441,30 @@ def _concatenate_weights(layers: Sequence[nn.Module]) -> Tensor | None:
         layer.weight = nn.Parameter(fused[row : row + weight.shape[0]], requires_grad=False)
         row += weight.shape[0]
     return fused.t()  # [in_features, sum of out_features]: what mm takes, kept to save a `t` per call
+
+
+def _consecutive_rows(weights: Sequence[Tensor | None]) -> Tensor | None:
+    """[sum of rows, in] over the weights' shared storage when they are consecutive contiguous
+    rows of it that fill it exactly (what `fuse_loaded_group` leaves); else None."""
+    first = weights[0]
+    storage = first.untyped_storage()
+    expected = first.data_ptr()
+    rows = 0
+    for weight in weights:
+        if not (
+            weight is not None
+            and weight.dtype == first.dtype
+            and weight.is_contiguous()
+            and weight.shape[1:] == first.shape[1:]
+            and weight.untyped_storage().data_ptr() == storage.data_ptr()
+            and weight.data_ptr() == expected
+        ):
+            return None
+        expected += weight.numel() * weight.element_size()
+        rows += weight.shape[0]
+    if storage.nbytes() != rows * first.shape[1] * first.element_size():
+        return None
+    return first.as_strided((rows, first.shape[1]), (first.shape[1], 1))
 
 
 def _still_viewed(layers: Sequence[nn.Module], fused_t: Tensor) -> bool:

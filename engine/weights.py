@@ -27,7 +27,7 @@ from mixtral_chat.engine.checkpoint import (
 )
 from mixtral_chat.engine.config import ModelArgs
 from mixtral_chat.engine.errors import QuantizationError, WeightsError
-from mixtral_chat.engine.model import Expert, Mixtral
+from mixtral_chat.engine.model import Expert, Mixtral, fuse_loaded_group
 from mixtral_chat.engine.safetensors_io import SAFETENSORS_DTYPES, check_finite, read_header, read_tensor
 from mixtral_chat.quant.bnb_checkpoint import load_bnb_4bit_weights, read_bnb_4bit_config
 from mixtral_chat.quant.load import load_quantized_model_weights, quantize_model_in_memory
@@ -213,6 +213,9 @@ def load_model(
             name = hf_to_module_name(key)
             if streaming is None or not streaming.take(name, loaded):
                 state[name] = loaded
+                # q|k|v and w1|w3 concatenated as soon as a group is read, the originals dropped:
+                # peak memory stays the model plus one group (fusing after loading doubled them).
+                fuse_loaded_group(state, name)
         if args.tie_word_embeddings:
             state["lm_head.weight"] = state["embed_tokens.weight"]
         if streaming is not None:

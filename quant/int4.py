@@ -1,4 +1,4 @@
-"""Group-wise asymmetric int4: a native AVX2 kernel on CPU, PyTorch's packed int4 kernels otherwise.
+"""Group-wise asymmetric int4: a native AVX2/AVX-512 kernel on CPU, PyTorch's packed int4 kernels otherwise.
 
 Stored form (device independent, what quantized directories hold), for a weight W [N, K]
 (N = out_features, K = in_features) and group size g:
@@ -175,6 +175,9 @@ class Int4Linear(nn.Module):
       (docs/BENCHMARKS.md; OpenMP threads must sleep, not spin, beside it: app/cli.py). It is
       faster than ATen, and than dequantizing tiles for F.linear, at every batch size measured
       (up to 256), so it serves prefill too.
+      On AVX-512 CPUs it runs AVX-512 code (vpdpbusd where VNNI is present), chosen at run
+      time and bit-identical to the AVX2 path (`Int4Kernel.isa`); `forward_concat` runs
+      several layers on one input in one call (an expert's w1|w3, attention's q|k|v).
     - "aten" (CUDA, or CPU without the native kernel): PyTorch's packed int4 kernels, tinygemm
       on CUDA and `_weight_int4pack_mm_for_cpu` on CPU, in bfloat16 (tinygemm takes nothing
       else, and ATen's CPU kernel is vectorized for bfloat16 only: float32 activations run 6x
