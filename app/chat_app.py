@@ -35,6 +35,7 @@ from mixtral_chat.app.storage import HEARTBEAT_S, Instance, Storage, StorageErro
 
 if TYPE_CHECKING:
     from mixtral_chat.app.remote import RemoteEngine
+    from mixtral_chat.engine.load_progress import LoadProgress
     from mixtral_chat.engine.runtime import Engine
 
 # Set to a file path, the app appends the wall-clock times at which its first screen became
@@ -104,6 +105,7 @@ class ChatApp(App[int]):
         self.loading_threads: set[threading.Thread] = set()
         # Which load is current: a superseded load that finishes late is dropped, not used.
         self._load_serial = 0
+        self.load_progress: LoadProgress | None = None  # the weights read by the current load
 
     @property
     def model_name(self) -> str | None:
@@ -288,6 +290,7 @@ class ChatApp(App[int]):
 
     def on_model_load_progress(self, message: ModelLoad.Progress) -> None:
         if message.serial == self._load_serial:
+            self.load_progress = message.progress
             self.chat_screen.loading_bar.show_progress(message.progress)
 
     def on_model_load_finished(self, message: ModelLoad.Finished) -> None:

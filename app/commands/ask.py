@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mixtral_chat.app.argtypes import float_range, int_range
+from mixtral_chat.app.commands.engine_flags import add_engine_arguments, load_options
 from mixtral_chat.app.progress import ProgressLine
 from mixtral_chat.engine.options import (
     MAX_TOKENS_MIN,
@@ -27,7 +28,6 @@ from mixtral_chat.engine.options import (
     TOP_P_ABOVE,
     TOP_P_MAX,
     GenerationConfig,
-    LoadOptions,
 )
 from mixtral_chat.engine.units import format_duration, format_size
 
@@ -91,12 +91,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     which.add_argument("--cid", type=int_range("--cid", 1), metavar="ID", help="continue chat ID")
     history.add_argument("--no-log", action="store_true", help="do not store this exchange")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    parser.add_argument("--quant", choices=["none", "int4", "nf4"], help="quantize a float model in memory")
-    parser.add_argument(
-        "--context", type=int_range("--context", 1), help="context length in tokens (default 4096)"
-    )
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     remote = parser.add_argument_group("remote backend")
     remote.add_argument(
@@ -108,56 +102,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     remote.add_argument(
         "--api-key-env", metavar="NAME", help="environment variable that holds the backend's API key"
     )
-    offload = parser.add_argument_group("expert offloading")
-    offload.add_argument(
-        "--experts-per-layer",
-        type=int_range("--experts-per-layer", 1),
-        metavar="K",
-        help="experts kept on the compute device per layer",
-    )
-    offload.add_argument(
-        "--gpu-mem", type=float_range("--gpu-mem", 0), metavar="GB", help="memory budget for the planner"
-    )
-    offload.add_argument(
-        "--prefetch",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="speculative loading of the next layer's experts (off: it measured slower, docs/BENCHMARKS.md)",
-    )
-    offload.add_argument("--offload", choices=["ram", "disk"], help="where the other experts live")
-    offload.add_argument("--cache-policy", default="lru", choices=["lru", "lfu"])
-    add_placement_flags(offload)
-    offload.add_argument(
-        "--simulate-link-gbps",
-        type=float_range("--simulate-link-gbps", 0, low_open=True),
-        metavar="GBPS",
-        help=argparse.SUPPRESS,
-    )
+    offload = add_engine_arguments(parser)
     offload.add_argument("--stats", action="store_true", help="print expert-cache statistics to stderr")
     offload.add_argument("--trace-routing", metavar="FILE", help="write chosen experts as JSON lines")
     parser.set_defaults(handler=run)
-
-
-def add_placement_flags(group: argparse._ArgumentGroup) -> None:
-    """What a missed expert does, and the bandwidths the planner assumes (`ask` and `plan`)."""
-    group.add_argument(
-        "--on-miss",
-        default="auto",
-        choices=["auto", "copy", "cpu", "split"],
-        help="missed experts: copied to the device, computed on the CPU, or split (auto: planned)",
-    )
-    group.add_argument(
-        "--h2d-gbps",
-        type=float_range("--h2d-gbps", 0, low_open=True),
-        metavar="GBPS",
-        help="host-to-device bandwidth the planner assumes (default: measured once per host)",
-    )
-    group.add_argument(
-        "--cpu-gbps",
-        type=float_range("--cpu-gbps", 0, low_open=True),
-        metavar="GBPS",
-        help="CPU memory bandwidth the planner assumes (default: measured once per host)",
-    )
 
 
 def read_prompt(args: argparse.Namespace) -> str:
@@ -284,26 +232,6 @@ def resolve_the_model(args: argparse.Namespace) -> ResolvedModel:
             file=sys.stderr,
         )
     return resolved
-
-
-def load_options(args: argparse.Namespace) -> LoadOptions:
-    return LoadOptions(
-        device=args.device,
-        dtype=args.dtype,
-        quant=args.quant,
-        context_length=args.context,
-        # Without a flag that asks for it, offloading starts only when the model does not fit.
-        offload=args.experts_per_layer is not None or args.gpu_mem is not None or args.offload is not None,
-        experts_per_layer=args.experts_per_layer,
-        gpu_budget_gb=args.gpu_mem,
-        prefetch=args.prefetch,
-        offload_store=args.offload or "ram",
-        cache_policy=args.cache_policy,
-        simulate_link_gbps=args.simulate_link_gbps,
-        on_miss=args.on_miss,
-        h2d_gbps=args.h2d_gbps,
-        cpu_gbps=args.cpu_gbps,
-    )
 
 
 # Loads shorter than this print no progress line (the demo loads in about 0.3 s).

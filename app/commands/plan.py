@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mixtral_chat.app.argtypes import float_range, int_range
-from mixtral_chat.app.commands.ask import add_placement_flags
+from mixtral_chat.app.commands.engine_flags import add_placement_flags
 
 if TYPE_CHECKING:
     from mixtral_chat.engine.config import ModelArgs

@@ -13,7 +13,8 @@ import socket
 import sys
 from typing import TYPE_CHECKING
 
-from mixtral_chat.app.argtypes import float_range, int_range
+from mixtral_chat.app.argtypes import int_range
+from mixtral_chat.app.commands.engine_flags import add_engine_arguments
 
 if TYPE_CHECKING:
     from mixtral_chat.engine.runtime import Engine
@@ -57,27 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     add_engine_arguments(parser)
-    parser.set_defaults(handler=run)
-
-
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """How the model loads: the same flags, bounds and defaults as `ask`'s (ask.load_options reads them)."""
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    parser.add_argument("--quant", choices=["none", "int4", "nf4"], help="quantize a float model in memory")
-    parser.add_argument("--context", type=int_range("--context", 1), help="context length in tokens")
-    offload = parser.add_argument_group("expert offloading")
-    offload.add_argument("--experts-per-layer", type=int_range("--experts-per-layer", 1), metavar="K")
-    offload.add_argument("--gpu-mem", type=float_range("--gpu-mem", 0), metavar="GB")
-    offload.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=False)
-    offload.add_argument("--offload", choices=["ram", "disk"], help="where the other experts live")
-    offload.add_argument("--cache-policy", default="lru", choices=["lru", "lfu"])
-    offload.add_argument(
-        "--simulate-link-gbps",
-        type=float_range("--simulate-link-gbps", 0, low_open=True),
-        help=argparse.SUPPRESS,
-    )
     parser.set_defaults(stats=False)
+    parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:

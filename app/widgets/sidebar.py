@@ -104,10 +104,13 @@ class ModelLoadingBar(Horizontal):
         self.set_interval(0.5, self._tick)
 
     def begin(self, what: str) -> None:
+        """A load starts; said again once its model is resolved (the name may change), which keeps
+        the time and the progress already shown."""
         self._what = what
-        self._started = time.monotonic()
-        self.progress = None
-        self.query_one(ProgressBar).update(total=None, progress=0)
+        if not self.display:
+            self._started = time.monotonic()
+            self.progress = None
+            self.query_one(ProgressBar).update(total=None, progress=0)
         self.display = True
         self._tick()
 
