@@ -28,6 +28,7 @@ from mixtral_chat.engine.offload.placement import (
     mixed_layers,
     place_layers,
 )
+from mixtral_chat.engine.units import format_bytes
 from mixtral_chat.quant.blob import ExpertBlobLayout, module_tensors
 from mixtral_chat.quant.schemes import get_scheme
 
@@ -91,8 +92,7 @@ class OffloadPlan:
         return len(self.layers) * self.num_experts * self.expert_bytes
 
     def describe(self) -> str:
-        gb = 1e9
-        budget = f"budget {self.budget_bytes / gb:.2f} GB: " if self.budget_bytes else ""
+        budget = f"budget {format_bytes(self.budget_bytes)}: " if self.budget_bytes else ""
         if self.uniform and self.layers[0].on_miss == COPY:
             slots = f"{self.experts_per_layer} experts/layer"
         else:
@@ -100,9 +100,9 @@ class OffloadPlan:
             span = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
             slots = f"{span} experts/layer ({self.total_slots} slots)"
         text = (
-            f"{budget}resident weights {self.resident_bytes / gb:.2f} GB + KV cache "
-            f"{self.kv_cache_bytes / gb:.2f} GB + {slots} x {self.expert_bytes / 1e6:.1f} MB = "
-            f"{self.cache_bytes / gb:.2f} GB expert cache; other experts in {self.store}"
+            f"{budget}resident weights {format_bytes(self.resident_bytes)} + KV cache "
+            f"{format_bytes(self.kv_cache_bytes)} + {slots} x {format_bytes(self.expert_bytes)} = "
+            f"{format_bytes(self.cache_bytes)} expert cache; other experts in {self.store}"
         )
         if self.cpu_layers:
             text += f"; misses computed on the CPU in {self.cpu_layers} of {len(self.layers)} layers"
@@ -115,14 +115,15 @@ class OffloadPlan:
     def summary_lines(self) -> list[str]:
         """What goes where, as `mixtral-chat plan` and `ask --stats` print it: memory per device,
         the predicted bound with the bandwidths assumed, then one row per layer."""
-        gb = 1e9
         host = "host RAM" if self.store == "ram" else "disk"
         lines = [
-            f"device: {self.device_bytes / gb:.2f} GB (resident weights {self.resident_bytes / gb:.2f} GB, "
-            f"KV cache {self.kv_cache_bytes / gb:.2f} GB, {self.total_slots} expert slots "
-            f"{self.cache_bytes / gb:.2f} GB)"
-            + (f" of a {self.budget_bytes / gb:.2f} GB budget" if self.budget_bytes else ""),
-            f"{host}: {self.store_bytes / gb:.2f} GB (every expert, {self.expert_bytes / 1e6:.1f} MB each)",
+            f"device: {format_bytes(self.device_bytes)} "
+            f"(resident weights {format_bytes(self.resident_bytes)}, "
+            f"KV cache {format_bytes(self.kv_cache_bytes)}, {self.total_slots} expert slots "
+            f"{format_bytes(self.cache_bytes)})"
+            + (f" of a {format_bytes(self.budget_bytes)} budget" if self.budget_bytes else ""),
+            f"{host}: {format_bytes(self.store_bytes)} "
+            f"(every expert, {format_bytes(self.expert_bytes)} each)",
         ]
         if self.decode_bound_s and self.bandwidths:
             lines.append(
