@@ -35,19 +35,10 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from bench_offload import write_checkpoint  # noqa: E402 (the bench folder is not a package)
 
-FULL = {
-    "vocab_size": 32000,
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "num_local_experts": 8,
-    "num_experts_per_tok": 2,
-    "max_position_embeddings": 32768,
-    "rope_theta": 1e6,
-    "rms_norm_eps": 1e-5,
-}
+from mixtral_chat.engine.models.catalog import MIXTRAL_8X7B_CONFIG  # noqa: E402
+
+# Mixtral-8x7B's own shape (the catalog's config, so the two cannot drift), less the HF keys.
+FULL = {k: v for k, v in MIXTRAL_8X7B_CONFIG.items() if k not in ("architectures", "model_type")}
 SMALL = {**FULL, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4}
 SMALL.update(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
 FULL_BUDGETS_GB = (8.0, 12.0, 24.0)
