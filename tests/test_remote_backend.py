@@ -217,3 +217,33 @@ def test_a_server_that_dies_mid_answer_is_one_line_and_the_partial_answer_stays(
     assert (printed + rest).strip()
     line = errors.decode().strip().splitlines()[-1]
     assert line.startswith(f"mixtral-chat: error: {long_server.base_url}: the connection broke"), errors
+
+
+def test_a_remote_answer_is_stored_and_continued_like_a_local_one(
+    server: ServeProcess, api_key: str, tmp_path: Path
+) -> None:
+    client_home = tmp_path / "client"
+    remote = ["--backend", server.base_url, "--api-key-env", KEY_ENV]
+    first = ask(client_home, "--json", *remote, "What is a lighthouse?", key=api_key)
+    assert first.returncode == 0, first.stderr
+    listed = json.loads(
+        run_cli("history", "list", "--json", env={"MIXTRAL_CHAT_HOME": str(client_home)}).stdout
+    )
+    assert len(listed) == 1
+    shown = run_cli(
+        "history", "show", str(listed[0]["id"]), env={"MIXTRAL_CHAT_HOME": str(client_home)}
+    ).stdout
+    assert "What is a lighthouse?" in shown and json.loads(first.stdout)["text"].strip()[:20] in shown
+
+    # -c sends the stored turns to the server: the prompt is longer than the new question alone.
+    alone = ask(client_home, "--json", "--no-log", *remote, "And a harbor?", key=api_key)
+    again = ask(client_home, "--json", "-c", *remote, "And a harbor?", key=api_key)
+    assert alone.returncode == 0 and again.returncode == 0, alone.stderr + again.stderr
+    assert (
+        json.loads(again.stdout)["usage"]["prompt_tokens"]
+        > json.loads(alone.stdout)["usage"]["prompt_tokens"]
+    )
+    listed = json.loads(
+        run_cli("history", "list", "--json", env={"MIXTRAL_CHAT_HOME": str(client_home)}).stdout
+    )
+    assert len(listed) == 1 and listed[0]["messages"] == 4

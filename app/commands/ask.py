@@ -127,8 +127,6 @@ def run(args: argparse.Namespace) -> int:
     from mixtral_chat.app.conversation_log import ConversationLog
 
     prompt = read_prompt(args)
-    if args.backend or args.api_key_env:
-        return answer_remotely(args, prompt)
     check_history_flags(args)
     # Before the model loads: an unknown --cid or a busy chat is said at once.
     log = ConversationLog.open(
@@ -138,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
         warn=print_warning,
     )
     try:
+        if args.backend or args.api_key_env:
+            return answer_remotely(args, prompt, log)
         return answer(args, prompt, log)
     finally:
         if log is not None:
@@ -168,15 +168,19 @@ def answer(args: argparse.Namespace, prompt: str, log: ConversationLog | None) -
     return 130 if interrupted else 0
 
 
-def answer_remotely(args: argparse.Namespace, prompt: str) -> int:
-    """`--backend`: the answer comes from another OpenAI-compatible server. It is not logged to
-    the conversation store (that is for this machine's chats), so -c/--cid do not apply."""
-    from mixtral_chat.app.commands.ask_remote import run_remote
-    from mixtral_chat.app.errors import UsageError
+def answer_remotely(args: argparse.Namespace, prompt: str, log: ConversationLog | None) -> int:
+    """`--backend`: the answer comes from another OpenAI-compatible server, stored as a local
+    one is."""
+    from mixtral_chat.app.chat_session import chat_messages
+    from mixtral_chat.app.commands.ask_remote import check_local_flags, run_remote
 
-    if args.continue_latest or args.cid is not None:
-        raise UsageError("-c/--cid continue a chat of this machine's model; not with --backend")
-    stats, interrupted = run_remote(args, prompt, generation_config(args))
+    check_local_flags(args)  # before the chat is claimed
+    continued = log.conversation if log is not None else None
+    config = generation_config(args, continued)
+    history = log.prepare() if log is not None else []
+    system_prompt = continued.system_prompt if continued is not None else (args.system or "")
+    messages = [*chat_messages(system_prompt, history), {"role": "user", "content": prompt}]
+    stats, interrupted = run_remote(args, messages, config, log, prompt=prompt, system_prompt=system_prompt)
     if args.stats:
         print_stats(stats, None)
     return 130 if interrupted else 0

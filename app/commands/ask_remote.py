@@ -2,7 +2,8 @@
 the local `ask` prints it (streamed, or `--json`; `--stats` measured on this side).
 
 The flags that only the local engine knows are refused with --backend (a usage error, exit 2),
-so that nobody believes `--quant int4` changed what a remote vLLM runs.
+so that nobody believes `--quant int4` changed what a remote vLLM runs. The exchange is stored
+with the chat app's conversations as a local one is (`-c`/`--cid` continue it; `--no-log`).
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ import argparse
 import os
 import sys
 import threading
+from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from mixtral_chat.app.errors import UsageError
 from mixtral_chat.engine.options import GenerationConfig
 
 if TYPE_CHECKING:
+    from mixtral_chat.app.conversation_log import ConversationLog
     from mixtral_chat.engine.runtime import GenerationStats
 
 # Flags of the local engine, and the value each has when not given.
@@ -35,28 +38,39 @@ LOCAL_ONLY = {
 
 
 def run_remote(
-    args: argparse.Namespace, prompt: str, config: GenerationConfig
+    args: argparse.Namespace,
+    messages: list[dict[str, str]],
+    config: GenerationConfig,
+    log: ConversationLog | None = None,
+    *,
+    prompt: str,
+    system_prompt: str,
 ) -> tuple[GenerationStats | None, bool]:
-    """Print the answer; returns its client-side stats and whether Ctrl+C stopped it."""
+    """Print the answer to `messages` (and store the exchange in `log`, as the local `ask`
+    does); returns its client-side stats and whether Ctrl+C stopped it."""
     from mixtral_chat.app.remote import RemoteBackend
 
     backend = RemoteBackend(args.backend or "", api_key(args))
-    check_local_flags(args)
     model = backend.pick_model(args.model)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    messages.append({"role": "user", "content": prompt})
     stop = threading.Event()
     stream = backend.chat(messages, config, model, stop_event=stop)
+    if log is not None:
+        log.begin(prompt, system_prompt=system_prompt, model=model)
     pieces: list[str] = []
     interrupted = False
+    status = "error"  # unless the loop ends
     try:
         for piece in stream:
             pieces.append(piece)
+            if log is not None:
+                log.append(piece)
             if not args.json:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
+        status = "complete"
     except KeyboardInterrupt:  # the answer so far stays printed; the stream is closed
         interrupted = True
+        status = "stopped"
         stop.set()
     except Exception:
         if pieces and not args.json:
@@ -64,6 +78,12 @@ def run_remote(
         raise
     finally:
         iter(stream).close()
+        if log is not None:
+            stored = asdict(stream.stats) if stream.stats is not None else {}
+            if status == "stopped":
+                stored["finish_reason"] = "cancelled"
+            stored.update(model=model, backend=backend.base, generation=asdict(config))
+            log.finish(status, stored, "".join(pieces))
     text = "".join(pieces)
     stats = stream.stats
     if args.json:
