@@ -139,3 +139,54 @@ def test_endpoints_round_trip_through_the_config_and_a_stored_key_is_private(tmp
     path.write_text(path.read_text().replace('backend = "ollama"', 'backend = "nowhere"'))
     with pytest.raises(SettingsError, match="backend 'nowhere' is not one of"):
         load_settings(path)
+
+
+def test_the_settings_endpoints_tab_adds_uses_and_leaves_an_endpoint(
+    isolated_home: Path, server: ServeProcess, api_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from textual.widgets import Input, TabbedContent
+
+    from mixtral_chat.app.screens.settings import SettingsScreen
+
+    monkeypatch.setenv("LAB_KEY", api_key)
+    settings = Settings()
+    settings.engine.device = "cpu"
+    app = ChatApp(Storage(), settings, model="demo")
+
+    async def scenario() -> None:
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_ready(pilot, app)
+            assert app.engine is not None and app.engine.model is not None  # the local demo
+            await pilot.press("f3")
+            await wait_for(pilot, lambda: isinstance(app.screen, SettingsScreen), "the settings screen")
+            screen = app.screen
+            screen.query_one(TabbedContent).active = "endpoints-tab"
+            await pilot.pause()
+            for field_id, value in [
+                ("endpoint-name", "lab"),
+                ("endpoint-url", server.base_url),
+                ("endpoint-key-env", "LAB_KEY"),
+            ]:
+                screen.query_one(f"#{field_id}", Input).value = value
+            screen.query_one("#add-endpoint").press()
+            await wait_for(pilot, lambda: "lab" in load_settings().endpoints, "the saved endpoint")
+            saved = load_settings().endpoints["lab"]
+            assert (saved.url, saved.api_key_env, saved.api_key) == (server.base_url, "LAB_KEY", None)
+            assert str(screen.query_one("#endpoints-table").get_cell("lab", "key")) == "$LAB_KEY"
+
+            screen.query_one("#use-endpoint").press()  # the only row is selected
+            await wait_for(pilot, lambda: app.engine is not None and app.engine.model is None, "the remote")
+            assert load_settings().backend == "lab"
+            screen.query_one("#remove-endpoint").press()  # refused: it answers now
+            await pilot.pause()
+            assert "lab" in load_settings().endpoints
+
+            screen.query_one("#use-local").press()
+            await wait_for(
+                pilot, lambda: app.engine is not None and app.engine.model is not None, "the local engine"
+            )
+            assert load_settings().backend is None
+            screen.query_one("#remove-endpoint").press()
+            await wait_for(pilot, lambda: "lab" not in load_settings().endpoints, "the endpoint removed")
+
+    run(scenario)

@@ -35,6 +35,7 @@ from textual.widgets import (
 
 from mixtral_chat.app.errors import error_line
 from mixtral_chat.app.screens.dialogs import ConfirmScreen, DeleteModelScreen
+from mixtral_chat.app.widgets.endpoints_table import EndpointsTable
 from mixtral_chat.app.widgets.engine_form import EngineForm
 from mixtral_chat.app.widgets.models_table import ModelsTable
 from mixtral_chat.engine.fileio import free_disk_bytes
@@ -131,6 +132,30 @@ class SettingsScreen(Screen[None]):
                 with Horizontal(classes="settings-buttons"):
                     yield Button("Save", id="save-engine", variant="primary")
                     yield Button("Save and reload the model", id="save-reload")
+            with TabPane("Endpoints", id="endpoints-tab"), VerticalScroll():
+                yield Label(
+                    "Remote OpenAI-compatible servers (vLLM, llama-server, Ollama's /v1, "
+                    "mixtral-chat serve). The one in use (●) answers instead of the local engine.",
+                    classes="settings-note",
+                )
+                yield EndpointsTable(id="endpoints-table")
+                with Horizontal(classes="settings-buttons"):
+                    yield Button("Use", id="use-endpoint", variant="primary")
+                    yield Button("Use the local engine", id="use-local")
+                    yield Button("Remove", id="remove-endpoint", variant="error")
+                with Grid(classes="engine-grid"):
+                    yield Label("Name")
+                    yield Input(placeholder="gpu-box", id="endpoint-name")
+                    yield Label("URL")
+                    yield Input(placeholder="http://HOST:8000/v1", id="endpoint-url")
+                    yield Label("Model (optional)")
+                    yield Input(placeholder="the first /v1/models lists", id="endpoint-model")
+                    yield Label("Key's environment variable (optional)")
+                    yield Input(
+                        placeholder="VLLM_KEY (the key itself is never typed here)", id="endpoint-key-env"
+                    )
+                with Horizontal(classes="settings-buttons"):
+                    yield Button("Add endpoint", id="add-endpoint")
             with TabPane("Appearance", id="appearance-tab"), VerticalScroll():
                 with Grid(classes="engine-grid"):
                     yield Label("Theme")
@@ -146,7 +171,64 @@ class SettingsScreen(Screen[None]):
     def on_mount(self) -> None:
         self.query_one("#download-row").display = False
         self.refresh_models()
+        self.refresh_endpoints()
         self.watch(self.chat_app, "model_status", self._model_status_changed)
+
+    # -- endpoints -------------------------------------------------------------------------------
+
+    def refresh_endpoints(self) -> None:
+        settings = self.chat_app.settings
+        self.query_one("#endpoints-table", EndpointsTable).show(settings.endpoints, settings.backend)
+
+    @on(Button.Pressed, "#add-endpoint")
+    def _add_endpoint(self) -> None:
+        from mixtral_chat.app.settings import Endpoint
+
+        name = self.query_one("#endpoint-name", Input).value.strip()
+        url = self.query_one("#endpoint-url", Input).value.strip()
+        model = self.query_one("#endpoint-model", Input).value.strip() or None
+        key_env = self.query_one("#endpoint-key-env", Input).value.strip() or None
+        if not name or not url.startswith(("http://", "https://")):
+            self.notify("An endpoint needs a name and an http(s):// URL.", severity="error")
+            return
+        self.chat_app.settings.endpoints[name] = Endpoint(url=url, model=model, api_key_env=key_env)
+        if self.chat_app.save_settings():
+            for field_id in ("endpoint-name", "endpoint-url", "endpoint-model", "endpoint-key-env"):
+                self.query_one(f"#{field_id}", Input).value = ""
+            self.notify(f"Added {name}; Use makes it answer.")
+        self.refresh_endpoints()
+
+    @on(Button.Pressed, "#use-endpoint")
+    def _use_endpoint(self) -> None:
+        name = self.query_one("#endpoints-table", EndpointsTable).selected_name()
+        if name is not None:
+            self._switch_backend(name)
+
+    @on(Button.Pressed, "#use-local")
+    def _use_local(self) -> None:
+        self._switch_backend(None)
+
+    def _switch_backend(self, name: str | None) -> None:
+        settings = self.chat_app.settings
+        settings.backend = name
+        if self.chat_app.save_settings():
+            self.chat_app.load_model(self.chat_app.model_spec)  # connects, or loads the local model
+        self.refresh_endpoints()
+
+    @on(Button.Pressed, "#remove-endpoint")
+    def _remove_endpoint(self) -> None:
+        settings = self.chat_app.settings
+        name = self.query_one("#endpoints-table", EndpointsTable).selected_name()
+        if name is None:
+            return
+        if name == settings.backend:
+            self.notify(
+                "This endpoint answers now: use another one or the local engine first.", severity="warning"
+            )
+            return
+        del settings.endpoints[name]
+        self.chat_app.save_settings()
+        self.refresh_endpoints()
 
     def on_screen_resume(self) -> None:
         self.refresh_models()
