@@ -215,7 +215,8 @@ def test_cli_json_and_stdin(tiny_model_dir: Path) -> None:
 
 
 def test_loading_peak_memory_is_model_plus_one_tensor(tmp_path: Path) -> None:
-    """A ~200 MB checkpoint: peak RSS while loading <= final size + largest tensor (+ small slack)."""
+    """A ~200 MB checkpoint: peak RSS while loading <= final size + one fused group (an expert's
+    w1|w3, two of the largest tensors, concatenated as soon as both are read) + small slack."""
     config = dict(
         vocab_size=1024,
         hidden_size=512,
@@ -276,7 +277,7 @@ def test_loading_peak_memory_is_model_plus_one_tensor(tmp_path: Path) -> None:
         f"peak growth {growth / 1e6:.1f} MB"
     )
     assert total > 150e6
-    assert growth <= total + largest + 16e6
+    assert growth <= total + 2 * largest + 16e6
 
 
 def test_ctrl_c_stops_generation_and_keeps_what_was_printed(tiny_model_dir: Path) -> None:
