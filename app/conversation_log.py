@@ -20,8 +20,9 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mixtral_chat.app.storage import (
     HEARTBEAT_S,
@@ -34,6 +35,10 @@ from mixtral_chat.app.storage import (
     StoredMessage,
     title_from_text,
 )
+
+if TYPE_CHECKING:
+    from mixtral_chat.engine.options import GenerationConfig
+    from mixtral_chat.engine.runtime import GenerationStats
 
 # What `warn` is told when the exchange is not (or not wholly) stored.
 NOT_LOGGED = "the answer is not saved in the conversation history"
@@ -199,3 +204,14 @@ class ConversationLog:
         while not self._stop_heartbeat.wait(HEARTBEAT_S):
             with contextlib.suppress(StorageError):
                 self.storage.heartbeat()
+
+
+def exchange_stats(
+    stats: GenerationStats | None, config: GenerationConfig, status: str, **about: str
+) -> dict[str, Any]:
+    """What an answer's row keeps beside its text: the stats (as the TUI stores them), the
+    generation settings that produced it and `about` it (the model; a remote one's backend)."""
+    stored: dict[str, Any] = asdict(stats) if stats is not None else {}
+    if status == "stopped":  # Ctrl+C lands in the loop, not through the engine's stop event
+        stored["finish_reason"] = "cancelled"
+    return {**stored, **about, "generation": asdict(config)}

@@ -11,9 +11,8 @@ import json
 import math
 import sys
 import threading
-from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from mixtral_chat.app.argtypes import float_range, int_range
 from mixtral_chat.app.commands.engine_flags import add_engine_arguments, load_options
@@ -318,19 +317,11 @@ def stream_answer(
         if trace_file:
             trace_file.close()
         if log is not None:
-            log.finish(status, exchange_stats(engine, stream.stats, config, status), "".join(pieces))
+            from mixtral_chat.app.conversation_log import exchange_stats
+
+            stored = exchange_stats(stream.stats, config, status, model=engine.info.name)
+            log.finish(status, stored, "".join(pieces))
     return stream, pieces, interrupted
-
-
-def exchange_stats(
-    engine: Engine, stats: GenerationStats | None, config: GenerationConfig, status: str
-) -> dict[str, Any]:
-    """What the answer's row keeps beside its text: the engine's stats (as the TUI stores them),
-    the model and the generation settings that produced it."""
-    stored: dict[str, Any] = asdict(stats) if stats is not None else {}
-    if status == "stopped":  # Ctrl+C lands in the loop, not through the engine's stop event
-        stored["finish_reason"] = "cancelled"
-    return {**stored, "model": engine.info.name, "generation": asdict(config)}
 
 
 def print_json(

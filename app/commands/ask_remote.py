@@ -12,7 +12,6 @@ import argparse
 import os
 import sys
 import threading
-from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from mixtral_chat.app.errors import UsageError
@@ -79,10 +78,9 @@ def run_remote(
     finally:
         iter(stream).close()
         if log is not None:
-            stored = asdict(stream.stats) if stream.stats is not None else {}
-            if status == "stopped":
-                stored["finish_reason"] = "cancelled"
-            stored.update(model=model, backend=backend.base, generation=asdict(config))
+            from mixtral_chat.app.conversation_log import exchange_stats
+
+            stored = exchange_stats(stream.stats, config, status, model=model, backend=backend.base)
             log.finish(status, stored, "".join(pieces))
     text = "".join(pieces)
     stats = stream.stats
