@@ -13,6 +13,7 @@ rich is imported only when a terminal display starts, never at CLI start-up.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,7 +52,8 @@ class _Phase:
         self.started = time.monotonic()
         self.final = False
         self.final_elapsed_s: float | None = None
-        self.task_id: TaskID | None = None
+        self.task_id: TaskID | None = None  # its row on a terminal
+        self.pending = False  # in a log: its latest row not written yet (throttled)
 
     def elapsed_s(self) -> float:
         if self.final_elapsed_s is not None:
@@ -137,18 +139,21 @@ def stream_is_terminal(stream: TextIO) -> bool:
 class PhaseProgress:
     """The progress rows of one command on `stream` (stderr). `show` a phase's latest Row; a new
     phase starts a new row below the last one; `final=True` ends the phase (its 100% drawn once,
-    never throttled; later rows for it are ignored). `close` before the command's own output, and
-    in a `finally`: on a terminal it stops the display and shows the cursor again (Ctrl+C too)."""
+    never throttled; later rows for it are ignored). In a log a phase's latest row is written
+    when the next phase starts or at `close`, so its last state is always there. `close` before
+    the command's own output, and in a `finally`: on a terminal it stops the display and shows
+    the cursor again (Ctrl+C too)."""
 
     def __init__(self, stream: TextIO, *, log_interval_s: float) -> None:
         self.stream = stream
         self.terminal = stream_is_terminal(stream)
         self.log_interval_s = log_interval_s
         self.phases: dict[str, _Phase] = {}
-        self.current: str | None = None
+        self.current: _Phase | None = None  # the latest phase's row
         self.last_line_at = 0.0
         self._display: Progress | None = None
         self._closed = False
+        self._lock = threading.Lock()
 
     @property
     def shown(self) -> bool:
@@ -156,36 +161,51 @@ class PhaseProgress:
         return bool(self.phases)
 
     def show(self, phase_name: str, row: Row, *, final: bool = False) -> None:
-        if self._closed:
-            return
-        phase = self.phases.get(phase_name)
-        new = phase is None
-        if phase is None:
-            phase = self.phases[phase_name] = _Phase(row)
-        elif phase.final:
-            return  # the phase's final row is already out
-        phase.row = row
-        if final:
-            phase.final_elapsed_s = phase.elapsed_s()
-            phase.final = True
-        self.current = phase_name
-        if self.terminal:
-            self._draw(phase)
-        else:
-            self._write_line(phase, unthrottled=new or final)
+        with self._lock:  # a download's chunks may be counted in more than one thread
+            if self._closed:
+                return
+            phase = self.phases.get(phase_name)
+            if phase is None:
+                self._write_pending()  # the phase before ends with its latest row
+                phase = self.phases[phase_name] = _Phase(row)
+                self.current = phase
+                unthrottled = True
+            elif phase.final:
+                return  # the phase's final row is already out
+            else:
+                unthrottled = final
+            phase.row = row
+            if final:
+                phase.final_elapsed_s = phase.elapsed_s()
+                phase.final = True
+            if self.terminal:
+                self._draw(phase)
+            else:
+                phase.pending = True
+                self._write_line(phase, unthrottled=unthrottled)
 
     def close(self) -> None:
-        """Stop the terminal display (idempotent); rows already written stay."""
-        self._closed = True
-        display, self._display = self._display, None
+        """End the display (idempotent): on a terminal stop it, showing the cursor again; in a log
+        write the current phase's latest row if it was throttled. Rows already out stay."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._write_pending()
+            display, self._display = self._display, None
         if display is not None:
             display.stop()
+
+    def _write_pending(self) -> None:
+        if self.current is not None and self.current.pending:
+            self._write_line(self.current, unthrottled=True)
 
     def _write_line(self, phase: _Phase, *, unthrottled: bool) -> None:
         now = time.monotonic()
         if not unthrottled and now - self.last_line_at < self.log_interval_s:
             return
         self.last_line_at = now
+        phase.pending = False
         self.stream.write(plain_line(phase) + "\n")
         self.stream.flush()
 

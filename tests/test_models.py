@@ -233,6 +233,34 @@ def test_cli_ctrl_c_stops_cleanly_and_the_next_pull_resumes(server: HubServer, e
     assert snapshot is not None and (snapshot / SHARD1).read_bytes() == tiny_files[SHARD1]
 
 
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pty")
+def test_cli_ctrl_c_on_a_terminal_stops_the_bar_before_the_message(server: HubServer, env):
+    from tests.terminal_session import ANSI, ERASE_LINE, PARTIAL_BAR, SHOW_CURSOR, run_on_a_terminal
+
+    release = server.stall(REPO, SHARD1, after_bytes=CHUNK + 1_000_000)
+    blobs = hub_cache.repo_storage_dir(REPO, Path(env["HF_HOME"]) / "hub") / "blobs"
+
+    def a_chunk_is_on_disk_and_drawn(terminal: str) -> bool:
+        found = list(blobs.glob("*.incomplete")) if blobs.exists() else []
+        return bool(found) and found[0].stat().st_size >= CHUNK and "downloading" in terminal
+
+    try:
+        run = run_on_a_terminal(
+            ["-m", "mixtral_chat.app.cli", "models", "pull", REPO, "--no-quantize"],
+            env={**env, "HF_TOKEN": ""},
+            interrupt_when=a_chunk_is_on_disk_and_drawn,
+        )
+    finally:
+        release.set()
+    assert run.returncode == 130, run.terminal
+    said = f"mixtral-chat: interrupted; run `mixtral-chat models pull {REPO}` again to resume\r\n"
+    assert run.terminal.endswith(said)
+    before = run.terminal[: -len(said)]
+    assert before.endswith(SHOW_CURSOR)  # the display stopped, the cursor shown, then the message
+    last_row = ANSI.sub("", before.rsplit(ERASE_LINE, 1)[1]).strip()
+    assert re.match(rf"downloading +{PARTIAL_BAR} +\d+\.\d% ", last_row) and "100.0%" not in last_row
+
+
 # ---------------------------------------------------------------------------------------------
 # The Python API the settings screen uses.
 

@@ -32,6 +32,24 @@ def test_log_gets_one_line_per_interval_and_every_final_line() -> None:
     assert not rows.terminal and "\r" not in log.getvalue() and "\x1b" not in log.getvalue()
 
 
+def test_a_phase_s_latest_row_is_written_when_the_next_starts_and_at_close() -> None:
+    log = io.StringIO()
+    rows = PhaseProgress(log, log_interval_s=3600.0)
+    rows.show("download", Row("downloading", 10, 100))
+    rows.show("download", Row("downloading", 60, 100))  # throttled, never final (a wrong total)
+    rows.show("quantize", Row("quantizing", 0, 100))
+    rows.show("quantize", Row("quantizing", 30, 100))  # throttled, then interrupted
+    rows.close()
+    rows.close()  # a second close adds nothing
+    lines = log.getvalue().splitlines()
+    assert [line.split()[:2] for line in lines] == [
+        ["downloading", "10.0%"],
+        ["downloading", "60.0%"],
+        ["quantizing", "0.0%"],
+        ["quantizing", "30.0%"],
+    ]
+
+
 def test_a_line_holds_the_cells_in_order_in_the_units_of_engine_units() -> None:
     log = io.StringIO()
     rows = PhaseProgress(log, log_interval_s=0.0)

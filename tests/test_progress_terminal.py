@@ -102,6 +102,14 @@ def test_ask_draws_the_model_load_on_a_terminal_only(isolated_home: Path) -> Non
     # The display ended before the answer's stats or anything else on stderr.
     assert run.terminal.rstrip("\r\n").endswith(SHOW_CURSOR)
 
+    # TERM=dumb: no display, its first and final rows as plain lines (the terminal adds the \r).
+    dumb = run_on_a_terminal(args, env={"TERM": "dumb"})
+    assert (
+        dumb.returncode == 0 and "\x1b" not in dumb.terminal and "\r" not in dumb.terminal.replace("\r\n", "")
+    )
+    first, final = [line for line in dumb.terminal.splitlines() if line.startswith("loading demo")]
+    assert "ETA" in first and final.startswith("loading demo  100.0%  ") and f"/ {total}  " in final
+
     # Piped (not a terminal): no progress rows.
     piped = subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120

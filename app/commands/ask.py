@@ -245,7 +245,8 @@ def load_engine(args: argparse.Namespace, resolved: ResolvedModel) -> Engine:
     from mixtral_chat.engine.runtime import Engine
 
     rows = PhaseProgress(sys.stderr, log_interval_s=math.inf)
-    shown = rows.terminal and not args.json  # a terminal only: a pipe or a log gets no progress rows
+    # A terminal only (TERM=dumb: its first and last row as plain lines); a pipe or a log gets none.
+    shown = sys.stderr.isatty() and not args.json
 
     def loading(progress: LoadProgress) -> None:
         if not shown or (progress.elapsed_s < LOAD_QUIET_S and not rows.shown):
