@@ -5,7 +5,9 @@ On a terminal the rows are a `rich.progress` display, redrawn in place; elsewher
 CI, TERM=dumb) each row is a plain line, written at most once per `log_interval_s` and once more
 when its phase ends, without ANSI codes or carriage returns. The cells are decided here, once, for
 both forms: the label, the bar (terminal only), the percentage, done / total, speed, ETA, elapsed,
-and a detail (the current file, tensors and shards).
+and a detail (the current file, tensors and shards); sizes and times as engine/units.py writes
+them. On a narrow terminal `terminal_layout` lets the detail, the elapsed time and the speed give
+way, in that order, and cuts the label last.
 
 rich is imported only when a terminal display starts, never at CLI start-up.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
@@ -69,7 +71,7 @@ class _Phase:
         return min(row.done / row.total, 1.0) if row.total else None
 
 
-# The cells of a row, in order, both forms (the terminal adds the bar after the label).
+# The cells of a row, the same in both forms.
 def _label_cell(phase: _Phase) -> str:
     return phase.row.label
 
@@ -113,7 +115,9 @@ def _detail_cell(phase: _Phase) -> str:
     return phase.row.detail
 
 
-CELLS_AFTER_BAR: tuple[Callable[[_Phase], str], ...] = (
+# The cells in their order; on a terminal the bar comes after the label.
+CELLS: tuple[Callable[[_Phase], str], ...] = (
+    _label_cell,
     _percent_cell,
     _amounts_cell,
     _speed_cell,
@@ -121,11 +125,38 @@ CELLS_AFTER_BAR: tuple[Callable[[_Phase], str], ...] = (
     _elapsed_cell,
     _detail_cell,
 )
+LABEL, DETAIL = CELLS.index(_label_cell), CELLS.index(_detail_cell)
+# On a narrow terminal these give way, in this order: the detail (cut with an ellipsis while
+# DETAIL_MIN characters fit, else hidden), the elapsed time, the speed; the label is cut last.
+GIVE_WAY = (DETAIL, CELLS.index(_elapsed_cell), CELLS.index(_speed_cell))
+DETAIL_MIN = 12
+BAR_MIN, BAR_MAX = 10, 40
 
 
 def plain_line(phase: _Phase) -> str:
-    cells = [_label_cell(phase), *(cell(phase) for cell in CELLS_AFTER_BAR)]
-    return "  ".join(cell for cell in cells if cell)
+    return "  ".join(text for text in (cell(phase) for cell in CELLS) if text)
+
+
+def terminal_layout(rows: list[list[str]], width: int) -> tuple[list[int], int]:
+    """The terminal's columns for these rows (each a list of CELLS' texts) in `width` characters:
+    each cell's width (0: hidden, as is a cell empty in every row) and the bar's. Cells are one
+    space apart."""
+    widths = [max((len(row[i]) for row in rows), default=0) for i in range(len(CELLS))]
+    widths[LABEL] = max(widths[LABEL], 1)  # the label's column is always there
+
+    def room_left(bar: int) -> int:  # what is left after the bar and the shown cells
+        return width - bar - sum(w + 1 for w in widths if w)
+
+    for i in GIVE_WAY:
+        if room_left(BAR_MIN) >= 0:
+            break
+        if i == DETAIL and widths[i] + room_left(BAR_MIN) >= DETAIL_MIN:
+            widths[i] += room_left(BAR_MIN)  # cut, not hidden
+        else:
+            widths[i] = 0
+    if room_left(BAR_MIN) < 0:
+        widths[LABEL] = max(widths[LABEL] + room_left(BAR_MIN), 1)
+    return widths, min(max(room_left(0), BAR_MIN), BAR_MAX)
 
 
 def stream_is_terminal(stream: TextIO) -> bool:
@@ -233,50 +264,34 @@ def _bar_amounts(phase: _Phase) -> tuple[float | None, float]:
 
 
 def _terminal_display(stream: TextIO) -> Progress:
-    """A rich.progress display on `stream` with this module's cells; rich is imported here.
-
-    On a narrow terminal the elapsed time, the detail and a long label give way (hidden, or cut
-    with an ellipsis) so that the bar, percentage, amounts, speed and ETA stay on one line."""
-    from rich.console import Console, ConsoleOptions, RenderResult
-    from rich.measure import Measurement
-    from rich.progress import BarColumn, Progress, ProgressColumn, Task
-    from rich.table import Column
+    """A rich.progress display on `stream`, its rows laid out by `terminal_layout`; rich is
+    imported here."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, Task
+    from rich.table import Table
     from rich.text import Text
 
-    class _Fitted:
-        """A cell that gives way: whole where it fits, cut to `min_shown` characters or more
-        with an ellipsis, else blank."""
-
-        def __init__(self, text: str, min_shown: int) -> None:
-            self.text, self.min_shown = text, min_shown
-
-        def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
-            return Measurement(0, len(self.text))
-
-        def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-            width = options.max_width
-            if len(self.text) <= width:
-                yield Text(self.text, no_wrap=True)
-            elif width >= self.min_shown:
-                yield Text(self.text, no_wrap=True, overflow="ellipsis")
-
-    class _Cell(ProgressColumn):
-        def __init__(self, cell: Callable[[_Phase], str], *, min_shown: int | None = None) -> None:
-            super().__init__(table_column=Column(no_wrap=min_shown is None))
-            self.cell, self.min_shown = cell, min_shown
-
-        def render(self, task: Task) -> Text | _Fitted:
-            text = self.cell(task.fields["phase"])
-            if self.min_shown is None:
-                return Text(text, no_wrap=True)
-            return _Fitted(text, self.min_shown)
-
     console = Console(file=stream, force_terminal=True, highlight=False)
-    giving_way = {_elapsed_cell: 1_000, _detail_cell: 10}  # elapsed: whole or hidden
-    return Progress(
-        _Cell(_label_cell, min_shown=10),
-        BarColumn(bar_width=min(max(console.width - 80, 10), 40), table_column=Column(no_wrap=True)),
-        *(_Cell(cell, min_shown=giving_way.get(cell)) for cell in CELLS_AFTER_BAR),
+
+    class _Rows(Progress):
+        def make_tasks_table(self, tasks: Iterable[Task]) -> Table:
+            shown = [task for task in tasks if task.visible]
+            texts = [[cell(task.fields["phase"]) for cell in CELLS] for task in shown]
+            widths, bar_width = terminal_layout(texts, console.width)  # (rich asks before .live is set)
+            bar = BarColumn(bar_width=bar_width)
+            table = Table.grid(padding=(0, 1))
+            for width in widths[:1] + [bar_width] + [w for w in widths[1:] if w]:
+                table.add_column(width=width, no_wrap=True)
+            for task, row in zip(shown, texts, strict=True):
+                cells = [
+                    Text(text, no_wrap=True, overflow="ellipsis")
+                    for text, w in zip(row, widths, strict=True)
+                    if w
+                ]
+                table.add_row(cells[0], bar(task), *cells[1:])
+            return table
+
+    return _Rows(
         console=console,
         refresh_per_second=REFRESH_PER_S,
         redirect_stdout=False,  # stdout is the command's output, never the display's

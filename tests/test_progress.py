@@ -9,7 +9,7 @@ import io
 import subprocess
 import sys
 
-from mixtral_chat.app.progress import PhaseProgress, Row
+from mixtral_chat.app.progress import BAR_MAX, BAR_MIN, DETAIL_MIN, PhaseProgress, Row, terminal_layout
 from mixtral_chat.engine.units import format_bytes, format_duration
 
 
@@ -85,3 +85,39 @@ def test_the_cli_does_not_import_rich_at_start_up_nor_for_a_plain_display() -> N
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "False\n"
+
+
+def test_a_narrow_terminal_hides_the_detail_then_elapsed_then_speed_and_cuts_the_label_last() -> None:
+    # label, percent, amounts, speed, ETA, elapsed, detail
+    row = [
+        "downloading",
+        " 70.0%",
+        "65.4 GB / 93.4 GB",
+        "120.0 MB/s",
+        "ETA 3 min 30 s",
+        "elapsed 1 s",
+        "x" * 32,
+    ]
+    done = ["quantizing", "100.0%", "93.4 GB / 93.4 GB", "320.0 MB/s", "", "elapsed 9 s", "x" * 20]
+    full = [11, 6, 17, 10, 14, 11, 32]  # the widest of each cell
+
+    def used(widths: list[int], bar: int) -> int:  # cells one space apart
+        return bar + sum(w + 1 for w in widths if w)
+
+    def layout(width: int) -> tuple[list[int], int]:
+        widths, bar = terminal_layout([row, done], width)
+        assert used(widths, bar) <= width
+        return widths, bar
+
+    assert layout(300) == (full, BAR_MAX)
+    assert layout(used(full, BAR_MIN) - 5) == ([*full[:6], 32 - 5], BAR_MIN)  # the detail cut first
+    no_detail = used(full[:6], BAR_MIN)
+    assert layout(no_detail + 1 + DETAIL_MIN) == ([*full[:6], DETAIL_MIN], BAR_MIN)  # cut to its least
+    assert layout(no_detail + DETAIL_MIN) == ([*full[:6], 0], BAR_MIN + DETAIL_MIN)  # then hidden
+    assert layout(no_detail - 1) == ([*full[:5], 0, 0], BAR_MIN + 11)  # then the elapsed time
+    assert layout(used(full[:5], BAR_MIN) - 1) == ([*full[:3], 0, 14, 0, 0], BAR_MIN + 10)  # the speed
+    widths, bar = layout(60)  # then the label is cut
+    assert widths == [60 - used([0, *full[1:3], 0, 14], BAR_MIN) - 1, *full[1:3], 0, 14, 0, 0]
+    assert bar == BAR_MIN and used(widths, bar) == 60
+    # A cell empty in every row (the ETA once every phase is over) takes no column.
+    assert terminal_layout([done], 300)[0][4] == 0
