@@ -110,6 +110,11 @@ def test_ask_draws_the_model_load_on_a_terminal_only(isolated_home: Path) -> Non
     first, final = [line for line in dumb.terminal.splitlines() if line.startswith("loading demo")]
     assert "ETA" in first and final.startswith("loading demo  100.0%  ") and f"/ {total}  " in final
 
+    # --json: the answer as one object, no display even on a terminal.
+    as_json = run_on_a_terminal([*args, "--json"])
+    assert as_json.returncode == 0 and json.loads(as_json.stdout)["model"] == "demo"
+    assert BAR not in as_json.terminal and "loading demo" not in as_json.terminal
+
     # Piped (not a terminal): no progress rows.
     piped = subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120
