@@ -91,3 +91,8 @@ class LoadOptions:
     on_miss: str = "auto"
     h2d_gbps: float | None = None
     cpu_gbps: float | None = None
+    # The lm_head of a 4-bit model on the CPU: "int8" (one float32 scale per 32 columns, on the
+    # native kernel: a fraction of the bytes a decode step reads, quality in docs/BENCHMARKS.md),
+    # "float" (as stored), or "auto": int8 where that kernel runs, else float. Float models keep
+    # a float lm_head under "auto" (they are the reference).
+    lm_head: str = "auto"  # auto | float | int8

@@ -68,6 +68,7 @@ class EngineInfo:
     n_params: int
     n_active_params: int
     offload_plan: str | None = None
+    lm_head: str = "float"  # "int8" where it was quantized at load (LoadOptions.lm_head)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -166,6 +167,8 @@ class Engine:
             offloader = (
                 offload_experts(model, ctx, device, offload, options, stored, streamed) if offload else None
             )
+            scheme = describe_scheme(model_dir, found, options.quant)
+            lm_head = place_lm_head(model, options.lm_head, device, scheme)
             model.setup_cache(ctx)
         except torch.OutOfMemoryError as exc:
             raise OutOfMemoryError(f"out of {device.type} memory loading {model_dir}: {exc}") from None
@@ -175,11 +178,12 @@ class Engine:
             path=model_dir,
             device=str(device),
             dtype=str(dtype).removeprefix("torch."),
-            scheme=describe_scheme(model_dir, found, options.quant),
+            scheme=scheme,
             context_length=ctx,
             n_params=model.args.n_params,
             n_active_params=model.args.n_active_params,
             offload_plan=describe_offload(offload, offloader),
+            lm_head=lm_head,
         )
         return cls(model, tokenizer, info, offloader)
 
@@ -499,6 +503,26 @@ def check_vocab(model_dir: Path, tokenizer: Tokenizer, args: ModelArgs) -> None:
         raise MixtralChatError(
             f"{model_dir}: tokenizer has {tokenizer.vocab_size} tokens, the model only {args.vocab_size}"
         )
+
+
+def place_lm_head(model: Mixtral, wanted: str, device: torch.device, scheme: str) -> str:
+    """The lm_head's form, "int8" or "float" (see LoadOptions.lm_head); quantizes it in place."""
+    from mixtral_chat.quant.int8 import quantize_lm_head
+    from mixtral_chat.quant.native import native_unavailable_reason
+
+    if wanted not in ("auto", "float", "int8"):
+        raise MixtralChatError(f"unknown lm_head {wanted!r} (auto, float or int8)")
+    if wanted == "float" or (wanted == "auto" and (scheme == UNQUANTIZED or device.type != "cpu")):
+        return "float"
+    if device.type != "cpu":
+        raise MixtralChatError(f"an int8 lm_head runs on the CPU, not on {device.type}: use lm_head float")
+    if quantize_lm_head(model):
+        return "int8"
+    if wanted == "int8":
+        hidden = model.args.hidden_size
+        reason = native_unavailable_reason() or f"hidden size {hidden} is not a multiple of 32"
+        raise MixtralChatError(f"an int8 lm_head needs the native kernel: {reason}")
+    return "float"
 
 
 def describe_scheme(model_dir: Path, found: CheckpointKind, quant: str | None) -> str:

@@ -1,0 +1,100 @@
+"""int8 per 32 columns for the lm_head of a 4-bit model on the CPU (llama.cpp's Q8_0).
+
+The lm_head is the largest matrix a decode step reads after the experts: Mixtral's is 32000 x
+4096, 524 MB in float32, where a token's two experts per layer are 29 MB each in int4. At a
+few layers (and at small widths) it is most of the step. In int8 with one float32 scale per 32
+columns it is 1.125 bytes per weight (147 MB), computed by the native kernel
+(`Int4Kernel.q8_linear`: x rounded to int8 per 32 columns, integer dot products); quality is
+measured in docs/BENCHMARKS.md ("A quantized lm_head").
+
+Built at load time from the float weight (`quantize_lm_head`), never stored: quantized model
+directories keep the lm_head as they always did. Only where the native kernel runs (CPU, AVX2);
+elsewhere the lm_head stays float.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from mixtral_chat.engine.errors import QuantizationError
+from mixtral_chat.quant.native import Int4Kernel, int4_kernel, kernel_output
+
+GROUP = 32  # columns per scale (Q8_GROUP in quant/csrc/q8_gemv.c)
+
+
+@torch.no_grad()
+def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """W [N, K] (K a multiple of 32, any float dtype) -> (codes int8 [N, K], scales float32
+    [N, K / 32]) with W[n, k] ~= codes[n, k] * scales[n, k // 32], the scale being the absmax of
+    the 32 columns over 127. Row chunks keep the float32 copy small."""
+    n, k = weight.shape
+    if k % GROUP != 0:
+        raise QuantizationError(f"int8 needs in_features a multiple of {GROUP}, got {k}")
+    codes = torch.empty(n, k, dtype=torch.int8)
+    scales = torch.empty(n, k // GROUP, dtype=torch.float32)
+    rows = max(1, (1 << 22) // k)  # ~16 MB of float32 per chunk
+    for start in range(0, n, rows):
+        block = weight[start : start + rows].to(torch.float32).reshape(-1, k // GROUP, GROUP)  # [n, G, 32]
+        scale = block.abs().amax(dim=-1) / 127.0  # [n, G]
+        inverse = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+        rounded = torch.round(block * inverse[..., None]).clamp(-127, 127)  # [n, G, 32]
+        codes[start : start + rows] = rounded.to(torch.int8).reshape(-1, k)
+        scales[start : start + rows] = scale
+    return codes, scales
+
+
+class Int8Linear(nn.Module):
+    """A bias-free linear layer on int8 weights (one float32 scale per 32 columns), on the
+    native kernel: forward(x [..., in]) -> [..., out] in x's dtype, computed in float32."""
+
+    def __init__(self, codes: Tensor, scales: Tensor, kernel: Int4Kernel) -> None:
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self._kernel = kernel
+        self.register_buffer("qweight", codes)
+        self.register_buffer("scales", scales)
+
+    @classmethod
+    def from_float(cls, weight: Tensor) -> Int8Linear | None:
+        """The layer for float W [N, K] on the CPU, or None where it cannot run here (no
+        native kernel, in_features not a multiple of 32): keep the float layer then."""
+        kernel = int4_kernel()
+        if kernel is None or weight.shape[1] % GROUP != 0 or weight.device.type != "cpu":
+            return None
+        codes, scales = quantize_int8(weight)
+        return cls(codes, scales, kernel)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()  # [M, K]
+        y = x2.new_empty((x2.shape[0], self.out_features))  # [M, N]
+        buffers = self._buffers
+        self._kernel.q8_linear(buffers["qweight"], buffers["scales"], x2, y)
+        return kernel_output(y, x, self.out_features)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Int8Linear:
+        moved = fn(torch.empty(0, device=self.qweight.device))
+        if moved.device != self.qweight.device:
+            raise QuantizationError(
+                f"the int8 lm_head runs on the CPU's native kernel; it cannot move to {moved.device}"
+            )
+        return self  # a dtype change leaves the int8 codes and float32 scales as they are
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={GROUP}"
+
+
+def quantize_lm_head(model: nn.Module) -> bool:
+    """Replace `model.lm_head` (a float linear on the CPU) with an `Int8Linear`; False (and the
+    float layer kept) where the kernel cannot run it."""
+    head = model.lm_head
+    weight = getattr(head, "weight", None)
+    if weight is None or weight.is_meta:
+        return False
+    layer = Int8Linear.from_float(weight)
+    if layer is None:
+        return False
+    model.lm_head = layer
+    return True
