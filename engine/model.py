@@ -326,11 +326,11 @@ class Mixtral(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
+        return self.norm.weight.device  # not the embeddings': they may be int8 (quant/int8.py)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
+        return self.norm.weight.dtype
 
     def setup_cache(self, max_seq_len: int, batch: int = 1) -> None:
         """Allocate the KV cache and rotary tables on the model's device and dtype."""

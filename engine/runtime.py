@@ -68,7 +68,7 @@ class EngineInfo:
     n_params: int
     n_active_params: int
     offload_plan: str | None = None
-    lm_head: str = "float"  # "int8" where it was quantized at load (LoadOptions.lm_head)
+    vocab_weights: str = "float"  # "int8" where they were quantized at load (LoadOptions.vocab_weights)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -153,22 +153,26 @@ class Engine:
         dtype = resolve_dtype(options.dtype, device)
         tokenizer = Tokenizer(model_dir / "tokenizer.model")
         ctx = context_for(ModelArgs.from_hf_config(model_dir), options.context_length, dtype, device)
-        offload = decide_offload(model_dir, device, dtype, options, ctx)
         found = ckpt.detect(model_dir)
         if device.type == "cuda":  # int4 needs Ampere: nf4 where it cannot run
             support = cuda_support(device)
             options.quant = support.scheme_for(options.quant)
             if found.kind == ckpt.QUANTIZED and not options.quant:
                 support.check_stored_scheme(found.scheme, str(model_dir))
+        scheme = describe_scheme(model_dir, found, options.quant)
+        vocab_weights = vocab_weights_form(options.vocab_weights, device, scheme, model_dir)
+        offload = decide_offload(model_dir, device, dtype, options, ctx, vocab_weights)
         try:
             stored = open_stored_experts(model_dir, found, device, dtype, offload, options.quant)
             check_offload_can_stream(model_dir, found, device, offload, stored)
             model, streamed = load_weights(model_dir, found, device, dtype, options.quant, offload, stored)
+            if vocab_weights == "int8":
+                from mixtral_chat.quant.int8 import quantize_vocab_weights
+
+                quantize_vocab_weights(model)
             offloader = (
                 offload_experts(model, ctx, device, offload, options, stored, streamed) if offload else None
             )
-            scheme = describe_scheme(model_dir, found, options.quant)
-            lm_head = place_lm_head(model, options.lm_head, device, scheme)
             model.setup_cache(ctx)
         except torch.OutOfMemoryError as exc:
             raise OutOfMemoryError(f"out of {device.type} memory loading {model_dir}: {exc}") from None
@@ -183,7 +187,7 @@ class Engine:
             n_params=model.args.n_params,
             n_active_params=model.args.n_active_params,
             offload_plan=describe_offload(offload, offloader),
-            lm_head=lm_head,
+            vocab_weights=vocab_weights,
         )
         return cls(model, tokenizer, info, offloader)
 
@@ -349,10 +353,16 @@ def default_context(args: ModelArgs, dtype_bytes: int, budget_bytes: float) -> i
 
 
 def decide_offload(
-    model_dir: Path, device: torch.device, dtype: torch.dtype, options: LoadOptions, ctx: int
+    model_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    options: LoadOptions,
+    ctx: int,
+    vocab_weights: str,
 ) -> OffloadDecision | None:
     """None: all experts resident. Asked for, offloading is as the options say; else it starts
-    only when the model does not fit the budget, with the planner's k and the store for the device."""
+    only when the model does not fit the budget, with the planner's k and the store for the device.
+    `vocab_weights`: the lm_head and embeddings' form (`vocab_weights_form`), counted in the need."""
     if options.offload:
         store = "disk" if options.offload_store == "disk" else "ram"
         return OffloadDecision(
@@ -362,6 +372,8 @@ def decide_offload(
 
     args = ModelArgs.from_hf_config(model_dir)
     need = loaded_weight_bytes(model_dir, dtype) + args.kv_cache_bytes(ctx, dtype.itemsize)
+    if vocab_weights == "int8":
+        need -= vocab_int8_saving(args, dtype)
     budget_gb = options.gpu_budget_gb
     if budget_gb is None:
         budget_gb = default_memory_budget_gb(device)
@@ -505,24 +517,34 @@ def check_vocab(model_dir: Path, tokenizer: Tokenizer, args: ModelArgs) -> None:
         )
 
 
-def place_lm_head(model: Mixtral, wanted: str, device: torch.device, scheme: str) -> str:
-    """The lm_head's form, "int8" or "float" (see LoadOptions.lm_head); quantizes it in place."""
-    from mixtral_chat.quant.int8 import quantize_lm_head
-    from mixtral_chat.quant.native import native_unavailable_reason
+def vocab_weights_form(wanted: str, device: torch.device, scheme: str, model_dir: Path) -> str:
+    """The form the lm_head and embeddings will take, "int8" or "float" (LoadOptions.vocab_weights),
+    decided before loading so the memory plan counts it."""
+    from mixtral_chat.quant.int8 import GROUP
+    from mixtral_chat.quant.native import int4_kernel, native_unavailable_reason
 
     if wanted not in ("auto", "float", "int8"):
-        raise MixtralChatError(f"unknown lm_head {wanted!r} (auto, float or int8)")
+        raise MixtralChatError(f"unknown vocab_weights {wanted!r} (auto, float or int8)")
     if wanted == "float" or (wanted == "auto" and (scheme == UNQUANTIZED or device.type != "cpu")):
         return "float"
     if device.type != "cpu":
-        raise MixtralChatError(f"an int8 lm_head runs on the CPU, not on {device.type}: use lm_head float")
-    if quantize_lm_head(model):
+        raise MixtralChatError(f"int8 vocabulary weights run on the CPU, not on {device.type}")
+    hidden = ModelArgs.from_hf_config(model_dir).hidden_size
+    if int4_kernel() is not None and hidden % GROUP == 0:
         return "int8"
     if wanted == "int8":
-        hidden = model.args.hidden_size
-        reason = native_unavailable_reason() or f"hidden size {hidden} is not a multiple of 32"
-        raise MixtralChatError(f"an int8 lm_head needs the native kernel: {reason}")
+        reason = native_unavailable_reason() or f"hidden size {hidden} is not a multiple of {GROUP}"
+        raise MixtralChatError(f"int8 vocabulary weights need the native kernel: {reason}")
     return "float"
+
+
+def vocab_int8_saving(args: ModelArgs, dtype: torch.dtype) -> int:
+    """Bytes the int8 lm_head and embeddings take less than float ones (one matrix when tied)."""
+    from mixtral_chat.quant.int8 import GROUP
+
+    weights = args.vocab_size * args.hidden_size
+    per_matrix = weights * dtype.itemsize - (weights + weights // GROUP * 4)
+    return per_matrix * (1 if args.tie_word_embeddings else 2)
 
 
 def describe_scheme(model_dir: Path, found: CheckpointKind, quant: str | None) -> str:

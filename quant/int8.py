@@ -1,15 +1,17 @@
-"""int8 per 32 columns for the lm_head of a 4-bit model on the CPU (llama.cpp's Q8_0).
+"""int8 per 32 columns for the vocabulary's matrices of a 4-bit model on the CPU (llama.cpp's Q8_0).
 
 The lm_head is the largest matrix a decode step reads after the experts: Mixtral's is 32000 x
 4096, 524 MB in float32, where a token's two experts per layer are 29 MB each in int4. At a
 few layers (and at small widths) it is most of the step. In int8 with one float32 scale per 32
 columns it is 1.125 bytes per weight (147 MB), computed by the native kernel
 (`Int4Kernel.q8_linear`: x rounded to int8 per 32 columns, integer dot products); quality is
-measured in docs/BENCHMARKS.md ("A quantized lm_head").
+measured in docs/BENCHMARKS.md ("A quantized lm_head"). The embeddings take the same form
+(`Int8Embedding`: a token's row is gathered from the codes and scaled), which saves their RAM
+(377 MB of Mixtral's 524), not time: a token reads one row.
 
-Built at load time from the float weight (`quantize_lm_head`), never stored: quantized model
-directories keep the lm_head as they always did. Only where the native kernel runs (CPU, AVX2);
-elsewhere the lm_head stays float.
+Built at load time from the float weights (`quantize_vocab_weights`), never stored: quantized
+model directories keep them as they always did. Only where the native kernel runs (CPU, AVX2);
+elsewhere they stay float.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class Int8Linear(nn.Module):
         """The layer for float W [N, K] on the CPU, or None where it cannot run here (no
         native kernel, in_features not a multiple of 32): keep the float layer then."""
         kernel = int4_kernel()
-        if kernel is None or weight.shape[1] % GROUP != 0 or weight.device.type != "cpu":
+        if kernel is None or weight.shape[1] % GROUP != 0 or weight.device.type != "cpu" or weight.is_meta:
             return None
         codes, scales = quantize_int8(weight)
         return cls(codes, scales, kernel)
@@ -75,26 +77,57 @@ class Int8Linear(nn.Module):
         return kernel_output(y, x, self.out_features)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Int8Linear:
-        moved = fn(torch.empty(0, device=self.qweight.device))
-        if moved.device != self.qweight.device:
-            raise QuantizationError(
-                f"the int8 lm_head runs on the CPU's native kernel; it cannot move to {moved.device}"
-            )
+        _stay_on_the_cpu(self.qweight, fn)
         return self  # a dtype change leaves the int8 codes and float32 scales as they are
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={GROUP}"
 
 
-def quantize_lm_head(model: nn.Module) -> bool:
-    """Replace `model.lm_head` (a float linear on the CPU) with an `Int8Linear`; False (and the
-    float layer kept) where the kernel cannot run it."""
-    head = model.lm_head
-    weight = getattr(head, "weight", None)
-    if weight is None or weight.is_meta:
-        return False
-    layer = Int8Linear.from_float(weight)
+class Int8Embedding(nn.Module):
+    """Token ids [...] -> rows [..., dim] in `dtype`, from int8 codes with one float32 scale per
+    32 columns (`quantize_int8`'s form)."""
+
+    def __init__(self, codes: Tensor, scales: Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = codes.shape
+        self.dtype = dtype
+        self.register_buffer("qweight", codes)
+        self.register_buffer("scales", scales)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        codes = self.qweight[ids].reshape(*ids.shape, -1, GROUP)  # [..., G, 32]
+        rows = codes.to(torch.float32) * self.scales[ids][..., None]  # [..., G, 32]
+        return rows.reshape(*ids.shape, self.embedding_dim).to(self.dtype)  # [..., dim]
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Int8Embedding:
+        _stay_on_the_cpu(self.qweight, fn)
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype  # rows come out in the model's dtype
+        return self
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, group_size={GROUP}"
+
+
+def _stay_on_the_cpu(codes: Tensor, fn: Callable[[Tensor], Tensor]) -> None:
+    moved = fn(torch.empty(0, device=codes.device))
+    if moved.device != codes.device:
+        raise QuantizationError(
+            f"int8 vocabulary weights run on the CPU's native kernel; they cannot move to {moved.device}"
+        )
+
+
+def quantize_vocab_weights(model: nn.Module) -> bool:
+    """Replace `model.lm_head` and `model.embed_tokens` (float, on the CPU) with their int8 forms,
+    one set of codes when they are tied; False (both kept float) where the kernel cannot run."""
+    head, embed = model.lm_head.weight, model.embed_tokens.weight
+    layer = Int8Linear.from_float(head)
     if layer is None:
         return False
+    if embed.data_ptr() == head.data_ptr() and embed.shape == head.shape:  # tied: one int8 matrix
+        codes, scales = layer.qweight, layer.scales
+    else:
+        codes, scales = quantize_int8(embed)
     model.lm_head = layer
+    model.embed_tokens = Int8Embedding(codes, scales, embed.dtype)
     return True

@@ -32,7 +32,7 @@ LOCAL_ONLY = {
     "offload": None,
     "prefetch": False,
     "cache_policy": "lru",
-    "lm_head": "auto",
+    "vocab_weights": "auto",
     "trace_routing": None,
 }
 

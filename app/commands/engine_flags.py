@@ -16,10 +16,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--quant", choices=["none", "int4", "nf4"], help="quantize a float model in memory")
     parser.add_argument(
-        "--lm-head",
+        "--vocab-weights",
         default="auto",
         choices=["auto", "float", "int8"],
-        help="a 4-bit model's lm_head on the CPU (auto: int8 where the native kernel runs)",
+        help="a 4-bit model's lm_head and embeddings on the CPU (auto: int8 where the native kernel runs)",
     )
     parser.add_argument(
         "--context",
@@ -71,7 +71,7 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
         on_miss=args.on_miss,
         h2d_gbps=args.h2d_gbps,
         cpu_gbps=args.cpu_gbps,
-        lm_head=args.lm_head,
+        vocab_weights=args.vocab_weights,
     )
 
 

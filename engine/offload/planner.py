@@ -180,7 +180,7 @@ def sizes_of_model(model: Mixtral, context_length: int, expert_bytes: int | None
         for name, t in module_tensors(model)
         if id(t) not in expert_ids and ".kv_cache." not in name
     )
-    embedding = model.embed_tokens.weight
+    embedding = sum(t.numel() * t.element_size() for _, t in module_tensors(model.embed_tokens))
     return ModelSizes(
         num_layers=args.num_hidden_layers,
         num_experts=args.num_local_experts,
@@ -188,7 +188,7 @@ def sizes_of_model(model: Mixtral, context_length: int, expert_bytes: int | None
         expert_bytes=expert_bytes,
         resident_bytes=resident,
         kv_cache_bytes=args.kv_cache_bytes(context_length, model.dtype.itemsize),
-        dense_read_bytes=resident - embedding.numel() * embedding.element_size(),
+        dense_read_bytes=resident - embedding,  # a token reads one row of it
     )
 
 

@@ -1,4 +1,4 @@
-"""The int8 lm_head (quant/int8.py on quant/csrc/q8_gemv.c) and where the engine uses it.
+"""The int8 lm_head and embeddings (quant/int8.py on quant/csrc/q8_gemv.c) and where the engine uses them.
 
 Bounds are relative errors norm(y - ref) / norm(ref), measured on these cases (printed with -s)
 and set ~1.5x above the worst: against the dequantized int8 weight the only rounding is x's, to
@@ -18,7 +18,7 @@ from mixtral_chat.engine.errors import MixtralChatError, QuantizationError
 from mixtral_chat.engine.options import LoadOptions
 from mixtral_chat.engine.runtime import Engine
 from mixtral_chat.quant import native
-from mixtral_chat.quant.int8 import Int8Linear, quantize_int8
+from mixtral_chat.quant.int8 import Int8Embedding, Int8Linear, quantize_int8
 from tests.conftest import run_cli
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo"
@@ -142,18 +142,44 @@ def logits_of(engine: Engine, ids: list[int]) -> torch.Tensor:
         return net(torch.tensor([ids]), torch.arange(len(ids)))[0]  # [S, V]
 
 
-def test_a_4bit_model_on_the_cpu_gets_an_int8_lm_head_and_keeps_its_answers() -> None:
+def test_the_embedding_rows_are_the_dequantized_codes() -> None:
+    weight = gaussian(50, 96, seed=12)
+    codes, scales = quantize_int8(weight)
+    embed = Int8Embedding(codes, scales, torch.float32)
+    ids = torch.tensor([[0, 49, 7], [7, 7, 3]])
+    rows = embed(ids)
+    assert rows.shape == (2, 3, 96) and rows.dtype is torch.float32
+    assert torch.equal(rows, dequantized(codes, scales).float()[ids])
+    embed.to(torch.bfloat16)
+    assert embed(ids).dtype is torch.bfloat16 and embed.qweight.dtype is torch.int8
+
+
+def test_tied_weights_share_one_set_of_codes(make_checkpoint) -> None:
+    if native.int4_kernel() is None:
+        pytest.skip(f"no native kernel here: {native.native_unavailable_reason()}")
+    engine = Engine.load(make_checkpoint(tie_word_embeddings=True), LoadOptions(device="cpu", quant="int4"))
+    net = engine.model
+    assert engine.info.vocab_weights == "int8"
+    assert net.embed_tokens.qweight is net.lm_head.qweight
+
+
+def test_a_4bit_model_on_the_cpu_gets_int8_vocab_weights_and_keeps_its_answers() -> None:
     if native.int4_kernel() is None:
         pytest.skip(f"no native kernel here: {native.native_unavailable_reason()}")
     int8 = Engine.load(DEMO_DIR, LoadOptions(device="cpu", quant="int4"))
-    float_head = Engine.load(DEMO_DIR, LoadOptions(device="cpu", quant="int4", lm_head="float"))
+    float_head = Engine.load(DEMO_DIR, LoadOptions(device="cpu", quant="int4", vocab_weights="float"))
     reference = Engine.load(DEMO_DIR, LoadOptions(device="cpu"))
-    assert (int8.info.lm_head, float_head.info.lm_head, reference.info.lm_head) == ("int8", "float", "float")
-    assert isinstance(int8.model.lm_head, Int8Linear)
+    forms = (int8.info.vocab_weights, float_head.info.vocab_weights, reference.info.vocab_weights)
+    assert forms == ("int8", "float", "float")
+    assert isinstance(int8.model.lm_head, Int8Linear) and isinstance(int8.model.embed_tokens, Int8Embedding)
+    # The float weights are gone: the model holds a quarter of their bytes (plus the scales).
+    vocab_bytes = sum(b.numel() * b.element_size() for b in int8.model.embed_tokens.buffers())
+    float_bytes = float_head.model.embed_tokens.weight.numel() * 4
+    assert vocab_bytes == float_bytes * 9 // 32
     ids = int8.tokenizer.encode_chat([{"role": "user", "content": "What is a lighthouse?"}])
     a, b = logits_of(int8, ids), logits_of(float_head, ids)
     error = relative_error(a, b.double())
-    print(f"demo int4: int8 lm_head vs float lm_head, logits relative error {error:.2e}")
+    print(f"demo int4: int8 vocab weights vs float ones, logits relative error {error:.2e}")
     assert error < VS_FLOAT_BOUND
     # Where the float head is sure, the int8 head picks the same token.
     top2 = b.topk(2, dim=-1).values
@@ -162,15 +188,15 @@ def test_a_4bit_model_on_the_cpu_gets_an_int8_lm_head_and_keeps_its_answers() ->
     assert torch.equal(a.argmax(-1)[sure], b.argmax(-1)[sure])
 
 
-def test_lm_head_int8_where_it_cannot_run_is_a_clear_error(monkeypatch) -> None:
+def test_int8_where_it_cannot_run_is_a_clear_error(monkeypatch) -> None:
     monkeypatch.setenv(native.NO_NATIVE_ENV, "1")
-    with pytest.raises(MixtralChatError, match="int8 lm_head needs the native kernel: disabled by"):
-        Engine.load(DEMO_DIR, LoadOptions(device="cpu", quant="int4", lm_head="int8"))
+    with pytest.raises(MixtralChatError, match="int8 vocabulary weights need the native kernel: disabled by"):
+        Engine.load(DEMO_DIR, LoadOptions(device="cpu", quant="int4", vocab_weights="int8"))
     auto = Engine.load(DEMO_DIR, LoadOptions(device="cpu", quant="int4"))
-    assert auto.info.lm_head == "float"  # auto: float where the kernel cannot run
+    assert auto.info.vocab_weights == "float"  # auto: float where the kernel cannot run
 
 
 def test_the_cli_flag_is_checked_before_loading() -> None:
-    result = run_cli("ask", "--lm-head", "int3", "hello")
+    result = run_cli("ask", "--vocab-weights", "int3", "hello")
     assert result.returncode == 2
-    assert "--lm-head" in result.stderr and "invalid choice" in result.stderr
+    assert "--vocab-weights" in result.stderr and "invalid choice" in result.stderr
