@@ -146,6 +146,8 @@ class Engine:
     def _load(cls, model_dir: Path, options: LoadOptions | None, name: str | None) -> Engine:
         import torch
 
+        from mixtral_chat.quant.int8 import quantize_vocab_weights, vocab_weights_form
+
         # A copy: the app's settings hold the options it passes, and its settings screen may
         # edit them while this load runs in a thread.
         options = dataclasses.replace(options) if options else LoadOptions()
@@ -160,15 +162,14 @@ class Engine:
             if found.kind == ckpt.QUANTIZED and not options.quant:
                 support.check_stored_scheme(found.scheme, str(model_dir))
         scheme = describe_scheme(model_dir, found, options.quant)
-        vocab_weights = vocab_weights_form(options.vocab_weights, device, scheme, model_dir)
+        args = ModelArgs.from_hf_config(model_dir)
+        vocab_weights = vocab_weights_form(options.vocab_weights, device.type, scheme != UNQUANTIZED, args)
         offload = decide_offload(model_dir, device, dtype, options, ctx, vocab_weights)
         try:
             stored = open_stored_experts(model_dir, found, device, dtype, offload, options.quant)
             check_offload_can_stream(model_dir, found, device, offload, stored)
             model, streamed = load_weights(model_dir, found, device, dtype, options.quant, offload, stored)
             if vocab_weights == "int8":
-                from mixtral_chat.quant.int8 import quantize_vocab_weights
-
                 quantize_vocab_weights(model)
             offloader = (
                 offload_experts(model, ctx, device, offload, options, stored, streamed) if offload else None
@@ -373,7 +374,9 @@ def decide_offload(
     args = ModelArgs.from_hf_config(model_dir)
     need = loaded_weight_bytes(model_dir, dtype) + args.kv_cache_bytes(ctx, dtype.itemsize)
     if vocab_weights == "int8":
-        need -= vocab_int8_saving(args, dtype)
+        from mixtral_chat.quant.int8 import vocab_int8_saving
+
+        need -= vocab_int8_saving(args, dtype.itemsize)
     budget_gb = options.gpu_budget_gb
     if budget_gb is None:
         budget_gb = default_memory_budget_gb(device)
@@ -515,36 +518,6 @@ def check_vocab(model_dir: Path, tokenizer: Tokenizer, args: ModelArgs) -> None:
         raise MixtralChatError(
             f"{model_dir}: tokenizer has {tokenizer.vocab_size} tokens, the model only {args.vocab_size}"
         )
-
-
-def vocab_weights_form(wanted: str, device: torch.device, scheme: str, model_dir: Path) -> str:
-    """The form the lm_head and embeddings will take, "int8" or "float" (LoadOptions.vocab_weights),
-    decided before loading so the memory plan counts it."""
-    from mixtral_chat.quant.int8 import GROUP
-    from mixtral_chat.quant.native import int4_kernel, native_unavailable_reason
-
-    if wanted not in ("auto", "float", "int8"):
-        raise MixtralChatError(f"unknown vocab_weights {wanted!r} (auto, float or int8)")
-    if wanted == "float" or (wanted == "auto" and (scheme == UNQUANTIZED or device.type != "cpu")):
-        return "float"
-    if device.type != "cpu":
-        raise MixtralChatError(f"int8 vocabulary weights run on the CPU, not on {device.type}")
-    hidden = ModelArgs.from_hf_config(model_dir).hidden_size
-    if int4_kernel() is not None and hidden % GROUP == 0:
-        return "int8"
-    if wanted == "int8":
-        reason = native_unavailable_reason() or f"hidden size {hidden} is not a multiple of {GROUP}"
-        raise MixtralChatError(f"int8 vocabulary weights need the native kernel: {reason}")
-    return "float"
-
-
-def vocab_int8_saving(args: ModelArgs, dtype: torch.dtype) -> int:
-    """Bytes the int8 lm_head and embeddings take less than float ones (one matrix when tied)."""
-    from mixtral_chat.quant.int8 import GROUP
-
-    weights = args.vocab_size * args.hidden_size
-    per_matrix = weights * dtype.itemsize - (weights + weights // GROUP * 4)
-    return per_matrix * (1 if args.tie_word_embeddings else 2)
 
 
 def describe_scheme(model_dir: Path, found: CheckpointKind, quant: str | None) -> str:

@@ -21,8 +21,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from mixtral_chat.engine.errors import QuantizationError
-from mixtral_chat.quant.native import Int4Kernel, int4_kernel, kernel_output
+from mixtral_chat.engine.config import ModelArgs
+from mixtral_chat.engine.errors import MixtralChatError, QuantizationError
+from mixtral_chat.quant.native import Int4Kernel, int4_kernel, kernel_output, native_unavailable_reason
 
 GROUP = 32  # columns per scale (Q8_GROUP in quant/csrc/q8_gemv.c)
 
@@ -131,3 +132,29 @@ def quantize_vocab_weights(model: nn.Module) -> bool:
     model.lm_head = layer
     model.embed_tokens = Int8Embedding(codes, scales, embed.dtype)
     return True
+
+
+def vocab_weights_form(wanted: str, device_type: str, quantized: bool, args: ModelArgs) -> str:
+    """The form the lm_head and embeddings will take, "int8" or "float" (LoadOptions.vocab_weights:
+    "auto" means int8 for a 4-bit model on the CPU where the kernel runs), decided before
+    loading so that the memory plan counts it."""
+    if wanted not in ("auto", "float", "int8"):
+        raise MixtralChatError(f"unknown vocab_weights {wanted!r} (auto, float or int8)")
+    if wanted == "float" or (wanted == "auto" and (not quantized or device_type != "cpu")):
+        return "float"
+    if device_type != "cpu":
+        raise MixtralChatError(f"int8 vocabulary weights run on the CPU, not on {device_type}")
+    hidden = args.hidden_size
+    if int4_kernel() is not None and hidden % GROUP == 0:
+        return "int8"
+    if wanted == "int8":
+        reason = native_unavailable_reason() or f"hidden size {hidden} is not a multiple of {GROUP}"
+        raise MixtralChatError(f"int8 vocabulary weights need the native kernel: {reason}")
+    return "float"
+
+
+def vocab_int8_saving(args: ModelArgs, float_itemsize: int) -> int:
+    """Bytes the int8 lm_head and embeddings take less than float ones (one matrix when tied)."""
+    weights = args.vocab_size * args.hidden_size
+    per_matrix = weights * float_itemsize - (weights + weights // GROUP * 4)  # codes + scales
+    return per_matrix * (1 if args.tie_word_embeddings else 2)
