@@ -153,8 +153,13 @@ def vocab_weights_form(wanted: str, device_type: str, quantized: bool, args: Mod
     return "float"
 
 
+def int8_matrix_bytes(rows: int, columns: int) -> int:
+    """What `quantize_int8` makes of a [rows, columns] matrix: codes and float32 scales."""
+    return rows * columns + rows * (columns // GROUP) * 4
+
+
 def vocab_int8_saving(args: ModelArgs, float_itemsize: int) -> int:
     """Bytes the int8 lm_head and embeddings take less than float ones (one matrix when tied)."""
     weights = args.vocab_size * args.hidden_size
-    per_matrix = weights * float_itemsize - (weights + weights // GROUP * 4)  # codes + scales
+    per_matrix = weights * float_itemsize - int8_matrix_bytes(args.vocab_size, args.hidden_size)
     return per_matrix * (1 if args.tie_word_embeddings else 2)

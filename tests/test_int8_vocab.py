@@ -106,6 +106,16 @@ def test_portable_build_gives_the_same_bits(kernel, tmp_path: Path, monkeypatch)
     assert torch.equal(product(portable, codes, scales, x), product(kernel, codes, scales, x))
 
 
+def test_nan_and_infinity_in_x_reach_the_output(kernel) -> None:
+    codes, scales = quantize_int8(gaussian(9, 64, seed=13))
+    x = gaussian(3, 64, seed=14)
+    x[0, 5] = float("nan")
+    x[1, 40] = float("inf")
+    y = product(kernel, codes, scales, x)
+    assert bool(y[0].isnan().all()) and bool(y[1].isnan().all())
+    assert bool(y[2].isfinite().all())  # a clean row is untouched
+
+
 def test_kernel_rejects_what_does_not_fit(kernel) -> None:
     codes, scales = quantize_int8(gaussian(8, 64, seed=6))
     x = gaussian(2, 64, seed=7)

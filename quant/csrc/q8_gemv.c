@@ -33,14 +33,20 @@ typedef struct {
     atomic_llong next;
 } q8_job_t;
 
-/* Row m of x -> int8 codes and per-32-column scales (round half away from zero, as llama.cpp). */
+/* Row m of x -> int8 codes and per-32-column scales (round half away from zero, as llama.cpp).
+ * A NaN or infinity in a group makes its scale NaN or infinite and its codes 0, so every output
+ * it reaches is NaN (0 * inf, or NaN): a broken weight upstream shows in the logits, as it does
+ * through float arithmetic (fmaxf alone would drop a NaN). */
 static void q8_prepare_row(const float *x, int64_t K, int8_t *xq, float *dx) {
     for (int64_t g = 0; g < K / Q8_GROUP; g++) {
         const float *v = x + g * Q8_GROUP;
         float amax = 0.0f;
-        for (int i = 0; i < Q8_GROUP; i++) amax = fmaxf(amax, fabsf(v[i]));
+        for (int i = 0; i < Q8_GROUP; i++) {
+            float a = fabsf(v[i]);
+            amax = (a > amax || a != a) && amax == amax ? a : amax; /* a NaN, once seen, stays */
+        }
         float d = amax / 127.0f;
-        float inv = d > 0.0f ? 1.0f / d : 0.0f;
+        float inv = d > 0.0f && d < INFINITY ? 1.0f / d : 0.0f;
         dx[g] = d;
         for (int i = 0; i < Q8_GROUP; i++) xq[g * Q8_GROUP + i] = (int8_t)roundf(v[i] * inv);
     }
