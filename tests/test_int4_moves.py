@@ -136,6 +136,15 @@ def test_a_form_that_cannot_be_read_back_refuses_to_move(monkeypatch: pytest.Mon
         shell.stored_parts()
 
 
+def test_a_cpu_layout_that_is_not_known_is_never_read_back() -> None:
+    """Another architecture's ATen layout (no inverse here) is refused, not guessed; this CPU's
+    layout reads back only after the check against ATen's own pack op passed."""
+    from mixtral_chat.quant.int4_forms import _aten_cpu_blocks
+
+    assert _aten_cpu_blocks("SVE256") is None
+    assert _aten_cpu_blocks(torch.backends.cpu.get_cpu_capability()) is not None
+
+
 CAPABILITY_CHECK = """
 import torch
 from mixtral_chat.quant.int4 import quantize_int4
