@@ -169,24 +169,38 @@ def correctness(workdir: Path, device: str, dry: bool) -> bool:
         # Quantized on the CPU (`mixtral-chat quantize`): on CUDA every row below is defect 1's
         # check too, and the last two rows are its two paths (load on the CPU, then move; offload).
         model_dir = quantized_model(workdir, SMALL, scheme, torch.float32)
-        cpu = Engine.load(model_dir, LoadOptions(device="cpu", dtype="float32", context_length=64))
+        # Float vocabulary weights everywhere (a CPU would take int8 ones, quant/int8.py): the
+        # rows compare the 4-bit paths, and the dry run's stay bit-identical.
+        cpu = Engine.load(
+            model_dir, LoadOptions(device="cpu", dtype="float32", context_length=64, vocab_weights="float")
+        )
         expected = greedy_logits(cpu, prompt, 8)
         cpu.close()
         checks: dict[str, Any] = {
             "device vs CPU float32": lambda d=model_dir: Engine.load(
-                d, LoadOptions(device=device, context_length=64)
+                d, LoadOptions(device=device, context_length=64, vocab_weights="float")
             ),
             "loaded on CPU, moved to the device": lambda d=model_dir: loaded_on_cpu_then_moved(d, device),
             "offloaded == resident (copy)": lambda d=model_dir: Engine.load(
                 d,
                 LoadOptions(
-                    device=device, context_length=64, offload=True, experts_per_layer=2, on_miss="copy"
+                    device=device,
+                    context_length=64,
+                    offload=True,
+                    experts_per_layer=2,
+                    on_miss="copy",
+                    vocab_weights="float",
                 ),
             ),
             "offloaded == resident (cpu)": lambda d=model_dir: Engine.load(
                 d,
                 LoadOptions(
-                    device=device, context_length=64, offload=True, experts_per_layer=1, on_miss="cpu"
+                    device=device,
+                    context_length=64,
+                    offload=True,
+                    experts_per_layer=1,
+                    on_miss="cpu",
+                    vocab_weights="float",
                 ),
             ),
         }
@@ -254,18 +268,20 @@ def budgets_for(dry: bool, model_dir: Path) -> list[tuple[str, float]]:
     return out
 
 
-def link_flags(dry: bool) -> dict[str, float]:
-    """The dry run has no link: it plans with the 3060/DDR4 profile's, so the hybrid choices run."""
+def link_flags(dry: bool) -> dict[str, float | str]:
+    """The dry run has no link: it plans with the 3060/DDR4 profile's, so the hybrid choices run,
+    and keeps the vocabulary weights float as a GPU does (a CPU makes them int8: smaller, so the
+    GPU-sized budgets would hold every expert)."""
     if not dry:
         return {}
     from mixtral_chat.engine.offload.bandwidth import PROFILES
 
     profile = PROFILES["3060-ddr4"]
-    return {"h2d_gbps": profile.h2d_gbps, "cpu_gbps": profile.cpu_gbps}
+    return {"h2d_gbps": profile.h2d_gbps, "cpu_gbps": profile.cpu_gbps, "vocab_weights": "float"}
 
 
 def end_to_end(
-    model_dir: Path, budgets: list[tuple[str, float]], device: str, links: dict[str, float]
+    model_dir: Path, budgets: list[tuple[str, float]], device: str, links: dict[str, float | str]
 ) -> bool:
     ok = True
     flags = [arg for name, value in links.items() for arg in (f"--{name.replace('_', '-')}", str(value))]
@@ -294,7 +310,7 @@ def figures(
     device: str,
     tokens: int,
     workdir: Path,
-    links: dict[str, float],
+    links: dict[str, float | str],
 ) -> None:
     from mixtral_chat.engine.generate import decode_one, prefill
     from mixtral_chat.engine.offload.replay import install_routing_replay, synthetic_routing_trace
