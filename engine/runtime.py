@@ -154,7 +154,8 @@ class Engine:
         device = resolve_device(options.device)
         dtype = resolve_dtype(options.dtype, device)
         tokenizer = Tokenizer(model_dir / "tokenizer.model")
-        ctx = context_for(ModelArgs.from_hf_config(model_dir), options.context_length, dtype, device)
+        args = ModelArgs.from_hf_config(model_dir)
+        ctx = context_for(args, options.context_length, dtype, device)
         found = ckpt.detect(model_dir)
         if device.type == "cuda":  # int4 needs Ampere: nf4 where it cannot run
             support = cuda_support(device)
@@ -162,7 +163,6 @@ class Engine:
             if found.kind == ckpt.QUANTIZED and not options.quant:
                 support.check_stored_scheme(found.scheme, str(model_dir))
         scheme = describe_scheme(model_dir, found, options.quant)
-        args = ModelArgs.from_hf_config(model_dir)
         vocab_weights = vocab_weights_form(options.vocab_weights, device.type, scheme != UNQUANTIZED, args)
         offload = decide_offload(model_dir, device, dtype, options, ctx, vocab_weights)
         try:
