@@ -30,19 +30,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def kernel(tmp_path_factory: pytest.TempPathFactory) -> native.Int4Kernel:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MIXTRAL_CHAT_HOME", str(tmp_path_factory.mktemp("native-home")))
-        mp.delenv(native.NATIVE_DIR_ENV, raising=False)
-        mp.delenv(native.NO_NATIVE_ENV, raising=False)
-        path = native.build_library()
-    loaded = native.load_kernel(path)
-    if not loaded.has_avx2:
-        pytest.skip("this CPU has no AVX2")
-    return loaded
-
-
 def gaussian(*shape: int, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
