@@ -7,7 +7,6 @@ tensor. Pickle checkpoints (.bin/.pt) are never loaded.
 
 from __future__ import annotations
 
-import ctypes
 import math
 import re
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from mixtral_chat.engine import checkpoint as ckpt
+from mixtral_chat.engine import heap
 from mixtral_chat.engine.checkpoint import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -180,6 +180,19 @@ def load_model(
     `expert_sink` (float checkpoints): each expert goes to the sink once read (and quantized with
     `quant`), and the model keeps a meta shell of it: experts are never held twice in RAM.
     """
+    with heap.loading():  # peak memory: the model plus one tensor (engine/heap.py)
+        return _load_model(model_dir, device, dtype, quant, group_size, skip_experts, expert_sink)
+
+
+def _load_model(
+    model_dir: str | Path,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    quant: str | None,
+    group_size: int | None,
+    skip_experts: bool,
+    expert_sink: ExpertSink | None,
+) -> Mixtral:
     model_dir = Path(model_dir)
     args = ModelArgs.from_hf_config(model_dir)
     model = build_on_meta(args)
@@ -304,7 +317,7 @@ class _ExpertStreaming:
                 setattr(module, name, built)
         self.sink(layer, expert, module)
         if self.quant:
-            _give_back_freed_heap()  # the quantizer's temporaries, else the heap keeps them
+            heap.give_back_freed()  # the quantizer's temporaries, else the heap keeps them
         # The model keeps a meta shell of the runtime form (quantized or not), for the cache's slots.
         self.model.layers[layer].block_sparse_moe.experts[expert] = module.to("meta")
 
@@ -322,21 +335,3 @@ class _ExpertStreaming:
             for e, expert in enumerate(layer.block_sparse_moe.experts)
             for name, tensor in expert.state_dict().items()
         }
-
-
-def _give_back_freed_heap() -> None:
-    """glibc's malloc_trim: return freed heap pages to the system (where glibc is the libc)."""
-    import ctypes.util
-
-    global _libc
-    if _libc is None:
-        name = ctypes.util.find_library("c")
-        try:
-            _libc = ctypes.CDLL(name) if name else False
-        except OSError:
-            _libc = False
-    if _libc and hasattr(_libc, "malloc_trim"):
-        _libc.malloc_trim(0)
-
-
-_libc: ctypes.CDLL | bool | None = None

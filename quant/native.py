@@ -170,8 +170,7 @@ class Int4Kernel:
             _get_num_threads() if threads is None else threads,
             variant,
         )
-        if rc != 0:
-            raise QuantizationError(f"native int4 kernel failed: {_ERRORS.get(rc, f'error {rc}')}")
+        _check(rc, "int4")
         return out
 
     def linear_multi(
@@ -220,8 +219,7 @@ class Int4Kernel:
             _get_num_threads() if threads is None else threads,
             variant,
         )
-        if rc != 0:
-            raise QuantizationError(f"native int4 kernel failed: {_ERRORS.get(rc, f'error {rc}')}")
+        _check(rc, "int4")
         return out
 
     def codebook_linear(
@@ -266,8 +264,7 @@ class Int4Kernel:
             blocksize,
             _get_num_threads() if threads is None else threads,
         )
-        if rc != 0:
-            raise QuantizationError(f"native 4-bit kernel failed: {_ERRORS.get(rc, f'error {rc}')}")
+        _check(rc, "4-bit")
         return out
 
     def q8_linear(
@@ -303,9 +300,14 @@ class Int4Kernel:
             k,
             _get_num_threads() if threads is None else threads,
         )
-        if rc != 0:
-            raise QuantizationError(f"native int8 kernel failed: {_ERRORS.get(rc, f'error {rc}')}")
+        _check(rc, "int8")
         return out
+
+
+def _check(rc: int, what: str) -> None:
+    """The kernels' status codes (0: done) as one error."""
+    if rc != 0:
+        raise QuantizationError(f"native {what} kernel failed: {_ERRORS.get(rc, f'error {rc}')}")
 
 
 def kernel_input(x: Tensor, in_features: int, padded_in: int) -> Tensor:

@@ -630,13 +630,14 @@ def test_end_to_end_in_tmux(home: Path, chat_model_dir: Path, tmp_path: Path) ->
     if tmux is None or command is None:
         pytest.skip("tmux or the installed mixtral-chat command is not available")
     session = f"mixtral-chat-test-{os.getpid()}"
+    tmux_server = [tmux, "-S", str(tmp_path / "tmux.sock")]  # its own server: the default may be ending
     # Short greedy answers, through the real config file.
     (home / "config").mkdir(parents=True)
     (home / "config" / "config.toml").write_text("[generation]\ntemperature = 0.0\nmax_tokens = 24\n")
     env_prefix = f"MIXTRAL_CHAT_HOME={home} OMP_NUM_THREADS=1"
     subprocess.run(
         [
-            tmux,
+            *tmux_server,
             "new-session",
             "-d",
             "-s",
@@ -652,7 +653,7 @@ def test_end_to_end_in_tmux(home: Path, chat_model_dir: Path, tmp_path: Path) ->
 
     def screen_text() -> str:
         return subprocess.run(
-            [tmux, "capture-pane", "-p", "-t", session], capture_output=True, text=True, check=False
+            [*tmux_server, "capture-pane", "-p", "-t", session], capture_output=True, text=True, check=False
         ).stdout
 
     def wait_screen(condition: Callable[[str], bool], what: str, timeout: float = 60.0) -> str:
@@ -668,7 +669,7 @@ def test_end_to_end_in_tmux(home: Path, chat_model_dir: Path, tmp_path: Path) ->
     try:
         wait_screen(lambda text: "Ask anything" in text, "the prompt")
         subprocess.run(
-            [tmux, "send-keys", "-t", session, "What is a mixture of experts?", "Enter"], check=True
+            [*tmux_server, "send-keys", "-t", session, "What is a mixture of experts?", "Enter"], check=True
         )
         db = home / "data" / "conversations.db"
 
@@ -694,11 +695,13 @@ def test_end_to_end_in_tmux(home: Path, chat_model_dir: Path, tmp_path: Path) ->
             lambda text: all(word in text for word in words), "the answer on screen", timeout=10
         )
         assert "What is a mixture of experts?" in text
-        subprocess.run([tmux, "send-keys", "-t", session, "C-q"], check=True)
+        subprocess.run([*tmux_server, "send-keys", "-t", session, "C-q"], check=True)
         deadline = time.monotonic() + 10
-        while subprocess.run([tmux, "has-session", "-t", session], capture_output=True).returncode == 0:
+        while (
+            subprocess.run([*tmux_server, "has-session", "-t", session], capture_output=True).returncode == 0
+        ):
             if time.monotonic() > deadline:
                 raise AssertionError("the app did not quit on Ctrl+Q")
             time.sleep(0.2)
     finally:
-        subprocess.run([tmux, "kill-session", "-t", session], capture_output=True, check=False)
+        subprocess.run([*tmux_server, "kill-server"], capture_output=True, check=False)

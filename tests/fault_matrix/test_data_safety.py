@@ -326,15 +326,19 @@ class Tmux:
     """One tmux session running a shell command; the command's exit status is printed after it
     and the pane stays open, so its terminal modes can be read afterwards."""
 
-    def __init__(self, tmux: str, name: str, command: str) -> None:
-        self.tmux = tmux
+    def __init__(self, tmux: str, name: str, command: str, socket: Path) -> None:
+        # A tmux server of its own (-S): on the shared default server, a session started just as
+        # another test's last session ended met the dying server ("server exited unexpectedly").
+        self.tmux = [tmux, "-S", str(socket)]
         self.name = name
         script = f'{command}; echo "exit=$?"; sleep 600'
-        subprocess.run([tmux, "new-session", "-d", "-s", name, "-x", "120", "-y", "35", script], check=True)
+        subprocess.run(
+            [*self.tmux, "new-session", "-d", "-s", name, "-x", "120", "-y", "35", script], check=True
+        )
 
     def text(self) -> str:
         return subprocess.run(
-            [self.tmux, "capture-pane", "-p", "-J", "-t", self.name],
+            [*self.tmux, "capture-pane", "-p", "-J", "-t", self.name],
             capture_output=True,
             text=True,
             check=False,
@@ -348,7 +352,7 @@ class Tmux:
                 return text
             if time.monotonic() > deadline:
                 size = subprocess.run(
-                    [self.tmux, "display", "-p", "-t", self.name, "#{pane_width}x#{pane_height}"],
+                    [*self.tmux, "display", "-p", "-t", self.name, "#{pane_width}x#{pane_height}"],
                     capture_output=True,
                     text=True,
                     check=False,
@@ -357,12 +361,19 @@ class Tmux:
             time.sleep(0.2)
 
     def keys(self, *keys: str) -> None:
-        subprocess.run([self.tmux, "send-keys", "-t", self.name, *keys], check=True)
+        subprocess.run([*self.tmux, "send-keys", "-t", self.name, *keys], check=True)
 
     def modes(self) -> str:
         """alternate screen, cursor shown, any mouse reporting (1/0 each)."""
         return subprocess.run(
-            [self.tmux, "display", "-p", "-t", self.name, "#{alternate_on} #{cursor_flag} #{mouse_any_flag}"],
+            [
+                *self.tmux,
+                "display",
+                "-p",
+                "-t",
+                self.name,
+                "#{alternate_on} #{cursor_flag} #{mouse_any_flag}",
+            ],
             capture_output=True,
             text=True,
             check=True,
@@ -371,7 +382,7 @@ class Tmux:
     def app_pid(self) -> int:
         """The mixtral-chat process: the child of the pane's shell."""
         shell = subprocess.run(
-            [self.tmux, "display", "-p", "-t", self.name, "#{pane_pid}"],
+            [*self.tmux, "display", "-p", "-t", self.name, "#{pane_pid}"],
             capture_output=True,
             text=True,
             check=True,
@@ -380,7 +391,7 @@ class Tmux:
         return int(children[0])
 
     def close(self) -> None:
-        subprocess.run([self.tmux, "kill-session", "-t", self.name], capture_output=True, check=False)
+        subprocess.run([*self.tmux, "kill-server"], capture_output=True, check=False)
 
 
 @pytest.fixture
@@ -400,6 +411,7 @@ def tmux_command(home: Path) -> Iterator[Callable[[str], Tmux]]:
             # COLUMNS/LINES (set in this test process by the time it runs) would pin the app to
             # 80x24 whatever the pane's size.
             f"env -u COLUMNS -u LINES MIXTRAL_CHAT_HOME={home} OMP_NUM_THREADS=1 {command} {arguments}",
+            home.parent / f"tmux-{len(sessions)}.sock",
         )
         sessions.append(session)
         return session
