@@ -476,7 +476,13 @@ def offload_experts(
 ) -> ExpertOffloader:
     """Move all but the experts to the device, plan each layer's slots and misses (from the host's
     bandwidths, measured once and cached), start the cache."""
-    from mixtral_chat.engine.offload import ExpertOffloader, move_non_experts, plan_offload
+    from mixtral_chat.engine.offload import (
+        ExpertOffloader,
+        experts_template,
+        move_non_experts,
+        plan_offload,
+        slots_repacked,
+    )
     from mixtral_chat.engine.offload.bandwidth import measured, with_overrides
 
     bandwidths = with_overrides(measured(device), h2d_gbps=options.h2d_gbps, cpu_gbps=options.cpu_gbps)
@@ -500,6 +506,7 @@ def offload_experts(
         else (streamed.complete()[0].layout.nbytes if streamed else None),
         on_miss=on_miss,
         bandwidths=bandwidths,
+        staging=slots_repacked(experts_template(model, stored, streamed), stored, device),
     )
     return ExpertOffloader(
         model,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixtral_chat.engine.offload import ExpertOffloader, StoredExperts, plan_offload
+from mixtral_chat.engine.offload import ExpertOffloader, StoredExperts, plan_offload, slots_repacked
 from mixtral_chat.engine.weights import load_model
 from mixtral_chat.quant import native
 from mixtral_chat.quant.int4 import Int4Linear
@@ -52,7 +52,15 @@ def test_int4_streams_from_the_files_into_slots_packed_after_each_copy(
     assert stored.layout == stored.reader.layout  # the slots copy the very bytes of the files
     assert int4_backends(stored.template) == {"aten"}
     model = load_model(directory, skip_experts=True)
-    plan = plan_offload(model, 64, experts_per_layer=3, store=store, expert_bytes=stored.layout.nbytes)
+    staging = slots_repacked(stored.template, stored, CPU)
+    plan = plan_offload(
+        model, 64, experts_per_layer=3, store=store, expert_bytes=stored.layout.nbytes, staging=staging
+    )
+    # The planner counts the staging blob, one expert's bytes on the device.
+    assert staging and plan.staging_bytes == stored.layout.nbytes
+    assert (
+        plan.device_bytes == plan.resident_bytes + plan.kv_cache_bytes + plan.cache_bytes + plan.staging_bytes
+    )
     offloader = ExpertOffloader(model, plan, prefetch=True, stored=stored)
     try:
         assert torch.equal(logits_of(model, tokens()), expected)
@@ -102,8 +110,13 @@ def test_experts_loaded_on_the_cpu_repack_for_the_devices_form(
     monkeypatch.setenv(native.NO_NATIVE_ENV, "1")
     for layer in model.layers:  # what move_non_experts does for a GPU
         layer.self_attn.to(CPU)
-    offloader = ExpertOffloader(model, plan_offload(model, 64, experts_per_layer=3), prefetch=True)
+    template = model.layers[0].block_sparse_moe.experts[0]
+    with pytest.raises(ValueError, match="lacks a staging blob"):  # the plan and the slots agree
+        ExpertOffloader(model, plan_offload(model, 64, experts_per_layer=3), prefetch=True)
+    plan = plan_offload(model, 64, experts_per_layer=3, staging=slots_repacked(template, None, CPU))
+    offloader = ExpertOffloader(model, plan, prefetch=True)
     try:
+        assert plan.staging_bytes > 0
         assert offloader.stats()["slots_repacked"] and not offloader.stats()["store_from_files"]
         assert torch.equal(logits_of(model, tokens()), expected)
         assert offloader.counters().misses > 0

@@ -14,6 +14,7 @@ from mixtral_chat.engine.offload.placement import COPY, CPU, SPLIT, place_layers
 from mixtral_chat.engine.offload.planner import plan_placement, sizes_of_config, sizes_of_model
 from mixtral_chat.engine.offload.store import choose_store
 from mixtral_chat.engine.runtime import default_context
+from mixtral_chat.engine.units import format_bytes
 from mixtral_chat.engine.weights import load_model
 from mixtral_chat.quant.int8 import quantize_vocab_weights
 from tests.conftest import run_cli
@@ -111,6 +112,25 @@ def test_the_cli_plans_a_catalog_model_that_is_not_downloaded(tmp_path: Path) ->
     )
     assert code == 0, err
     assert json.loads(out)["store"] == "disk"
+
+
+def test_int4_slots_on_a_gpu_count_their_staging_blob(tmp_path: Path) -> None:
+    """int4 copies land in one expert-sized blob on the GPU and are packed for tinygemm from it
+    (engine/offload/offloader.py): the plan counts that blob; nf4 slots bind the copied bytes."""
+    flags = ("--model", "mixtral-8x7b-instruct", "--gpu-mem", "12", "--ram", "64", "--profile", "3060-ddr4")
+    plans = {}
+    for scheme in ("int4", "nf4"):
+        code, out, err = plan_cli(*flags, "--scheme", scheme, "--json", home=tmp_path)
+        assert code == 0, err
+        plans[scheme] = json.loads(out)
+    int4, nf4 = plans["int4"], plans["nf4"]
+    assert nf4["staging_bytes"] == 0 and int4["staging_bytes"] == int4["expert_bytes"]
+    assert int4["device_bytes"] == (
+        int4["resident_bytes"] + int4["kv_cache_bytes"] + int4["cache_bytes"] + int4["staging_bytes"]
+    )
+    assert int4["device_bytes"] <= 12e9
+    code, text, _ = plan_cli(*flags, "--scheme", "int4", home=tmp_path)
+    assert f"a staging blob {format_bytes(int4['expert_bytes'])}" in text
 
 
 def test_the_cli_plans_the_demo_on_the_cpu(tmp_path: Path) -> None:

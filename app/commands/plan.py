@@ -134,7 +134,10 @@ def make_plan(args: argparse.Namespace, name: str, model: ModelArgs, stored_sche
     context = context or default_context(model, dtype_bytes, budget)
     # On a CPU the engine keeps a 4-bit model's embeddings and lm_head in int8 (its "auto").
     vocab_int8 = vocab_weights_form("auto", "cuda" if on_gpu else "cpu", True, model) == "int8"
-    sizes = sizes_of_config(model, scheme, context, dtype_bytes, vocab_int8)
+    # int4 slots on a GPU are packed for tinygemm from a staging blob (engine/offload/offloader.py).
+    sizes = sizes_of_config(
+        model, scheme, context, dtype_bytes, vocab_int8, staging=on_gpu and scheme == "int4"
+    )
 
     if args.profile:
         rates = bandwidth.PROFILES[args.profile]

@@ -63,6 +63,7 @@ class ExpertOffloader:
         self.plan = plan
         self.prefetch_enabled = prefetch
         self.from_files = stored is not None
+        self._check_plan_staging(stored, streamed)
         if stored is not None:
             self.store, template = self._store_from_files(stored), stored.template
         elif streamed is not None:
@@ -75,6 +76,15 @@ class ExpertOffloader:
         self.transfers = Transfers(model.device, simulate_link_gbps)
         self.caches = self._warm_caches(template, policy)
         self._serve_layers(prefetch)
+
+    def _check_plan_staging(self, stored: StoredExperts | None, streamed: StreamedExperts | None) -> None:
+        """Before anything moves: the plan counts a staging blob exactly where the slots use one."""
+        repack = slots_repacked(experts_template(self.model, stored, streamed), stored, self.model.device)
+        if bool(self.plan.staging_bytes) != repack:
+            raise ValueError(
+                f"the plan {'counts' if self.plan.staging_bytes else 'lacks'} a staging blob that these "
+                f"slots {'need' if repack else 'do not use'} (plan_offload(staging=slots_repacked(...)))"
+            )
 
     def _store_from_files(self, stored: StoredExperts) -> ExpertStore:
         """The quantized shards as the disk store, or read once into a RAM store."""
@@ -129,14 +139,10 @@ class ExpertOffloader:
         """The slots' template, and the staging blob on the device that loads land in where the
         device computes a form other than views of the store's blobs (else None: slots bind views)."""
         device = self.model.device
-        if stored is not None:
-            repack = stored.repacked  # the template already is the device's form
-        else:
-            repack = _loaded_int4_needs_repack(template, device)
-            if repack:
-                template = self._device_form(template)
-        if not repack:
+        if not slots_repacked(template, stored, device):
             return template, None
+        if stored is None:  # else the template already is the device's form
+            template = self._device_form(template)
         return template, torch.empty(self.store.layout.nbytes, dtype=torch.uint8, device=device)
 
     def _device_form(self, template: nn.Module) -> nn.Module:
@@ -260,6 +266,24 @@ class ExpertOffloader:
         if self.cpu_experts is not None:
             self.cpu_experts.close()
         self.store.close()
+
+
+def experts_template(
+    model: Mixtral, stored: StoredExperts | None, streamed: StreamedExperts | None
+) -> nn.Module:
+    """The experts' form as the store will get them: the files', the streamed store's, or the
+    loaded model's own."""
+    if stored is not None:
+        return stored.template
+    if streamed is not None:
+        return streamed.complete()[1]
+    return model.layers[0].block_sparse_moe.experts[0]
+
+
+def slots_repacked(template: nn.Module, stored: StoredExperts | None, device: torch.device) -> bool:
+    """Whether slots on `device` hold another form than the store's blobs, so that each copy lands
+    in a staging blob there and is packed into its slot (the planner counts that blob)."""
+    return stored.repacked if stored is not None else _loaded_int4_needs_repack(template, device)
 
 
 def _loaded_int4_needs_repack(template: nn.Module, device: torch.device) -> bool:

@@ -47,6 +47,9 @@ class ModelSizes:
     resident_bytes: int  # everything but the experts and the KV cache, on the device
     kv_cache_bytes: int
     dense_read_bytes: int  # of the resident bytes, those a decode step reads (not the embedding table)
+    # One expert's blob on the device that each copy lands in before it is packed into its slot,
+    # where the device computes another form than the store's (int4 on CUDA); else 0.
+    staging_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class OffloadPlan:
     top_k: int
     bandwidths: Bandwidths | None = None
     decode_bound_s: float | None = None  # predicted seconds per token (None: no bandwidths)
+    staging_bytes: int = 0  # ModelSizes.staging_bytes
 
     @property
     def experts_per_layer(self) -> int:
@@ -86,7 +90,7 @@ class OffloadPlan:
 
     @property
     def device_bytes(self) -> int:
-        return self.resident_bytes + self.kv_cache_bytes + self.cache_bytes
+        return self.resident_bytes + self.kv_cache_bytes + self.cache_bytes + self.staging_bytes
 
     @property
     def store_bytes(self) -> int:
@@ -121,7 +125,9 @@ class OffloadPlan:
             f"device: {format_bytes(self.device_bytes)} "
             f"(resident weights {format_bytes(self.resident_bytes)}, "
             f"KV cache {format_bytes(self.kv_cache_bytes)}, {self.total_slots} expert slots "
-            f"{format_bytes(self.cache_bytes)})"
+            f"{format_bytes(self.cache_bytes)}"
+            + (f", a staging blob {format_bytes(self.staging_bytes)}" if self.staging_bytes else "")
+            + ")"
             + (f" of a {format_bytes(self.budget_bytes)} budget" if self.budget_bytes else ""),
             f"{host}: {format_bytes(self.store_bytes)} "
             f"(every expert, {format_bytes(self.expert_bytes)} each)",
@@ -147,6 +153,7 @@ class OffloadPlan:
             "resident_bytes": self.resident_bytes,
             "kv_cache_bytes": self.kv_cache_bytes,
             "cache_bytes": self.cache_bytes,
+            "staging_bytes": self.staging_bytes,
             "device_bytes": self.device_bytes,
             "store": self.store,
             "store_bytes": self.store_bytes,
@@ -167,9 +174,12 @@ class OffloadPlan:
         }
 
 
-def sizes_of_model(model: Mixtral, context_length: int, expert_bytes: int | None = None) -> ModelSizes:
+def sizes_of_model(
+    model: Mixtral, context_length: int, expert_bytes: int | None = None, staging: bool = False
+) -> ModelSizes:
     """The sizes of a loaded model. `expert_bytes`: one expert's blob size, when the experts are
-    not loaded (`StoredExperts`)."""
+    not loaded (`StoredExperts`). `staging`: slots are packed from a staging blob
+    (`offloader.slots_repacked`)."""
     args = model.args
     if expert_bytes is None:
         expert_bytes = ExpertBlobLayout.of_module(model.layers[0].block_sparse_moe.experts[0]).nbytes
@@ -190,16 +200,23 @@ def sizes_of_model(model: Mixtral, context_length: int, expert_bytes: int | None
         resident_bytes=resident,
         kv_cache_bytes=args.kv_cache_bytes(context_length, model.dtype.itemsize),
         dense_read_bytes=resident - embedding,  # a token reads one row of it
+        staging_bytes=expert_bytes if staging else 0,
     )
 
 
 def sizes_of_config(
-    args: ModelArgs, scheme_name: str, context_length: int, dtype_bytes: int = 2, vocab_int8: bool = False
+    args: ModelArgs,
+    scheme_name: str,
+    context_length: int,
+    dtype_bytes: int = 2,
+    vocab_int8: bool = False,
+    staging: bool = False,
 ) -> ModelSizes:
     """The sizes of a model quantized with `scheme_name` ("none" for float), from its shape alone:
     attention and experts in the scheme's parts, every other weight (and the KV cache) in a float
     of `dtype_bytes`, as `mixtral-chat quantize` stores them and the engine loads them; with
-    `vocab_int8` the embeddings and lm_head in int8 (quant/int8.py), as a 4-bit model on a CPU."""
+    `vocab_int8` the embeddings and lm_head in int8 (quant/int8.py), as a 4-bit model on a CPU;
+    with `staging` one expert's staging blob on the device (int4 slots on CUDA)."""
     float_dtype = {2: torch.bfloat16, 4: torch.float32}[dtype_bytes]
     scheme = get_scheme(scheme_name, float_dtype=float_dtype if scheme_name == "none" else None)
     expert_bytes = ExpertBlobLayout.build(scheme, args.hidden_size, args.intermediate_size).nbytes
@@ -224,6 +241,7 @@ def sizes_of_config(
         resident_bytes=resident,
         kv_cache_bytes=args.kv_cache_bytes(context_length, dtype_bytes),
         dense_read_bytes=resident - embedding,
+        staging_bytes=expert_bytes if staging else 0,
     )
 
 
@@ -238,9 +256,10 @@ def plan_offload(
     on_miss: str = COPY,
     bandwidths: Bandwidths | None = None,
     layers: Sequence[LayerPlacement] | None = None,
+    staging: bool = False,
 ) -> OffloadPlan:
     """`plan_placement` for a loaded model."""
-    sizes = sizes_of_model(model, context_length, expert_bytes)
+    sizes = sizes_of_model(model, context_length, expert_bytes, staging)
     return plan_placement(
         sizes,
         budget_bytes=budget_bytes,
@@ -302,6 +321,7 @@ def plan_placement(
         top_k=K,
         bandwidths=bandwidths,
         decode_bound_s=bound,
+        staging_bytes=sizes.staging_bytes,
     )
 
 
@@ -316,12 +336,11 @@ def _from_budget(
     sizes: ModelSizes, budget_bytes: int, on_miss: str, costs: MissCosts | None
 ) -> list[LayerPlacement]:
     L, E, K = sizes.num_layers, sizes.num_experts, sizes.top_k
-    base = sizes.resident_bytes + sizes.kv_cache_bytes
+    base = sizes.resident_bytes + sizes.kv_cache_bytes + sizes.staging_bytes
     total = max(0, budget_bytes - base) // sizes.expert_bytes
     if budget_bytes < base:
         raise OutOfMemoryError(
-            f"a memory budget of {budget_bytes / 1e9:.2f} GB is too small: resident weights "
-            f"{sizes.resident_bytes / 1e9:.2f} GB + KV cache {sizes.kv_cache_bytes / 1e9:.2f} GB "
+            f"a memory budget of {budget_bytes / 1e9:.2f} GB is too small: {_fixed_part(sizes)} "
             f"need {base / 1e9:.2f} GB before any expert"
         )
     if on_miss == AUTO:
@@ -341,11 +360,18 @@ def _from_budget(
     if placed is None:
         need = base + L * K * sizes.expert_bytes
         raise OutOfMemoryError(
-            f"a memory budget of {budget_bytes / 1e9:.2f} GB is too small: resident weights "
-            f"{sizes.resident_bytes / 1e9:.2f} GB + KV cache {sizes.kv_cache_bytes / 1e9:.2f} GB + {K} "
+            f"a memory budget of {budget_bytes / 1e9:.2f} GB is too small: {_fixed_part(sizes)} + {K} "
             f"experts/layer need {need / 1e9:.2f} GB (computing misses on the CPU needs no slots)"
         )
     return placed
+
+
+def _fixed_part(sizes: ModelSizes) -> str:
+    """What the device holds before any slot, as the errors name it."""
+    text = (
+        f"resident weights {sizes.resident_bytes / 1e9:.2f} GB + KV cache {sizes.kv_cache_bytes / 1e9:.2f} GB"
+    )
+    return text + (f" + staging blob {sizes.staging_bytes / 1e9:.2f} GB" if sizes.staging_bytes else "")
 
 
 def _check_layer(layer: LayerPlacement, E: int, K: int) -> None:
