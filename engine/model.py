@@ -304,11 +304,34 @@ class SparseMoE(nn.Module):
         packed = torch.cat((chosen.to(weights.dtype), weights), dim=1).tolist()[0]  # [2K]
         ids, scale = [int(e) for e in packed[:K]], packed[K:]
         order = sorted(range(len(ids)), key=ids.__getitem__)
+        outputs = run_experts(x, self.expert_source([ids[j] for j in order]))  # [1, D] each
         out = None
-        for j, expert in zip(order, self.expert_source([ids[j] for j in order]), strict=True):
-            y = expert(x) * scale[j]  # [1, D]
+        for j, y in zip(order, outputs, strict=True):
+            y = y * scale[j]  # [1, D]
             out = y if out is None else out + y
         return out
+
+
+def run_experts(x: Tensor, experts: Sequence[nn.Module]) -> list[Tensor]:
+    """Each expert's output for x [T, D], in the order given, on x's device.
+
+    Experts that compute on the host (`forward_on_host`: an offloaded miss run by the CPU) start
+    after every other expert has been queued on the device, from one host copy of x for all of
+    them: the CPU computes while the device runs the queued ones. On a CPU-only host the same
+    order runs (the copy is a no-op), so the suite runs this very path; the caller sums in its
+    own order."""
+    on_host = [hasattr(expert, "forward_on_host") for expert in experts]
+    if not any(on_host):
+        return [expert(x) for expert in experts]
+    # First the copy (it waits for the device's work so far, which the experts need anyway), then
+    # the device's experts queued, then the host's: a copy after the queued experts would wait
+    # for them too.
+    x_host = x.to("cpu")
+    outputs = [None if host else expert(x) for expert, host in zip(experts, on_host, strict=True)]
+    for index, expert in enumerate(experts):
+        if on_host[index]:
+            outputs[index] = expert.forward_on_host(x_host).to(x.device)
+    return outputs  # type: ignore[return-value]  (every slot filled above)
 
 
 class DecoderLayer(nn.Module):

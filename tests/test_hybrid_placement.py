@@ -107,6 +107,51 @@ def test_every_placement_is_bit_identical_to_the_resident_model(
         assert counters.hits + counters.misses > 0
 
 
+def test_a_step_queues_its_device_experts_before_the_cpu_computes_its_misses(tiny_dir: Path) -> None:
+    """CPU experts run concurrently with the device's (`model.run_experts`): in each decode step's
+    MoE, every slot expert is called (on a GPU: queued) before the first CPU-computed one, whatever
+    their expert ids, and the output stays bit-identical (the sum keeps ascending expert order)."""
+    resident = load_model(tiny_dir, "cpu", torch.float32)
+    prompt = [1, 5, 9, 200, 31, 77, 4]
+    expected_tokens, expected_logits = greedy(resident, prompt)
+    model = load_model(tiny_dir, "cpu", torch.float32)
+    # SPLIT: its one slot holds whichever expert came last (a CPU layer's fixed slots hold the
+    # lowest ids, so ascending order alone would put them first).
+    plan = plan_offload(model, 64, experts_per_layer=1, on_miss=SPLIT)
+    offloader = ExpertOffloader(model, plan, prefetch=False)
+    slot_modules = {id(m) for cache in offloader.caches for m in cache.modules}
+    calls: list[str] = []  # "slot", "cpu" per expert call; "step" / "prefill" after each MoE call
+
+    def record(module: torch.nn.Module, inputs: tuple, _output: object) -> None:
+        if id(module) in slot_modules:
+            calls.append("slot")
+        elif offloader.cpu_experts is not None and any(
+            m is module for m in offloader.cpu_experts._bound.values()
+        ):
+            calls.append("cpu")
+        elif type(module).__name__ == "SparseMoE":
+            calls.append("step" if inputs[0].shape[1] == 1 else "prefill")
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        tokens, logits = greedy(model, prompt)
+    finally:
+        handle.remove()
+        offloader.close()
+    assert tokens == expected_tokens and torch.equal(logits, expected_logits)
+    steps, current = [], []
+    for call in calls:
+        if call in ("step", "prefill"):
+            if call == "step":
+                steps.append(current)
+            current = []
+        else:
+            current.append(call)
+    mixed = [step for step in steps if set(step) == {"slot", "cpu"}]
+    assert mixed, "no decode step had both a slot hit and a CPU-computed miss"
+    assert all(step == sorted(step, key=lambda kind: kind == "cpu") for step in mixed), mixed
+
+
 def test_the_engine_computes_misses_on_the_cpu_when_asked(tiny_dir: Path) -> None:
     messages = [{"role": "user", "content": "Tell me a story"}]
     config = GenerationConfig(max_tokens=DECODE_TOKENS)

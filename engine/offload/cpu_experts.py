@@ -68,5 +68,9 @@ class CpuExpert(nn.Module):
         self.expert = expert
 
     def forward(self, x: Tensor) -> Tensor:
-        module = self._experts.bound(self.layer, self.expert)
-        return module(x.to("cpu")).to(x.device)  # no-ops when the device is the CPU
+        return self.forward_on_host(x.to("cpu")).to(x.device)  # no-ops when the device is the CPU
+
+    def forward_on_host(self, x: Tensor) -> Tensor:
+        """x on the CPU -> the output on the CPU (`model.run_experts` runs these after queuing the
+        device's experts, so both compute at once)."""
+        return self._experts.bound(self.layer, self.expert)(x)
