@@ -315,23 +315,28 @@ class SparseMoE(nn.Module):
 def run_experts(x: Tensor, experts: Sequence[nn.Module]) -> list[Tensor]:
     """Each expert's output for x [T, D], in the order given, on x's device.
 
-    Experts that compute on the host (`forward_on_host`: an offloaded miss run by the CPU) start
-    after every other expert has been queued on the device, from one host copy of x for all of
-    them: the CPU computes while the device runs the queued ones. On a CPU-only host the same
-    order runs (the copy is a no-op), so the suite runs this very path; the caller sums in its
-    own order."""
-    on_host = [hasattr(expert, "forward_on_host") for expert in experts]
-    if not any(on_host):
+    An offloaded step can mix three kinds, run in this order so that the device, the CPU and the
+    link work at once: experts ready on the device are queued first; then those computed on the
+    host (`forward_on_host`: a miss run by the CPU), from one host copy of x for all of them;
+    last, those whose copy into a slot may still be in flight (`waits_for_copy`), which wait for
+    it. On a CPU-only host the same order runs (the copies of x are no-ops), so the suite runs
+    this very path; the caller sums in its own order."""
+    # 0: ready on the device, 1: computed on the host, 2: waits for its copy
+    stage = [
+        2 if getattr(expert, "waits_for_copy", False) else 1 if hasattr(expert, "forward_on_host") else 0
+        for expert in experts
+    ]
+    if not any(stage):
         return [expert(x) for expert in experts]
-    # First the copy (it waits for the device's work so far, which the experts need anyway), then
-    # the device's experts queued, then the host's: a copy after the queued experts would wait
-    # for them too.
-    x_host = x.to("cpu")
-    outputs = [None if host else expert(x) for expert, host in zip(experts, on_host, strict=True)]
-    for index, expert in enumerate(experts):
-        if on_host[index]:
-            outputs[index] = expert.forward_on_host(x_host).to(x.device)
-    return outputs  # type: ignore[return-value]  (every slot filled above)
+    # The host copy first: it waits for the device's work so far (which the experts need anyway);
+    # after the queued experts it would wait for them too.
+    x_host = x.to("cpu") if 1 in stage else x
+    outputs: list[Tensor] = [x] * len(experts)  # every entry replaced below
+    for wanted in (0, 1, 2):
+        for index, expert in enumerate(experts):
+            if stage[index] == wanted:
+                outputs[index] = expert.forward_on_host(x_host).to(x.device) if wanted == 1 else expert(x)
+    return outputs
 
 
 class DecoderLayer(nn.Module):

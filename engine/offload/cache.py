@@ -24,7 +24,7 @@ from torch import nn
 
 from mixtral_chat.engine.offload.cpu_experts import CpuExperts
 from mixtral_chat.engine.offload.placement import COPY, CPU, SPLIT, MissCosts, copies_for
-from mixtral_chat.engine.offload.slots import CacheCounters, SlotMap, make_policy
+from mixtral_chat.engine.offload.slots import Access, CacheCounters, SlotMap, make_policy
 from mixtral_chat.engine.offload.store import ExpertStore
 from mixtral_chat.engine.offload.transfers import DEMAND, PREFETCH, Transfer, Transfers
 
@@ -108,11 +108,18 @@ class LayerExpertCache:
         if self.on_miss == COPY:
             self._cancel_wrong_prefetches(expert_ids)
             return self._copy_in(expert_ids)
-        # SPLIT: the step's misses beyond what the cost model copies run on the CPU meanwhile.
+        # SPLIT: the step's misses beyond what the cost model copies run on the CPU meanwhile: the
+        # copies are started, not waited for; a copied expert waits for its copy when it runs,
+        # which `model.run_experts` does after the CPU's share (placement.step_seconds' max).
         assert self.cpu_experts is not None
         on_cpu = self._misses_for_the_cpu(expert_ids)
         copied = [e for e in expert_ids if e not in on_cpu]
-        by_expert = dict(zip(copied, self._copy_in(copied), strict=True))
+        by_expert = {}
+        for access in self._start_copies(copied):
+            module = self.modules[access.slot]
+            if access.slot in self.pending:
+                module = AfterCopy(module, functools.partial(self._wait_for, [access]))
+            by_expert[access.expert] = module
         self.activity.misses += sorted(on_cpu)
         return [
             by_expert[e] if e in by_expert else self.cpu_experts.module(self.layer, e) for e in expert_ids
@@ -131,6 +138,12 @@ class LayerExpertCache:
 
     def _copy_in(self, expert_ids: Sequence[int]) -> list[nn.Module]:
         """Make every expert resident (copying the misses), wait for them: their slot modules."""
+        accesses = self._start_copies(expert_ids)
+        self._wait_for(accesses)
+        return [self.modules[a.slot] for a in accesses]
+
+    def _start_copies(self, expert_ids: Sequence[int]) -> list[Access]:
+        """Give every expert a slot and start copying the misses into theirs."""
         accesses = self.slots.access(expert_ids)
         self.activity.hits = [a.expert for a in accesses if a.hit]
         self.activity.misses = [a.expert for a in accesses if not a.hit]
@@ -139,13 +152,16 @@ class LayerExpertCache:
                 self._load(access.expert, access.slot)
         if self.after_demand is not None:
             self.after_demand()
+        return accesses
+
+    def _wait_for(self, accesses: Sequence[Access]) -> None:
+        """Until these slots' copies (this step's or an earlier prefetch's) have landed."""
         started = time.perf_counter()
         for access in accesses:
             transfer = self.pending.pop(access.slot, None)
             if transfer is not None:
                 self.transfers.wait(transfer)
         self.slots.counters.stall_s += time.perf_counter() - started
-        return [self.modules[a.slot] for a in accesses]
 
     def _slots_or_cpu(self, expert_ids: Sequence[int]) -> list[nn.Module]:
         """Fixed slots: a resident expert runs in its slot, any other on the CPU."""
@@ -188,3 +204,19 @@ class LayerExpertCache:
         self.activity.prefetched = [a.expert for a in loads]
         for access in loads:
             self._load(access.expert, access.slot, PREFETCH)
+
+
+class AfterCopy(nn.Module):
+    """A slot whose copy may still be in flight: it waits for the copy when it runs
+    (`model.run_experts` runs these last, after the CPU's share of the step)."""
+
+    waits_for_copy = True
+
+    def __init__(self, slot: nn.Module, wait: Callable[[], None]) -> None:
+        super().__init__()
+        self.slot = slot
+        self._wait = wait
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._wait()
+        return self.slot(x)
