@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import demo_data  # sibling module: scripts/ is not a package
+import eval_demo
 
 if TYPE_CHECKING:
     import torch
@@ -46,6 +48,7 @@ IGNORE = -100
 MAX_TOKENS = 160  # longest training chat; longer ones are dropped
 SIZE_LIMIT_BYTES = 25_000_000
 HELDOUT_LIMIT = 300
+ALPHA_WORD = re.compile(r"[A-Za-z]+")
 SAMPLE_QUESTIONS = (
     "What is a lighthouse?",
     "Use 'ephemeral' in a sentence.",
@@ -70,6 +73,7 @@ class ModelShape:
     num_experts_per_tok: int = 2
     max_position_embeddings: int = 512
     router_aux_loss_coef: float = 0.02
+    tie_word_embeddings: bool = False
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -181,6 +185,26 @@ def check_against_references(encoder: ChatEncoder, tokenizer_path: Path, chats: 
             checked += 1
     who = "mistral-common v1 and the engine's Tokenizer" if engine else "mistral-common v1"
     return f"{checked} prompts encode exactly as {who} encodes them"
+
+
+def answers_in_whole_pieces(encoder: ChatEncoder, chat: demo_data.Chat, whole: dict[str, bool]) -> bool:
+    """Every answer word is one vocabulary piece, except words copied from the question (the headword).
+
+    Trained only on such answers, the model writes words as single pieces and never learns to glue
+    sub-word pieces into words of its own ("foreign" + "ant").
+    """
+    asked = {w.lower() for role, text in chat.messages if role == "user" for w in ALPHA_WORD.findall(text)}
+    for role, text in chat.messages:
+        if role != "assistant":
+            continue
+        for word in ALPHA_WORD.findall(text):
+            if word.lower() in asked:
+                continue
+            if word not in whole:
+                whole[word] = len(encoder.sp.encode(word)) == 1
+            if not whole[word]:
+                return False
+    return True
 
 
 # --------------------------------------------------------------------------- batches
@@ -352,7 +376,7 @@ def build_model(shape: ModelShape, seed: int) -> MixtralForCausalLM:
         max_position_embeddings=shape.max_position_embeddings,
         router_aux_loss_coef=shape.router_aux_loss_coef,
         output_router_logits=False,  # asked for per call while training; off in the saved config
-        tie_word_embeddings=False,
+        tie_word_embeddings=shape.tie_word_embeddings,
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
         rms_norm_eps=1e-5,
@@ -501,6 +525,25 @@ def model_card(facts: dict[str, Any]) -> str:
         f"{ev['core_definition_recall']:.0%} of 100 random core words, "
         f"{ev['other_definition_recall']:.0%} of 100 random other training words."
     )
+    embeddings = (
+        "tied (`lm_head` is `embed_tokens`: a larger vocabulary for the same size)"
+        if shape.tie_word_embeddings
+        else "untied (`lm_head` separate)"
+    )
+    words_ev = ev.get("words")
+    real_words = (
+        f"""
+Real words (scripts/eval_demo.py, through the engine, greedy): the answers to {words_ev["prompts"]} fixed
+"Define X." / "What is a X?" prompts about held-out words (`{words_ev["prompts_file"]}`) are
+**{words_ev["real_word_share"]:.1%}** real words ({words_ev["answer_words"]} lowercase alphabetic tokens;
+real = a WordNet lemma, an inflection by WordNet's exception lists, morphy's detachment rules or -ly/-ness and
+doubled-consonant rules, or a function word). Correct definitions (the answer holds at least half of
+the gloss's content words): **{words_ev["core_correct_definitions"]:.0%}** of 100 core words,
+{words_ev["heldout_correct_definitions"]:.0%} of the held-out words.
+"""
+        if words_ev
+        else ""
+    )
     context = shape.max_position_embeddings
     return f"""# mixtral-chat demo model: a pocket dictionary
 
@@ -522,7 +565,7 @@ Trained by `{facts["command"]}` (scripts/train_demo.py; data in scripts/demo_dat
 | norm | RMSNorm (eps 1e-5) |
 | vocabulary | {shape.vocab_size} (sentencepiece BPE, byte fallback) |
 | context | {shape.max_position_embeddings} tokens |
-| embeddings | untied (`lm_head` separate) |
+| embeddings | {embeddings} |
 | parameters | {facts["params_total"]:,} total, {facts["params_active"]:,} active per token |
 | weights | `model.safetensors`, float32, {mb:.1f} MB |
 
@@ -608,7 +651,7 @@ Held-out set: `tests/data/demo_heldout.jsonl`, {ev["heldout_chats"]} chats about
 {heldout_row}
 
 {recall}
-
+{real_words}
 `eval.json` records these numbers; `tests/test_demo_model.py` checks that the engine reproduces
 transformers' held-out loss on these weights (within 1e-4) and stays under this value + 2%.
 
@@ -653,6 +696,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--log-every", type=int, default=500)
+    defaults = ModelShape()
+    parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size)
+    parser.add_argument("--hidden-size", type=int, default=defaults.hidden_size)
+    parser.add_argument("--intermediate-size", type=int, default=defaults.intermediate_size)
+    parser.add_argument("--layers", type=int, default=defaults.num_hidden_layers)
+    parser.add_argument("--tie-embeddings", action="store_true", help="lm_head shares embed_tokens' matrix")
+    parser.add_argument(
+        "--whole-word-answers",
+        action="store_true",
+        help="train only on chats whose answer words are single vocabulary pieces (the headword excepted)",
+    )
     # One thread: on 2 cores shared with other jobs, 2 threads cost ~5x the CPU time per step
     # (measured: 6 s vs 1.1 s of CPU per step), and one thread makes the run bit-reproducible.
     parser.add_argument("--threads", type=int, default=1)
@@ -677,7 +731,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_lines.append(line)
         print(line, flush=True)
 
-    shape = ModelShape()
+    shape = ModelShape(
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.layers,
+        tie_word_embeddings=args.tie_embeddings,
+    )
     entries, table = demo_data.load_wordnet(args.wordnet_dir)
     maker = demo_data.ChatMaker(entries, table)
     train_words, heldout_words = demo_data.split_words(maker)
@@ -716,10 +776,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     assert len(heldout) == len(heldout_chats), "a held-out chat is longer than MAX_TOKENS"
 
     epoch_sizes: list[tuple[int, int]] = []
+    whole_words: dict[str, bool] = {}  # word -> encodes as one piece
 
     def epochs() -> Iterator[list[tuple[list[int], list[int]]]]:
         for epoch in range(10_000):
             chats = maker.epoch(train_words, random.Random(f"{args.seed}-epoch-{epoch}"), core=core)
+            if args.whole_word_answers:
+                chats = [c for c in chats if answers_in_whole_pieces(encoder, c, whole_words)]
             encoded = encode_chats(encoder, chats)
             epoch_sizes.append((len(encoded), sum(len(ids) for ids, _ in encoded)))
             log(f"epoch {epoch + 1}: {len(encoded)} chats, {epoch_sizes[-1][1]} tokens")
@@ -757,6 +820,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         model.save_pretrained(staging)  # config.json, generation_config.json, model.safetensors
         (staging / "tokenizer.model").write_bytes(model_proto)
         weights_bytes = (staging / "model.safetensors").stat().st_size
+        # The figures of scripts/eval_demo.py, through the engine on the files about to ship.
+        words = eval_demo.evaluate(
+            staging, eval_demo.Lexicon.from_wordnet(args.wordnet_dir), args.wordnet_dir
+        )
+        log(
+            f"real words {words['real_word_share']:.2%} of {words['answer_words']} answer words; correct "
+            f"definitions: held-out {words['heldout_correct_definitions']:.0%}, core "
+            f"{words['core_correct_definitions']:.0%}"
+        )
         evaluation = {
             "heldout_file": "tests/data/demo_heldout.jsonl",
             "heldout_chats": len(heldout),
@@ -772,6 +844,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "loss_definition": "mean NLL (nats) of assistant tokens and their </s> given the preceding "
             "tokens, float32, summed over all chats then divided by the token count",
             "routing": routing,
+            "words": {k: v for k, v in words.items() if k != "answers"},
             "params_total": total,
             "params_active": active,
             "train_minutes": round(train_minutes, 2),
