@@ -251,8 +251,9 @@ def greedy_answers(engine: Any, prompts: Sequence[str], max_tokens: int = MAX_AN
     return ["".join(engine.chat([{"role": "user", "content": p}], config)) for p in prompts]
 
 
-def heldout_loss(model_dir: Path, chats_file: Path = HELDOUT_CHATS_FILE) -> tuple[float, int]:
-    """eval.json's held-out loss through the engine's model: mean NLL of reply tokens + </s>."""
+def heldout_loss(model_dir: Path, chats_file: Path = HELDOUT_CHATS_FILE) -> tuple[float, int, float]:
+    """eval.json's held-out loss through the engine's model: mean NLL of reply tokens + </s>; also
+    nats per chat, which compares models with different tokenizers (per token does not)."""
     import torch
 
     from mixtral_chat.engine.tokenizer import Tokenizer
@@ -261,7 +262,8 @@ def heldout_loss(model_dir: Path, chats_file: Path = HELDOUT_CHATS_FILE) -> tupl
     tokenizer = Tokenizer(model_dir / "tokenizer.model")
     model = load_model(model_dir, device="cpu", dtype=torch.float32)
     total, count = 0.0, 0
-    for row in read_jsonl(chats_file):
+    rows = read_jsonl(chats_file)
+    for row in rows:
         chat = row["messages"]
         prompt = tokenizer.encode_chat(chat[:1])
         ids = [*prompt, *tokenizer.encode(chat[1]["content"]), tokenizer.eos_id]
@@ -272,10 +274,12 @@ def heldout_loss(model_dir: Path, chats_file: Path = HELDOUT_CHATS_FILE) -> tupl
         targets = torch.tensor(ids[len(prompt) :])  # [R]
         total -= float(logprobs.gather(-1, targets[:, None]).sum())
         count += len(targets)
-    return total / count, count
+    return total / count, count, total / len(rows)
 
 
-def evaluate(model_dir: Path, lexicon: Lexicon, wordnet_dir: Path | None) -> dict[str, Any]:
+def evaluate(
+    model_dir: Path, lexicon: Lexicon, wordnet_dir: Path | None, heldout: Path = HELDOUT_CHATS_FILE
+) -> dict[str, Any]:
     from mixtral_chat.engine.options import LoadOptions
     from mixtral_chat.engine.runtime import Engine
 
@@ -308,9 +312,11 @@ def evaluate(model_dir: Path, lexicon: Lexicon, wordnet_dir: Path | None) -> dic
         result["core_mean_gloss_overlap"] = round(sum(core_overlaps) / len(core_overlaps), 4)
         result["core_real_word_share"] = round(real_word_share(lexicon, core_answers)[0], 4)
     engine.close()
-    loss, tokens = heldout_loss(model_dir)
+    loss, tokens, per_chat = heldout_loss(model_dir, heldout)
+    result["heldout_file"] = str(heldout)
     result["heldout_loss"] = round(loss, 6)
     result["heldout_tokens"] = tokens
+    result["heldout_nats_per_chat"] = round(per_chat, 3)
     result["cpu_seconds"] = round(time.process_time() - started, 1)
     return result
 
@@ -321,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--wordnet-dir", type=Path, default=demo_data.DEFAULT_WORDNET_DIR)
     parser.add_argument("--json", type=Path, help="write the figures and every answer here")
     parser.add_argument("--write-data", action="store_true", help="rewrite the prompt and lexicon files")
+    parser.add_argument("--heldout", type=Path, default=HELDOUT_CHATS_FILE, help="the held-out chats")
     args = parser.parse_args(argv)
     import torch
 
@@ -329,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.write_data:
         print(json.dumps(write_data(args.wordnet_dir, TESTS_DATA)))
     lexicon = Lexicon.from_wordnet(args.wordnet_dir) if has_wordnet else Lexicon.from_file()
-    result = evaluate(args.model, lexicon, args.wordnet_dir if has_wordnet else None)
+    result = evaluate(args.model, lexicon, args.wordnet_dir if has_wordnet else None, args.heldout)
     summary = {k: v for k, v in result.items() if k not in ("answers",)}
     print(json.dumps(summary, indent=1))
     for row in result["answers"][:8]:

@@ -63,9 +63,10 @@ SAMPLE_QUESTIONS = (
 
 @dataclass(frozen=True)
 class ModelShape:
-    vocab_size: int = 2048
+    # Issue 17 item 13: 8192 pieces hold most answer words whole; tied embeddings pay for them.
+    vocab_size: int = 8192
     hidden_size: int = 192
-    intermediate_size: int = 256
+    intermediate_size: int = 224
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
@@ -73,7 +74,7 @@ class ModelShape:
     num_experts_per_tok: int = 2
     max_position_embeddings: int = 512
     router_aux_loss_coef: float = 0.02
-    tie_word_embeddings: bool = False
+    tie_word_embeddings: bool = True
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -544,6 +545,16 @@ the gloss's content words): **{words_ev["core_correct_definitions"]:.0%}** of 10
         if words_ev
         else ""
     )
+    whole_words = (
+        """
+Whole-word answers (`--whole-word-answers`): a chat is trained on only when every word of its
+answers is one piece of the tokenizer's vocabulary (words copied from the question, such as the
+headword, excepted). The model then writes each word as one piece and never learns to glue sub-word
+pieces into words of its own ("foreign" + "ant"); the price is the chats left out.
+"""
+        if facts.get("whole_word_answers", "--whole-word-answers" in facts["command"])
+        else ""
+    )
     context = shape.max_position_embeddings
     return f"""# mixtral-chat demo model: a pocket dictionary
 
@@ -579,8 +590,9 @@ and never trained on). Each epoch makes fresh chats with randomly chosen phrasin
 ({facts["chats_per_epoch"]:,} chats, about {facts["tokens_per_epoch"]:,} tokens):
 
 - definitions: "What is a lighthouse?", "Define X.", "What does X mean?", "What does it mean to X?"
-  -> "A lighthouse is ...", "To X is to ...", "X means ..." (the first WordNet sense; a second part
-  of speech when SemCor tags it);
+  -> "A lighthouse is ...", "To X is to ...", "The adjective X means ..." (the first WordNet sense; a
+  second part of speech when SemCor tags it; the headword is never capitalised, so the model copies
+  the pieces the user typed instead of respelling them);
 - usage: "Use 'X' in a sentence." -> a WordNet example sentence that contains the word;
 - synonyms and antonyms from the synset and its antonym pointers;
 - a few fixed replies about the demo itself ("Hello", "Who are you?");
@@ -590,7 +602,7 @@ Core words: the {ev["core_words"]:,} training words most frequent in SemCor (Wor
 the words this card and the tests use, come {demo_data.CORE_REPEATS} times per epoch; every other training
 word comes with probability {demo_data.TAIL_RATE}. A model this small cannot learn 20,000 definitions in the
 time budget, so it spends its capacity on the words people ask about most.
-
+{whole_words}
 Chats use Mixtral-Instruct's template exactly as mistral-common's v1 tokenizer encodes it
 (`<s>[INST] question [/INST] answer</s>`; checked: {facts["template_check"]}). The loss covers the
 answer tokens and `</s>` only.
@@ -677,7 +689,8 @@ the same first expert (random: 1/8 = 0.125):
   {facts["word_count"]:,} definitions. Common words often come out right or close (see the recall numbers
   above); rare and unseen words get fluent but invented definitions.
 - Unknown or made-up words: it may change the word itself in its answer ("glimmerstone" above),
-  because it copies words it has never seen piece by piece.
+  because it copies words it has never seen piece by piece; the rest of an answer is made of the
+  whole words it was trained on.
 - Long chats: it saw at most two turns and {MAX_TOKENS} tokens; its context is {context} tokens.
 - Sampling: it was trained for greedy decoding; with temperature it drifts quickly.
 - Grammar: the article is chosen from the first letter ("an hour" comes out "a hour"), and mass
@@ -691,7 +704,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tests-data", type=Path, default=REPO_ROOT / "tests" / "data")
     parser.add_argument("--wordnet-dir", type=Path, default=demo_data.DEFAULT_WORDNET_DIR)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--steps", type=int, default=4500)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=200)
@@ -701,10 +714,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hidden-size", type=int, default=defaults.hidden_size)
     parser.add_argument("--intermediate-size", type=int, default=defaults.intermediate_size)
     parser.add_argument("--layers", type=int, default=defaults.num_hidden_layers)
-    parser.add_argument("--tie-embeddings", action="store_true", help="lm_head shares embed_tokens' matrix")
+    parser.add_argument(
+        "--tie-embeddings",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.tie_word_embeddings,
+        help="lm_head shares embed_tokens' matrix",
+    )
     parser.add_argument(
         "--whole-word-answers",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="train only on chats whose answer words are single vocabulary pieces (the headword excepted)",
     )
     # One thread: on 2 cores shared with other jobs, 2 threads cost ~5x the CPU time per step
@@ -871,6 +890,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "epochs": len(epoch_sizes),
             "seed": args.seed,
             "threads": args.threads,
+            "whole_word_answers": args.whole_word_answers,
             "cpu": _cpu_name(),
             "train_minutes": train_minutes,
             "train_cpu_minutes": train_cpu_minutes,
