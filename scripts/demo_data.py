@@ -265,13 +265,11 @@ ABOUT_CHATS = (
 
 
 def definition_answer(word: str, pos: str, definition: str) -> str:
-    """The headword stays as the user typed it (lowercase): a capitalised "Abashed" is other
-    sentencepiece pieces than "abashed", and a small model miscopies a word it must respell."""
     if pos == "n":
         return f"{_article(word).capitalize()} {word} is {definition}."
     if pos == "v":
         return f"To {word} is to {definition}."
-    return f"The {POS_NAMES[pos]} {word} means {definition}."
+    return f"{word.capitalize()} means {definition}."
 
 
 class ChatMaker:

@@ -328,6 +328,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the figures and every answer here")
     parser.add_argument("--write-data", action="store_true", help="rewrite the prompt and lexicon files")
     parser.add_argument("--heldout", type=Path, default=HELDOUT_CHATS_FILE, help="the held-out chats")
+    parser.add_argument(
+        "--record",
+        action="store_true",
+        help="store the figures in MODEL/eval.json and rewrite its MODEL_CARD.md",
+    )
     args = parser.parse_args(argv)
     import torch
 
@@ -343,6 +348,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Q: {row['prompt']}\n   A: {row['answer']}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
+    if args.record:
+        from train_demo import model_card, write_atomic
+
+        recorded = json.loads((args.model / "eval.json").read_text())
+        recorded["words"] = {k: v for k, v in summary.items() if k != "heldout_file"}
+        write_atomic(args.model / "eval.json", (json.dumps(recorded, indent=2) + "\n").encode())
+        card = model_card({**recorded["training"], "eval": recorded})
+        write_atomic(args.model / "MODEL_CARD.md", card.encode())
     return 0
 
 

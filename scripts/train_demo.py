@@ -63,10 +63,9 @@ SAMPLE_QUESTIONS = (
 
 @dataclass(frozen=True)
 class ModelShape:
-    # Issue 17 item 13: 8192 pieces hold most answer words whole; tied embeddings pay for them.
-    vocab_size: int = 8192
+    vocab_size: int = 2048
     hidden_size: int = 192
-    intermediate_size: int = 224
+    intermediate_size: int = 256
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
@@ -74,7 +73,7 @@ class ModelShape:
     num_experts_per_tok: int = 2
     max_position_embeddings: int = 512
     router_aux_loss_coef: float = 0.02
-    tie_word_embeddings: bool = True
+    tie_word_embeddings: bool = False
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -147,6 +146,34 @@ class ChatEncoder:
                 piece = [*self.sp.encode(content), EOS_ID]
                 ids += piece
                 labels += piece
+        return ids, labels
+
+    def encode_masking_split_words(self, messages: Sequence[tuple[str, str]]) -> tuple[list[int], list[int]]:
+        """`encode`, with no loss on the pieces of answer words spelled in several pieces, except
+        words of the question (the headword): the model learns to copy any headword, and never to
+        glue sub-word pieces into words of its own ("foreign" + "ant")."""
+        ids, labels = self.encode(messages)
+        asked: set[str] = set()
+        position = 1  # after <s>
+        for role, content in messages:
+            count = len(
+                self.sp.encode(f"[INST] {content} [/INST]") if role == "user" else self.sp.encode(content)
+            )
+            if role == "user":
+                asked |= {w.lower() for w in ALPHA_WORD.findall(content)}
+            else:
+                pieces = [self.sp.id_to_piece(i) for i in ids[position : position + count]]
+                start = 0
+                for end in range(1, len(pieces) + 1):
+                    # A word continues while the next piece is letters without a leading "▁".
+                    if end < len(pieces) and pieces[end].isalpha() and pieces[end - 1][-1:].isalpha():
+                        continue
+                    word = "".join(pieces[start:end]).lstrip("\u2581")
+                    if end - start > 1 and word.isalpha() and word.lower() not in asked:
+                        labels[position + start : position + end] = [IGNORE] * (end - start)
+                    start = end
+                count += 1  # </s>
+            position += count
         return ids, labels
 
 
@@ -555,6 +582,13 @@ pieces into words of its own ("foreign" + "ant"); the price is the chats left ou
         if facts.get("whole_word_answers", "--whole-word-answers" in facts["command"])
         else ""
     )
+    if facts.get("mask_split_words", "--mask-split-words" in facts["command"]):
+        whole_words += """
+Split words masked (`--mask-split-words`): every chat is trained on, but an answer word that the
+tokenizer spells in several pieces gets no loss (words of the question, such as the headword, still
+do). The model learns to copy any headword it is asked about, and to write the rest of an answer in
+words the vocabulary holds whole: it is never taught to glue sub-word pieces ("foreign" + "ant").
+"""
     context = shape.max_position_embeddings
     return f"""# mixtral-chat demo model: a pocket dictionary
 
@@ -590,9 +624,8 @@ and never trained on). Each epoch makes fresh chats with randomly chosen phrasin
 ({facts["chats_per_epoch"]:,} chats, about {facts["tokens_per_epoch"]:,} tokens):
 
 - definitions: "What is a lighthouse?", "Define X.", "What does X mean?", "What does it mean to X?"
-  -> "A lighthouse is ...", "To X is to ...", "The adjective X means ..." (the first WordNet sense; a
-  second part of speech when SemCor tags it; the headword is never capitalised, so the model copies
-  the pieces the user typed instead of respelling them);
+  -> "A lighthouse is ...", "To X is to ...", "X means ..." (the first WordNet sense; a second part
+  of speech when SemCor tags it);
 - usage: "Use 'X' in a sentence." -> a WordNet example sentence that contains the word;
 - synonyms and antonyms from the synset and its antonym pointers;
 - a few fixed replies about the demo itself ("Hello", "Who are you?");
@@ -689,8 +722,7 @@ the same first expert (random: 1/8 = 0.125):
   {facts["word_count"]:,} definitions. Common words often come out right or close (see the recall numbers
   above); rare and unseen words get fluent but invented definitions.
 - Unknown or made-up words: it may change the word itself in its answer ("glimmerstone" above),
-  because it copies words it has never seen piece by piece; the rest of an answer is made of the
-  whole words it was trained on.
+  because it copies words it has never seen piece by piece.
 - Long chats: it saw at most two turns and {MAX_TOKENS} tokens; its context is {context} tokens.
 - Sampling: it was trained for greedy decoding; with temperature it drifts quickly.
 - Grammar: the article is chosen from the first letter ("an hour" comes out "a hour"), and mass
@@ -704,7 +736,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tests-data", type=Path, default=REPO_ROOT / "tests" / "data")
     parser.add_argument("--wordnet-dir", type=Path, default=demo_data.DEFAULT_WORDNET_DIR)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=4500)
+    parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=200)
@@ -723,8 +755,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--whole-word-answers",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=False,
         help="train only on chats whose answer words are single vocabulary pieces (the headword excepted)",
+    )
+    parser.add_argument(
+        "--mask-split-words",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="no loss on answer words spelled in several pieces (the question's words excepted)",
     )
     # One thread: on 2 cores shared with other jobs, 2 threads cost ~5x the CPU time per step
     # (measured: 6 s vs 1.1 s of CPU per step), and one thread makes the run bit-reproducible.
@@ -802,7 +840,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             chats = maker.epoch(train_words, random.Random(f"{args.seed}-epoch-{epoch}"), core=core)
             if args.whole_word_answers:
                 chats = [c for c in chats if answers_in_whole_pieces(encoder, c, whole_words)]
-            encoded = encode_chats(encoder, chats)
+            if args.mask_split_words:
+                encoded = [encoder.encode_masking_split_words(c.messages) for c in chats]
+                encoded = [pair for pair in encoded if len(pair[0]) <= MAX_TOKENS]
+            else:
+                encoded = encode_chats(encoder, chats)
             epoch_sizes.append((len(encoded), sum(len(ids) for ids, _ in encoded)))
             log(f"epoch {epoch + 1}: {len(encoded)} chats, {epoch_sizes[-1][1]} tokens")
             yield encoded
@@ -891,6 +933,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "seed": args.seed,
             "threads": args.threads,
             "whole_word_answers": args.whole_word_answers,
+            "mask_split_words": args.mask_split_words,
             "cpu": _cpu_name(),
             "train_minutes": train_minutes,
             "train_cpu_minutes": train_cpu_minutes,
