@@ -264,18 +264,25 @@ ABOUT_CHATS = (
 )
 
 
-def definition_answer(word: str, pos: str, definition: str) -> str:
+def definition_answer(word: str, pos: str, definition: str, lowercase_headword: bool = False) -> str:
+    """lowercase_headword: "The adjective abashed means ..." instead of "Abashed means ...", so a
+    model copies the pieces the user typed instead of respelling the word capitalised."""
     if pos == "n":
         return f"{_article(word).capitalize()} {word} is {definition}."
     if pos == "v":
         return f"To {word} is to {definition}."
+    if lowercase_headword:
+        return f"The {POS_NAMES[pos]} {word} means {definition}."
     return f"{word.capitalize()} means {definition}."
 
 
 class ChatMaker:
     """Turns entries into chats; every choice comes from the rng it is given."""
 
-    def __init__(self, entries: list[Entry], table: dict[tuple[str, int], Synset]) -> None:
+    def __init__(
+        self, entries: list[Entry], table: dict[tuple[str, int], Synset], lowercase_headword: bool = False
+    ) -> None:
+        self.lowercase_headword = lowercase_headword
         by_word: dict[str, list[Entry]] = {}
         for entry in entries:
             by_word.setdefault(entry.word, []).append(entry)
@@ -350,10 +357,10 @@ class ChatMaker:
             return question
 
         templates = GENERIC_QUESTIONS + POS_QUESTIONS[primary.pos]
-        answer = definition_answer(word, primary.pos, primary.synsets[0].definition)
+        answer = definition_answer(word, primary.pos, primary.synsets[0].definition, self.lowercase_headword)
         yield Chat((("user", ask(templates)), ("assistant", answer)), "definition")
         for entry in self.secondary[word]:
-            answer = definition_answer(word, entry.pos, entry.synsets[0].definition)
+            answer = definition_answer(word, entry.pos, entry.synsets[0].definition, self.lowercase_headword)
             yield Chat((("user", ask(POS_QUESTIONS[entry.pos])), ("assistant", answer)), "definition")
         if self.examples[word] and (every_kind or rng.random() < 0.7):
             answer = _sentence(rng.choice(self.examples[word]))

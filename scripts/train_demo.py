@@ -371,7 +371,9 @@ def definition_recall(
     """Share of `words` whose greedy answer to "Define X." is exactly the definition trained on."""
     answers = greedy_answers(model, encoder, [f"Define {w}." for w in words], max_new_tokens=60)
     expected = [
-        demo_data.definition_answer(w, maker.primary[w].pos, maker.primary[w].synsets[0].definition)
+        demo_data.definition_answer(
+            w, maker.primary[w].pos, maker.primary[w].synsets[0].definition, maker.lowercase_headword
+        )
         for w in words
     ]
     return sum(a == e for a, e in zip(answers, expected, strict=True)) / len(words)
@@ -759,6 +761,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="train only on chats whose answer words are single vocabulary pieces (the headword excepted)",
     )
     parser.add_argument(
+        "--lowercase-headword",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help='"The adjective abashed means ..." instead of "Abashed means ..."',
+    )
+    parser.add_argument(
         "--mask-split-words",
         action=argparse.BooleanOptionalAction,
         default=False,
@@ -796,7 +804,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tie_word_embeddings=args.tie_embeddings,
     )
     entries, table = demo_data.load_wordnet(args.wordnet_dir)
-    maker = demo_data.ChatMaker(entries, table)
+    maker = demo_data.ChatMaker(entries, table, lowercase_headword=args.lowercase_headword)
     train_words, heldout_words = demo_data.split_words(maker)
     core = demo_data.core_words(train_words, demo_data.semcor_counts(args.wordnet_dir))
     heldout_chats = demo_data.heldout_chats(maker, heldout_words, HELDOUT_LIMIT)
