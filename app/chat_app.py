@@ -131,7 +131,7 @@ class ChatApp(App[int]):
     def _register_instance(self) -> None:
         try:
             self.storage.register_instance()
-            others = self.storage.other_instances()
+            others = [instance for instance in self.storage.other_instances() if instance.kind == "app"]
             self._data_version = self.storage.data_version()
         except StorageError as exc:
             self.notify(str(exc), severity="error", timeout=10)
@@ -163,7 +163,9 @@ class ChatApp(App[int]):
             self.chat_screen.post_message(DatabaseChanged())
 
     def instances_seen(self, others: list[Instance]) -> None:
-        """The other instances as of the latest sync: say when a new one starts."""
+        """The other instances as of the latest sync: say when a new app starts (an `ask` that
+        stores its answer registers too, to claim its chat: its chat shows busy, nothing more)."""
+        others = [instance for instance in others if instance.kind == "app"]
         new = [instance for instance in others if instance.id not in self.known_instances]
         self.known_instances = {instance.id for instance in others}
         for instance in new:

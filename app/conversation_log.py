@@ -124,7 +124,7 @@ class ConversationLog:
             return []
         if self.write:
             try:
-                self.storage.register_instance()
+                self.storage.register_instance(kind="ask")
                 self.storage.claim_conversation(self.conversation.id)
             except (ConversationBusy, ConversationChanged):
                 raise  # another app is answering in it, or deleted it
@@ -143,7 +143,7 @@ class ConversationLog:
             return
         try:
             if self.conversation is None:
-                self.storage.register_instance()
+                self.storage.register_instance(kind="ask")
                 self.conversation = self.storage.create_conversation(
                     title_from_text(prompt), system_prompt=system_prompt, model=model
                 )

@@ -10,7 +10,8 @@ new layer indices (the format of a quantized layer does not depend on its index)
 
 Every row prints as soon as it is measured:
 - correctness: device logits against CPU float32 on a small model (int4, nf4); offloaded == resident
-  on the device; a model quantized on the CPU then run on the device (defect 1);
+  on the device; a model quantized on the CPU then run on the device (defect 1): loaded on the CPU
+  and moved with `.to()`, and offloaded with int4 streamed from the files into slots that repack;
 - `mixtral-chat ask --gpu-mem B` end to end for each budget;
 - per budget, routing replayed from a Mixtral-calibrated synthetic trace: decode tok/s, hit rate,
   bytes moved and CPU-computed experts per token, the measured bandwidths, the plan's bound and
@@ -131,6 +132,33 @@ def greedy_logits(engine: Any, prompt: list[int], steps: int) -> torch.Tensor:
     return torch.stack([row.flatten() for row in logits])
 
 
+def loaded_on_cpu_then_moved(model_dir: Path, device: str) -> Any:
+    """Defect 1's path without offloading: the model built on the CPU (int4 on the CPU's own
+    backend), then `.to(device)`, where each int4 layer repacks for the device."""
+    from types import SimpleNamespace
+
+    from mixtral_chat.engine.runtime import resolve_dtype
+    from mixtral_chat.engine.weights import load_model
+
+    model = load_model(model_dir, "cpu", resolve_dtype("auto", torch.device(device)))
+    model.to(device)
+    model.setup_cache(64)
+    return SimpleNamespace(model=model, close=lambda: None, cache_stats=lambda: None)
+
+
+def streamed_as_expected(engine: Any, scheme: str, dry: bool) -> str | None:
+    """Offloaded int4 must stream from the quantized files; on CUDA into slots that repack after
+    each copy (defect 1), on the dry run's CPU into slots that view the blobs. Why not, or None."""
+    stats = engine.cache_stats()
+    if stats is None or scheme != "int4":
+        return None
+    if not stats["store_from_files"]:
+        return "the int4 experts were loaded, not streamed from the quantized files"
+    if stats["slots_repacked"] == dry:
+        return f"slots_repacked is {stats['slots_repacked']} on {'the CPU' if dry else 'CUDA'}"
+    return None
+
+
 def correctness(workdir: Path, device: str, dry: bool) -> bool:
     from mixtral_chat.engine.options import LoadOptions
     from mixtral_chat.engine.runtime import Engine
@@ -138,36 +166,63 @@ def correctness(workdir: Path, device: str, dry: bool) -> bool:
     ok = True
     prompt = [1, 415, 2936, 9060, 285, 1142]
     for scheme in ("int4", "nf4"):
+        # Quantized on the CPU (`mixtral-chat quantize`): on CUDA every row below is defect 1's
+        # check too, and the last two rows are its two paths (load on the CPU, then move; offload).
         model_dir = quantized_model(workdir, SMALL, scheme, torch.float32)
-        cpu = Engine.load(model_dir, LoadOptions(device="cpu", dtype="float32", context_length=64))
+        # Float vocabulary weights everywhere (a CPU would take int8 ones, quant/int8.py): the
+        # rows compare the 4-bit paths, and the dry run's stay bit-identical.
+        cpu = Engine.load(
+            model_dir, LoadOptions(device="cpu", dtype="float32", context_length=64, vocab_weights="float")
+        )
         expected = greedy_logits(cpu, prompt, 8)
         cpu.close()
-        checks = {
-            "device vs CPU float32": LoadOptions(device=device, context_length=64),
-            "offloaded == resident (copy)": LoadOptions(
-                device=device, context_length=64, offload=True, experts_per_layer=2, on_miss="copy"
+        checks: dict[str, Any] = {
+            "device vs CPU float32": lambda d=model_dir: Engine.load(
+                d, LoadOptions(device=device, context_length=64, vocab_weights="float")
             ),
-            "offloaded == resident (cpu)": LoadOptions(
-                device=device, context_length=64, offload=True, experts_per_layer=1, on_miss="cpu"
+            "loaded on CPU, moved to the device": lambda d=model_dir: loaded_on_cpu_then_moved(d, device),
+            "offloaded == resident (copy)": lambda d=model_dir: Engine.load(
+                d,
+                LoadOptions(
+                    device=device,
+                    context_length=64,
+                    offload=True,
+                    experts_per_layer=2,
+                    on_miss="copy",
+                    vocab_weights="float",
+                ),
+            ),
+            "offloaded == resident (cpu)": lambda d=model_dir: Engine.load(
+                d,
+                LoadOptions(
+                    device=device,
+                    context_length=64,
+                    offload=True,
+                    experts_per_layer=1,
+                    on_miss="cpu",
+                    vocab_weights="float",
+                ),
             ),
         }
         resident = None
-        for name, options in checks.items():
+        for name, load in checks.items():
             try:
-                engine = Engine.load(model_dir, options)
+                engine = load()
                 got = greedy_logits(engine, prompt, 8)
+                why_not = streamed_as_expected(engine, scheme, dry)
                 engine.close()
                 reference = expected if resident is None else resident
                 diff = float((got - reference).abs().max())
                 exact = dry and torch.equal(got, reference)
-                passed = exact or diff <= LOGITS_TOLERANCE
+                passed = (exact or diff <= LOGITS_TOLERANCE) and why_not is None
                 if resident is None:
                     resident = got
                 detail = "bit-identical" if exact else f"max |diff| {diff:.4f} (tolerance {LOGITS_TOLERANCE})"
+                if why_not:
+                    detail += f"; {why_not}"
             except Exception as exc:  # a row says what failed; the run goes on
                 passed, detail = False, f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
             ok &= passed
-            # The int4 model was quantized on the CPU: on CUDA this is defect 1's check.
             say(f"| correctness | {scheme} | {name} | {'PASS' if passed else 'FAIL'} | {detail} |")
     return ok
 
@@ -213,18 +268,20 @@ def budgets_for(dry: bool, model_dir: Path) -> list[tuple[str, float]]:
     return out
 
 
-def link_flags(dry: bool) -> dict[str, float]:
-    """The dry run has no link: it plans with the 3060/DDR4 profile's, so the hybrid choices run."""
+def link_flags(dry: bool) -> dict[str, float | str]:
+    """The dry run has no link: it plans with the 3060/DDR4 profile's, so the hybrid choices run,
+    and keeps the vocabulary weights float as a GPU does (a CPU makes them int8: smaller, so the
+    GPU-sized budgets would hold every expert)."""
     if not dry:
         return {}
     from mixtral_chat.engine.offload.bandwidth import PROFILES
 
     profile = PROFILES["3060-ddr4"]
-    return {"h2d_gbps": profile.h2d_gbps, "cpu_gbps": profile.cpu_gbps}
+    return {"h2d_gbps": profile.h2d_gbps, "cpu_gbps": profile.cpu_gbps, "vocab_weights": "float"}
 
 
 def end_to_end(
-    model_dir: Path, budgets: list[tuple[str, float]], device: str, links: dict[str, float]
+    model_dir: Path, budgets: list[tuple[str, float]], device: str, links: dict[str, float | str]
 ) -> bool:
     ok = True
     flags = [arg for name, value in links.items() for arg in (f"--{name.replace('_', '-')}", str(value))]
@@ -253,7 +310,7 @@ def figures(
     device: str,
     tokens: int,
     workdir: Path,
-    links: dict[str, float],
+    links: dict[str, float | str],
 ) -> None:
     from mixtral_chat.engine.generate import decode_one, prefill
     from mixtral_chat.engine.offload.replay import install_routing_replay, synthetic_routing_trace

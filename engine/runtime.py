@@ -68,6 +68,7 @@ class EngineInfo:
     n_params: int
     n_active_params: int
     offload_plan: str | None = None
+    vocab_weights: str = "float"  # "int8" where they were quantized at load (LoadOptions.vocab_weights)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -145,24 +146,31 @@ class Engine:
     def _load(cls, model_dir: Path, options: LoadOptions | None, name: str | None) -> Engine:
         import torch
 
+        from mixtral_chat.quant.int8 import quantize_vocab_weights, vocab_weights_form
+
         # A copy: the app's settings hold the options it passes, and its settings screen may
         # edit them while this load runs in a thread.
         options = dataclasses.replace(options) if options else LoadOptions()
         device = resolve_device(options.device)
         dtype = resolve_dtype(options.dtype, device)
         tokenizer = Tokenizer(model_dir / "tokenizer.model")
-        ctx = context_for(ModelArgs.from_hf_config(model_dir), options.context_length, dtype, device)
-        offload = decide_offload(model_dir, device, dtype, options, ctx)
+        args = ModelArgs.from_hf_config(model_dir)
+        ctx = context_for(args, options.context_length, dtype, device)
         found = ckpt.detect(model_dir)
         if device.type == "cuda":  # int4 needs Ampere: nf4 where it cannot run
             support = cuda_support(device)
             options.quant = support.scheme_for(options.quant)
             if found.kind == ckpt.QUANTIZED and not options.quant:
                 support.check_stored_scheme(found.scheme, str(model_dir))
+        scheme = describe_scheme(model_dir, found, options.quant)
+        vocab_weights = vocab_weights_form(options.vocab_weights, device.type, scheme != UNQUANTIZED, args)
+        offload = decide_offload(model_dir, device, dtype, options, ctx, vocab_weights)
         try:
             stored = open_stored_experts(model_dir, found, device, dtype, offload, options.quant)
             check_offload_can_stream(model_dir, found, device, offload, stored)
             model, streamed = load_weights(model_dir, found, device, dtype, options.quant, offload, stored)
+            if vocab_weights == "int8":
+                quantize_vocab_weights(model)
             offloader = (
                 offload_experts(model, ctx, device, offload, options, stored, streamed) if offload else None
             )
@@ -175,11 +183,12 @@ class Engine:
             path=model_dir,
             device=str(device),
             dtype=str(dtype).removeprefix("torch."),
-            scheme=describe_scheme(model_dir, found, options.quant),
+            scheme=scheme,
             context_length=ctx,
             n_params=model.args.n_params,
             n_active_params=model.args.n_active_params,
             offload_plan=describe_offload(offload, offloader),
+            vocab_weights=vocab_weights,
         )
         return cls(model, tokenizer, info, offloader)
 
@@ -345,10 +354,16 @@ def default_context(args: ModelArgs, dtype_bytes: int, budget_bytes: float) -> i
 
 
 def decide_offload(
-    model_dir: Path, device: torch.device, dtype: torch.dtype, options: LoadOptions, ctx: int
+    model_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    options: LoadOptions,
+    ctx: int,
+    vocab_weights: str,
 ) -> OffloadDecision | None:
     """None: all experts resident. Asked for, offloading is as the options say; else it starts
-    only when the model does not fit the budget, with the planner's k and the store for the device."""
+    only when the model does not fit the budget, with the planner's k and the store for the device.
+    `vocab_weights`: the lm_head and embeddings' form (`vocab_weights_form`), counted in the need."""
     if options.offload:
         store = "disk" if options.offload_store == "disk" else "ram"
         return OffloadDecision(
@@ -358,6 +373,10 @@ def decide_offload(
 
     args = ModelArgs.from_hf_config(model_dir)
     need = loaded_weight_bytes(model_dir, dtype) + args.kv_cache_bytes(ctx, dtype.itemsize)
+    if vocab_weights == "int8":
+        from mixtral_chat.quant.int8 import vocab_int8_saving
+
+        need -= vocab_int8_saving(args, dtype.itemsize)
     budget_gb = options.gpu_budget_gb
     if budget_gb is None:
         budget_gb = default_memory_budget_gb(device)

@@ -17,7 +17,8 @@ All experts of a model share one layout (same shapes), recorded in quant_config.
 The expert offloader moves runtime experts as blobs of the same kind: `ExpertBlobLayout.of_module`
 lays out a loaded expert module's own tensors (part `linear` = the owning submodule, `name` = the
 tensor's attribute), `viewing` reads the layout of a module whose tensors already are views into
-one blob (the stored one), and `bind` points a module's tensors at views into a blob.
+one blob (the stored one), `bind` points a module's tensors at views into a blob, and `repack`
+refills a module whose runtime form differs from the blob (int4 on CUDA) from a blob's parts.
 """
 
 from __future__ import annotations
@@ -176,6 +177,13 @@ class ExpertBlobLayout:
                     owner._parameters[attr] = nn.Parameter(view, requires_grad=False)
                 else:
                     owner._buffers[attr] = view
+
+    def repack(self, module: nn.Module, blob: Tensor) -> None:
+        """Refill a module held in its device's own runtime form from a blob on that device (an
+        offload slot whose form is not views of the blob: int4 on CUDA): each linear's
+        `repack_from` of its parts' views. The module's tensors stay the same objects."""
+        for linear, views in self.unpack(blob).items():
+            module.get_submodule(linear).repack_from(views)
 
     def unpack(self, blob: Tensor) -> dict[str, dict[str, Tensor]]:
         """Views (no copies) of each part, on the blob's device: {"w1": {"qweight": view, ...}}."""

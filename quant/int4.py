@@ -16,15 +16,14 @@ backend pads rows to its kernels' multiple of 16 and drops the padded outputs). 
 
 Runtime (`Int4Linear`): on CPU the native kernel (`mixtral_chat.quant.native`, compiled on
 first use) computes on the stored form directly; without it (no compiler, no AVX2,
-MIXTRAL_CHAT_NO_NATIVE=1) and on CUDA, the codes are converted at load time to PyTorch's packed
-layout, which differs between CPU (`_convert_weight_to_int4pack_for_cpu`, int32 [N, K] in,
-layout depends on the CPU's vector width) and CUDA (`_convert_weight_to_int4pack`, uint8
-[N, K/2] in).
+MIXTRAL_CHAT_NO_NATIVE=1) and on CUDA, the codes are converted to PyTorch's packed layout of the
+device (quant/int4_forms.py). A layer runs on the device its tensors are on: `.to()` rebuilds the
+runtime form there from the stored parts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,13 +31,20 @@ from torch import Tensor, nn
 
 from mixtral_chat.engine.errors import QuantizationError
 from mixtral_chat.quant.common import PartSpec
+from mixtral_chat.quant.int4_forms import (
+    ATEN,
+    ATEN_TENSORS,
+    NATIVE,
+    STORED_PARTS,
+    aten_cpu_stored_parts,
+    runtime_tensors,
+    unpack_int4_codes,
+)
 from mixtral_chat.quant.native import MAX_MULTI, Int4Kernel, int4_kernel, kernel_input, kernel_output
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 # Rows quantized at once: bounds the float32 temporaries to ~64 MB whatever the matrix size.
 _CHUNK_ELEMENTS = 1 << 24
-# CPU kernel: N must be a multiple of 16; CUDA kernel: a multiple of 8. Pad to 16 everywhere.
-_ROW_MULTIPLE = 16
 
 
 def padded_in_features(in_features: int, group_size: int) -> int:
@@ -104,15 +110,6 @@ def quantize_int4(weight: Tensor, group_size: int) -> dict[str, Tensor]:
     return {"qweight": qweight, "scales": scales, "zeros": zeros}
 
 
-def unpack_int4_codes(qweight: Tensor, dtype: torch.dtype = torch.uint8) -> Tensor:
-    """uint8 [N, Kp/2] -> codes [N, Kp] in `dtype` (even column from the high nibble)."""
-    n, half = qweight.shape
-    codes = torch.empty(n, half, 2, dtype=dtype, device=qweight.device)  # [N, Kp/2, 2]
-    codes[..., 0] = qweight >> 4
-    codes[..., 1] = qweight & 0x0F
-    return codes.view(n, half * 2)
-
-
 @torch.no_grad()
 def dequantize_int4(
     parts: dict[str, Tensor], in_features: int, group_size: int, dtype: torch.dtype = torch.float32
@@ -150,18 +147,16 @@ def check_int4_parts(
             )
 
 
-def _inner_k_tiles(kp: int) -> int:
-    # tinygemm (CUDA) wants K % (innerKTiles * 16) == 0; any group size >= 32 allows at least 2.
-    for tiles in (8, 4, 2):
-        if kp % (tiles * 16) == 0:
-            return tiles
-    raise QuantizationError(f"int4 needs in_features padded to a multiple of 32, got {kp}")
+def int4_backend(device: torch.device) -> str:
+    """The backend an int4 layer uses on `device`: "native" on a CPU with the native kernel (asked
+    on every call, so MIXTRAL_CHAT_NO_NATIVE is read each time), else "aten"."""
+    return NATIVE if device.type == "cpu" and int4_kernel() is not None else ATEN
 
 
 class Int4Linear(nn.Module):
     """A bias-free linear layer on int4 weights: forward(x [..., in]) -> [..., out].
 
-    Two backends, chosen when the layer is built (`from_parts`; `backend` says which):
+    Two backends, chosen for the device the layer is on (`int4_backend`; `backend` says which):
 
     - "native" (CPU, when `mixtral_chat.quant.native.int4_kernel()` is available: a C compiler
       and an AVX2 CPU): the layer's buffers are the stored parts themselves, `qweight`, `scales`,
@@ -182,11 +177,17 @@ class Int4Linear(nn.Module):
       on CUDA and `_weight_int4pack_mm_for_cpu` on CPU, in bfloat16 (tinygemm takes nothing
       else, and ATen's CPU kernel is vectorized for bfloat16 only: float32 activations run 6x
       slower). The bfloat16 rounding of x adds ~0.3% relative error. The codes are converted to
-      the device's packed layout (`weight_packed`, `scales_and_zeros`) at build time.
+      the device's packed layout (`weight_packed`, `scales_and_zeros`, quant/int4_forms.py).
 
-    Both take float32 and bfloat16 inputs like nn.Linear and return x's dtype. The runtime
-    layout is device specific: build the layer on the device it runs on (`from_parts`), do not
-    move it with `.to()`.
+    Both take float32 and bfloat16 inputs like nn.Linear and return x's dtype.
+
+    Moving (`.to()`, `.cuda()`, `.cpu()`: `_apply`) rebuilds the target device's runtime form from
+    the stored parts and drops the old one, so a layer holds one form, one copy, where it is (a
+    CPU-loaded model moved to a GPU keeps nothing on the host). The stored parts are the native
+    form, or are read back from ATen's CPU layout; tinygemm's CUDA layout cannot be read back, so
+    moving a layer off CUDA is a QuantizationError. The quantized tensors keep their dtypes:
+    `.to(torch.bfloat16)` changes nothing here. `.to("meta")` keeps the form as a shell (the
+    offloader's templates). `repack_from` refills the runtime form in place (offload slots).
     """
 
     def __init__(
@@ -204,17 +205,18 @@ class Int4Linear(nn.Module):
         self.out_features = out_features
         self.group_size = group_size
         self.padded_in = padded_in_features(in_features, group_size)
+        self._set_form(tensors, kernel)
+
+    def _set_form(self, tensors: dict[str, Tensor], kernel: Int4Kernel | None) -> None:
+        """Hold `tensors` (a backend's whole runtime form) instead of the current ones."""
+        for name in (*STORED_PARTS, *ATEN_TENSORS):
+            self._buffers.pop(name, None)
         self._kernel = kernel
-        if kernel is not None:
-            self.backend = "native"
-            self.padded_out = out_features
-            for name in ("qweight", "scales", "zeros"):
-                self.register_buffer(name, tensors[name])
-        else:
-            self.backend = "aten"
-            self.padded_out = tensors["scales_and_zeros"].shape[1]
-            self.register_buffer("weight_packed", tensors["weight_packed"])
-            self.register_buffer("scales_and_zeros", tensors["scales_and_zeros"])
+        self.backend = NATIVE if kernel is not None else ATEN
+        names = STORED_PARTS if kernel is not None else ATEN_TENSORS
+        for name in names:
+            self.register_buffer(name, tensors[name])
+        self.padded_out = self.out_features if kernel is not None else tensors["scales_and_zeros"].shape[1]
 
     @classmethod
     @torch.no_grad()
@@ -230,36 +232,53 @@ class Int4Linear(nn.Module):
         """`dtype` is the model's dtype, accepted for a uniform interface (see the backends)."""
         device = torch.device(device)
         check_int4_parts(parts, out_features, in_features, group_size, "int4 layer")
-        if device.type == "cpu":
-            kernel = int4_kernel()
-            if kernel is not None:
-                # Kept as given when possible: callers may hold the parts as views into one
-                # blob and rely on the layer's buffers being those views.
-                tensors = {
-                    name: parts[name] if _is_cpu_contiguous(parts[name]) else parts[name].cpu().contiguous()
-                    for name in ("qweight", "scales", "zeros")
-                }
-                return cls(in_features, out_features, group_size, tensors, kernel)
-        qweight = parts["qweight"].to(device)
-        scales_and_zeros = torch.stack([parts["scales"], parts["zeros"]], dim=-1).to(device)  # [N, G, 2]
-        padded_out = -(-out_features // _ROW_MULTIPLE) * _ROW_MULTIPLE
-        if padded_out != out_features:
-            extra = padded_out - out_features
-            qweight = F.pad(qweight, (0, 0, 0, extra))
-            scales_and_zeros = F.pad(scales_and_zeros, (0, 0, 0, 0, 0, extra))
-        kp = qweight.shape[1] * 2
-        compute_dtype = torch.bfloat16  # see the class docstring
-        if device.type == "cuda":
-            packed = torch.ops.aten._convert_weight_to_int4pack(qweight.contiguous(), _inner_k_tiles(kp))
-        elif device.type == "cpu":
-            codes = unpack_int4_codes(qweight, torch.int32)  # [Np, Kp] int32, as the CPU op takes
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-            del codes
-        else:
-            raise QuantizationError(f"int4 runs on CPU and CUDA, not on {device.type}")
-        scales_and_zeros = scales_and_zeros.transpose(0, 1).contiguous().to(compute_dtype)  # [G, Np, 2]
-        tensors = {"weight_packed": packed, "scales_and_zeros": scales_and_zeros}
-        return cls(in_features, out_features, group_size, tensors)
+        backend = int4_backend(device)
+        tensors = runtime_tensors(parts, out_features, device, backend)
+        kernel = int4_kernel() if backend == NATIVE else None
+        return cls(in_features, out_features, group_size, tensors, kernel)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self._buffers.values())).device
+
+    @torch.no_grad()
+    def stored_parts(self) -> dict[str, Tensor]:
+        """The device-independent parts this layer computes (on its device): its own buffers for
+        the native form, read back from ATen's CPU layout; QuantizationError for tinygemm's."""
+        if self.backend == NATIVE:
+            return {name: self._buffers[name] for name in STORED_PARTS}
+        if self.device.type == "cpu":
+            return aten_cpu_stored_parts(self.weight_packed, self.scales_and_zeros, self.out_features)
+        raise QuantizationError(
+            f"an int4 layer packed for {self.device.type}'s kernel cannot move: its layout cannot be "
+            "read back to the stored parts; build the model on the device it runs on"
+        )
+
+    @torch.no_grad()
+    def repack_from(self, parts: dict[str, Tensor]) -> None:
+        """Refill this layer's runtime form in place from stored parts (on its device): an offload
+        slot after the expert's blob was copied in. Its tensors stay the same objects."""
+        for name, tensor in runtime_tensors(parts, self.out_features, self.device, self.backend).items():
+            self._buffers[name].copy_(tensor)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Int4Linear:
+        """What `.to()`, `.cuda()`, `.cpu()`, `.float()` call: the layer follows a device change
+        (rebuilt there from its stored parts) and ignores dtype changes."""
+        here = self.device
+        there = fn(torch.empty(0, dtype=torch.uint8, device=here)).device
+        if "meta" not in (here.type, there.type):
+            backend = int4_backend(there)
+            if there != here or backend != self.backend:
+                with torch.no_grad():
+                    tensors = runtime_tensors(self.stored_parts(), self.out_features, there, backend)
+                self._set_form(tensors, int4_kernel() if backend == NATIVE else None)
+                return self
+        for name, tensor in self._buffers.items():
+            if tensor is not None:
+                moved = fn(tensor)
+                if moved.dtype == tensor.dtype:  # a shell keeps its form; quantized dtypes are fixed
+                    self._buffers[name] = moved
+        return self
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -320,7 +339,3 @@ class Int4Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"group_size={self.group_size}, backend={self.backend}, compute_dtype={self.compute_dtype}"
         )
-
-
-def _is_cpu_contiguous(tensor: Tensor) -> bool:
-    return tensor.device.type == "cpu" and tensor.is_contiguous()

@@ -1,7 +1,8 @@
 """The native 4-bit GEMV kernel (quant/csrc/int4_gemv.c), compiled on first use and loaded by ctypes.
 
 It computes on the stored form of int4 (`Int4Kernel.linear`) and of bitsandbytes' nf4/fp4
-(`Int4Kernel.codebook_linear`).
+(`Int4Kernel.codebook_linear`), and on the int8 lm_head of quant/int8.py (`Int4Kernel.q8_linear`,
+quant/csrc/q8_gemv.c, which int4_gemv.c includes).
 
 `int4_kernel()` returns an `Int4Kernel`, or None when the kernel cannot be used here: no C
 compiler, a compile error, a CPU without AVX2 (the portable fallback is slower than PyTorch's
@@ -56,6 +57,7 @@ ISA_ENV = "MIXTRAL_CHAT_NATIVE_ISA"  # at most this instruction set (benchmarks)
 ISAS = ("portable", "avx2", "avx512", "avx512-vnni")
 NATIVE_DIR_ENV = "MIXTRAL_CHAT_NATIVE_DIR"
 SOURCE = Path(__file__).resolve().parent / "csrc" / "int4_gemv.c"
+INCLUDED_SOURCES = (SOURCE.parent / "q8_gemv.c",)  # #included by SOURCE: part of the build key
 BASE_FLAGS = ("-O3", "-std=c11", "-shared", "-fPIC", "-pthread")
 NATIVE_FLAGS = ("-march=native",)
 COMPILE_TIMEOUT_S = 120
@@ -100,6 +102,9 @@ class Int4Kernel:
         library.int4_linear_multi.argtypes = multi_args
         library.int4_linear_multi.restype = ctypes.c_int
         self._run_multi = library.int4_linear_multi
+        library.q8_linear_f32.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+        library.q8_linear_f32.restype = ctypes.c_int
+        self._run_q8 = library.q8_linear_f32
 
     @property
     def isa(self) -> str:
@@ -263,6 +268,43 @@ class Int4Kernel:
         )
         if rc != 0:
             raise QuantizationError(f"native 4-bit kernel failed: {_ERRORS.get(rc, f'error {rc}')}")
+        return out
+
+    def q8_linear(
+        self, qweight: Tensor, scales: Tensor, x: Tensor, out: Tensor, threads: int | None = None
+    ) -> Tensor:
+        """out [M, N] = x [M, K] @ W^T for W stored as int8 codes [N, K] with one float32 scale
+        per 32 columns, scales [N, K / 32] (`mixtral_chat.quant.int8`); returns `out`. x and
+        out are float32, contiguous, on the CPU like the weights."""
+        n, k = qweight.shape
+        m = x.shape[0] if x.dim() == 2 else -1
+        expected = {
+            "qweight": (qweight, torch.int8, (n, k)),
+            "scales": (scales, _F32, (n, k // 32)),
+            "x": (x, _F32, (m, k)),
+            "out": (out, _F32, (m, n)),
+        }
+        for name, (tensor, dtype, shape) in expected.items():
+            fits = tensor.dtype is dtype and tensor.is_cpu and tensor.is_contiguous()
+            if not (fits and tensor.shape == shape):
+                raise QuantizationError(
+                    f"native int8: {name!r} is {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}, "
+                    f"expected a contiguous {dtype} CPU tensor {shape}"
+                )
+        if k % 32 != 0:
+            raise QuantizationError(f"native int8: in_features must be a multiple of 32, got {k}")
+        rc = self._run_q8(
+            qweight.data_ptr(),
+            scales.data_ptr(),
+            x.data_ptr(),
+            out.data_ptr(),
+            m,
+            n,
+            k,
+            _get_num_threads() if threads is None else threads,
+        )
+        if rc != 0:
+            raise QuantizationError(f"native int8 kernel failed: {_ERRORS.get(rc, f'error {rc}')}")
         return out
 
 
@@ -467,7 +509,7 @@ def build_library(native: bool = True) -> Path:
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install cc, gcc or clang)")
     version = _compiler_version(cc)
-    source = SOURCE.read_text(encoding="utf-8")
+    source = "\0".join(path.read_text(encoding="utf-8") for path in (SOURCE, *INCLUDED_SOURCES))
     attempts = [NATIVE_FLAGS + BASE_FLAGS, BASE_FLAGS] if native else [BASE_FLAGS]
     errors = []
     for flags in attempts:

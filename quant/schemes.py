@@ -248,8 +248,8 @@ def default_scheme(device: torch.device | str) -> str:
     bandwidth, 1.2-1.4 ms; nf4 on the native kernel's code-book path 1.5-1.9 ms, ~2x int4's
     error from rounding; ATen's int4 kernel, where the native one cannot be built, 4.2-4.7 ms;
     bnb's NF4 CPU path 89-112 ms: docs/BENCHMARKS.md). CUDA: nf4 (bitsandbytes' CUDA
-    kernels; its stored blocks are the runtime form, so offloaded experts stream from the files
-    as they are, where int4 is repacked for tinygemm) until the GEMV benchmark has been run on a
-    GPU (bench/gpu_quant.sh); update this when it has.
+    kernels; its stored blocks are the runtime form, so offloaded experts compute on the copied
+    blobs as they are, where int4 is packed for tinygemm after each copy) until the GEMV benchmark
+    has been run on a GPU (bench/gpu_quant.sh); update this when it has.
     """
     return "nf4" if torch.device(device).type == "cuda" else "int4"

@@ -95,6 +95,23 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-mixtral"))
 
 
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory: pytest.TempPathFactory):  # -> mixtral_chat.quant.native.Int4Kernel
+    """The native kernel, compiled once per test module into a temporary MIXTRAL_CHAT_HOME
+    (the int4 and int8 kernel tests); skipped without AVX2."""
+    from mixtral_chat.quant import native
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MIXTRAL_CHAT_HOME", str(tmp_path_factory.mktemp("native-home")))
+        mp.delenv(native.NATIVE_DIR_ENV, raising=False)
+        mp.delenv(native.NO_NATIVE_ENV, raising=False)
+        path = native.build_library()
+    loaded = native.load_kernel(path)
+    if not loaded.has_avx2:
+        pytest.skip("this CPU has no AVX2")
+    return loaded
+
+
 @pytest.fixture
 def make_checkpoint(tmp_path: Path) -> Callable[..., Path]:
     counter = iter(range(1000))

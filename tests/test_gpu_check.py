@@ -23,7 +23,8 @@ def test_the_gpu_check_dry_run_passes(tmp_path: Path) -> None:
     lines = done.stdout.splitlines()
     assert lines[-1] == "gpu_check: all checks passed"
     correctness = [line for line in lines if line.startswith("| correctness |")]
-    assert len(correctness) == 6 and all("| PASS | bit-identical |" in line for line in correctness)
+    assert len(correctness) == 8 and all("| PASS | bit-identical |" in line for line in correctness)
+    assert sum("| loaded on CPU, moved to the device | PASS" in line for line in correctness) == 2
     asks = [line for line in lines if line.startswith("| ask end to end |")]
     assert len(asks) == 3 and all("| PASS |" in line for line in asks)
     # The smallest budget cannot copy every miss: some experts are computed on the CPU there.

@@ -33,20 +33,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def kernel(tmp_path_factory: pytest.TempPathFactory) -> native.Int4Kernel:
-    """The kernel, compiled once for this module into a temporary MIXTRAL_CHAT_HOME."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MIXTRAL_CHAT_HOME", str(tmp_path_factory.mktemp("native-home")))
-        mp.delenv(native.NATIVE_DIR_ENV, raising=False)
-        mp.delenv(native.NO_NATIVE_ENV, raising=False)
-        path = native.build_library()
-    loaded = native.load_kernel(path)
-    if not loaded.has_avx2:
-        pytest.skip("this CPU has no AVX2")
-    return loaded
-
-
 @pytest.fixture
 def fresh_native(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """`int4_kernel()` looks again, with its cache under tmp_path; the old state comes back after."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -116,7 +117,12 @@ def test_cli_pull_list_ask_rm(server: HubServer, env: dict[str, str], tiny_files
     # Quantizing is covered in-process below (torch is already loaded there); this run stays light.
     pull_run = run_cli("models", "pull", REPO, "--no-quantize", env=env)
     assert pull_run.returncode == 0, pull_run.stderr
-    assert "downloading" in pull_run.stderr and "ETA" in pull_run.stderr
+    # Not a terminal: plain lines without terminal codes; the download's last one is its 100%.
+    assert "\r" not in pull_run.stderr and "\x1b" not in pull_run.stderr
+    rows = [line for line in pull_run.stderr.splitlines() if line.startswith("downloading ")]
+    assert rows and "ETA " in rows[0] and "elapsed " in rows[0]
+    final = re.match(r"downloading  100\.0%  (\d.*? [kMG]?B) / (\d.*? [kMG]?B)  ", rows[-1])
+    assert final and final[1] == final[2] and "ETA" not in rows[-1], rows
     assert {r.filename for r in server.gets()} >= {SHARD1, "tokenizer.model", "config.json"}
 
     listed = cli_in_process(capfd, "models", "list", "--json")
@@ -227,6 +233,34 @@ def test_cli_ctrl_c_stops_cleanly_and_the_next_pull_resumes(server: HubServer, e
     assert snapshot is not None and (snapshot / SHARD1).read_bytes() == tiny_files[SHARD1]
 
 
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pty")
+def test_cli_ctrl_c_on_a_terminal_stops_the_bar_before_the_message(server: HubServer, env):
+    from tests.terminal_session import ANSI, ERASE_LINE, PARTIAL_BAR, SHOW_CURSOR, run_on_a_terminal
+
+    release = server.stall(REPO, SHARD1, after_bytes=CHUNK + 1_000_000)
+    blobs = hub_cache.repo_storage_dir(REPO, Path(env["HF_HOME"]) / "hub") / "blobs"
+
+    def a_chunk_is_on_disk_and_drawn(terminal: str) -> bool:
+        found = list(blobs.glob("*.incomplete")) if blobs.exists() else []
+        return bool(found) and found[0].stat().st_size >= CHUNK and "downloading" in terminal
+
+    try:
+        run = run_on_a_terminal(
+            ["-m", "mixtral_chat.app.cli", "models", "pull", REPO, "--no-quantize"],
+            env={**env, "HF_TOKEN": ""},
+            interrupt_when=a_chunk_is_on_disk_and_drawn,
+        )
+    finally:
+        release.set()
+    assert run.returncode == 130, run.terminal
+    said = f"mixtral-chat: interrupted; run `mixtral-chat models pull {REPO}` again to resume\r\n"
+    assert run.terminal.endswith(said)
+    before = run.terminal[: -len(said)]
+    assert before.endswith(SHOW_CURSOR)  # the display stopped, the cursor shown, then the message
+    last_row = ANSI.sub("", before.rsplit(ERASE_LINE, 1)[1]).strip()
+    assert re.match(rf"downloading +{PARTIAL_BAR} +\d+\.\d% ", last_row) and "100.0%" not in last_row
+
+
 # ---------------------------------------------------------------------------------------------
 # The Python API the settings screen uses.
 
@@ -295,6 +329,24 @@ def test_pull_quantizes_and_can_drop_the_original(server: HubServer, capfd, monk
     again = pull.pull_model(REPO)
     assert again.path == entry.path and again.status == entries.QUANTIZED
     assert server.requests == []
+
+
+@pytest.mark.skipif(
+    not quant_available() or not hasattr(os, "openpty"), reason="needs the quantizer and a pty"
+)
+def test_cli_pull_draws_a_rich_row_per_phase_on_a_terminal(server: HubServer, env: dict[str, str]):
+    from tests.terminal_session import BAR, SHOW_CURSOR, run_on_a_terminal
+
+    run = run_on_a_terminal(
+        ["-m", "mixtral_chat.app.cli", "models", "pull", REPO, "--scheme", "int4"], env=env
+    )
+    assert run.returncode == 0, run.terminal
+    assert f"{REPO}: int4 model at " in run.stdout and "\x1b" not in run.stdout  # stdout: no display
+    assert run.terminal.rstrip("\r\n").endswith(SHOW_CURSOR)
+    downloading, quantizing = run.final_frame()  # the download's row stays above the quantizing one
+    for row, label in ((downloading, "downloading"), (quantizing, "quantizing")):
+        final = re.match(rf"{label} +{BAR}+ 100\.0% (\d.*? [kMG]?B) / (\d.*? [kMG]?B) ", row)
+        assert final and final[1] == final[2] and "ETA" not in row and "elapsed " in row, row
 
 
 @pytest.mark.skipif(

@@ -33,9 +33,8 @@ bnbf = bnb_functional()
 FP4_BOUND = 3.4e-2
 BACKENDS_BOUND = 2.0e-2
 
-# The int4 tests' fixtures: the kernel built once for the module; a fresh `int4_kernel()` cache;
-# the layers finding that kernel.
-kernel = test_int4_native.kernel
+# The int4 tests' fixtures: a fresh `int4_kernel()` cache; the layers finding the kernel (the
+# compiled `kernel` fixture itself is in conftest.py).
 fresh_native = test_int4_native.fresh_native
 native_available = test_int4_native.native_available
 

@@ -130,7 +130,8 @@ def test_the_engine_table_keeps_its_keys(isolated_home: Path) -> None:
     engine_table = text[text.index("[engine]") :].split("\n\n")[0].splitlines()[1:]
     keys = [line.split(" = ")[0] for line in engine_table]
     # The keys the settings have always written, then the one the CLI also sets, then what a
-    # missed expert does (issue 14; the bandwidths stay unset: measured per host).
+    # missed expert does (issue 14; the bandwidths stay unset: measured per host), then the
+    # vocabulary weights' form (issue 16).
     assert keys == [
         "device",
         "dtype",
@@ -140,5 +141,6 @@ def test_the_engine_table_keeps_its_keys(isolated_home: Path) -> None:
         "offload_store",
         "cache_policy",
         "on_miss",
+        "vocab_weights",
     ]
     assert load_settings() == settings

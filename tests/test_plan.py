@@ -15,6 +15,7 @@ from mixtral_chat.engine.offload.planner import plan_placement, sizes_of_config,
 from mixtral_chat.engine.offload.store import choose_store
 from mixtral_chat.engine.runtime import default_context
 from mixtral_chat.engine.weights import load_model
+from mixtral_chat.quant.int8 import quantize_vocab_weights
 from tests.conftest import run_cli
 
 MIXTRAL = ModelArgs.from_dict(MIXTRAL_8X7B_CONFIG, source="test")
@@ -68,6 +69,8 @@ def test_the_chosen_placement_beats_copying_and_computing_every_miss() -> None:
 def test_sizes_from_the_config_are_those_of_the_loaded_model(scheme: str) -> None:
     model = load_model(demo_dir(), quant=scheme)
     assert sizes_of_config(model.args, scheme, 64, dtype_bytes=4) == sizes_of_model(model, 64)
+    if scheme != "none" and quantize_vocab_weights(model):  # as the engine runs it on a CPU
+        assert sizes_of_config(model.args, scheme, 64, 4, vocab_int8=True) == sizes_of_model(model, 64)
 
 
 def plan_cli(*args: str, home: Path) -> tuple[int, str, str]:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from mixtral_chat.app.argtypes import float_range, int_range
 from mixtral_chat.app.commands.engine_flags import add_engine_arguments, load_options
-from mixtral_chat.app.progress import ProgressLine
+from mixtral_chat.app.progress import PhaseProgress, Row
 from mixtral_chat.engine.options import (
     MAX_TOKENS_MIN,
     SEED_MAX,
@@ -28,7 +28,7 @@ from mixtral_chat.engine.options import (
     TOP_P_MAX,
     GenerationConfig,
 )
-from mixtral_chat.engine.units import format_duration, format_size
+from mixtral_chat.engine.units import format_count
 
 if TYPE_CHECKING:
     from mixtral_chat.app.conversation_log import ConversationLog
@@ -244,22 +244,28 @@ LOAD_QUIET_S = 1.0
 def load_engine(args: argparse.Namespace, resolved: ResolvedModel) -> Engine:
     from mixtral_chat.engine.runtime import Engine
 
-    line = ProgressLine(sys.stderr, log_interval_s=math.inf)
-    shown = line.tty and not args.json  # a terminal only: a pipe or a log gets no progress lines
+    rows = PhaseProgress(sys.stderr, log_interval_s=math.inf)
+    # A terminal only (TERM=dumb: its first and last row as plain lines); a pipe or a log gets none.
+    shown = sys.stderr.isatty() and not args.json
 
     def loading(progress: LoadProgress) -> None:
-        if not shown or (progress.elapsed_s < LOAD_QUIET_S and not line.width):
-            return  # under a second: no line at all
-        done, total = format_size(progress.bytes_done), format_size(progress.bytes_total)
-        text = f"loading {resolved.name}: {done} of {total}"
-        if progress.eta_s is not None and not progress.finished:
-            text += f", {format_duration(progress.eta_s)} left"
-        line.show(text, phase="load", final=progress.finished)
+        if not shown or (progress.elapsed_s < LOAD_QUIET_S and not rows.shown):
+            return  # under a second: no row at all
+        row = Row(
+            f"loading {resolved.name}",
+            progress.bytes_done,
+            progress.bytes_total or None,
+            speed=progress.bytes_done / progress.elapsed_s if progress.elapsed_s > 0 else None,
+            eta_s=progress.eta_s,
+            elapsed_s=progress.elapsed_s,
+            detail=f"{format_count(progress.tensors)} tensors",
+        )
+        rows.show("load", row, final=progress.finished)
 
     try:
         engine = Engine.load(resolved.path, load_options(args), name=resolved.name, progress=loading)
     finally:
-        line.end()
+        rows.close()
     plan = engine.info.offload_plan
     # Automatic offloading is always announced: it explains a slower answer.
     if plan and (args.stats or plan.startswith("auto")):

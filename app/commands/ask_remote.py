@@ -32,6 +32,7 @@ LOCAL_ONLY = {
     "offload": None,
     "prefetch": False,
     "cache_policy": "lru",
+    "vocab_weights": "auto",
     "trace_routing": None,
 }
 

@@ -16,6 +16,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--quant", choices=["none", "int4", "nf4"], help="quantize a float model in memory")
     parser.add_argument(
+        "--vocab-weights",
+        default="auto",
+        choices=["auto", "float", "int8"],
+        help="a 4-bit model's lm_head and embeddings on the CPU (auto: int8 where the native kernel runs)",
+    )
+    parser.add_argument(
         "--context",
         type=int_range("--context", 1),
         help="context length in tokens (default: the model's own, shortened if memory is short)",
@@ -65,6 +71,7 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
         on_miss=args.on_miss,
         h2d_gbps=args.h2d_gbps,
         cpu_gbps=args.cpu_gbps,
+        vocab_weights=args.vocab_weights,
     )
 
 

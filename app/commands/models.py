@@ -11,9 +11,9 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from mixtral_chat.app.progress import ProgressLine
+from mixtral_chat.app.progress import PhaseProgress, Row
 from mixtral_chat.app.terminal import ask_yes_no
-from mixtral_chat.engine.units import format_bytes, format_count, format_duration, format_size
+from mixtral_chat.engine.units import format_bytes, format_count, format_size
 
 if TYPE_CHECKING:
     from mixtral_chat.engine.models.entries import ModelEntry
@@ -262,26 +262,26 @@ def _rm(args: argparse.Namespace) -> int:
 # pull
 
 
-def _show_pull_progress(line: ProgressLine, progress: PullProgress) -> None:
+def _show_pull_progress(rows: PhaseProgress, progress: PullProgress) -> None:
+    """One row for the download, then one for quantizing (bytes of the original)."""
     finished = progress.bytes_total > 0 and progress.bytes_done >= progress.bytes_total
-    line.show(_progress_text(progress), phase=progress.phase, final=finished)
-
-
-def _progress_text(progress: PullProgress) -> str:
-    percent = f"{100 * progress.fraction:5.1f}%" if progress.bytes_total else "  ?  "
-    amounts = f"{format_bytes(progress.bytes_done)} / {format_bytes(progress.bytes_total)}"
-    speed = f"{format_bytes(progress.speed)}/s" if progress.speed else "-"
-    eta = format_duration(progress.eta_s)
-    verb = "downloading" if progress.phase == "download" else "quantizing"
-    current = f"  {progress.file}" if progress.file else ""
-    return f"{verb} {percent}  {amounts}  {speed}  ETA {eta}{current}"
+    label = "downloading" if progress.phase == "download" else "quantizing"
+    row = Row(
+        label,
+        progress.bytes_done,
+        progress.bytes_total or None,
+        speed=progress.speed,
+        eta_s=progress.eta_s,
+        detail=progress.file or "",
+    )
+    rows.show(progress.phase, row, final=finished)
 
 
 def _pull(args: argparse.Namespace) -> int:
     from mixtral_chat.engine.models.pull import pull_model
     from mixtral_chat.engine.models.removal import delete_original
 
-    line = ProgressLine(sys.stderr, log_interval_s=5.0)
+    rows = PhaseProgress(sys.stderr, log_interval_s=5.0)
     try:
         entry = pull_model(
             args.name,
@@ -290,17 +290,17 @@ def _pull(args: argparse.Namespace) -> int:
             group_size=args.group_size,
             keep_original=True,  # asked below, after quantizing, when there is someone to ask
             revision=args.revision,
-            progress=functools.partial(_show_pull_progress, line),
+            progress=functools.partial(_show_pull_progress, rows),
         )
     except KeyboardInterrupt:
-        line.end()
+        rows.close()
         print(
             f"mixtral-chat: interrupted; run `mixtral-chat models pull {args.name}` again to resume",
             file=sys.stderr,
         )
         return 130
     finally:
-        line.end()
+        rows.close()
     if entry.original_path is not None:
         print(f"{entry.name}: original at {entry.original_path} ({format_size(_original_size(entry))})")
     if entry.quantized_path is not None:

@@ -114,6 +114,7 @@ def make_plan(args: argparse.Namespace, name: str, model: ModelArgs, stored_sche
     from mixtral_chat.engine.offload.planner import plan_placement, sizes_of_config
     from mixtral_chat.engine.offload.store import choose_store
     from mixtral_chat.engine.runtime import available_ram_bytes, default_context, default_memory_budget_gb
+    from mixtral_chat.quant.int8 import vocab_weights_form
 
     has_gpu = torch.cuda.is_available()
     on_gpu = args.gpu_mem is not None or has_gpu
@@ -131,7 +132,9 @@ def make_plan(args: argparse.Namespace, name: str, model: ModelArgs, stored_sche
     dtype_bytes = 2 if on_gpu else 4  # bfloat16 on a GPU, float32 on a CPU (resolve_dtype's auto)
     context = min(args.context, model.max_position_embeddings) if args.context else None
     context = context or default_context(model, dtype_bytes, budget)
-    sizes = sizes_of_config(model, scheme, context, dtype_bytes)
+    # On a CPU the engine keeps a 4-bit model's embeddings and lm_head in int8 (its "auto").
+    vocab_int8 = vocab_weights_form("auto", "cuda" if on_gpu else "cpu", True, model) == "int8"
+    sizes = sizes_of_config(model, scheme, context, dtype_bytes, vocab_int8)
 
     if args.profile:
         rates = bandwidth.PROFILES[args.profile]

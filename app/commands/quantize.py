@@ -10,12 +10,11 @@ from typing import TYPE_CHECKING, TextIO
 
 from mixtral_chat.app.argtypes import int_range, one_of
 from mixtral_chat.app.errors import UsageError
-from mixtral_chat.app.progress import ProgressLine
+from mixtral_chat.app.progress import PhaseProgress, Row
 from mixtral_chat.engine.checkpoint import TOKENIZER_FILE, read_weight_map
 from mixtral_chat.engine.config import ModelArgs
 from mixtral_chat.engine.errors import QuantizationError, TokenizerError
 from mixtral_chat.engine.tokenizer import Tokenizer
-from mixtral_chat.engine.units import format_duration
 from mixtral_chat.quant.workdir import kept_shards, partial_dir
 
 if TYPE_CHECKING:
@@ -130,28 +129,34 @@ def interrupted_message(dst: Path, progress: QuantProgress | None) -> str:
 
 
 class _QuantizeProgress:
-    """`quantize_model_dir`'s progress callback: the progress line, plus the latest progress for
-    the Ctrl+C message and a note when an earlier run is resumed."""
+    """`quantize_model_dir`'s progress callback: a row for the shards, then one for writing the
+    index and config; plus the latest progress for the Ctrl+C message and a note when an earlier
+    run is resumed."""
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
-        self.line = ProgressLine(stream, log_interval_s=10.0)
+        self.rows = PhaseProgress(stream, log_interval_s=10.0)
         self.last_progress: QuantProgress | None = None
 
     def __call__(self, p: QuantProgress) -> None:
         if self.last_progress is None and p.shards_done:
             self.stream.write(f"mixtral-chat: resuming: {p.shards_done} of {p.shards_total} shards done\n")
         self.last_progress = p
-        bar_len = 24
-        filled = int(bar_len * p.fraction)
-        text = (
-            f"[{'#' * filled}{'.' * (bar_len - filled)}] {p.tensors_done}/{p.tensors_total} tensors "
-            f"{p.shards_done}/{p.shards_total} shards {p.bytes_per_s / 1e6:.0f} MB/s "
-            f"ETA {format_duration(p.eta_s)}"
+        shards = Row(
+            "quantizing",
+            p.bytes_done,
+            p.bytes_total,
+            speed=p.bytes_per_s,
+            eta_s=p.eta_s,
+            elapsed_s=p.elapsed_s,
+            detail=f"{p.tensors_done}/{p.tensors_total} tensors, {p.shards_done}/{p.shards_total} shards",
         )
-        if p.phase == "finishing":
-            text += " writing index and config"
-        self.line.show(text, phase=p.phase, final=p.phase in ("finishing", "done"))
+        if p.phase == "quantizing":
+            self.rows.show("shards", shards)
+            return
+        self.rows.show("shards", shards, final=True)  # every shard written
+        finishing = Row("writing index and config", int(p.phase == "done"), 1, unit="")
+        self.rows.show("finishing", finishing, final=p.phase == "done")
 
     def close(self) -> None:
-        self.line.end()
+        self.rows.close()

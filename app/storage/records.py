@@ -55,6 +55,7 @@ class Instance:
     started_at: float
     heartbeat_at: float
     generating_in: int | None
+    kind: str = "app"  # "app" (the chat TUI) or "ask" (a stored one-shot answer)
 
 
 @dataclass(frozen=True)
@@ -123,4 +124,5 @@ def instance_from_row(row: sqlite3.Row) -> Instance:
         started_at=row["started_at"],
         heartbeat_at=row["heartbeat_at"],
         generating_in=row["generating_in"],
+        kind=row["kind"],
     )

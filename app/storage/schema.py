@@ -83,6 +83,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             generating_in INTEGER REFERENCES conversations(id) ON DELETE SET NULL
         )""",
     ),
+    # 4 -> 5: what each instance is, "app" (the chat TUI) or "ask" (a one-shot answer that is
+    # stored): an app announces other apps, not every `ask` run beside it.
+    ("ALTER TABLE instances ADD COLUMN kind TEXT NOT NULL DEFAULT 'app'",),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

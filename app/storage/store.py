@@ -63,6 +63,7 @@ class Storage:
         self._lock = threading.RLock()
         # This app's row in `instances` once `register_instance` is called.
         self.instance_id: int | None = None
+        self.instance_kind = "app"
         try:
             migrate(self._conn)
         except sqlite3.DatabaseError as exc:
@@ -160,16 +161,18 @@ class Storage:
 
     # -- running instances and their leases ------------------------------------------------------
 
-    def register_instance(self) -> int:
-        """Add this app to `instances` (and drop the rows of apps that are gone)."""
+    def register_instance(self, kind: str = "app") -> int:
+        """Add this app to `instances` as `kind` ("app" or "ask"), and drop the rows of apps that
+        are gone."""
         now = time.time()
+        self.instance_kind = kind
         with self._write() as conn:
             for row in conn.execute("SELECT * FROM instances").fetchall():
                 if not instance_is_live(instance_from_row(row), now):
                     conn.execute("DELETE FROM instances WHERE id = ?", (row["id"],))
             cursor = conn.execute(
-                "INSERT INTO instances (pid, host, started_at, heartbeat_at) VALUES (?, ?, ?, ?)",
-                (os.getpid(), socket.gethostname(), now, now),
+                "INSERT INTO instances (pid, host, started_at, heartbeat_at, kind) VALUES (?, ?, ?, ?, ?)",
+                (os.getpid(), socket.gethostname(), now, now, kind),
             )
             self.instance_id = int(cursor.lastrowid or 0)
         return self.instance_id
@@ -183,8 +186,16 @@ class Storage:
             )
             if cursor.rowcount == 0:  # dropped as stale by another app (this one was frozen)
                 conn.execute(
-                    "INSERT INTO instances (id, pid, host, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?)",
-                    (self.instance_id, os.getpid(), socket.gethostname(), time.time(), time.time()),
+                    "INSERT INTO instances (id, pid, host, started_at, heartbeat_at, kind)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        self.instance_id,
+                        os.getpid(),
+                        socket.gethostname(),
+                        time.time(),
+                        time.time(),
+                        self.instance_kind,
+                    ),
                 )
 
     def unregister_instance(self) -> None:

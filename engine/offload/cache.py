@@ -1,7 +1,10 @@
 """One layer's expert cache on the compute device.
 
 k preallocated slot buffers, each with a slot module whose tensors are views into it: loading
-expert e into slot s is one copy, no allocation per token. Which expert sits where is
+expert e into slot s is one copy, no allocation per token. Where the device's runtime form is not
+views of the stored blob (int4 on CUDA: tinygemm's layout), each slot module holds its own runtime
+tensors instead, and a load is a copy into one staging blob on the device followed by a pack into
+the slot (`ExpertBlobLayout.repack`, on the copy thread and stream). Which expert sits where is
 `slots.SlotMap`'s business; the copies are `transfers.Transfers`'.
 
 A layer whose misses run on the CPU (`placement.CPU`) keeps its slots fixed (maybe none) and
@@ -11,6 +14,7 @@ serves every other expert from `cpu_experts.CpuExperts`.
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,8 +53,11 @@ class LayerExpertCache:
         on_miss: str = COPY,
         cpu_experts: CpuExperts | None = None,
         costs: MissCosts | None = None,
+        staging: torch.Tensor | None = None,
     ) -> None:
-        """`costs`: what a SPLIT layer weighs to share a step's misses (None: copy them all)."""
+        """`costs`: what a SPLIT layer weighs to share a step's misses (None: copy them all).
+        `staging`: a blob on the device, shared by every layer (the copies run one at a time), where
+        the slots repack from; `template` is then a meta shell of the device's runtime form."""
         if on_miss in (CPU, SPLIT) and cpu_experts is None:
             raise ValueError("a layer that computes its misses on the CPU needs the CPU experts")
         self.layer = layer
@@ -60,13 +67,16 @@ class LayerExpertCache:
         self.store = store
         self.transfers = transfers
         self.slots = SlotMap(capacity, make_policy(policy), CacheCounters(), store.layout.nbytes)
-        self.buffers = [
-            torch.empty(store.layout.nbytes, dtype=torch.uint8, device=device) for _ in range(capacity)
-        ]
+        self.staging = staging
+        self.buffers: list[torch.Tensor] = []
         self.modules: list[nn.Module] = []
-        for buffer in self.buffers:
+        for _ in range(capacity):
             module = copy.deepcopy(template)  # a meta shell: copying it costs nothing
-            store.layout.bind(module, buffer)
+            if staging is None:
+                self.buffers.append(torch.empty(store.layout.nbytes, dtype=torch.uint8, device=device))
+                store.layout.bind(module, self.buffers[-1])
+            else:
+                module.to_empty(device=device)  # its own runtime tensors, filled by each load
             self.modules.append(module)
         self.pending: dict[int, Transfer] = {}  # slot -> transfer in flight
         self.activity = LayerActivity()
@@ -83,8 +93,13 @@ class LayerExpertCache:
         replaced = self.pending.get(slot)
         if replaced is not None:  # its expert was evicted before its copy finished
             self.transfers.cancel(replaced)
+        if self.staging is None:
+            out, then = self.buffers[slot], None
+        else:
+            pack = functools.partial(self.store.layout.repack, self.modules[slot], self.staging)
+            out, then = self.staging, pack
         self.pending[slot] = self.transfers.submit(
-            self.store, self.layer, expert, self.buffers[slot], priority=priority
+            self.store, self.layer, expert, out, priority=priority, then=then
         )
 
     def experts_for(self, expert_ids: Sequence[int]) -> list[nn.Module]:

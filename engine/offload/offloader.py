@@ -3,6 +3,11 @@
 Each layer follows its `placement.LayerPlacement`: k slots on the device, and misses copied into
 them or computed on the CPU from the store (`cpu_experts`).
 
+The store always holds the experts' stored (or CPU-loaded) form. Where the device computes another
+form (int4 on CUDA: tinygemm's layout, or ATen's on a CPU without the native kernel), the slots
+hold the device's form and each load is a copy into one staging blob on the device and a pack into
+the slot (`cache.LayerExpertCache`, `ExpertBlobLayout.repack`).
+
 Speculative prefetch (off by default): the hidden state entering layer l's MoE goes through layer
 l+1's router once layer l's own misses are queued, and the predicted experts load (behind any
 demand copy) while layer l computes.
@@ -29,6 +34,8 @@ from mixtral_chat.engine.offload.streamed import StreamedExperts
 from mixtral_chat.engine.offload.transfers import Transfers
 from mixtral_chat.engine.paths import data_dir
 from mixtral_chat.quant.blob import ExpertBlobLayout
+from mixtral_chat.quant.int4 import Int4Linear, int4_backend
+from mixtral_chat.quant.int4_forms import NATIVE
 
 
 class ExpertOffloader:
@@ -64,6 +71,7 @@ class ExpertOffloader:
             self.store, template = self._store_from_loaded_experts(store_path)
         self._leave_meta_shells()
         self.cpu_experts = self._cpu_experts(cpu_template or self._cpu_form(template, stored))
+        template, self.staging = self._slot_form(template, stored)
         self.transfers = Transfers(model.device, simulate_link_gbps)
         self.caches = self._warm_caches(template, policy)
         self._serve_layers(prefetch)
@@ -108,10 +116,37 @@ class ExpertOffloader:
             layer.block_sparse_moe.experts_per_call = placed.slots if placed.on_miss == COPY else E
 
     def _cpu_form(self, template: nn.Module, stored: StoredExperts | None) -> nn.Module | None:
-        """The slots' template where it is the CPU form too; else the stored experts' CPU form."""
-        if self.model.device.type == "cpu" or stored is None:
-            return template  # a CPU device, or experts loaded (on the CPU) then packed
+        """The store's template where it is the CPU form too; else the stored experts' CPU form."""
+        if stored is None:
+            return template  # experts loaded (on the CPU) then packed
+        if self.model.device.type == "cpu" and not stored.repacked:
+            return template
         return stored.cpu_template()
+
+    def _slot_form(
+        self, template: nn.Module, stored: StoredExperts | None
+    ) -> tuple[nn.Module, Tensor | None]:
+        """The slots' template, and the staging blob on the device that loads land in where the
+        device computes a form other than views of the store's blobs (else None: slots bind views)."""
+        device = self.model.device
+        if stored is not None:
+            repack = stored.repacked  # the template already is the device's form
+        else:
+            repack = _loaded_int4_needs_repack(template, device)
+            if repack:
+                template = self._device_form(template)
+        if not repack:
+            return template, None
+        return template, torch.empty(self.store.layout.nbytes, dtype=torch.uint8, device=device)
+
+    def _device_form(self, template: nn.Module) -> nn.Module:
+        """A meta shell of the device's runtime form of the store's experts: one expert's blob bound
+        to the store's template, moved to the device (`Int4Linear` repacks), emptied."""
+        blob = torch.empty(self.store.layout.nbytes, dtype=torch.uint8)
+        self.store.copy_into(0, 0, blob, 0, blob.numel(), False)  # any expert: only the form matters
+        module = copy.deepcopy(template)
+        self.store.layout.bind(module, blob)
+        return module.to(self.model.device).to("meta")
 
     def _cpu_experts(self, cpu_template: nn.Module | None) -> CpuExperts | None:
         if all(layer.on_miss == COPY for layer in self.plan.layers):
@@ -140,6 +175,7 @@ class ExpertOffloader:
                 placed.on_miss,
                 self.cpu_experts,
                 costs,
+                self.staging,
             )
             for li, placed in enumerate(self.plan.layers)
         ]
@@ -193,6 +229,7 @@ class ExpertOffloader:
             "experts_per_layer": self.plan.experts_per_layer,
             "store": self.plan.store,
             "store_from_files": self.from_files,
+            "slots_repacked": self.staging is not None,  # packed for the device after each copy
             "prefetch": self.prefetch_enabled,
             "hit_rate": round(total.hit_rate, 4),
             "hits": total.hits,
@@ -223,6 +260,22 @@ class ExpertOffloader:
         if self.cpu_experts is not None:
             self.cpu_experts.close()
         self.store.close()
+
+
+def _loaded_int4_needs_repack(template: nn.Module, device: torch.device) -> bool:
+    """Experts loaded on the CPU hold the CPU's int4 form (their stored parts on the native
+    kernel): another device, or another backend here, computes another form, packed from those
+    parts after each copy. ATen's CPU form is no stored form to pack from: a clear error."""
+    int4 = [module for module in template.modules() if isinstance(module, Int4Linear)]
+    backend = int4_backend(device)
+    if not int4 or (device.type == "cpu" and all(module.backend == backend for module in int4)):
+        return False
+    if any(module.backend != NATIVE for module in int4):
+        raise MixtralChatError(
+            f"int4 experts loaded in ATen's CPU form cannot be offloaded to {device.type}: quantize the "
+            "model (mixtral-chat quantize) so that they stream from its files"
+        )
+    return True
 
 
 def move_non_experts(model: Mixtral, device: torch.device) -> None:

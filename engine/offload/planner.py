@@ -30,6 +30,7 @@ from mixtral_chat.engine.offload.placement import (
 )
 from mixtral_chat.engine.units import format_bytes
 from mixtral_chat.quant.blob import ExpertBlobLayout, module_tensors
+from mixtral_chat.quant.int8 import int8_matrix_bytes
 from mixtral_chat.quant.schemes import get_scheme
 
 AUTO = "auto"
@@ -180,7 +181,7 @@ def sizes_of_model(model: Mixtral, context_length: int, expert_bytes: int | None
         for name, t in module_tensors(model)
         if id(t) not in expert_ids and ".kv_cache." not in name
     )
-    embedding = model.embed_tokens.weight
+    embedding = sum(t.numel() * t.element_size() for _, t in module_tensors(model.embed_tokens))
     return ModelSizes(
         num_layers=args.num_hidden_layers,
         num_experts=args.num_local_experts,
@@ -188,16 +189,17 @@ def sizes_of_model(model: Mixtral, context_length: int, expert_bytes: int | None
         expert_bytes=expert_bytes,
         resident_bytes=resident,
         kv_cache_bytes=args.kv_cache_bytes(context_length, model.dtype.itemsize),
-        dense_read_bytes=resident - embedding.numel() * embedding.element_size(),
+        dense_read_bytes=resident - embedding,  # a token reads one row of it
     )
 
 
 def sizes_of_config(
-    args: ModelArgs, scheme_name: str, context_length: int, dtype_bytes: int = 2
+    args: ModelArgs, scheme_name: str, context_length: int, dtype_bytes: int = 2, vocab_int8: bool = False
 ) -> ModelSizes:
     """The sizes of a model quantized with `scheme_name` ("none" for float), from its shape alone:
     attention and experts in the scheme's parts, every other weight (and the KV cache) in a float
-    of `dtype_bytes`, as `mixtral-chat quantize` stores them and the engine loads them."""
+    of `dtype_bytes`, as `mixtral-chat quantize` stores them and the engine loads them; with
+    `vocab_int8` the embeddings and lm_head in int8 (quant/int8.py), as a 4-bit model on a CPU."""
     float_dtype = {2: torch.bfloat16, 4: torch.float32}[dtype_bytes]
     scheme = get_scheme(scheme_name, float_dtype=float_dtype if scheme_name == "none" else None)
     expert_bytes = ExpertBlobLayout.build(scheme, args.hidden_size, args.intermediate_size).nbytes
@@ -210,8 +212,9 @@ def sizes_of_config(
     ]
     attention = sum(spec.nbytes for shape in projections for spec in scheme.part_specs(*shape))
     per_layer_float = (2 * d + args.num_local_experts * d) * dtype_bytes  # two norms, the router
-    embedding = args.vocab_size * d * dtype_bytes
-    head = 0 if args.tie_word_embeddings else args.vocab_size * d * dtype_bytes
+    vocab_matrix = int8_matrix_bytes(args.vocab_size, d) if vocab_int8 else args.vocab_size * d * dtype_bytes
+    embedding = vocab_matrix
+    head = 0 if args.tie_word_embeddings else vocab_matrix
     resident = args.num_hidden_layers * (attention + per_layer_float) + embedding + head + d * dtype_bytes
     return ModelSizes(
         num_layers=args.num_hidden_layers,

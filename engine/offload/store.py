@@ -2,9 +2,9 @@
 
 A store holds one contiguous blob per expert (all its weights and scales, laid out by
 `quant.blob.ExpertBlobLayout`), so a miss is one copy. When the runtime experts are plain views
-of the blobs a quantized directory stores (`StoredExperts`), the store is filled from those files
-directly, and the disk tier is the quantized shards themselves: no expert is ever materialised
-outside the cache.
+of the blobs a quantized directory stores, or are packed on the device from them after each copy
+(`StoredExperts`), the store is filled from those files directly, and the disk tier is the
+quantized shards themselves: no expert is ever materialised outside the cache.
 """
 
 from __future__ import annotations
@@ -182,13 +182,18 @@ class DiskStore(FileStore):
 
 
 class StoredExperts:
-    """The expert blobs of a quantized directory, when the runtime experts are views of them.
+    """The expert blobs of a quantized directory, streamed from its files.
 
-    True for nf4 (CPU and CUDA) and int4 with the native CPU kernel: their runtime modules
-    compute on the stored parts in place. Then an expert moves as the stored bytes, and the
-    store is filled from (RAM) or is (disk) the quantized shards, read expert by expert.
-    `open` returns None when the runtime form differs (int4 on CUDA repacks for tinygemm, a
-    float model converts dtypes): the experts are then loaded and packed as before.
+    The store is filled from (RAM) or is (disk) the quantized shards, read expert by expert, and
+    an expert moves as the stored bytes. Two ways a slot computes on them:
+    - views (`repacked` False): the runtime modules compute on the stored parts in place, nf4
+      (CPU and CUDA) and int4 on the native CPU kernel;
+    - repacked (`repacked` True): int4 on an offloading device whose form differs (tinygemm on
+      CUDA): the stored blob is copied into a staging buffer on the device, then packed into the
+      slot's own runtime tensors (`ExpertBlobLayout.repack`), one small kernel after each copy.
+    `open` returns None where neither applies (a float model converts dtypes), or where repacking
+    is not asked for (ATen's CPU int4, ~2 s per Mixtral expert to repack on a CPU: the experts are
+    then loaded and packed in their runtime form as before).
     """
 
     def __init__(
@@ -198,15 +203,21 @@ class StoredExperts:
         layout: ExpertBlobLayout,
         template: nn.Module,
         dtype: torch.dtype,
+        repacked: bool = False,
     ) -> None:
         self.model_dir = model_dir
         self.dtype = dtype  # the compute dtype the runtime experts were built for
         self.reader = reader
-        self.layout = layout
+        self.layout = layout  # of the stored blob: the store's, and the slots' (or their staging's)
         self.template = template  # a meta shell of the runtime expert, for the cache's slots
+        self.repacked = repacked
 
     @classmethod
-    def open(cls, model_dir: Path, device: torch.device, dtype: torch.dtype) -> StoredExperts | None:
+    def open(
+        cls, model_dir: Path, device: torch.device, dtype: torch.dtype, repack: bool | None = None
+    ) -> StoredExperts | None:
+        """`repack`: accept a runtime form that is packed from the blob after each copy (default:
+        on a device other than the CPU, where the pack is a kernel on the device)."""
         reader = ExpertBlobReader(model_dir)
         args = ModelArgs.from_hf_config(model_dir)
         if not reader.experts():
@@ -218,13 +229,17 @@ class StoredExperts:
         for name, module in linears.items():
             setattr(template, name, module)
         layout = ExpertBlobLayout.viewing(template, blob)
-        if layout is None:
+        if layout is not None:
+            return cls(model_dir, reader, layout, template.to("meta"), dtype)
+        if not (device.type != "cpu" if repack is None else repack):
             return None
-        return cls(model_dir, reader, layout, template.to("meta"), dtype)
+        if not all(hasattr(module, "repack_from") for module in linears.values()):
+            return None
+        return cls(model_dir, reader, reader.layout, template.to("meta"), dtype, repacked=True)
 
     def cpu_template(self) -> nn.Module | None:
         """A meta shell of the CPU form of these experts, if it computes on the same blob layout
-        (nf4 and int4 on the native kernel do); None where the CPU form differs."""
+        (nf4 and int4 on the native kernel do); None where the CPU form differs (ATen's int4)."""
         cpu = StoredExperts.open(self.model_dir, torch.device("cpu"), self.dtype)
         if cpu is None or cpu.layout != self.layout:
             return None

@@ -4,7 +4,9 @@ One copy thread takes copies in priority order: a step's own misses (demand) bef
 prefetches, first come first served within each. On CUDA the copies run on a dedicated copy stream,
 chunk by chunk, and the thread waits for each chunk before it queues the next: so a copy counts as
 done only when its bytes are there, and stopping one (a wrong prefetch) really stops it at the next
-chunk, where copies queued on a stream all at once could no longer be taken back.
+chunk, where copies queued on a stream all at once could no longer be taken back. A copy may end
+with a step run after its last chunk, on the same thread and stream (`then`: packing a staged int4
+blob into its slot's runtime form), and counts as done once that step has run too.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import itertools
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -59,8 +62,17 @@ class Transfers:
         self._thread.start()
 
     def submit(
-        self, store: ExpertStore, layer: int, expert: int, out: Tensor, *, priority: int = DEMAND
+        self,
+        store: ExpertStore,
+        layer: int,
+        expert: int,
+        out: Tensor,
+        *,
+        priority: int = DEMAND,
+        then: Callable[[], None] | None = None,
     ) -> Transfer:
+        """Copy the expert's blob into `out`, then run `then` (on the copy stream on CUDA), unless
+        the copy was stopped first."""
         if self._closed:
             raise RuntimeError("the expert copies were closed")
         transfer = Transfer(layer, expert, priority)
@@ -69,7 +81,7 @@ class Transfers:
             # The slot may still be read by compute queued before this point: the copy waits for it.
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.device))
-        self._queue.put((priority, next(self._order), (transfer, store, out, ready)))
+        self._queue.put((priority, next(self._order), (transfer, store, out, ready, then)))
         return transfer
 
     def cancel(self, transfer: Transfer) -> bool:
@@ -88,18 +100,20 @@ class Transfers:
             _, _, job = self._queue.get()
             if job is None:
                 return
-            transfer, store, out, ready = job
+            transfer, store, out, ready, then = job
             try:
                 if not transfer.stop.is_set():
                     transfer.run_index = next(self._runs)
                     transfer.started = True
-                    self._copy(transfer, store, out, ready)
+                    self._copy(transfer, store, out, ready, then)
             except BaseException as exc:  # handed to the waiting compute thread
                 transfer.error = exc
             finally:
                 transfer.done.set()
 
-    def _copy(self, transfer: Transfer, store: ExpertStore, out: Tensor, ready) -> None:
+    def _copy(
+        self, transfer: Transfer, store: ExpertStore, out: Tensor, ready, then: Callable[[], None] | None
+    ) -> None:
         nbytes = store.layout.nbytes
         if self._stream is not None:
             self._stream.wait_event(ready)
@@ -120,6 +134,15 @@ class Transfers:
                 remaining = (end - start) / (self.simulate_gbps * 1e9) - (time.perf_counter() - began)
                 if remaining > 0:
                     time.sleep(remaining)
+        if then is not None:
+            if self._stream is None:
+                then()
+            else:
+                with torch.cuda.stream(self._stream):  # after the copy, in stream order
+                    then()
+                    finished = torch.cuda.Event()
+                    finished.record(self._stream)
+                finished.synchronize()
         transfer.completed = True
 
     def close(self) -> None:

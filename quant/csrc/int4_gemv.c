@@ -1105,3 +1105,6 @@ int int4_linear_f32(const uint8_t *qweight, const uint16_t *scales, const uint16
     return int4_linear_f32_variant(qweight, scales, zeros, x, y, M, N, Kp, group_size, n_threads,
                                    INT4_VARIANT_Q8);
 }
+
+/* The int8 lm_head kernel (q8_linear_f32), sharing the thread pool above. */
+#include "q8_gemv.c"

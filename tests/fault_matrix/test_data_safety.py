@@ -186,6 +186,29 @@ def test_an_instance_changes_only_the_messages_it_shows(home: Path, chat_model_d
     asyncio.run(scenario())
 
 
+def test_a_stored_ask_beside_the_app_is_shown_not_announced(home: Path, chat_model_dir: Path) -> None:
+    """`ask` registers while it stores its answer (to claim its chat): the app shows the new chat,
+    and does not toast "Another mixtral-chat started" for it, as it does for another app."""
+    app = make_app(chat_model_dir)
+
+    async def scenario() -> None:
+        async with app.run_test(size=SIZE):
+            await wait_for(lambda: app.model_status.state == "ready", "the model")
+            result = await asyncio.to_thread(
+                run_cli, "ask", "--model", str(chat_model_dir), "--max-tokens", "4", "What is a harbor?"
+            )
+            assert result.returncode == 0, result.stderr
+            with Storage() as storage:
+                (logged,) = storage.list_conversations()
+            await wait_for(
+                lambda: app.chat_screen.conversation_list.label_text(logged.id) != "", "the new chat"
+            )
+            assert app.chat_screen.conversation_list.label_text(logged.id).startswith("What is a harbor?")
+            assert not [notice for notice in notices(app) if "Another mixtral-chat" in notice]
+
+    asyncio.run(scenario())
+
+
 def test_a_chat_another_instance_answers_in_is_busy(home: Path, chat_model_dir: Path) -> None:
     chat_id = seed_chat()
     app_a = make_app(chat_model_dir, max_tokens=8)
