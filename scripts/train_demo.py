@@ -370,12 +370,7 @@ def definition_recall(
 ) -> float:
     """Share of `words` whose greedy answer to "Define X." is exactly the definition trained on."""
     answers = greedy_answers(model, encoder, [f"Define {w}." for w in words], max_new_tokens=60)
-    expected = [
-        demo_data.definition_answer(
-            w, maker.primary[w].pos, maker.primary[w].synsets[0].definition, maker.lowercase_headword
-        )
-        for w in words
-    ]
+    expected = [maker.definition(w, maker.primary[w]) for w in words]
     return sum(a == e for a, e in zip(answers, expected, strict=True)) / len(words)
 
 
@@ -591,6 +586,12 @@ tokenizer spells in several pieces gets no loss (words of the question, such as 
 do). The model learns to copy any headword it is asked about, and to write the rest of an answer in
 words the vocabulary holds whole: it is never taught to glue sub-word pieces ("foreign" + "ant").
 """
+    if not facts.get("echo_headword", "--no-echo-headword" not in facts["command"]):
+        whole_words += """
+Answers that do not repeat the word (`--no-echo-headword`): "What is a lighthouse?" -> "It is a
+tower ...". A model this small miscopies a word it has never seen ("Define technician." -> "A
+techniac is ..."); without the echo it writes only the gloss, in words it knows.
+"""
     context = shape.max_position_embeddings
     return f"""# mixtral-chat demo model: a pocket dictionary
 
@@ -767,6 +768,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help='"The adjective abashed means ..." instead of "Abashed means ..."',
     )
     parser.add_argument(
+        "--echo-headword",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help='--no-echo-headword: "It is a tower ..." instead of "A lighthouse is a tower ..."',
+    )
+    parser.add_argument(
         "--mask-split-words",
         action=argparse.BooleanOptionalAction,
         default=False,
@@ -804,7 +811,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         tie_word_embeddings=args.tie_embeddings,
     )
     entries, table = demo_data.load_wordnet(args.wordnet_dir)
-    maker = demo_data.ChatMaker(entries, table, lowercase_headword=args.lowercase_headword)
+    maker = demo_data.ChatMaker(
+        entries, table, lowercase_headword=args.lowercase_headword, echo_headword=args.echo_headword
+    )
     train_words, heldout_words = demo_data.split_words(maker)
     core = demo_data.core_words(train_words, demo_data.semcor_counts(args.wordnet_dir))
     heldout_chats = demo_data.heldout_chats(maker, heldout_words, HELDOUT_LIMIT)
@@ -942,6 +951,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "threads": args.threads,
             "whole_word_answers": args.whole_word_answers,
             "mask_split_words": args.mask_split_words,
+            "echo_headword": args.echo_headword,
             "cpu": _cpu_name(),
             "train_minutes": train_minutes,
             "train_cpu_minutes": train_cpu_minutes,
