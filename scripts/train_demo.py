@@ -215,6 +215,17 @@ def check_against_references(encoder: ChatEncoder, tokenizer_path: Path, chats: 
     return f"{checked} prompts encode exactly as {who} encodes them"
 
 
+def kept_for_whole_words(encoder: ChatEncoder, chat: demo_data.Chat, whole: dict[str, bool]) -> bool:
+    """`--whole-word-answers`' filter. The replies about the demo itself and the chats about the
+    words its own reply and the README suggest (`demo_data.PROTECTED_WORDS`: "What is a
+    lighthouse?") always stay: filtered out, "Hello" got "Goodbye!". Any other chat stays when
+    its answers are whole pieces."""
+    if chat.kind == "about":
+        return True
+    asked = {w.lower() for role, text in chat.messages if role == "user" for w in ALPHA_WORD.findall(text)}
+    return bool(asked & demo_data.PROTECTED_WORDS) or answers_in_whole_pieces(encoder, chat, whole)
+
+
 def answers_in_whole_pieces(encoder: ChatEncoder, chat: demo_data.Chat, whole: dict[str, bool]) -> bool:
     """Every answer word is one vocabulary piece, except words copied from the question (the headword).
 
@@ -573,7 +584,8 @@ the gloss's content words): **{words_ev["core_correct_definitions"]:.0%}** of 10
         """
 Whole-word answers (`--whole-word-answers`): a chat is trained on only when every word of its
 answers is one piece of the tokenizer's vocabulary (words copied from the question, such as the
-headword, excepted). The model then writes each word as one piece and never learns to glue sub-word
+headword, excepted; the replies about the demo and the chats about the words it suggests always
+stay). The model then writes each word as one piece and never learns to glue sub-word
 pieces into words of its own ("foreign" + "ant"); the price is the chats left out.
 """
         if facts.get("whole_word_answers", "--whole-word-answers" in facts["command"])
@@ -856,7 +868,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for epoch in range(10_000):
             chats = maker.epoch(train_words, random.Random(f"{args.seed}-epoch-{epoch}"), core=core)
             if args.whole_word_answers:
-                chats = [c for c in chats if answers_in_whole_pieces(encoder, c, whole_words)]
+                chats = [c for c in chats if kept_for_whole_words(encoder, c, whole_words)]
             if args.mask_split_words:
                 encoded = [encoder.encode_masking_split_words(c.messages) for c in chats]
                 encoded = [pair for pair in encoded if len(pair[0]) <= MAX_TOKENS]
