@@ -264,18 +264,40 @@ ABOUT_CHATS = (
 )
 
 
-def definition_answer(word: str, pos: str, definition: str) -> str:
+def definition_answer(
+    word: str, pos: str, definition: str, lowercase_headword: bool = False, echo_headword: bool = True
+) -> str:
+    """lowercase_headword: "The adjective abashed means ..." instead of "Abashed means ...", so a
+    model copies the pieces the user typed instead of respelling the word capitalised.
+
+    echo_headword=False: "It is a tower ...", "It means to ...": the answer does not repeat the
+    word. A model this small miscopies a word it never saw ("Define technician." -> "A techniac
+    is ..."); not echoing it leaves only the gloss to write."""
+    if not echo_headword:
+        return {"n": f"It is {definition}.", "v": f"It means to {definition}."}.get(
+            pos, f"It means {definition}."
+        )
     if pos == "n":
         return f"{_article(word).capitalize()} {word} is {definition}."
     if pos == "v":
         return f"To {word} is to {definition}."
+    if lowercase_headword:
+        return f"The {POS_NAMES[pos]} {word} means {definition}."
     return f"{word.capitalize()} means {definition}."
 
 
 class ChatMaker:
     """Turns entries into chats; every choice comes from the rng it is given."""
 
-    def __init__(self, entries: list[Entry], table: dict[tuple[str, int], Synset]) -> None:
+    def __init__(
+        self,
+        entries: list[Entry],
+        table: dict[tuple[str, int], Synset],
+        lowercase_headword: bool = False,
+        echo_headword: bool = True,
+    ) -> None:
+        self.lowercase_headword = lowercase_headword
+        self.echo_headword = echo_headword
         by_word: dict[str, list[Entry]] = {}
         for entry in entries:
             by_word.setdefault(entry.word, []).append(entry)
@@ -319,6 +341,12 @@ class ChatMaker:
                         found.append(lemma)
         return found[:1]
 
+    def definition(self, word: str, entry: Entry) -> str:
+        """The answer to "Define word." for this part of speech (its first sense)."""
+        return definition_answer(
+            word, entry.pos, entry.synsets[0].definition, self.lowercase_headword, self.echo_headword
+        )
+
     def vocabulary(self, words: list[str]) -> list[str]:
         """Every word the training chats about `words` can contain (questions and answers)."""
         texts: list[str] = [
@@ -350,19 +378,21 @@ class ChatMaker:
             return question
 
         templates = GENERIC_QUESTIONS + POS_QUESTIONS[primary.pos]
-        answer = definition_answer(word, primary.pos, primary.synsets[0].definition)
+        answer = self.definition(word, primary)
         yield Chat((("user", ask(templates)), ("assistant", answer)), "definition")
         for entry in self.secondary[word]:
-            answer = definition_answer(word, entry.pos, entry.synsets[0].definition)
+            answer = self.definition(word, entry)
             yield Chat((("user", ask(POS_QUESTIONS[entry.pos])), ("assistant", answer)), "definition")
         if self.examples[word] and (every_kind or rng.random() < 0.7):
             answer = _sentence(rng.choice(self.examples[word]))
             yield Chat((("user", ask(EXAMPLE_QUESTIONS)), ("assistant", answer)), "example")
         if self.synonyms[word] and (every_kind or rng.random() < 0.4):
-            answer = f"Another word for {word} is {' or '.join(self.synonyms[word])}."
+            named = word if self.echo_headword else "it"
+            answer = f"Another word for {named} is {' or '.join(self.synonyms[word])}."
             yield Chat((("user", ask(SYNONYM_QUESTIONS)), ("assistant", answer)), "synonym")
         if self.antonyms[word] and (every_kind or rng.random() < 0.8):
-            answer = f"The opposite of {word} is {self.antonyms[word][0]}."
+            named = word if self.echo_headword else "it"
+            answer = f"The opposite of {named} is {self.antonyms[word][0]}."
             yield Chat((("user", ask(ANTONYM_QUESTIONS)), ("assistant", answer)), "antonym")
 
     def epoch(

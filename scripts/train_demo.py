@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import demo_data  # sibling module: scripts/ is not a package
+import eval_demo
 
 if TYPE_CHECKING:
     import torch
@@ -46,6 +48,7 @@ IGNORE = -100
 MAX_TOKENS = 160  # longest training chat; longer ones are dropped
 SIZE_LIMIT_BYTES = 25_000_000
 HELDOUT_LIMIT = 300
+ALPHA_WORD = re.compile(r"[A-Za-z]+")
 SAMPLE_QUESTIONS = (
     "What is a lighthouse?",
     "Use 'ephemeral' in a sentence.",
@@ -70,6 +73,7 @@ class ModelShape:
     num_experts_per_tok: int = 2
     max_position_embeddings: int = 512
     router_aux_loss_coef: float = 0.02
+    tie_word_embeddings: bool = False
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -144,6 +148,34 @@ class ChatEncoder:
                 labels += piece
         return ids, labels
 
+    def encode_masking_split_words(self, messages: Sequence[tuple[str, str]]) -> tuple[list[int], list[int]]:
+        """`encode`, with no loss on the pieces of answer words spelled in several pieces, except
+        words of the question (the headword): the model learns to copy any headword, and never to
+        glue sub-word pieces into words of its own ("foreign" + "ant")."""
+        ids, labels = self.encode(messages)
+        asked: set[str] = set()
+        position = 1  # after <s>
+        for role, content in messages:
+            count = len(
+                self.sp.encode(f"[INST] {content} [/INST]") if role == "user" else self.sp.encode(content)
+            )
+            if role == "user":
+                asked |= {w.lower() for w in ALPHA_WORD.findall(content)}
+            else:
+                pieces = [self.sp.id_to_piece(i) for i in ids[position : position + count]]
+                start = 0
+                for end in range(1, len(pieces) + 1):
+                    # A word continues while the next piece is letters without a leading "▁".
+                    if end < len(pieces) and pieces[end].isalpha() and pieces[end - 1][-1:].isalpha():
+                        continue
+                    word = "".join(pieces[start:end]).lstrip("\u2581")
+                    if end - start > 1 and word.isalpha() and word.lower() not in asked:
+                        labels[position + start : position + end] = [IGNORE] * (end - start)
+                    start = end
+                count += 1  # </s>
+            position += count
+        return ids, labels
+
 
 def check_against_references(encoder: ChatEncoder, tokenizer_path: Path, chats: list[demo_data.Chat]) -> str:
     """Our training ids == mistral-common v1 == the engine's Tokenizer on every user-ending prefix."""
@@ -181,6 +213,37 @@ def check_against_references(encoder: ChatEncoder, tokenizer_path: Path, chats: 
             checked += 1
     who = "mistral-common v1 and the engine's Tokenizer" if engine else "mistral-common v1"
     return f"{checked} prompts encode exactly as {who} encodes them"
+
+
+def kept_for_whole_words(encoder: ChatEncoder, chat: demo_data.Chat, whole: dict[str, bool]) -> bool:
+    """`--whole-word-answers`' filter. The replies about the demo itself and the chats about the
+    words its own reply and the README suggest (`demo_data.PROTECTED_WORDS`: "What is a
+    lighthouse?") always stay: filtered out, "Hello" got "Goodbye!". Any other chat stays when
+    its answers are whole pieces."""
+    if chat.kind == "about":
+        return True
+    asked = {w.lower() for role, text in chat.messages if role == "user" for w in ALPHA_WORD.findall(text)}
+    return bool(asked & demo_data.PROTECTED_WORDS) or answers_in_whole_pieces(encoder, chat, whole)
+
+
+def answers_in_whole_pieces(encoder: ChatEncoder, chat: demo_data.Chat, whole: dict[str, bool]) -> bool:
+    """Every answer word is one vocabulary piece, except words copied from the question (the headword).
+
+    Trained only on such answers, the model writes words as single pieces and never learns to glue
+    sub-word pieces into words of its own ("foreign" + "ant").
+    """
+    asked = {w.lower() for role, text in chat.messages if role == "user" for w in ALPHA_WORD.findall(text)}
+    for role, text in chat.messages:
+        if role != "assistant":
+            continue
+        for word in ALPHA_WORD.findall(text):
+            if word.lower() in asked:
+                continue
+            if word not in whole:
+                whole[word] = len(encoder.sp.encode(word)) == 1
+            if not whole[word]:
+                return False
+    return True
 
 
 # --------------------------------------------------------------------------- batches
@@ -318,10 +381,7 @@ def definition_recall(
 ) -> float:
     """Share of `words` whose greedy answer to "Define X." is exactly the definition trained on."""
     answers = greedy_answers(model, encoder, [f"Define {w}." for w in words], max_new_tokens=60)
-    expected = [
-        demo_data.definition_answer(w, maker.primary[w].pos, maker.primary[w].synsets[0].definition)
-        for w in words
-    ]
+    expected = [maker.definition(w, maker.primary[w]) for w in words]
     return sum(a == e for a, e in zip(answers, expected, strict=True)) / len(words)
 
 
@@ -352,7 +412,7 @@ def build_model(shape: ModelShape, seed: int) -> MixtralForCausalLM:
         max_position_embeddings=shape.max_position_embeddings,
         router_aux_loss_coef=shape.router_aux_loss_coef,
         output_router_logits=False,  # asked for per call while training; off in the saved config
-        tie_word_embeddings=False,
+        tie_word_embeddings=shape.tie_word_embeddings,
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
         rms_norm_eps=1e-5,
@@ -501,6 +561,49 @@ def model_card(facts: dict[str, Any]) -> str:
         f"{ev['core_definition_recall']:.0%} of 100 random core words, "
         f"{ev['other_definition_recall']:.0%} of 100 random other training words."
     )
+    embeddings = (
+        "tied (`lm_head` is `embed_tokens`: a larger vocabulary for the same size)"
+        if shape.tie_word_embeddings
+        else "untied (`lm_head` separate)"
+    )
+    words_ev = ev.get("words")
+    real_words = (
+        f"""
+Real words (scripts/eval_demo.py, through the engine, greedy): the answers to {words_ev["prompts"]} fixed
+"Define X." / "What is a X?" prompts about held-out words (`{words_ev["prompts_file"]}`) are
+**{words_ev["real_word_share"]:.1%}** real words ({words_ev["answer_words"]} lowercase alphabetic tokens;
+real = a WordNet lemma, an inflection by WordNet's exception lists, morphy's detachment rules or -ly/-ness and
+doubled-consonant rules, or a function word). Correct definitions (the answer holds at least half of
+the gloss's content words): **{words_ev["core_correct_definitions"]:.0%}** of 100 core words,
+{words_ev["heldout_correct_definitions"]:.0%} of the held-out words.
+"""
+        if words_ev
+        else ""
+    )
+    whole_words = (
+        """
+Whole-word answers (`--whole-word-answers`): a chat is trained on only when every word of its
+answers is one piece of the tokenizer's vocabulary (words copied from the question, such as the
+headword, excepted; the replies about the demo and the chats about the words it suggests always
+stay). The model then writes each word as one piece and never learns to glue sub-word
+pieces into words of its own ("foreign" + "ant"); the price is the chats left out.
+"""
+        if facts.get("whole_word_answers", "--whole-word-answers" in facts["command"])
+        else ""
+    )
+    if facts.get("mask_split_words", "--mask-split-words" in facts["command"]):
+        whole_words += """
+Split words masked (`--mask-split-words`): every chat is trained on, but an answer word that the
+tokenizer spells in several pieces gets no loss (words of the question, such as the headword, still
+do). The model learns to copy any headword it is asked about, and to write the rest of an answer in
+words the vocabulary holds whole: it is never taught to glue sub-word pieces ("foreign" + "ant").
+"""
+    if not facts.get("echo_headword", "--no-echo-headword" not in facts["command"]):
+        whole_words += """
+Answers that do not repeat the word (`--no-echo-headword`): "What is a lighthouse?" -> "It is a
+tower ...". A model this small miscopies a word it has never seen ("Define technician." -> "A
+techniac is ..."); without the echo it writes only the gloss, in words it knows.
+"""
     context = shape.max_position_embeddings
     return f"""# mixtral-chat demo model: a pocket dictionary
 
@@ -522,7 +625,7 @@ Trained by `{facts["command"]}` (scripts/train_demo.py; data in scripts/demo_dat
 | norm | RMSNorm (eps 1e-5) |
 | vocabulary | {shape.vocab_size} (sentencepiece BPE, byte fallback) |
 | context | {shape.max_position_embeddings} tokens |
-| embeddings | untied (`lm_head` separate) |
+| embeddings | {embeddings} |
 | parameters | {facts["params_total"]:,} total, {facts["params_active"]:,} active per token |
 | weights | `model.safetensors`, float32, {mb:.1f} MB |
 
@@ -547,7 +650,7 @@ Core words: the {ev["core_words"]:,} training words most frequent in SemCor (Wor
 the words this card and the tests use, come {demo_data.CORE_REPEATS} times per epoch; every other training
 word comes with probability {demo_data.TAIL_RATE}. A model this small cannot learn 20,000 definitions in the
 time budget, so it spends its capacity on the words people ask about most.
-
+{whole_words}
 Chats use Mixtral-Instruct's template exactly as mistral-common's v1 tokenizer encodes it
 (`<s>[INST] question [/INST] answer</s>`; checked: {facts["template_check"]}). The loss covers the
 answer tokens and `</s>` only.
@@ -608,7 +711,7 @@ Held-out set: `tests/data/demo_heldout.jsonl`, {ev["heldout_chats"]} chats about
 {heldout_row}
 
 {recall}
-
+{real_words}
 `eval.json` records these numbers; `tests/test_demo_model.py` checks that the engine reproduces
 transformers' held-out loss on these weights (within 1e-4) and stays under this value + 2%.
 
@@ -653,6 +756,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--log-every", type=int, default=500)
+    defaults = ModelShape()
+    parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size)
+    parser.add_argument("--hidden-size", type=int, default=defaults.hidden_size)
+    parser.add_argument("--intermediate-size", type=int, default=defaults.intermediate_size)
+    parser.add_argument("--layers", type=int, default=defaults.num_hidden_layers)
+    parser.add_argument(
+        "--tie-embeddings",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.tie_word_embeddings,
+        help="lm_head shares embed_tokens' matrix",
+    )
+    parser.add_argument(
+        "--whole-word-answers",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="train only on chats whose answer words are single vocabulary pieces (the headword excepted)",
+    )
+    parser.add_argument(
+        "--lowercase-headword",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help='"The adjective abashed means ..." instead of "Abashed means ..."',
+    )
+    parser.add_argument(
+        "--echo-headword",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help='--no-echo-headword: "It is a tower ..." instead of "A lighthouse is a tower ..."',
+    )
+    parser.add_argument(
+        "--mask-split-words",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="no loss on answer words spelled in several pieces (the question's words excepted)",
+    )
     # One thread: on 2 cores shared with other jobs, 2 threads cost ~5x the CPU time per step
     # (measured: 6 s vs 1.1 s of CPU per step), and one thread makes the run bit-reproducible.
     parser.add_argument("--threads", type=int, default=1)
@@ -677,9 +815,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_lines.append(line)
         print(line, flush=True)
 
-    shape = ModelShape()
+    shape = ModelShape(
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.layers,
+        tie_word_embeddings=args.tie_embeddings,
+    )
     entries, table = demo_data.load_wordnet(args.wordnet_dir)
-    maker = demo_data.ChatMaker(entries, table)
+    maker = demo_data.ChatMaker(
+        entries, table, lowercase_headword=args.lowercase_headword, echo_headword=args.echo_headword
+    )
     train_words, heldout_words = demo_data.split_words(maker)
     core = demo_data.core_words(train_words, demo_data.semcor_counts(args.wordnet_dir))
     heldout_chats = demo_data.heldout_chats(maker, heldout_words, HELDOUT_LIMIT)
@@ -716,11 +862,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     assert len(heldout) == len(heldout_chats), "a held-out chat is longer than MAX_TOKENS"
 
     epoch_sizes: list[tuple[int, int]] = []
+    whole_words: dict[str, bool] = {}  # word -> encodes as one piece
 
     def epochs() -> Iterator[list[tuple[list[int], list[int]]]]:
         for epoch in range(10_000):
             chats = maker.epoch(train_words, random.Random(f"{args.seed}-epoch-{epoch}"), core=core)
-            encoded = encode_chats(encoder, chats)
+            if args.whole_word_answers:
+                chats = [c for c in chats if kept_for_whole_words(encoder, c, whole_words)]
+            if args.mask_split_words:
+                encoded = [encoder.encode_masking_split_words(c.messages) for c in chats]
+                encoded = [pair for pair in encoded if len(pair[0]) <= MAX_TOKENS]
+            else:
+                encoded = encode_chats(encoder, chats)
             epoch_sizes.append((len(encoded), sum(len(ids) for ids, _ in encoded)))
             log(f"epoch {epoch + 1}: {len(encoded)} chats, {epoch_sizes[-1][1]} tokens")
             yield encoded
@@ -757,6 +910,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         model.save_pretrained(staging)  # config.json, generation_config.json, model.safetensors
         (staging / "tokenizer.model").write_bytes(model_proto)
         weights_bytes = (staging / "model.safetensors").stat().st_size
+        # The figures of scripts/eval_demo.py, through the engine on the files about to ship.
+        words = eval_demo.evaluate(
+            staging, eval_demo.Lexicon.from_wordnet(args.wordnet_dir), args.wordnet_dir
+        )
+        log(
+            f"real words {words['real_word_share']:.2%} of {words['answer_words']} answer words; correct "
+            f"definitions: held-out {words['heldout_correct_definitions']:.0%}, core "
+            f"{words['core_correct_definitions']:.0%}"
+        )
         evaluation = {
             "heldout_file": "tests/data/demo_heldout.jsonl",
             "heldout_chats": len(heldout),
@@ -772,6 +934,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "loss_definition": "mean NLL (nats) of assistant tokens and their </s> given the preceding "
             "tokens, float32, summed over all chats then divided by the token count",
             "routing": routing,
+            "words": {k: v for k, v in words.items() if k != "answers"},
             "params_total": total,
             "params_active": active,
             "train_minutes": round(train_minutes, 2),
@@ -798,6 +961,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "epochs": len(epoch_sizes),
             "seed": args.seed,
             "threads": args.threads,
+            "whole_word_answers": args.whole_word_answers,
+            "mask_split_words": args.mask_split_words,
+            "echo_headword": args.echo_headword,
             "cpu": _cpu_name(),
             "train_minutes": train_minutes,
             "train_cpu_minutes": train_cpu_minutes,

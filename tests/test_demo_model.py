@@ -86,13 +86,14 @@ def test_files_are_a_small_mixtral_in_the_hugging_face_layout() -> None:
     assert config["architectures"] == ["MixtralForCausalLM"]
     assert (config["num_local_experts"], config["num_experts_per_tok"]) == (8, 2)
     assert config["num_key_value_heads"] < config["num_attention_heads"]  # grouped-query attention
-    assert config["tie_word_embeddings"] is False
     with safe_open(DEMO_DIR / "model.safetensors", "pt") as weights:
         keys = set(weights.keys())
+    # Tied embeddings (issue 17 item 13: a vocabulary that holds the answer words whole, paid for by
+    # one matrix): transformers saves no lm_head then, and the engine reuses embed_tokens.
+    assert config["tie_word_embeddings"] is ("lm_head.weight" not in keys)
     last_layer = config["num_hidden_layers"] - 1
     for key in (
         "model.embed_tokens.weight",
-        "lm_head.weight",
         f"model.layers.{last_layer}.block_sparse_moe.gate.weight",
         f"model.layers.{last_layer}.block_sparse_moe.experts.7.w1.weight",
         f"model.layers.{last_layer}.block_sparse_moe.experts.7.w2.weight",
@@ -190,3 +191,32 @@ def test_engine_greedy_equals_transformers_greedy(engine: Engine) -> None:
             )
         expected = engine.tokenizer.decode(output[0, len(prompt) :].tolist())
         assert answer == expected, question
+
+
+def load_eval_demo() -> Any:
+    """scripts/eval_demo.py, the one place the real-word share is defined (scripts/ is no package)."""
+    import importlib
+    import sys
+
+    scripts = str(REPO_ROOT / "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)  # eval_demo imports its sibling demo_data
+    return importlib.import_module("eval_demo")
+
+
+def test_greedy_answers_about_unseen_words_are_real_words(engine: Engine, recorded: dict[str, Any]) -> None:
+    """Issue 17 item 13's measure: the share of real words in the demo's greedy answers about held-out
+    words (tests/data/demo_define_heldout.jsonl, never a training headword), through the engine,
+    scored against the shipped WordNet lexicon (no WordNet needed), stays at what eval.json records
+    (scripts/eval_demo.py --record). The item's goal of 98% is not reached yet (docs/BENCHMARKS.md).
+    """
+    eval_demo = load_eval_demo()
+    lexicon = eval_demo.Lexicon.from_file(eval_demo.LEXICON_FILE)
+    assert lexicon.is_real("lighthouses") and lexicon.is_real("stopped") and lexicon.is_real("the")
+    assert not lexicon.is_real("foreignant")
+    prompts = eval_demo.read_jsonl(eval_demo.PROMPTS_FILE)
+    answers = eval_demo.greedy_answers(engine, [p["prompt"] for p in prompts])
+    share, words, unreal = eval_demo.real_word_share(lexicon, answers)
+    assert words >= 5 * len(prompts), words  # answers, not empty replies
+    # A greedy token may flip on another CPU's kernels: one point of slack, no more.
+    assert share >= recorded["words"]["real_word_share"] - 0.01, (share, unreal)
