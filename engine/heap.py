@@ -5,8 +5,8 @@ threshold starts at 128 KiB and rises to the size of each large block freed (to 
 so while weights load tensor by tensor, later tensors come from the heap, whose freed holes are
 reused in whatever order frees happened: the same ~210 MB load peaked at 228 MB in 5 runs of 6
 and at 287 MB in the sixth (tests/test_engine_errors.py, 2 cores under load). With a fixed 1 MiB
-threshold while loading, every tensor is its own mapping, given back when freed: 222 MB in 10
-runs of 10. After loading, the threshold is set where glibc's own rule leaves it after any
+threshold while loading, every tensor is its own mapping, given back when freed: 222 MB in each
+of 18 runs. After loading, the threshold is set where glibc's own rule leaves it after any
 Mixtral-sized load (32 MiB, trim at twice that), so inference allocates as it did.
 
 Where the libc is not glibc (no `mallopt`), these do nothing.
