@@ -10,12 +10,18 @@ of 18 runs. After loading, the threshold is set where glibc's own rule leaves it
 Mixtral-sized load (32 MiB, trim at twice that), so inference allocates as it did.
 
 Where the libc is not glibc (no `mallopt`), these do nothing.
+
+Weights are read with 2 MiB pages where Linux gives them on request (transparent huge pages in
+"madvise" mode, the common default): `prefer_huge_pages` on a fresh buffer before it is filled.
+A GEMV streams its weight once per token, and with 4 KiB pages the CPU's prefetchers stop at
+every page boundary (docs/BENCHMARKS.md: 2026-12-07).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -25,6 +31,9 @@ M_MMAP_THRESHOLD = -3
 LOADING_MMAP_THRESHOLD = 1 << 20
 RUNNING_MMAP_THRESHOLD = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit hosts
 RUNNING_TRIM_THRESHOLD = 2 * RUNNING_MMAP_THRESHOLD  # as glibc's dynamic rule sets it
+MADV_HUGEPAGE = 14  # madvise's advice (linux/mman.h)
+HUGE_PAGE = 2 << 20
+HUGE_PAGES_FROM = 2 * HUGE_PAGE  # smaller buffers hold no whole aligned huge page worth asking for
 
 _libc: ctypes.CDLL | bool | None = None  # False: looked, no usable libc
 
@@ -60,3 +69,16 @@ def loading() -> Iterator[None]:
             libc.mallopt(M_MMAP_THRESHOLD, RUNNING_MMAP_THRESHOLD)
             libc.mallopt(M_TRIM_THRESHOLD, RUNNING_TRIM_THRESHOLD)
             give_back_freed()
+
+
+def prefer_huge_pages(address: int, nbytes: int) -> None:
+    """Ask Linux for 2 MiB pages over the whole huge pages inside [address, address + nbytes):
+    call it before the memory is first written (pages come at first touch). Elsewhere, or for
+    small buffers, nothing; a refusal (THP "never") changes nothing either."""
+    libc = _glibc()
+    if libc is None or not sys.platform.startswith("linux") or nbytes < HUGE_PAGES_FROM:
+        return
+    start = (address + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
+    end = (address + nbytes) // HUGE_PAGE * HUGE_PAGE
+    if end > start:
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_HUGEPAGE)

@@ -15,6 +15,7 @@ from typing import BinaryIO
 import torch
 from torch import Tensor
 
+from mixtral_chat.engine import heap
 from mixtral_chat.engine.errors import WeightsError
 from mixtral_chat.engine.load_progress import note_read
 
@@ -100,6 +101,7 @@ def read_tensor(
     nbytes = end - begin
     if out is None:
         buffer = torch.empty(nbytes, dtype=torch.uint8)
+        heap.prefer_huge_pages(buffer.data_ptr(), nbytes)  # before the read touches it
     else:
         if (
             out.dtype != torch.uint8

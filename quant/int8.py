@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from mixtral_chat.engine import heap
 from mixtral_chat.engine.config import ModelArgs
 from mixtral_chat.engine.errors import MixtralChatError, QuantizationError
 from mixtral_chat.quant.native import Int4Kernel, int4_kernel, kernel_output, native_unavailable_reason
@@ -37,6 +38,7 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     if k % GROUP != 0:
         raise QuantizationError(f"int8 needs in_features a multiple of {GROUP}, got {k}")
     codes = torch.empty(n, k, dtype=torch.int8)
+    heap.prefer_huge_pages(codes.data_ptr(), n * k)  # the lm_head streams it every token
     scales = torch.empty(n, k // GROUP, dtype=torch.float32)
     rows = max(1, (1 << 22) // k)  # ~16 MB of float32 per chunk
     for start in range(0, n, rows):

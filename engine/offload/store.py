@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from mixtral_chat.engine import heap
 from mixtral_chat.engine.config import ModelArgs
 from mixtral_chat.engine.errors import MixtralChatError, OutOfMemoryError
 from mixtral_chat.engine.load_progress import note_read
@@ -77,6 +78,7 @@ class RamStore(ExpertStore):
         # One pageable allocation sliced per expert, then registered: pinned bytes = store bytes.
         total = num_layers * num_experts * layout.nbytes
         self.buffer = torch.empty(total, dtype=torch.uint8)
+        heap.prefer_huge_pages(self.buffer.data_ptr(), total)  # before any expert is written
         self.pinned = False
         if pin and torch.cuda.is_available():
             pin_in_place(self.buffer)
