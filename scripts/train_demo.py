@@ -604,6 +604,27 @@ Answers that do not repeat the word (`--no-echo-headword`): "What is a lighthous
 tower ...". A model this small miscopies a word it has never seen ("Define technician." -> "A
 techniac is ..."); without the echo it writes only the gloss, in words it knows.
 """
+    echo = facts.get("echo_headword", "--no-echo-headword" not in facts["command"])
+    answers = (
+        '"A lighthouse is ...", "To X is to ...", "X means ..."'
+        if echo
+        else '"It is ...", "It means to ...", "It means ...", without repeating the word'
+    )
+    copying = (
+        """- Unknown or made-up words: it may change the word itself in its answer ("glimmerstone" above),
+  because it copies words it has never seen piece by piece."""
+        if echo
+        else """- Copying words: a definition does not repeat the word asked about, but a usage sentence does,
+  and a rare word can come out misspelt ("whemeral" for "ephemeral"), because it copies words
+  it has seldom seen piece by piece."""
+    )
+    grammar = (
+        """- Grammar: the article is chosen from the first letter ("an hour" comes out "a hour"), and mass
+  nouns get "a" ("A water is ...")."""
+        if echo
+        else """- Grammar: a definition always starts "It is" or "It means", also where a person would say
+  "They are" (plurals) or name the word."""
+    )
     context = shape.max_position_embeddings
     return f"""# mixtral-chat demo model: a pocket dictionary
 
@@ -639,8 +660,7 @@ and never trained on). Each epoch makes fresh chats with randomly chosen phrasin
 ({facts["chats_per_epoch"]:,} chats, about {facts["tokens_per_epoch"]:,} tokens):
 
 - definitions: "What is a lighthouse?", "Define X.", "What does X mean?", "What does it mean to X?"
-  -> "A lighthouse is ...", "To X is to ...", "X means ..." (the first WordNet sense; a second part
-  of speech when SemCor tags it);
+  -> {answers} (the first WordNet sense; a second part of speech when SemCor tags it);
 - usage: "Use 'X' in a sentence." -> a WordNet example sentence that contains the word;
 - synonyms and antonyms from the synset and its antonym pointers;
 - a few fixed replies about the demo itself ("Hello", "Who are you?");
@@ -736,12 +756,10 @@ the same first expert (random: 1/8 = 0.125):
 - Reliable definitions: a {facts["params_total"] / 1e6:.1f}M-parameter model cannot memorise
   {facts["word_count"]:,} definitions. Common words often come out right or close (see the recall numbers
   above); rare and unseen words get fluent but invented definitions.
-- Unknown or made-up words: it may change the word itself in its answer ("glimmerstone" above),
-  because it copies words it has never seen piece by piece.
+{copying}
 - Long chats: it saw at most two turns and {MAX_TOKENS} tokens; its context is {context} tokens.
 - Sampling: it was trained for greedy decoding; with temperature it drifts quickly.
-- Grammar: the article is chosen from the first letter ("an hour" comes out "a hour"), and mass
-  nouns get "a" ("A water is ...").
+{grammar}
 """
 
 

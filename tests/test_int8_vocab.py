@@ -24,6 +24,10 @@ from tests.conftest import run_cli
 DEMO_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo"
 VS_DEQUANTIZED_BOUND = 8.5e-3
 VS_FLOAT_BOUND = 1.2e-2
+# The int4 demo's logits, int8 vocabulary weights against float ones: measured 2.6e-2 on today's
+# demo (8192 tied pieces; 7.5e-3 on the 2048-piece one before it), where its held-out perplexity
+# is no worse for it (bench/bench_quality.py: +4.84% against +5.73% with float ones).
+DEMO_LOGITS_BOUND = 4e-2
 
 pytestmark = pytest.mark.skipif(
     platform.machine().lower() not in ("x86_64", "amd64"), reason="the kernel is vectorized for x86-64"
@@ -177,7 +181,7 @@ def test_a_4bit_model_on_the_cpu_gets_int8_vocab_weights_and_keeps_its_answers()
     a, b = logits_of(int8, ids), logits_of(float_head, ids)
     error = relative_error(a, b.double())
     print(f"demo int4: int8 vocab weights vs float ones, logits relative error {error:.2e}")
-    assert error < VS_FLOAT_BOUND
+    assert error < DEMO_LOGITS_BOUND
     # Where the float head is sure, the int8 head picks the same token.
     top2 = b.topk(2, dim=-1).values
     sure = (top2[:, 0] - top2[:, 1]) > 0.5
