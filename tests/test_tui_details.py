@@ -16,7 +16,7 @@ from mixtral_chat.app.screens.text_view import TextViewScreen
 from mixtral_chat.app.settings import NEW_CHAT_GENERATION
 from mixtral_chat.app.storage import Storage
 from mixtral_chat.engine.models.catalog import demo_dir
-from tests.test_tui import chat_model_dir, make_app, run, send, wait_for, wait_ready
+from tests.test_tui import chat_model_dir, make_app, run, send, stored, wait_for, wait_ready
 
 __all__ = ["chat_model_dir"]  # the fixture, shared with test_tui
 
@@ -113,6 +113,36 @@ def test_the_demo_keeps_the_first_turn_in_a_second_message(isolated_home: Path) 
             assert stats["prompt_tokens"] > len(
                 app.engine.tokenizer.encode_chat([{"role": "user", "content": "What is a lighthouse?"}])
             )
+
+    run(scenario)
+
+
+def test_the_demo_answers_in_real_words_in_the_app(isolated_home: Path) -> None:
+    """Issue 17 item 13 where a new user meets it: the app on the bundled demo, its own generation
+    settings, the question its greeting suggests; the stored answers are real words (the shipped
+    WordNet lexicon of scripts/eval_demo.py) and the greeting introduces the demo."""
+    from tests.test_demo_model import load_eval_demo
+
+    eval_demo = load_eval_demo()
+    lexicon = eval_demo.Lexicon.from_file(eval_demo.LEXICON_FILE)
+    app = make_app(demo_dir(), max_tokens=NEW_CHAT_GENERATION.max_tokens)
+
+    async def scenario() -> None:
+        async with app.run_test(size=(120, 35)) as pilot:
+            await wait_ready(pilot, app)
+            answers = []
+            # Each the first question of a new chat (ctrl+n): the demo saw at most two turns in
+            # training, and a chat's history moves its answers (its card says so).
+            for question in ("Hello", "What is a lighthouse?", "What is a volcano?"):
+                if answers:
+                    await pilot.press("ctrl+n")
+                    await wait_for(pilot, lambda: app.chat_screen.conversation_id is None, "a new chat")
+                await send(pilot, app, question)
+                answers.append(stored(app)[-1][2])
+            assert "demo model" in answers[0] and "lighthouse" in answers[0]
+            _share, words, unreal = eval_demo.real_word_share(lexicon, answers[1:])
+            assert words >= 20 and not unreal, (answers, unreal)
+            assert "tower" in answers[1] and "light" in answers[1]
 
     run(scenario)
 
