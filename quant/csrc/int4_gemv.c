@@ -412,7 +412,14 @@ static inline __m256 block_dot_q8(__m256i hi, __m256i lo, const int8_t *xq) {
 static inline void prefetch_next_tile(const uint8_t *w, int64_t row_bytes, int64_t b, int NR, int64_t m0) {
     if (m0 != 0) return; /* the first m tile already brought them */
     const uint8_t *next = w + NR * row_bytes + b * NR * 32;
-    for (int r = 0; r < NR; r += 2) __builtin_prefetch(next + r * 32, 0, 3);
+    /* Rows of 2 KB or more (K >= 4096) into L2 only: a tile ahead is then NR * 2 KB or more,
+     * which, brought into L1 beside the tile being read and x, was evicted before use. Measured
+     * on Zen 4, DRAM-bound, batch 1 (docs/BENCHMARKS.md, 2026-12-07): 4096x14336 +37% at 2 threads
+     * and +48% at 1, 14336x4096 +11% at 2 threads; rows of 1 KB (K = 2048) 17% slower that way. */
+    if (row_bytes >= 2048)
+        for (int r = 0; r < NR; r += 2) __builtin_prefetch(next + r * 32, 0, 2);
+    else
+        for (int r = 0; r < NR; r += 2) __builtin_prefetch(next + r * 32, 0, 3);
 }
 
 /* Code-book weights: the codes become u = 64 + L (L ~ 63 * quant_map / qmax, so u is 1..127)
