@@ -478,10 +478,9 @@ def offload_experts(
     bandwidths, measured once and cached), start the cache."""
     from mixtral_chat.engine.offload import (
         ExpertOffloader,
-        experts_template,
         move_non_experts,
+        needs_staging,
         plan_offload,
-        slots_repacked,
     )
     from mixtral_chat.engine.offload.bandwidth import measured, with_overrides
 
@@ -506,7 +505,7 @@ def offload_experts(
         else (streamed.complete()[0].layout.nbytes if streamed else None),
         on_miss=on_miss,
         bandwidths=bandwidths,
-        staging=slots_repacked(experts_template(model, stored, streamed), stored, device),
+        staging=needs_staging(model, stored, streamed),
     )
     return ExpertOffloader(
         model,

@@ -24,7 +24,7 @@ from mixtral_chat.engine.lazy import lazy_exports
 _EXPORTS = {
     "ExpertOffloader": "offloader",
     "move_non_experts": "offloader",
-    "experts_template": "offloader",
+    "needs_staging": "offloader",
     "slots_repacked": "offloader",
     "OffloadPlan": "planner",
     "plan_offload": "planner",

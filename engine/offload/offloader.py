@@ -79,11 +79,11 @@ class ExpertOffloader:
 
     def _check_plan_staging(self, stored: StoredExperts | None, streamed: StreamedExperts | None) -> None:
         """Before anything moves: the plan counts a staging blob exactly where the slots use one."""
-        repack = slots_repacked(experts_template(self.model, stored, streamed), stored, self.model.device)
+        repack = needs_staging(self.model, stored, streamed)
         if bool(self.plan.staging_bytes) != repack:
             raise ValueError(
                 f"the plan {'counts' if self.plan.staging_bytes else 'lacks'} a staging blob that these "
-                f"slots {'need' if repack else 'do not use'} (plan_offload(staging=slots_repacked(...)))"
+                f"slots {'need' if repack else 'do not use'} (plan_offload(staging=needs_staging(...)))"
             )
 
     def _store_from_files(self, stored: StoredExperts) -> ExpertStore:
@@ -268,16 +268,16 @@ class ExpertOffloader:
         self.store.close()
 
 
-def experts_template(
-    model: Mixtral, stored: StoredExperts | None, streamed: StreamedExperts | None
-) -> nn.Module:
-    """The experts' form as the store will get them: the files', the streamed store's, or the
-    loaded model's own."""
+def needs_staging(model: Mixtral, stored: StoredExperts | None, streamed: StreamedExperts | None) -> bool:
+    """Whether an offloader made from these (on the model's device, where the non-experts already
+    are) packs its slots from a staging blob: what `plan_offload(staging=)` must be told."""
     if stored is not None:
-        return stored.template
-    if streamed is not None:
-        return streamed.complete()[1]
-    return model.layers[0].block_sparse_moe.experts[0]
+        template = stored.template  # the experts' form as the store gets them
+    elif streamed is not None:
+        template = streamed.complete()[1]
+    else:
+        template = model.layers[0].block_sparse_moe.experts[0]
+    return slots_repacked(template, stored, model.device)
 
 
 def slots_repacked(template: nn.Module, stored: StoredExperts | None, device: torch.device) -> bool:

@@ -180,7 +180,7 @@ def sizes_of_model(
 ) -> ModelSizes:
     """The sizes of a loaded model. `expert_bytes`: one expert's blob size, when the experts are
     not loaded (`StoredExperts`). `staging`: slots are packed from a staging blob
-    (`offloader.slots_repacked`)."""
+    (`offloader.needs_staging`)."""
     args = model.args
     if expert_bytes is None:
         expert_bytes = ExpertBlobLayout.of_module(model.layers[0].block_sparse_moe.experts[0]).nbytes
