@@ -77,9 +77,25 @@ static inline float q8_hsum(__m256 v) {
 static inline void q8_tile_avx2(const q8_job_t *J, int64_t n0, int64_t m) {
     const int8_t *xq = J->xq + m * J->K;
     const float *dx = J->dx + m * J->G;
+    /* The next tile (Q8_ROWS rows, contiguous with these) is prefetched in address order while
+     * this one is read, 128 bytes per group, as the int4 kernel does (prefetch_next_tile): into
+     * L1 while a tile is 4 KB or less, else into L2. Without it the hardware prefetchers alone
+     * read 32000x512 (the small bench shape) at 10.9 GB/s and 32000x4096 (Mixtral's lm_head) at
+     * 20.3 GB/s on 2 threads; with it 24.0 and 27.3 (Zen 4, from DRAM; docs/BENCHMARKS.md). */
+    const int8_t *next = J->qweight + (n0 + Q8_ROWS) * J->K;
+    const float *next_scales = J->scales + (n0 + Q8_ROWS) * J->G;
+    const int into_l2 = m != 0 ? -1 : Q8_ROWS * J->K > 4096; /* -1: the first row of x brought them */
     __m256 acc[Q8_ROWS];
     for (int r = 0; r < Q8_ROWS; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < J->G; g++) {
+        if (into_l2 == 1) {
+            __builtin_prefetch(next + g * 128, 0, 2);
+            __builtin_prefetch(next + g * 128 + 64, 0, 2);
+        } else if (into_l2 == 0) {
+            __builtin_prefetch(next + g * 128, 0, 3);
+            __builtin_prefetch(next + g * 128 + 64, 0, 3);
+        }
+        if (into_l2 >= 0 && (g & 3) == 0) __builtin_prefetch(next_scales + g * 4, 0, 3); /* 64 bytes per 4 groups */
         __m256i x = _mm256_loadu_si256((const __m256i *)(xq + g * Q8_GROUP));
         __m256i ax = _mm256_sign_epi8(x, x);
         for (int r = 0; r < Q8_ROWS; r++) {
