@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mixtral_chat.engine.config import ModelArgs
+from mixtral_chat.quant.native import int4_kernel
 
 # Offloading swaps this for an expert cache: given a layer's expert ids (ascending), return
 # modules that compute each expert. The default is the layer's own resident experts.
@@ -86,7 +87,8 @@ def signed_sin(sin: Tensor) -> Tensor:
     return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
-# One decoding query against a long float32 cache on the CPU: two matmuls and a softmax beat
+# One decoding query against a float32 cache on the CPU: the native kernel's decode attention
+# (quant/csrc/attention.c) where it loads. Without it, against a long cache, two matmuls and a softmax beat
 # SDPA's CPU kernel from ~1M cached values per token on (heads x positions x head dim).
 # Measured (2 threads, AMD EPYC, wall time): Mixtral's 32x128 heads at 256 / 1024 / 4096
 # positions 0.77x / 0.64x / 0.69x SDPA's time, 8x64 heads at 4096 positions 0.33x; below it SDPA
@@ -180,8 +182,11 @@ class Attention(nn.Module):
         if self.kv_cache is None:
             raise RuntimeError("call Mixtral.setup_cache() before forward()")
         k, v = self.kv_cache.update(input_pos, k, v, end)  # [B, KVH, end, D]
-        long_cpu_decode = S == 1 and mask is None and q.dtype is torch.float32 and q.device.type == "cpu"
-        if long_cpu_decode and self.n_heads * end * self.head_dim >= DECODE_MATMUL_ATTENTION_MIN:
+        cpu_decode = S == 1 and mask is None and q.dtype is torch.float32 and q.device.type == "cpu"
+        kernel = int4_kernel() if cpu_decode and B == 1 else None
+        if kernel is not None:
+            out = kernel.decode_attention(q, k, v)  # [1, H, 1, D]
+        elif cpu_decode and self.n_heads * end * self.head_dim >= DECODE_MATMUL_ATTENTION_MIN:
             out = decode_attention(q, k, v)  # [B, H, 1, D]
         else:
             out = F.scaled_dot_product_attention(

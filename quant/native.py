@@ -2,7 +2,8 @@
 
 It computes on the stored form of int4 (`Int4Kernel.linear`) and of bitsandbytes' nf4/fp4
 (`Int4Kernel.codebook_linear`), and on the int8 lm_head of quant/int8.py (`Int4Kernel.q8_linear`,
-quant/csrc/q8_gemv.c, which int4_gemv.c includes).
+quant/csrc/q8_gemv.c, which int4_gemv.c includes), and one decode query's attention against a
+float32 KV cache (`Int4Kernel.decode_attention`, quant/csrc/attention.c, included the same way).
 
 `int4_kernel()` returns an `Int4Kernel`, or None when the kernel cannot be used here: no C
 compiler, a compile error, a CPU without AVX2 (the portable fallback is slower than PyTorch's
@@ -57,7 +58,8 @@ ISA_ENV = "MIXTRAL_CHAT_NATIVE_ISA"  # at most this instruction set (benchmarks)
 ISAS = ("portable", "avx2", "avx512", "avx512-vnni")
 NATIVE_DIR_ENV = "MIXTRAL_CHAT_NATIVE_DIR"
 SOURCE = Path(__file__).resolve().parent / "csrc" / "int4_gemv.c"
-INCLUDED_SOURCES = (SOURCE.parent / "q8_gemv.c",)  # #included by SOURCE: part of the build key
+# #included by SOURCE: part of the build key
+INCLUDED_SOURCES = (SOURCE.parent / "q8_gemv.c", SOURCE.parent / "attention.c")
 BASE_FLAGS = ("-O3", "-std=c11", "-shared", "-fPIC", "-pthread")
 NATIVE_FLAGS = ("-march=native",)
 COMPILE_TIMEOUT_S = 120
@@ -105,6 +107,10 @@ class Int4Kernel:
         library.q8_linear_f32.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
         library.q8_linear_f32.restype = ctypes.c_int
         self._run_q8 = library.q8_linear_f32
+        attn_args = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32, ctypes.c_int]
+        library.attn_decode_f32.argtypes = attn_args
+        library.attn_decode_f32.restype = ctypes.c_int
+        self._run_attention = library.attn_decode_f32
 
     @property
     def isa(self) -> str:
@@ -301,6 +307,38 @@ class Int4Kernel:
             _get_num_threads() if threads is None else threads,
         )
         _check(rc, "int8")
+        return out
+
+    def decode_attention(self, q: Tensor, k: Tensor, v: Tensor, threads: int | None = None) -> Tensor:
+        """One query per head, q [1, H, 1, D], against the cache k, v [1, KVH, L, D] (a slice of
+        a longer cache: its rows contiguous, its heads `stride(1)` apart) -> [1, H, 1, D], what
+        SDPA gives without a mask (GQA: H a multiple of KVH), within ~1e-6 relative; float32 CPU."""
+        _, heads, _, dim = q.shape
+        _, kv_heads, length, _ = k.shape
+        for name, tensor in (("q", q), ("k", k), ("v", v)):
+            if tensor.dtype is not _F32 or not tensor.is_cpu or tensor.shape[0] != 1:
+                raise QuantizationError(f"native attention: {name!r} must be a float32 CPU tensor of batch 1")
+        rows_contiguous = k.stride()[2:] == (dim, 1) and v.stride() == k.stride()
+        if q.shape[2] != 1 or v.shape != k.shape or not rows_contiguous or not q.is_contiguous():
+            raise QuantizationError(
+                f"native attention: q {tuple(q.shape)} and k, v {tuple(k.shape)} "
+                "do not fit [1, H, 1, D] and [1, KVH, L, D]"
+            )
+        out = torch.empty_like(q)
+        rc = self._run_attention(
+            q.data_ptr(),
+            k.data_ptr(),
+            v.data_ptr(),
+            out.data_ptr(),
+            heads,
+            kv_heads,
+            length,
+            dim,
+            k.stride(1),
+            dim**-0.5,
+            _get_num_threads() if threads is None else threads,
+        )
+        _check(rc, "attention")
         return out
 
 

@@ -1115,3 +1115,4 @@ int int4_linear_f32(const uint8_t *qweight, const uint16_t *scales, const uint16
 
 /* The int8 lm_head kernel (q8_linear_f32), sharing the thread pool above. */
 #include "q8_gemv.c"
+#include "attention.c"
