@@ -4,6 +4,8 @@ what SDPA gives, and the engine must pick each where it should."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,20 +30,26 @@ def test_it_matches_sdpa(heads: int, kv_heads: int, dim: int, length: int) -> No
     torch.testing.assert_close(decode_attention(q_view, k, v), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_a_long_cache_decodes_alike_either_way(tiny_model_dir, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A model whose every decode step takes the matmul path gives SDPA's logits."""
-    import mixtral_chat.engine.model as model_module
-    from mixtral_chat.engine.weights import load_model
-
-    model = load_model(tiny_model_dir)
+def prefill_then_decode(model: torch.nn.Module, seed: int) -> Callable[[], torch.Tensor]:
+    """A function giving the logits [1, 10, V] of 10 decode steps after a prefill of 20 tokens."""
     model.setup_cache(40)
-    tokens = torch.randint(0, 1000, (1, 30), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, 1000, (1, 30), generator=torch.Generator().manual_seed(seed))
 
     def decode() -> torch.Tensor:
         with torch.inference_mode():
             model(tokens[:, :20], torch.arange(20))
             return torch.cat([model(tokens[:, i : i + 1], torch.tensor([i])) for i in range(20, 30)], dim=1)
 
+    return decode
+
+
+def test_a_long_cache_decodes_alike_either_way(tiny_model_dir, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose every decode step takes the matmul path gives SDPA's logits."""
+    import mixtral_chat.engine.model as model_module
+    from mixtral_chat.engine.weights import load_model
+
+    model = load_model(tiny_model_dir)
+    decode = prefill_then_decode(model, seed=1)
     monkeypatch.setenv(NO_NATIVE_ENV, "1")  # the native kernel would take every step
     calls = []
     real = model_module.decode_attention
@@ -107,14 +115,7 @@ def test_the_engine_decodes_with_the_native_kernel(tiny_model_dir, monkeypatch: 
     if int4_kernel() is None:
         pytest.skip("the native kernel does not load on this host")
     model = load_model(tiny_model_dir)
-    model.setup_cache(40)
-    tokens = torch.randint(0, 1000, (1, 30), generator=torch.Generator().manual_seed(2))
-
-    def decode() -> torch.Tensor:
-        with torch.inference_mode():
-            model(tokens[:, :20], torch.arange(20))
-            return torch.cat([model(tokens[:, i : i + 1], torch.tensor([i])) for i in range(20, 30)], dim=1)
-
+    decode = prefill_then_decode(model, seed=2)
     calls = []
     real = Int4Kernel.decode_attention
     monkeypatch.setattr(Int4Kernel, "decode_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
