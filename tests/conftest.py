@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The native int4 kernel compiles once per test session (~2 s) into a session folder, whatever
 # MIXTRAL_CHAT_HOME a test sets: neither per test nor into the user's cache.
 os.environ.setdefault("MIXTRAL_CHAT_NATIVE_DIR", tempfile.mkdtemp(prefix="mixtral-chat-native-"))
+
+# The Ctrl-C tests send SIGINT to the CLI they start. A suite launched as a background job (`cmd &`
+# from a script) inherits SIGINT ignored, and so would the CLI: a handler here is reset to the
+# default in each child at exec, so they see Ctrl-C as a user's foreground process does.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # CPU features that send libraries down other paths (bitsandbytes, torch's kernels, ours).
 _HOST_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")

@@ -65,7 +65,7 @@ def test_a_long_cache_decodes_alike_either_way(tiny_model_dir, monkeypatch: pyte
 
 
 @pytest.fixture(scope="module", params=["native", "portable"])
-def kernel(request: pytest.FixtureRequest) -> Int4Kernel:
+def attention_kernel(request: pytest.FixtureRequest) -> Int4Kernel:
     """The build the engine loads (-march=native: AVX2 where the CPU has it) and the portable one."""
     if request.param == "native":
         built = int4_kernel()
@@ -80,7 +80,7 @@ def kernel(request: pytest.FixtureRequest) -> Int4Kernel:
     [(4, 2, 48, 7), (32, 8, 128, 300), (8, 8, 64, 33), (8, 2, 20, 1), (6, 3, 12, 129)],
 )
 def test_the_native_kernel_matches_sdpa(
-    kernel: Int4Kernel, heads: int, kv_heads: int, dim: int, length: int
+    attention_kernel: Int4Kernel, heads: int, kv_heads: int, dim: int, length: int
 ) -> None:
     """Against a slice of a longer cache, as the model hands it over; D not a multiple of 8 too."""
     generator = torch.Generator().manual_seed(heads * dim + length)
@@ -90,13 +90,14 @@ def test_the_native_kernel_matches_sdpa(
     k, v = k_cache[:, :, :length], v_cache[:, :, :length]
     gqa = heads != kv_heads
     expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=gqa)
-    got = kernel.decode_attention(q, k, v, threads=2)
+    got = attention_kernel.decode_attention(q, k, v, threads=2)
     assert got.shape == q.shape and got.dtype is torch.float32
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(kernel.decode_attention(q, k, v, threads=1), got, rtol=0, atol=0)
+    torch.testing.assert_close(attention_kernel.decode_attention(q, k, v, threads=1), got, rtol=0, atol=0)
 
 
-def test_the_native_kernel_refuses_what_does_not_fit(kernel: Int4Kernel) -> None:
+def test_the_native_kernel_refuses_what_does_not_fit(attention_kernel: Int4Kernel) -> None:
+    kernel = attention_kernel
     q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 9, 16)
     with pytest.raises(QuantizationError, match="native attention"):
         kernel.decode_attention(q.double(), k, k)  # not float32
