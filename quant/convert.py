@@ -521,12 +521,16 @@ def quantize_model_dir(
         try:
             with _writing(tmp_path, plan, done, dst.parent):
                 size = _write_shard(shard, tmp_path, plan.scheme, plan.layout, tracker, cancel)
+            os.replace(tmp_path, partial / shard.name)
         except QuantizationCancelled:
             raise QuantizationCancelled(
                 f"quantization cancelled after {tracker.shards_done} of {tracker.shards_total} shards; "
                 f"run it again to resume (work kept in {partial})"
             ) from None
-        os.replace(tmp_path, partial / shard.name)
+        finally:
+            # Gone after the rename. Else the write stopped: a Ctrl-C can land after the file was
+            # made and before the writer's own clean-up took charge, or after it closed the file.
+            tmp_path.unlink(missing_ok=True)
         with _writing(partial / PROGRESS_FILE, plan, done, dst.parent):
             write_json_atomic(
                 partial / PROGRESS_FILE, {"request": request, "done": {**done, shard.name: size}}

@@ -283,6 +283,36 @@ def test_cancel_then_resume_finishes_the_same_model(float_dir: Path, tmp_path: P
         assert file.read_bytes() == (dst / file.name).read_bytes()
 
 
+@pytest.mark.parametrize("moment", ["the file made", "the file closed"])
+def test_an_interrupt_between_a_shard_file_and_its_clean_up_leaves_no_temporary(
+    float_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moment: str
+) -> None:
+    """Ctrl-C right after the second shard's file is made (before the writer's own clean-up takes
+    charge: a CI run once left a .tmp so), and as it closes. The run stops with the first shard
+    kept and no .tmp left."""
+    made: list[Path] = []
+
+    class InterruptedWriter(convert_module.StreamWriter):
+        def __init__(self, path: Path, *args: object, **kwargs: object) -> None:
+            super().__init__(path, *args, **kwargs)
+            made.append(path)
+            if moment == "the file made" and len(made) == 2:
+                raise KeyboardInterrupt
+
+        def close(self) -> None:
+            super().close()
+            if moment == "the file closed" and len(made) == 2:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert_module, "StreamWriter", InterruptedWriter)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model_dir(float_dir, tmp_path / "out", "int4", 32)
+    partial = tmp_path / ".out.partial"
+    assert len(made) == 2 and made[1].name.endswith(".tmp")
+    assert not list(partial.glob("*.tmp"))
+    assert len(json.loads((partial / "progress.json").read_text())["done"]) == 1
+
+
 def test_a_partial_run_with_other_options_is_started_over(float_dir: Path, tmp_path: Path) -> None:
     cancel = threading.Event()
     cancel.set()
