@@ -151,7 +151,7 @@ int attn_decode_f32(const float *q, const float *k, const float *v, float *out, 
     attn_job_t J = {.q = q, .k = k, .v = v, .out = out, .G = H / KVH, .L = L, .D = D,
                     .head_stride = head_stride, .scale = scale, .scores = scores, .KVH = KVH};
     atomic_init(&J.next, 0);
-    /* Threads only for caches worth waking one: ~2M values read, as the GEMVs' rule. */
+    /* The GEMVs' rule: a second thread from 2 x MIN_WEIGHTS_PER_THREAD values read (2 MiB of k and v). */
     int64_t threads = n_threads < 1 ? 1 : n_threads;
     int64_t by_work = (2 * KVH * L * D) / MIN_WEIGHTS_PER_THREAD;
     if (threads > by_work) threads = by_work < 1 ? 1 : by_work;
