@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mixtral_chat.engine.config import ModelArgs
-from mixtral_chat.quant.native import int4_kernel
+from mixtral_chat.quant.int4 import expert_operand, native_parts, same_tensors
+from mixtral_chat.quant.native import AttentionBlockOperand, ExpertOperand, int4_kernel
 
 # Offloading swaps this for an expert cache: given a layer's expert ids (ascending), return
 # modules that compute each expert. The default is the layer's own resident experts.
@@ -198,7 +199,11 @@ class Attention(nn.Module):
 
 class Expert(nn.Module):
     """One feed-forward expert: w2(silu(w1 x) * w3 x), with w1 and w3 as one GEMM (float
-    weights after `fuse_gate_up`) or one kernel call (native int4) where they allow."""
+    weights after `fuse_gate_up`) or one kernel call (native int4) where they allow.
+
+    One float32 token through native int4 weights is one call of the whole expert (`native_operand`,
+    quant/csrc/moe.c), as SparseMoE runs a token's experts together: wherever an expert is placed
+    (resident, a slot, computed on the host) a token gets the same bits."""
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
@@ -206,6 +211,15 @@ class Expert(nn.Module):
         self.w2 = Linear(hidden_dim, dim, bias=False)  # down projection
         self.w3 = Linear(dim, hidden_dim, bias=False)  # up projection
         self._gate_up_weight: Tensor | None = None  # see fuse_gate_up: [dim, 2 * hidden]
+        self._operand: ExpertOperand | None = None  # see native_operand
+
+    def native_operand(self, x: Tensor) -> ExpertOperand | None:
+        """What the native kernel's `moe` takes for this expert when x [T, D] is one float32 token
+        on the CPU and the weights are native int4; else None (checked once per set of tensors)."""
+        if not (x.dim() == 2 and x.shape[0] == 1 and x.dtype is torch.float32 and x.is_cpu):
+            return None
+        self._operand = expert_operand(self.w1, self.w3, self.w2, self._operand)
+        return self._operand
 
     def fuse_gate_up(self) -> None:
         """w1 and w3 as one [2 * hidden, dim] tensor (kept transposed) whose halves they keep as views (see
@@ -213,6 +227,9 @@ class Expert(nn.Module):
         self._gate_up_weight = _concatenate_weights((self.w1, self.w3))
 
     def forward(self, x: Tensor) -> Tensor:
+        operand = self.native_operand(x)
+        if operand is not None:
+            return operand.kernel.moe((operand,), (1.0,), x)  # [1, D]
         if self._gate_up_weight is not None and not _still_viewed((self.w1, self.w3), self._gate_up_weight):
             self._gate_up_weight = None  # their weights changed: the fused copy is dropped
         gate_up = _concatenated_output((self.w1, self.w3), self._gate_up_weight, x)  # [T, 2 * hidden]
@@ -225,7 +242,7 @@ class Expert(nn.Module):
         # A copy (copy.deepcopy: the offloader's slot modules) is rebound to other tensors:
         # it must not carry, nor copy, the fused weight.
         state = dict(super().__getstate__())
-        state["_gate_up_weight"] = None
+        state["_gate_up_weight"] = state["_operand"] = None
         return state
 
 
@@ -309,7 +326,11 @@ class SparseMoE(nn.Module):
         packed = torch.cat((chosen.to(weights.dtype), weights), dim=1).tolist()[0]  # [2K]
         ids, scale = [int(e) for e in packed[:K]], packed[K:]
         order = sorted(range(len(ids)), key=ids.__getitem__)
-        outputs = run_experts(x, self.expert_source([ids[j] for j in order]))  # [1, D] each
+        experts = self.expert_source([ids[j] for j in order])
+        operands = [e.native_operand(x) if type(e) is Expert else None for e in experts]
+        if all(operands):  # one native call for all of them: the bits of the loop below
+            return operands[0].kernel.moe(operands, [scale[j] for j in order], x)  # [1, D]
+        outputs = run_experts(x, experts)  # [1, D] each
         out = None
         for j, y in zip(order, outputs, strict=True):
             y = y * scale[j]  # [1, D]
@@ -345,18 +366,75 @@ def run_experts(x: Tensor, experts: Sequence[nn.Module]) -> list[Tensor]:
 
 
 class DecoderLayer(nn.Module):
+    """Attention, then the experts, each around a norm and a residual.
+
+    One float32 decode token on the CPU with native int4 q, k, v, o takes the attention half (both
+    norms included) as one kernel call (`native_attention_block`, quant/csrc/attention_block.c)."""
+
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
+        self.args = args
         self.self_attn = Attention(args)
         self.block_sparse_moe = SparseMoE(args)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self._block: AttentionBlockOperand | None = None  # see native_attention_block
+
+    def native_attention_block(self, x: Tensor, mask: Tensor | None) -> AttentionBlockOperand | None:
+        """What the native kernel's `attention_block` takes for this layer when x [B, S, D] is one
+        float32 token on the CPU with no mask, q, k, v and o are native int4 layers of one kernel and
+        group size, and the norms and the cache are float32; else None (checked once per set of tensors)."""
+        attn = self.self_attn
+        cache = attn.kv_cache
+        if (
+            not (
+                x.dim() == 3
+                and x.shape[0] * x.shape[1] == 1
+                and mask is None
+                and x.dtype is torch.float32
+                and x.is_cpu
+            )
+            or cache is None
+        ):
+            return None
+        layers = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
+        found = [native_parts(layer) for layer in layers]
+        if any(f is None for f in found):
+            return None
+        norms = (self.input_layernorm, self.post_attention_layernorm)
+        tensors = (*(t for f in found for t in f[1]), *(n.weight for n in norms), cache.k, cache.v)
+        if self._block is not None and same_tensors(self._block.tensors, tensors):
+            return self._block
+        if not (
+            len({f[0] for f in found}) == 1
+            and len({layer.group_size for layer in layers}) == 1
+            and norms[0].eps == norms[1].eps
+            and all(t.dtype is torch.float32 for t in tensors[12:])
+        ):
+            return None
+        a = self.args
+        self._block = found[0][0].attention_block_operand(
+            [f[1] for f in found],
+            attn.q_proj.group_size,
+            a.num_attention_heads,
+            a.num_key_value_heads,
+            a.head_dim,
+            [n.weight for n in norms],
+            norms[0].eps,
+            [cache.k, cache.v],
+        )
+        return self._block
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, mask: Tensor | None, end: int
     ) -> Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask, end)
-        return h + self.block_sparse_moe(self.post_attention_layernorm(h))
+        block = self.native_attention_block(x, mask)
+        if block is not None:
+            h, normed = block.kernel.attention_block(block, x, cos, sin, end - 1)  # [B, S, D] each
+        else:
+            h = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask, end)
+            normed = self.post_attention_layernorm(h)
+        return h + self.block_sparse_moe(normed)
 
 
 class Mixtral(nn.Module):

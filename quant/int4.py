@@ -40,7 +40,14 @@ from mixtral_chat.quant.int4_forms import (
     runtime_tensors,
     unpack_int4_codes,
 )
-from mixtral_chat.quant.native import MAX_MULTI, Int4Kernel, int4_kernel, kernel_input, kernel_output
+from mixtral_chat.quant.native import (
+    MAX_MULTI,
+    ExpertOperand,
+    Int4Kernel,
+    int4_kernel,
+    kernel_input,
+    kernel_output,
+)
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 # Rows quantized at once: bounds the float32 temporaries to ~64 MB whatever the matrix size.
@@ -339,3 +346,40 @@ class Int4Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"group_size={self.group_size}, backend={self.backend}, compute_dtype={self.compute_dtype}"
         )
+
+
+def native_parts(layer: nn.Module) -> tuple[Int4Kernel, tuple[Tensor, Tensor, Tensor]] | None:
+    """A native int4 layer's kernel and stored parts (qweight, scales, zeros); None for any other."""
+    if type(layer) is not Int4Linear or layer._kernel is None:
+        return None
+    buffers = layer._buffers
+    return layer._kernel, (buffers["qweight"], buffers["scales"], buffers["zeros"])
+
+
+def same_tensors(cached: Sequence[Tensor], tensors: Sequence[Tensor]) -> bool:
+    """Each of `tensors` is the very object in `cached` (an operand's check: in place changes of
+    their values are fine, rebinding or a move makes new objects)."""
+    return len(cached) == len(tensors) and all(a is b for a, b in zip(cached, tensors, strict=True))
+
+
+def expert_operand(
+    w1: nn.Module, w3: nn.Module, w2: nn.Module, cached: ExpertOperand | None = None
+) -> ExpertOperand | None:
+    """The native kernel's operand (`Int4Kernel.moe`) for an expert whose three layers are native
+    int4 layers of one kernel and group size; None otherwise. `cached` comes back while the layers
+    still hold its tensors (a slot refilled in place keeps them)."""
+    found = [native_parts(layer) for layer in (w1, w3, w2)]
+    if any(f is None for f in found):
+        return None
+    kernels = {f[0] for f in found}
+    tensors = tuple(t for f in found for t in f[1])
+    if cached is not None and same_tensors(cached.tensors, tensors):
+        return cached
+    if not (
+        len(kernels) == 1
+        and w2.in_features == w1.out_features == w3.out_features
+        and w1.in_features == w3.in_features
+        and w1.group_size == w3.group_size == w2.group_size
+    ):
+        return None
+    return found[0][0].expert_operand(tensors[0:3], tensors[3:6], tensors[6:9], w1.group_size)

@@ -3,7 +3,8 @@
 It computes on the stored form of int4 (`Int4Kernel.linear`) and of bitsandbytes' nf4/fp4
 (`Int4Kernel.codebook_linear`), and on the int8 lm_head of quant/int8.py (`Int4Kernel.q8_linear`,
 quant/csrc/q8_gemv.c, which int4_gemv.c includes), and one decode query's attention against a
-float32 KV cache (`Int4Kernel.decode_attention`, quant/csrc/attention.c, included the same way).
+float32 KV cache (`Int4Kernel.decode_attention`, quant/csrc/attention.c, included the same way),
+and one token through a layer's chosen experts (`Int4Kernel.moe`, quant/csrc/moe.c).
 
 `int4_kernel()` returns an `Int4Kernel`, or None when the kernel cannot be used here: no C
 compiler, a compile error, a CPU without AVX2 (the portable fallback is slower than PyTorch's
@@ -29,6 +30,7 @@ torch bundles its own runtime).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import math
@@ -59,7 +61,9 @@ ISAS = ("portable", "avx2", "avx512", "avx512-vnni")
 NATIVE_DIR_ENV = "MIXTRAL_CHAT_NATIVE_DIR"
 SOURCE = Path(__file__).resolve().parent / "csrc" / "int4_gemv.c"
 # #included by SOURCE: part of the build key
-INCLUDED_SOURCES = (SOURCE.parent / "q8_gemv.c", SOURCE.parent / "attention.c")
+INCLUDED_SOURCES = tuple(
+    SOURCE.parent / name for name in ("q8_gemv.c", "attention.c", "attention_block.c", "moe.c")
+)
 BASE_FLAGS = ("-O3", "-std=c11", "-shared", "-fPIC", "-pthread")
 NATIVE_FLAGS = ("-march=native",)
 COMPILE_TIMEOUT_S = 120
@@ -69,6 +73,7 @@ VARIANT_Q8 = 0  # activations rounded to int8 per 32 columns, integer dot produc
 VARIANT_F32 = 1  # codes converted to float, FMA with float32 activations
 _GROUP_SIZES = (32, 64, 128, 256)
 MAX_MULTI = 4  # weights per `linear_multi` call (MAX_SETS in the C source)
+MAX_MOE_EXPERTS = 8  # experts per `moe` call (MOE_MAX_EXPERTS in quant/csrc/moe.c)
 _CODEBOOK_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' (codebook_linear)
 _ERRORS = {1: "invalid arguments", 2: "out of memory"}
 
@@ -111,6 +116,33 @@ class Int4Kernel:
         library.attn_decode_f32.argtypes = attn_args
         library.attn_decode_f32.restype = ctypes.c_int
         self._run_attention = library.attn_decode_f32
+        moe_args = [ctypes.c_int, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_int]
+        library.int4_moe_f32.argtypes = moe_args
+        library.int4_moe_f32.restype = ctypes.c_int
+        self._run_moe = library.int4_moe_f32
+        block_args = [
+            ptr,
+            ptr,
+            ptr,
+            ptr,
+            f32,
+            ptr,
+            ptr,
+            ptr,
+            ptr,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+        ]
+        library.int4_attention_block_f32.argtypes = [*block_args, f32, ptr, ptr, ctypes.c_int]
+        library.int4_attention_block_f32.restype = ctypes.c_int
+        self._run_block = library.int4_attention_block_f32
 
     @property
     def isa(self) -> str:
@@ -340,6 +372,199 @@ class Int4Kernel:
         )
         _check(rc, "attention")
         return out
+
+    def expert_operand(
+        self, w1: Sequence[Tensor], w3: Sequence[Tensor], w2: Sequence[Tensor], group_size: int
+    ) -> ExpertOperand:
+        """One expert's three weights, each stored as (qweight, scales, zeros) with `group_size`:
+        W1 and W3 [I, Kp1], W2 [D, Kp2] (Kp2 >= I), checked once for `moe`."""
+        for name, (qweight, scales, zeros) in (("w1", w1), ("w3", w3), ("w2", w2)):
+            kp = 2 * qweight.shape[1] if qweight.dim() == 2 else 0
+            if not _weight_fits(qweight, scales, zeros, kp, group_size):
+                raise QuantizationError(f"native int4 expert: {name} is not a stored int4 weight")
+        hidden, kp1 = w1[0].shape[0], 2 * w1[0].shape[1]
+        out, kp2 = w2[0].shape[0], 2 * w2[0].shape[1]
+        if w3[0].shape != w1[0].shape or kp2 < hidden:
+            raise QuantizationError(
+                f"native int4 expert: w1 {tuple(w1[0].shape)}, w3 {tuple(w3[0].shape)} and "
+                f"w2 {tuple(w2[0].shape)} (packed) do not make one expert"
+            )
+        tensors = (*w1, *w3, *w2)
+        pointers = tuple(t.data_ptr() for t in tensors)
+        return ExpertOperand(self, tensors, pointers, hidden, kp1, out, kp2, group_size)
+
+    def moe(
+        self,
+        experts: Sequence[ExpertOperand],
+        weights: Sequence[float],
+        x: Tensor,
+        threads: int | None = None,
+    ) -> Tensor:
+        """One token through several experts in one call: [1, D] = sum over e of weights[e] *
+        W2_e (silu(W1_e x) * W3_e x), x float32 [1, in] on the CPU (in <= Kp1: zero-padded here),
+        summed in the order given. Each expert's result equals this call on it alone with weight 1.0, so a
+        float32 sum of those gives the same bits (quant/csrc/moe.c)."""
+        count = len(experts)
+        first = experts[0] if count else None
+        if first is None or count > MAX_MOE_EXPERTS or count != len(weights):
+            raise QuantizationError(f"native int4 moe: 1 to {MAX_MOE_EXPERTS} experts with a weight each")
+        if any(e.shape != first.shape or e.kernel is not self for e in experts):
+            raise QuantizationError("native int4 moe: the experts differ in shape or kernel")
+        hidden, kp1, out_features, kp2, group_size = first.shape
+        if not (x.dim() == 2 and x.shape[0] == 1 and x.shape[1] <= kp1 and x.dtype is _F32 and x.is_cpu):
+            raise QuantizationError(
+                f"native int4 moe: x is {x.dtype} {tuple(x.shape)}, expected float32 (1, {kp1})"
+            )
+        if x.shape[1] != kp1:
+            x = F.pad(x, (0, kp1 - x.shape[1]))
+        x = x.contiguous()
+        out = x.new_empty((1, out_features))
+        pointers = (ctypes.c_void_p * (9 * count))(*(p for e in experts for p in e.pointers))
+        rc = self._run_moe(
+            count,
+            pointers,
+            (ctypes.c_float * count)(*weights),
+            x.data_ptr(),
+            out.data_ptr(),
+            hidden,
+            kp1,
+            out_features,
+            kp2,
+            group_size,
+            _get_num_threads() if threads is None else threads,
+        )
+        _check(rc, "int4 moe")
+        return out
+
+    def attention_block_operand(
+        self,
+        weights: Sequence[Sequence[Tensor]],
+        group_size: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        norms: Sequence[Tensor],
+        eps: float,
+        cache: Sequence[Tensor],
+    ) -> AttentionBlockOperand:
+        """A decoder layer's attention half for `attention_block`: `weights` Wq, Wk, Wv, Wo each
+        stored as (qweight, scales, zeros) with `group_size`; `norms` the float32 weights of the
+        norm before and after it; `cache` its float32 keys and values [1, KVH, max_seq, D]."""
+        q, k, v, o = weights
+        kp, kpo = 2 * q[0].shape[1], 2 * o[0].shape[1]
+        width = o[0].shape[0]
+        rows = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim, width)
+        for name, (qweight, scales, zeros), n, columns in zip(
+            "qkvo", weights, rows, (kp, kp, kp, kpo), strict=True
+        ):
+            if (
+                qweight.dim() != 2
+                or qweight.shape[0] != n
+                or not _weight_fits(qweight, scales, zeros, columns, group_size)
+            ):
+                raise QuantizationError(
+                    f"native attention block: W{name} is not a stored int4 [{n}, {columns}] weight"
+                )
+        for norm in norms:
+            if not (norm.shape == (width,) and norm.dtype is _F32 and norm.is_cpu and norm.is_contiguous()):
+                raise QuantizationError(f"native attention block: a norm weight is not float32 ({width},)")
+        keys = cache[0]
+        shape = (1, kv_heads, keys.shape[2] if keys.dim() == 4 else 0, head_dim)
+        for tensor in cache:
+            if not (
+                tensor.shape == shape and tensor.dtype is _F32 and tensor.is_cpu and tensor.is_contiguous()
+            ):
+                raise QuantizationError(f"native attention block: the cache is not float32 {shape}")
+        if heads % kv_heads or head_dim % 2 or kpo < heads * head_dim or kp < width:
+            raise QuantizationError("native attention block: the heads do not fit the weights")
+        tensors = (*q, *k, *v, *o, *norms, *cache)
+        pointers = tuple(t.data_ptr() for t in tensors)
+        dims = (width, kp, heads, kv_heads, head_dim, kpo, group_size)
+        return AttentionBlockOperand(self, tensors, pointers, dims, eps, shape[2])
+
+    def attention_block(
+        self,
+        block: AttentionBlockOperand,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        pos: int,
+        threads: int | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """One token x float32 [.., D] at position `pos` through the attention half of a layer
+        (quant/csrc/attention_block.c): h = x + attention(norm_in(x)), written into the cache at
+        `pos`, and norm_post(h); cos and sin float32 [1, head_dim] (this position's rows)."""
+        width, _, _, _, head_dim, _, _ = block.dims
+        if not (x.numel() == width and x.dtype is _F32 and x.is_cpu and x.is_contiguous()):
+            raise QuantizationError(
+                f"native attention block: x is {x.dtype} {tuple(x.shape)}, expected {width} float32"
+            )
+        for table in (cos, sin):
+            if not (
+                table.shape == (1, head_dim)
+                and table.dtype is _F32
+                and table.is_cpu
+                and table.is_contiguous()
+            ):
+                raise QuantizationError(
+                    f"native attention block: cos and sin must be float32 (1, {head_dim})"
+                )
+        if not 0 <= pos < block.max_seq_len:
+            raise QuantizationError(
+                f"native attention block: position {pos} is beyond the cache ({block.max_seq_len})"
+            )
+        h, normed = torch.empty_like(x), torch.empty_like(x)
+        p = block.pointers
+        rc = self._run_block(
+            (ctypes.c_void_p * 12)(*p[:12]),
+            x.data_ptr(),
+            p[12],
+            p[13],
+            block.eps,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            p[14],
+            p[15],
+            block.max_seq_len * head_dim,
+            pos,
+            *block.dims,
+            head_dim**-0.5,
+            h.data_ptr(),
+            normed.data_ptr(),
+            _get_num_threads() if threads is None else threads,
+        )
+        _check(rc, "attention block")
+        return h, normed
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AttentionBlockOperand:
+    """A layer's attention half as `Int4Kernel.attention_block` reads it (`attention_block_operand`)."""
+
+    kernel: Int4Kernel
+    tensors: tuple[Tensor, ...]  # Wq, Wk, Wv, Wo parts, the two norm weights, the cache's k and v
+    pointers: tuple[int, ...]
+    dims: tuple[int, int, int, int, int, int, int]  # D, Kp, H, KVH, Dh, Kpo, group size
+    eps: float
+    max_seq_len: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ExpertOperand:
+    """An expert's weights as `Int4Kernel.moe` reads them (made by `Int4Kernel.expert_operand`)."""
+
+    kernel: Int4Kernel
+    tensors: tuple[Tensor, ...]  # w1's, w3's, w2's qweight, scales, zeros: kept alive
+    pointers: tuple[int, ...]
+    hidden: int  # I: w1's and w3's rows
+    kp1: int  # the input's padded width
+    out_features: int  # D: w2's rows
+    kp2: int  # w2's padded input, >= I
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        return (self.hidden, self.kp1, self.out_features, self.kp2, self.group_size)
 
 
 def _check(rc: int, what: str) -> None:

@@ -42,6 +42,7 @@
 
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -924,6 +925,15 @@ typedef struct {
     atomic_llong next;                /* next work item to take */
 } dispatch_t;
 
+/* Work item `item` (< first_item[nsets]) of D: one chunk of one set's rows. */
+static void run_dispatch_item(const dispatch_t *D, int64_t item) {
+    int s = 0;
+    while (item >= D->first_item[s + 1]) s++;
+    const job_t *J = D->sets[s];
+    int64_t n0 = (item - D->first_item[s]) * J->chunk;
+    run_rows(J, n0, n0 + J->chunk < J->N ? n0 + J->chunk : J->N);
+}
+
 /* Each thread takes chunks of contiguous rows until none is left: on a busy machine a thread
  * that gets its core late (or never) does less, instead of holding up the whole call. */
 static void run_range(void *arg, int index, int count) {
@@ -933,11 +943,21 @@ static void run_range(void *arg, int index, int count) {
     for (;;) {
         int64_t item = (int64_t)atomic_fetch_add_explicit(&D->next, 1, memory_order_relaxed);
         if (item >= D->first_item[D->nsets]) return;
-        int s = 0;
-        while (item >= D->first_item[s + 1]) s++;
-        const job_t *J = D->sets[s];
-        int64_t n0 = (item - D->first_item[s]) * J->chunk;
-        run_rows(J, n0, n0 + J->chunk < J->N ? n0 + J->chunk : J->N);
+        run_dispatch_item(D, item);
+    }
+}
+
+/* Waits until *counter >= target (acquire): what the other threads of a call publish. Spins a
+ * little, then yields the core, so a thread waiting on one whose core is busy elsewhere lets it run. */
+static void wait_for_count(atomic_llong *counter, long long target) {
+    for (int spins = 0; atomic_load_explicit(counter, memory_order_acquire) < target; spins++) {
+#ifdef INT4_SIMD
+        if (spins < 4096) {
+            _mm_pause();
+            continue;
+        }
+#endif
+        sched_yield();
     }
 }
 
@@ -964,46 +984,86 @@ static int check_args(int64_t M, int64_t N, int64_t Kp, int64_t group_size) {
     return INT4_OK;
 }
 
-/* Prepares x (Q8: the int8 codes and their sums; F32: the permuted floats) once, then runs the
- * rows of every set's W on the thread pool. Each set holds its weights, N and y (offset to its
- * first output column); the first's x, M, Kp, g and variant are everyone's; the rest is set here. */
+#ifdef INT4_SIMD
+/* The three parts of J's prepared x, in bytes rounded to 64: group sums, activations, corrections. */
+static void prepared_parts(const job_t *J, size_t parts[3]) {
+    const size_t M = (size_t)J->M, nb = (size_t)J->nb;
+    const int q8 = J->variant == INT4_VARIANT_Q8;
+    parts[0] = M * J->G * sizeof(float) * (q8 ? 2 : 1);
+    parts[1] = q8 ? M * nb * 64 + M * nb * 8 * sizeof(float) : M * nb * 64 * sizeof(float);
+    parts[2] = J->codebook ? M * nb * 8 * sizeof(int32_t) : 0;
+    for (int i = 0; i < 3; i++) parts[i] = (parts[i] + 63) / 64 * 64;
+}
+#endif
+
+/* The scratch bytes J's prepared x takes (Q8: int8 codes, scales and group sums; F32: permuted
+ * floats), with J->G and J->nb set; 0 without the vector kernels, which read x as it is. */
+static size_t prepared_bytes(job_t *J) {
+    J->G = J->Kp / J->g;
+    J->nb = (J->Kp + 63) / 64;
+#ifdef INT4_SIMD
+    size_t parts[3];
+    prepared_parts(J, parts);
+    return parts[0] + parts[1] + parts[2];
+#else
+    return 0;
+#endif
+}
+
+/* Points J's prepared-x arrays into p (prepared_bytes(J) bytes, 64-byte aligned). Without the
+ * vector kernels J->variant becomes -1: the portable loop. */
+static void place_prepared(job_t *J, char *p) {
+#ifdef INT4_SIMD
+    size_t parts[3];
+    prepared_parts(J, parts);
+    J->xsum = (float *)p;
+    J->xqsum = J->variant == INT4_VARIANT_Q8 ? J->xsum + (size_t)J->M * J->G : J->xsum;
+    p += parts[0];
+    if (J->variant == INT4_VARIANT_Q8) {
+        J->dxv = (float *)p;
+        J->xq = (int8_t *)(p + (size_t)J->M * J->nb * 8 * sizeof(float));
+    } else {
+        J->xp = (float *)p;
+    }
+    if (J->codebook) J->xcorr = (int32_t *)(p + parts[1]);
+#else
+    (void)p;
+    J->variant = -1;
+#endif
+}
+
+/* S computes from J's prepared x (another weight of the same call). */
+static void share_prepared(job_t *S, const job_t *J) {
+    S->M = J->M, S->Kp = J->Kp, S->g = J->g, S->G = J->G, S->nb = J->nb, S->variant = J->variant;
+    S->xq = J->xq, S->dxv = J->dxv, S->xp = J->xp, S->xsum = J->xsum, S->xqsum = J->xqsum;
+    S->x = J->x, S->xcorr = J->xcorr;
+}
+
+/* Prepares every row of J's x into its placed arrays (nothing for the portable loop). */
+static void prepare_rows(const job_t *J) {
+#ifdef INT4_SIMD
+    for (int64_t m = 0; m < J->M; m++) prepare_row(J, m);
+#else
+    (void)J;
+#endif
+}
+
+/* Prepares x once, then runs the rows of every set's W on the thread pool. Each set holds its
+ * weights, N and y (offset to its first output column); the first's x, M, Kp, g and variant are
+ * everyone's; the rest is set here. */
 static int run_jobs(job_t *sets, int nsets, int n_threads) {
     job_t *J = &sets[0];
     int64_t N = 0;
     for (int s = 0; s < nsets; s++) N += sets[s].N;
     const int64_t M = J->M, Kp = J->Kp;
-    const int variant = J->variant;
-    J->G = Kp / J->g;
-    J->nb = (Kp + 63) / 64;
+    size_t bytes = prepared_bytes(J);
     void *scratch = NULL;
-#ifdef INT4_SIMD
-    {
-        size_t xsum_bytes = (size_t)M * J->G * sizeof(float) * (variant == INT4_VARIANT_Q8 ? 2 : 1);
-        size_t act_bytes = variant == INT4_VARIANT_Q8
-                               ? (size_t)M * J->nb * 64 + (size_t)M * J->nb * 8 * sizeof(float)
-                               : (size_t)M * J->nb * 64 * sizeof(float);
-        size_t corr_bytes = J->codebook ? (size_t)M * J->nb * 8 * sizeof(int32_t) : 0;
-        size_t total = ((xsum_bytes + 63) / 64) * 64 + ((act_bytes + 63) / 64) * 64 + corr_bytes;
-        scratch = aligned_alloc(64, total);
+    if (bytes) {
+        scratch = aligned_alloc(64, bytes);
         if (!scratch) return INT4_ENOMEM;
-        char *p = (char *)scratch;
-        J->xsum = (float *)p;
-        J->xqsum = variant == INT4_VARIANT_Q8 ? J->xsum + (size_t)M * J->G : J->xsum;
-        p += ((xsum_bytes + 63) / 64) * 64;
-        if (variant == INT4_VARIANT_Q8) {
-            J->dxv = (float *)p;
-            J->xq = (int8_t *)(p + (size_t)M * J->nb * 8 * sizeof(float));
-        } else {
-            J->xp = (float *)p;
-        }
-        p += ((act_bytes + 63) / 64) * 64;
-        if (J->codebook) J->xcorr = (int32_t *)p;
-        for (int64_t m = 0; m < M; m++) prepare_row(J, m);
     }
-#else
-    (void)variant;
-    J->variant = -1;
-#endif
+    place_prepared(J, (char *)scratch);
+    prepare_rows(J);
     int64_t threads = n_threads < 1 ? 1 : n_threads;
     int64_t by_work = (N * Kp * (M < 4 ? M : 4)) / MIN_WEIGHTS_PER_THREAD;
     if (threads > by_work) threads = by_work < 1 ? 1 : by_work;
@@ -1015,11 +1075,7 @@ static int run_jobs(job_t *sets, int nsets, int n_threads) {
     dispatch_t D = {.nsets = nsets};
     for (int s = 0; s < nsets; s++) {
         job_t *S = &sets[s];
-        if (s > 0) { /* the prepared x is shared */
-            S->M = M, S->Kp = Kp, S->g = J->g, S->G = J->G, S->nb = J->nb, S->variant = J->variant;
-            S->xq = J->xq, S->dxv = J->dxv, S->xp = J->xp, S->xsum = J->xsum, S->xqsum = J->xqsum;
-            S->x = J->x, S->xcorr = J->xcorr;
-        }
+        if (s > 0) share_prepared(S, J);
         S->isa = isa;
         S->chunk = chunk;
         D.sets[s] = S;
@@ -1116,3 +1172,7 @@ int int4_linear_f32(const uint8_t *qweight, const uint16_t *scales, const uint16
 /* The int8 lm_head kernel (q8_linear_f32), sharing the thread pool above. */
 #include "q8_gemv.c"
 #include "attention.c"
+/* A layer's attention half for one token (int4_attention_block_f32). */
+#include "attention_block.c"
+/* One token through a layer's chosen experts (int4_moe_f32). */
+#include "moe.c"
