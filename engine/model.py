@@ -14,9 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mixtral_chat.engine.bindings import Bindings
 from mixtral_chat.engine.config import ModelArgs
+from mixtral_chat.engine.errors import QuantizationError
 from mixtral_chat.quant.int4 import expert_operand, native_parts, same_tensors
-from mixtral_chat.quant.native import AttentionBlockOperand, ExpertOperand, int4_kernel
+from mixtral_chat.quant.native import (
+    MAX_ROUTED_EXPERTS,
+    AttentionBlockOperand,
+    BlockOutput,
+    ExpertOperand,
+    StackOperand,
+    int4_kernel,
+)
 
 # Offloading swaps this for an expert cache: given a layer's expert ids (ascending), return
 # modules that compute each expert. The default is the layer's own resident experts.
@@ -288,6 +297,17 @@ class SparseMoE(nn.Module):
             return self._one_token(x, chosen, weights).view(B, S, D)
         return self._many_tokens(x, chosen, weights).view(B, S, D)
 
+    def forward_routed(self, block: BlockOutput) -> Tensor:
+        """One token that the native attention block normed and routed (`DecoderLayer.forward`)
+        -> its residual stream plus the experts' output, [B, S, D] as block.h."""
+        x, residual = block.normed.view(1, -1), block.h.view(1, -1)  # [T=1, D] each
+        ids, scale = block.expert_ids, block.expert_weights
+        if self.prefetch_hook is not None:
+            self.prefetch_hook(x)
+        if self.routing_hook is not None:
+            self.routing_hook(block.router_logits, torch.tensor([ids]), torch.tensor([scale]))
+        return self._token_experts(x, ids, scale, residual).view_as(block.h)
+
     def _many_tokens(self, x: Tensor, chosen: Tensor, weights: Tensor) -> Tensor:
         """Prefill: the (token, choice) pairs sorted by expert once, each expert run on its
         contiguous run of rows, and one index_add_ that adds each token's K outputs in
@@ -324,18 +344,24 @@ class SparseMoE(nn.Module):
         # One host read for both (a sync each on a GPU): ids are small ints, exact in float32.
         K = chosen.shape[1]
         packed = torch.cat((chosen.to(weights.dtype), weights), dim=1).tolist()[0]  # [2K]
-        ids, scale = [int(e) for e in packed[:K]], packed[K:]
+        return self._token_experts(x, [int(e) for e in packed[:K]], packed[K:], None)
+
+    def _token_experts(
+        self, x: Tensor, ids: list[int], scale: list[float], residual: Tensor | None
+    ) -> Tensor:
+        """x [1, D] through experts `ids` with weights `scale` (floats), summed in ascending id
+        order, plus `residual` [1, D] if given (added last) -> [1, D]."""
         order = sorted(range(len(ids)), key=ids.__getitem__)
         experts = self.expert_source([ids[j] for j in order])
         operands = [e.native_operand(x) if type(e) is Expert else None for e in experts]
         if all(operands):  # one native call for all of them: the bits of the loop below
-            return operands[0].kernel.moe(operands, [scale[j] for j in order], x)  # [1, D]
+            return operands[0].kernel.moe(operands, [scale[j] for j in order], x, residual=residual)
         outputs = run_experts(x, experts)  # [1, D] each
         out = None
         for j, y in zip(order, outputs, strict=True):
             y = y * scale[j]  # [1, D]
             out = y if out is None else out + y
-        return out
+        return out if residual is None else residual + out
 
 
 def run_experts(x: Tensor, experts: Sequence[nn.Module]) -> list[Tensor]:
@@ -369,7 +395,9 @@ class DecoderLayer(nn.Module):
     """Attention, then the experts, each around a norm and a residual.
 
     One float32 decode token on the CPU with native int4 q, k, v, o takes the attention half (both
-    norms included) as one kernel call (`native_attention_block`, quant/csrc/attention_block.c)."""
+    norms included, and the routing where the gate is a float32 `Linear`) as one kernel call
+    (`native_attention_block`, quant/csrc/attention_block.c), then its experts as one more
+    (`SparseMoE.forward_routed`, quant/csrc/moe.c, with the residual added there)."""
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -380,10 +408,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self._block: AttentionBlockOperand | None = None  # see native_attention_block
 
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state["_block"] = None  # a copy's tensors are other tensors: its operand is made anew
+        return state
+
     def native_attention_block(self, x: Tensor, mask: Tensor | None) -> AttentionBlockOperand | None:
         """What the native kernel's `attention_block` takes for this layer when x [B, S, D] is one
         float32 token on the CPU with no mask, q, k, v and o are native int4 layers of one kernel and
-        group size, and the norms and the cache are float32; else None (checked once per set of tensors)."""
+        group size, and the norms and the cache are float32; else None (checked once per set of tensors).
+        It routes too where `_router` allows."""
         attn = self.self_attn
         cache = attn.kv_cache
         if (
@@ -402,14 +436,16 @@ class DecoderLayer(nn.Module):
         if any(f is None for f in found):
             return None
         norms = (self.input_layernorm, self.post_attention_layernorm)
-        tensors = (*(t for f in found for t in f[1]), *(n.weight for n in norms), cache.k, cache.v)
+        router = self._router()
+        routed = () if router is None else (router,)
+        tensors = (*(t for f in found for t in f[1]), *(n.weight for n in norms), cache.k, cache.v, *routed)
         if self._block is not None and same_tensors(self._block.tensors, tensors):
             return self._block
         if not (
             len({f[0] for f in found}) == 1
             and len({layer.group_size for layer in layers}) == 1
             and norms[0].eps == norms[1].eps
-            and all(t.dtype is torch.float32 for t in tensors[12:])
+            and all(t.dtype is torch.float32 for t in tensors[12:16])
         ):
             return None
         a = self.args
@@ -422,19 +458,32 @@ class DecoderLayer(nn.Module):
             [n.weight for n in norms],
             norms[0].eps,
             [cache.k, cache.v],
+            router,
+            self.block_sparse_moe.top_k,
         )
         return self._block
+
+    def _router(self) -> Tensor | None:
+        """The MoE gate's weight [E, D] where the attention block can route with it: a float32
+        bias-free `Linear` on the CPU, E <= MAX_ROUTED_EXPERTS."""
+        gate = self.block_sparse_moe.gate
+        if type(gate) is not Linear or gate.bias is not None:
+            return None
+        weight = gate.weight
+        fits = weight.dtype is torch.float32 and weight.is_cpu and weight.is_contiguous()
+        return weight if fits and weight.shape[0] <= MAX_ROUTED_EXPERTS else None
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, mask: Tensor | None, end: int
     ) -> Tensor:
         block = self.native_attention_block(x, mask)
-        if block is not None:
-            h, normed = block.kernel.attention_block(block, x, cos, sin, end - 1)  # [B, S, D] each
-        else:
+        if block is None:
             h = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask, end)
-            normed = self.post_attention_layernorm(h)
-        return h + self.block_sparse_moe(normed)
+            return h + self.block_sparse_moe(self.post_attention_layernorm(h))
+        out = block.kernel.attention_block(block, x, cos, sin, end - 1)  # h, normed [B, S, D]
+        if out.expert_ids is None:
+            return out.h + self.block_sparse_moe(out.normed)
+        return self.block_sparse_moe.forward_routed(out)
 
 
 class Mixtral(nn.Module):
@@ -448,6 +497,12 @@ class Mixtral(nn.Module):
         self.max_seq_len = 0
         self.rope_cos: Tensor | None = None
         self.rope_sin: Tensor | None = None  # signed_sin(sin), as apply_rope takes it
+        self._stack: tuple[StackOperand, Bindings] | None = None  # see native_decode_stack
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state["_stack"] = None  # a copy's tensors are other tensors: its operand is made anew
+        return state
 
     def fuse_weights(self) -> None:
         """q|k|v and each resident expert's w1|w3 as one GEMM each, where they are float
@@ -475,6 +530,40 @@ class Mixtral(nn.Module):
             layer.self_attn.kv_cache = KVCache(
                 batch, a.num_key_value_heads, max_seq_len, a.head_dim, self.dtype, self.device
             )
+
+    def native_decode_stack(self, x: Tensor, mask: Tensor | None) -> StackOperand | None:
+        """What the native kernel's `decode_stack` takes to run every layer of this decode token
+        x [B, S, D] in one call (quant/csrc/decode_stack.c): each layer takes the routed attention
+        block (`DecoderLayer.native_attention_block`) and keeps its experts resident as native
+        int4 `Expert`s, with no hooks; else None. Kept while `Bindings` hold: no module, tensor,
+        hook or expert source of the layers rebound since."""
+        if not (x.numel() == x.shape[-1] and mask is None and x.dtype is torch.float32 and x.is_cpu):
+            return None  # not one float32 token on the CPU
+        cached = self._stack
+        if cached is not None and cached[1].hold():
+            return cached[0]
+        self._stack = None
+        blocks, experts, attributes = [], [], []
+        token = x.view(1, -1)  # [1, D]
+        for layer in self.layers:
+            moe = layer.block_sparse_moe
+            if moe.prefetch_hook or moe.routing_hook or moe.expert_source != moe._resident_experts:
+                return None
+            block = layer.native_attention_block(x, mask)
+            if block is None or not block.experts:
+                return None
+            operands = [e.native_operand(token) if type(e) is Expert else None for e in moe.experts]
+            if not all(operands):
+                return None
+            blocks.append(block)
+            experts.append(operands)
+            attributes += [(moe, "prefetch_hook"), (moe, "routing_hook"), (moe, "expert_source")]
+        try:
+            stack = blocks[0].kernel.decode_stack_operand(blocks, experts)
+        except QuantizationError:
+            return None
+        self._stack = (stack, Bindings(self.layers, attributes))
+        return stack
 
     def attention_mask(self, input_pos: Tensor, end: int) -> Tensor | None:
         """Boolean [S, end] mask (True = attend): causal, within the sliding window if any."""
@@ -504,8 +593,12 @@ class Mixtral(nn.Module):
         mask = self.attention_mask(input_pos, end)
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [S, D]
         x = self.embed_tokens(tokens)  # [B, S, D]
-        for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, mask, end)
+        stack = self.native_decode_stack(x, mask)
+        if stack is not None:
+            x = stack.kernel.decode_stack(stack, x, cos, sin, end - 1)  # [B, S, D]
+        else:
+            for layer in self.layers:
+                x = layer(x, cos, sin, input_pos, mask, end)
         if last_only:
             x = x[:, -1:]  # [B, 1, D]
         return self.lm_head(self.norm(x)).float()

@@ -44,6 +44,7 @@ import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +63,8 @@ NATIVE_DIR_ENV = "MIXTRAL_CHAT_NATIVE_DIR"
 SOURCE = Path(__file__).resolve().parent / "csrc" / "int4_gemv.c"
 # #included by SOURCE: part of the build key
 INCLUDED_SOURCES = tuple(
-    SOURCE.parent / name for name in ("q8_gemv.c", "attention.c", "attention_block.c", "moe.c")
+    SOURCE.parent / name
+    for name in ("q8_gemv.c", "attention.c", "attention_block.c", "moe.c", "decode_stack.c")
 )
 BASE_FLAGS = ("-O3", "-std=c11", "-shared", "-fPIC", "-pthread")
 NATIVE_FLAGS = ("-march=native",)
@@ -74,6 +76,7 @@ VARIANT_F32 = 1  # codes converted to float, FMA with float32 activations
 _GROUP_SIZES = (32, 64, 128, 256)
 MAX_MULTI = 4  # weights per `linear_multi` call (MAX_SETS in the C source)
 MAX_MOE_EXPERTS = 8  # experts per `moe` call (MOE_MAX_EXPERTS in quant/csrc/moe.c)
+MAX_ROUTED_EXPERTS = 64  # a router's rows in `attention_block` (BLOCK_MAX_EXPERTS, attention_block.c)
 _CODEBOOK_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' (codebook_linear)
 _ERRORS = {1: "invalid arguments", 2: "out of memory"}
 
@@ -116,7 +119,7 @@ class Int4Kernel:
         library.attn_decode_f32.argtypes = attn_args
         library.attn_decode_f32.restype = ctypes.c_int
         self._run_attention = library.attn_decode_f32
-        moe_args = [ctypes.c_int, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_int]
+        moe_args = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_int]
         library.int4_moe_f32.argtypes = moe_args
         library.int4_moe_f32.restype = ctypes.c_int
         self._run_moe = library.int4_moe_f32
@@ -140,9 +143,14 @@ class Int4Kernel:
             i64,
             i64,
         ]
-        library.int4_attention_block_f32.argtypes = [*block_args, f32, ptr, ptr, ctypes.c_int]
+        router_args = [ptr, i64, i64, ptr, ptr, ptr]
+        library.int4_attention_block_f32.argtypes = [*block_args, f32, ptr, ptr, *router_args, ctypes.c_int]
         library.int4_attention_block_f32.restype = ctypes.c_int
         self._run_block = library.int4_attention_block_f32
+        stack_args = [i64, ptr, ptr, f32, ptr, ptr, *[i64] * 9, f32, *[i64] * 5, ptr, ctypes.c_int]
+        library.int4_decode_stack_f32.argtypes = stack_args
+        library.int4_decode_stack_f32.restype = ctypes.c_int
+        self._run_stack = library.int4_decode_stack_f32
 
     @property
     def isa(self) -> str:
@@ -399,11 +407,13 @@ class Int4Kernel:
         weights: Sequence[float],
         x: Tensor,
         threads: int | None = None,
+        residual: Tensor | None = None,
     ) -> Tensor:
-        """One token through several experts in one call: [1, D] = sum over e of weights[e] *
-        W2_e (silu(W1_e x) * W3_e x), x float32 [1, in] on the CPU (in <= Kp1: zero-padded here),
-        summed in the order given. Each expert's result equals this call on it alone with weight 1.0, so a
-        float32 sum of those gives the same bits (quant/csrc/moe.c)."""
+        """One token through several experts in one call: [1, D] = residual + sum over e of
+        weights[e] * W2_e (silu(W1_e x) * W3_e x), x float32 [1, in] on the CPU (in <= Kp1:
+        zero-padded here), summed in the order given, `residual` (float32 [1, D], optional) added
+        last. Each expert's result equals this call on it alone with weight 1.0, so a float32 sum
+        of those (then + residual) gives the same bits (quant/csrc/moe.c)."""
         count = len(experts)
         first = experts[0] if count else None
         if first is None or count > MAX_MOE_EXPERTS or count != len(weights):
@@ -411,6 +421,13 @@ class Int4Kernel:
         if any(e.shape != first.shape or e.kernel is not self for e in experts):
             raise QuantizationError("native int4 moe: the experts differ in shape or kernel")
         hidden, kp1, out_features, kp2, group_size = first.shape
+        if residual is not None and not (
+            residual.shape == (1, out_features)
+            and residual.dtype is _F32
+            and residual.is_cpu
+            and residual.is_contiguous()
+        ):
+            raise QuantizationError(f"native int4 moe: the residual must be float32 (1, {out_features})")
         if not (x.dim() == 2 and x.shape[0] == 1 and x.shape[1] <= kp1 and x.dtype is _F32 and x.is_cpu):
             raise QuantizationError(
                 f"native int4 moe: x is {x.dtype} {tuple(x.shape)}, expected float32 (1, {kp1})"
@@ -426,6 +443,7 @@ class Int4Kernel:
             (ctypes.c_float * count)(*weights),
             x.data_ptr(),
             out.data_ptr(),
+            None if residual is None else residual.data_ptr(),
             hidden,
             kp1,
             out_features,
@@ -446,10 +464,14 @@ class Int4Kernel:
         norms: Sequence[Tensor],
         eps: float,
         cache: Sequence[Tensor],
+        router: Tensor | None = None,
+        top_k: int = 0,
     ) -> AttentionBlockOperand:
         """A decoder layer's attention half for `attention_block`: `weights` Wq, Wk, Wv, Wo each
         stored as (qweight, scales, zeros) with `group_size`; `norms` the float32 weights of the
-        norm before and after it; `cache` its float32 keys and values [1, KVH, max_seq, D]."""
+        norm before and after it; `cache` its float32 keys and values [1, KVH, max_seq, D];
+        `router` the float32 weights [E, D] of the MoE's gate, to route the output too (its
+        `top_k` experts of E <= MAX_ROUTED_EXPERTS)."""
         q, k, v, o = weights
         kp, kpo = 2 * q[0].shape[1], 2 * o[0].shape[1]
         width = o[0].shape[0]
@@ -477,10 +499,25 @@ class Int4Kernel:
                 raise QuantizationError(f"native attention block: the cache is not float32 {shape}")
         if heads % kv_heads or head_dim % 2 or kpo < heads * head_dim or kp < width:
             raise QuantizationError("native attention block: the heads do not fit the weights")
-        tensors = (*q, *k, *v, *o, *norms, *cache)
+        routed = () if router is None else (router,)
+        if router is not None and not (
+            router.dim() == 2
+            and 1 <= top_k <= router.shape[0] <= MAX_ROUTED_EXPERTS
+            and router.shape[1] == width
+            and router.dtype is _F32
+            and router.is_cpu
+            and router.is_contiguous()
+        ):
+            raise QuantizationError(
+                f"native attention block: the router is not float32 [<= {MAX_ROUTED_EXPERTS}, {width}]"
+                f" with top {top_k}"
+            )
+        tensors = (*q, *k, *v, *o, *norms, *cache, *routed)
         pointers = tuple(t.data_ptr() for t in tensors)
         dims = (width, kp, heads, kv_heads, head_dim, kpo, group_size)
-        return AttentionBlockOperand(self, tensors, pointers, dims, eps, shape[2])
+        experts = 0 if router is None else router.shape[0]
+        parts = (ctypes.c_void_p * 12)(*pointers[:12])
+        return AttentionBlockOperand(self, tensors, pointers, parts, dims, eps, shape[2], experts, top_k)
 
     def attention_block(
         self,
@@ -490,33 +527,25 @@ class Int4Kernel:
         sin: Tensor,
         pos: int,
         threads: int | None = None,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> BlockOutput:
         """One token x float32 [.., D] at position `pos` through the attention half of a layer
         (quant/csrc/attention_block.c): h = x + attention(norm_in(x)), written into the cache at
-        `pos`, and norm_post(h); cos and sin float32 [1, head_dim] (this position's rows)."""
-        width, _, _, _, head_dim, _, _ = block.dims
-        if not (x.numel() == width and x.dtype is _F32 and x.is_cpu and x.is_contiguous()):
-            raise QuantizationError(
-                f"native attention block: x is {x.dtype} {tuple(x.shape)}, expected {width} float32"
-            )
-        for table in (cos, sin):
-            if not (
-                table.shape == (1, head_dim)
-                and table.dtype is _F32
-                and table.is_cpu
-                and table.is_contiguous()
-            ):
-                raise QuantizationError(
-                    f"native attention block: cos and sin must be float32 (1, {head_dim})"
-                )
-        if not 0 <= pos < block.max_seq_len:
-            raise QuantizationError(
-                f"native attention block: position {pos} is beyond the cache ({block.max_seq_len})"
-            )
+        `pos`, and norm_post(h), routed where the operand has a router; cos and sin float32
+        [1, head_dim] (this position's rows)."""
+        _check_block_input(block, x, cos, sin, pos)
+        head_dim = block.dims[4]
         h, normed = torch.empty_like(x), torch.empty_like(x)
         p = block.pointers
+        experts, top_k = block.experts, block.top_k
+        if experts:
+            logits = torch.empty((1, experts), dtype=_F32)
+            ids, weights = (ctypes.c_int32 * top_k)(), (ctypes.c_float * top_k)()
+            routing = (p[16], experts, top_k, logits.data_ptr(), ids, weights)
+        else:
+            logits = ids = weights = None
+            routing = (None, 0, 0, None, None, None)
         rc = self._run_block(
-            (ctypes.c_void_p * 12)(*p[:12]),
+            block.parts,
             x.data_ptr(),
             p[12],
             p[13],
@@ -531,25 +560,114 @@ class Int4Kernel:
             head_dim**-0.5,
             h.data_ptr(),
             normed.data_ptr(),
+            *routing,
             _get_num_threads() if threads is None else threads,
         )
         _check(rc, "attention block")
-        return h, normed
+        if ids is None:
+            return BlockOutput(h, normed, None, None, None)
+        return BlockOutput(h, normed, list(ids), list(weights), logits)
+
+    def decode_stack_operand(
+        self, blocks: Sequence[AttentionBlockOperand], experts: Sequence[Sequence[ExpertOperand]]
+    ) -> StackOperand:
+        """Layers for `decode_stack`: each layer's attention block, with its router, and all of
+        its experts in id order (E of them, as the router's rows), of one shape throughout."""
+        first = blocks[0] if blocks else None
+        if first is None or len(experts) != len(blocks):
+            raise QuantizationError("native decode stack: a block and its experts for each layer")
+        shape = experts[0][0].shape if experts[0] else None
+        for block, layer in zip(blocks, experts, strict=True):
+            if not (
+                block.kernel is self
+                and block.dims == first.dims
+                and block.eps == first.eps
+                and block.max_seq_len == first.max_seq_len
+                and block.experts == len(layer) == first.experts
+                and block.top_k == first.top_k
+                and 1 <= block.top_k <= MAX_MOE_EXPERTS
+                and all(e.kernel is self and e.shape == shape for e in layer)
+            ):
+                raise QuantizationError("native decode stack: the layers differ, or a block has no router")
+        width = first.dims[0]
+        if shape is None or shape[2] != width or shape[1] < width:
+            raise QuantizationError("native decode stack: the experts do not fit the blocks")
+        pointers = []
+        for block, layer in zip(blocks, experts, strict=True):
+            pointers += block.pointers
+            pointers += (p for e in layer for p in e.pointers)
+        dims = (first.experts, first.top_k, shape[0], shape[1], shape[3])
+        parts = (ctypes.c_void_p * len(pointers))(*pointers)
+        return StackOperand(self, tuple(blocks), tuple(tuple(layer) for layer in experts), parts, dims)
+
+    def decode_stack(
+        self, stack: StackOperand, x: Tensor, cos: Tensor, sin: Tensor, pos: int, threads: int | None = None
+    ) -> Tensor:
+        """One token x float32 [.., D] at position `pos` through every layer of `stack`
+        (quant/csrc/decode_stack.c): each layer's `attention_block` with its routing, then `moe`
+        on the chosen experts (ascending ids) with the residual, in one call; the bits of those
+        calls made layer by layer. Each layer's cache row is written."""
+        first = stack.blocks[0]
+        _check_block_input(first, x, cos, sin, pos)
+        out = torch.empty_like(x)
+        head_dim = first.dims[4]
+        rc = self._run_stack(
+            len(stack.blocks),
+            stack.parts,
+            x.data_ptr(),
+            first.eps,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            first.max_seq_len * head_dim,
+            pos,
+            *first.dims,
+            head_dim**-0.5,
+            *stack.dims,
+            out.data_ptr(),
+            _get_num_threads() if threads is None else threads,
+        )
+        _check(rc, "decode stack")
+        return out
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)  # equal: the same object
+class StackOperand:
+    """A resident model's layers as `Int4Kernel.decode_stack` reads them (`decode_stack_operand`)."""
+
+    kernel: Int4Kernel
+    blocks: tuple[AttentionBlockOperand, ...]  # with their tensors: kept alive
+    experts: tuple[tuple[ExpertOperand, ...], ...]
+    parts: ctypes.Array  # every layer's pointers (quant/csrc/decode_stack.c)
+    dims: tuple[int, int, int, int, int]  # E, K, and the experts' I, Kp1, Kp2
+
+
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)  # equal: the same object
 class AttentionBlockOperand:
     """A layer's attention half as `Int4Kernel.attention_block` reads it (`attention_block_operand`)."""
 
     kernel: Int4Kernel
-    tensors: tuple[Tensor, ...]  # Wq, Wk, Wv, Wo parts, the two norm weights, the cache's k and v
+    # Wq, Wk, Wv, Wo parts, the two norm weights, the cache's k and v, the router's weights if any
+    tensors: tuple[Tensor, ...]
     pointers: tuple[int, ...]
+    parts: ctypes.Array  # the weights' 12 pointers, as the call takes them
     dims: tuple[int, int, int, int, int, int, int]  # D, Kp, H, KVH, Dh, Kpo, group size
     eps: float
     max_seq_len: int
+    experts: int  # E: the router's rows; 0 without a router
+    top_k: int
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+class BlockOutput(NamedTuple):
+    """What `Int4Kernel.attention_block` returns for one token; the routing is None without a router."""
+
+    h: Tensor  # x + attention: the residual stream
+    normed: Tensor  # norm_post(h): the experts' input
+    expert_ids: list[int] | None  # the top K, largest first
+    expert_weights: list[float] | None  # their softmax weights, renormalised over the K
+    router_logits: Tensor | None  # [1, E]
+
+
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)  # equal: the same object
 class ExpertOperand:
     """An expert's weights as `Int4Kernel.moe` reads them (made by `Int4Kernel.expert_operand`)."""
 
@@ -565,6 +683,24 @@ class ExpertOperand:
     @property
     def shape(self) -> tuple[int, int, int, int, int]:
         return (self.hidden, self.kp1, self.out_features, self.kp2, self.group_size)
+
+
+def _check_block_input(block: AttentionBlockOperand, x: Tensor, cos: Tensor, sin: Tensor, pos: int) -> None:
+    """What `attention_block` and `decode_stack` take: one float32 token of the block's width, this
+    position's float32 rope rows, a position inside the cache."""
+    width, _, _, _, head_dim, _, _ = block.dims
+    if not (x.numel() == width and x.dtype is _F32 and x.is_cpu and x.is_contiguous()):
+        raise QuantizationError(
+            f"native attention block: x is {x.dtype} {tuple(x.shape)}, expected {width} float32"
+        )
+    for table in (cos, sin):
+        fits = table.shape == (1, head_dim) and table.dtype is _F32 and table.is_cpu
+        if not (fits and table.is_contiguous()):
+            raise QuantizationError(f"native attention block: cos and sin must be float32 (1, {head_dim})")
+    if not 0 <= pos < block.max_seq_len:
+        raise QuantizationError(
+            f"native attention block: position {pos} is beyond the cache ({block.max_seq_len})"
+        )
 
 
 def _check(rc: int, what: str) -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from mixtral_chat.engine.errors import QuantizationError
-from mixtral_chat.engine.model import DecoderLayer, rope_table, signed_sin
+from mixtral_chat.engine.model import DecoderLayer, SparseMoE, rope_table, signed_sin
 from mixtral_chat.quant.int4 import Int4Linear, dequantize_int4, quantize_int4
 from mixtral_chat.quant.native import Int4Kernel, build_library, int4_kernel, load_kernel
 
@@ -43,7 +43,15 @@ class Layer:
     """Random int4 attention weights, norms and a partly filled cache, with the float64 reference."""
 
     def __init__(
-        self, kernel: Int4Kernel, dim: int, heads: int, kv_heads: int, head_dim: int, seed: int
+        self,
+        kernel: Int4Kernel,
+        dim: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        seed: int,
+        router: torch.Tensor | None = None,
+        top_k: int = 0,
     ) -> None:
         self.dim, self.heads, self.kv_heads, self.head_dim = dim, heads, kv_heads, head_dim
         self.group_size = 32
@@ -62,7 +70,7 @@ class Layer:
         self.cache = [gaussian(1, kv_heads, self.max_seq_len, head_dim, seed=seed + 20 + i) for i in range(2)]
         stored = [tuple(self.parts[n][p] for p in ("qweight", "scales", "zeros")) for n in "qkvo"]
         self.operand = kernel.attention_block_operand(
-            stored, self.group_size, heads, kv_heads, head_dim, self.norms, 1e-5, self.cache
+            stored, self.group_size, heads, kv_heads, head_dim, self.norms, 1e-5, self.cache, router, top_k
         )
         cos, sin = rope_table(_Args(head_dim), self.max_seq_len, torch.device("cpu"))
         self.cos, self.sin = cos, signed_sin(sin)
@@ -121,8 +129,10 @@ def test_it_matches_float64_and_writes_the_cache(
         before = [c.clone() for c in layer.cache]
         x = gaussian(1, 1, dim, seed=pos)
         out, normed, k, v = layer.reference(x, pos, before)
-        h, hn = block_kernel.attention_block(layer.operand, x, *layer.rows(pos), pos, threads=2)
+        result = block_kernel.attention_block(layer.operand, x, *layer.rows(pos), pos, threads=2)
+        h, hn = result.h, result.normed
         assert h.shape == hn.shape == x.shape and h.dtype is torch.float32
+        assert result.expert_ids is result.expert_weights is result.router_logits is None
         errors = (relative(h - x, out), relative(hn, normed))
         print(
             f"attention block {dim}/{heads}/{kv_heads}/{head_dim} at {pos}: {errors[0]:.2e} {errors[1]:.2e}"
@@ -139,6 +149,44 @@ def test_it_matches_float64_and_writes_the_cache(
                 cache.copy_(saved)
             again = block_kernel.attention_block(layer.operand, x, *layer.rows(pos), pos, threads=threads)
             assert torch.equal(again[0], h) and torch.equal(again[1], hn), threads
+
+
+def torch_routing(normed: torch.Tensor, router: torch.Tensor, top_k: int) -> tuple[list, list, torch.Tensor]:
+    """SparseMoE.route's softmax, top-k and renormalisation, in float64."""
+    logits = normed.double().view(1, -1) @ router.double().T  # [1, E]
+    weights, chosen = torch.topk(torch.softmax(logits, dim=-1), top_k, dim=-1)
+    return chosen[0].tolist(), (weights / weights.sum())[0].tolist(), logits
+
+
+@pytest.mark.parametrize(("experts", "top_k"), [(8, 2), (4, 1), (64, 6)])
+def test_it_routes_its_output_as_the_moe_would(block_kernel: Int4Kernel, experts: int, top_k: int) -> None:
+    """With the gate's weights, the block also returns hn's routing: torch's ids (largest first),
+    weights within 1e-6 and logits within 1e-6 of float64, and h and hn unchanged by it."""
+    dim = 96
+    router = gaussian(experts, dim, seed=experts, scale=0.3)
+    routed = Layer(block_kernel, dim, 4, 2, 24, seed=5, router=router, top_k=top_k)
+    plain = Layer(block_kernel, dim, 4, 2, 24, seed=5)
+    for pos in (0, 9, 39):
+        x = gaussian(1, 1, dim, seed=100 + pos)
+        result = block_kernel.attention_block(routed.operand, x, *routed.rows(pos), pos)
+        alone = block_kernel.attention_block(plain.operand, x, *plain.rows(pos), pos)
+        assert torch.equal(result.h, alone.h) and torch.equal(result.normed, alone.normed)
+        ids, weights, logits = torch_routing(result.normed, router, top_k)
+        assert result.expert_ids == ids
+        assert result.router_logits.shape == (1, experts) and result.router_logits.dtype is torch.float32
+        assert relative(result.router_logits, logits) < 1e-6
+        torch.testing.assert_close(result.expert_weights, weights, rtol=1e-6, atol=0)
+        for threads in (1, 3):
+            again = block_kernel.attention_block(routed.operand, x, *routed.rows(pos), pos, threads=threads)
+            assert again.expert_ids == result.expert_ids and again.expert_weights == result.expert_weights
+
+
+def test_equal_logits_route_to_the_lower_id_first(kernel: Int4Kernel) -> None:
+    router = gaussian(1, 64, seed=2).repeat(4, 1)  # four equal rows: four equal logits
+    layer = Layer(kernel, 64, 4, 2, 16, seed=3, router=router, top_k=3)
+    result = kernel.attention_block(layer.operand, gaussian(1, 1, 64, seed=0), *layer.rows(0), 0)
+    assert result.expert_ids == [0, 1, 2]
+    assert result.expert_weights == [pytest.approx(1 / 3, rel=1e-6)] * 3
 
 
 def test_what_does_not_fit_is_refused_in_one_line(kernel: Int4Kernel) -> None:
@@ -162,6 +210,15 @@ def test_what_does_not_fit_is_refused_in_one_line(kernel: Int4Kernel) -> None:
         kernel.attention_block_operand(
             stored, 32, 4, 2, 16, layer.norms, 1e-5, [c.bfloat16() for c in layer.cache]
         )
+    for router, top_k in ((gaussian(8, 64, seed=1).double(), 2), (gaussian(8, 64, seed=1), 9)):
+        with pytest.raises(QuantizationError, match="the router is not float32"):
+            kernel.attention_block_operand(
+                stored, 32, 4, 2, 16, layer.norms, 1e-5, layer.cache, router, top_k
+            )
+    with pytest.raises(QuantizationError, match="the router"):
+        kernel.attention_block_operand(
+            stored, 32, 4, 2, 16, layer.norms, 1e-5, layer.cache, gaussian(65, 64, seed=1), 2
+        )
 
 
 def quantize_attention(model: torch.nn.Module) -> None:
@@ -177,8 +234,9 @@ def quantize_attention(model: torch.nn.Module) -> None:
 
 
 def test_every_decode_step_takes_it_with_the_per_op_logits(tiny_model_dir, monkeypatch) -> None:
-    """Each layer of each decode step (not the prefill) runs the block; the logits are the
-    per-op path's; and a new cache (setup_cache) gets a new operand."""
+    """Each layer of each decode step (not the prefill) runs the block and its routing; the
+    logits and the routing hooks' experts are the per-op path's; and a new cache (setup_cache)
+    gets a new operand."""
     from mixtral_chat.engine.weights import load_model
     from tests.test_decode_attention import prefill_then_decode
 
@@ -195,14 +253,27 @@ def test_every_decode_step_takes_it_with_the_per_op_logits(tiny_model_dir, monke
         taken.append(block is not None)
         return block
 
+    routed = []
+    real_routed = SparseMoE.forward_routed
+    monkeypatch.setattr(SparseMoE, "forward_routed", lambda self, b: routed.append(1) or real_routed(self, b))
+    seen: list[tuple[list[int], torch.Tensor]] = []
+    for layer in model.layers:  # the routing trace's and the locality count's hook
+        layer.block_sparse_moe.routing_hook = lambda logits, chosen, weights: seen.append(
+            (sorted(chosen[0].tolist()), weights.sort().values)
+        )
     monkeypatch.setattr(DecoderLayer, "native_attention_block", counted)
     fused = decode()
     layers = model.args.num_hidden_layers
     assert taken == [False] * layers + [True] * (10 * layers)
+    assert len(routed) == 10 * layers
+    fused_routing, seen[:] = seen[:], []
     first = model.layers[0]._block
     monkeypatch.setattr(DecoderLayer, "native_attention_block", lambda self, x, mask: None)
     per_op = decode()
     torch.testing.assert_close(fused, per_op, rtol=1e-4, atol=1e-5)
+    assert [ids for ids, _ in fused_routing] == [ids for ids, _ in seen]
+    for (_, mine), (_, torch_weights) in zip(fused_routing, seen, strict=True):
+        torch.testing.assert_close(mine, torch_weights, rtol=1e-5, atol=1e-6)
     monkeypatch.setattr(DecoderLayer, "native_attention_block", real)
     model.setup_cache(40)
     x = torch.zeros(1, 1, model.args.hidden_size)

@@ -116,9 +116,12 @@ def test_several_experts_give_the_float32_sum_of_each_alone(
         expected = alone[0] * weights[0]
         for y, w in zip(alone[1:count], weights[1:count], strict=True):
             expected = expected + y * w
+        residual = gaussian(1, dim, seed=count)
         for threads in (1, 2, 3):
             got = moe_kernel.moe(operands[:count], weights[:count], x, threads=threads)
             assert torch.equal(got, expected), (count, threads)
+            with_residual = moe_kernel.moe(operands[:count], weights[:count], x, threads, residual)
+            assert torch.equal(with_residual, residual + expected), (count, threads)
 
 
 def test_every_instruction_set_gives_the_same_bits(kernel: Int4Kernel) -> None:
@@ -160,6 +163,9 @@ def test_what_does_not_fit_is_refused_in_one_line(kernel: Int4Kernel) -> None:
         kernel.moe([op], [1.0], x.double())
     with pytest.raises(QuantizationError, match="expected float32"):
         kernel.moe([op], [1.0], gaussian(2, 64, seed=1))  # two tokens
+    for residual in (gaussian(1, 32, seed=2), gaussian(1, 64, seed=2).double()):
+        with pytest.raises(QuantizationError, match="the residual must be float32"):
+            kernel.moe([op], [1.0], x, residual=residual)
     with pytest.raises(QuantizationError, match="do not make one expert"):
         kernel.expert_operand(small["w1"], other["w3"], small["w2"], 32)  # w3 of another width
     w2_g64 = stored(gaussian(64, 128, seed=3), 64)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from bench.bench_ops import DEMO_DIR, count_decode_ops
+from mixtral_chat.quant.native import int4_kernel
 from tests.conftest import save_tiny_checkpoint
 
 # Per layer, one decode token (62.5 float32, 63.5 int4 after the cuts; 89.5 and 87.5 before;
@@ -43,4 +44,9 @@ def test_ops_per_decode_token_grow_linearly_with_layers(tmp_path: Path, quant: s
     # The same ops in every layer, and a constant outside them (embedding, norm, lm_head).
     assert totals[8] - totals[4] == 4 * per_layer
     assert totals[2] - 2 * per_layer == totals[8] - 8 * per_layer > 0
-    assert 0 < per_layer <= OPS_PER_LAYER_BOUND, totals
+    if quant == "int4" and int4_kernel() is not None:
+        # The native kernel runs every layer of a decode token in one call (decode_stack.c):
+        # no ATen op is a layer's; those left are the embedding's, the final norm's and the lm_head's.
+        assert per_layer == 0, totals
+    else:
+        assert 0 < per_layer <= OPS_PER_LAYER_BOUND, totals

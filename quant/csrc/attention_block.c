@@ -3,6 +3,9 @@
  *   xn = rmsnorm(x) * norm_in;  q, k, v = xn Wq^T, xn Wk^T, xn Wv^T;  rope on q and k;
  *   the cache's row `pos` = k, v;  a = attention of q over rows 0..pos;
  *   h = x + a Wo^T;  hn = rmsnorm(h) * norm_post                     -> h, hn
+ *   and, given the router's weights Wr [E, D], the routing of hn:      -> logits, ids, weights
+ *   logits = hn Wr^T; ids = the K largest (ties: the lower id first), in descending order;
+ *   weights = softmax(logits) over those K (transformers' softmax, top-k, then renormalise)
  *
  * Included at the end of int4_gemv.c after attention.c (its score and value loops), so that it
  * shares the thread pool, the row kernels and the prepared-x layout; not compiled on its own.
@@ -21,7 +24,8 @@
  *
  * A wait is only for items already taken by running threads, so it always ends (see moe.c).
  *
- * Bits: not torch's. The norms sum squares in double; rope is x * cos + roll(x, Dh/2) * sin
+ * Bits: not torch's. The norms sum squares in double; the router's dot products and softmax are
+ * in double, rounded to float32 at the end (logits and weights); rope is x * cos + roll(x, Dh/2) * sin
  * with each product and the sum rounded to float32; softmax as attention.c. Per token and
  * position they do not depend on the thread count.
  *
@@ -30,6 +34,8 @@
  * [Dh] (this position's rows, sin with its first half negated, as engine/model.py's tables);
  * k_cache, v_cache [KVH][>= pos + 1][Dh], head h at h * head_stride.
  */
+
+#define BLOCK_MAX_EXPERTS 64
 
 typedef struct {
     dispatch_t qkv;       /* Wq|Wk|Wv rows: items 0 .. qkv_items-1 */
@@ -42,6 +48,10 @@ typedef struct {
     float *o_out;         /* [D] */
     float *k_cache, *v_cache;
     float *h, *hn;
+    const float *router; /* [E][D], or NULL: no routing */
+    float *logits, *route_weights;
+    int32_t *ids;
+    int64_t E, K;
     float eps, scale;
     int64_t D, H, KVH, Dh, L, pos, head_stride;
     int64_t qkv_items, head_items, o_chunk, items;
@@ -67,6 +77,28 @@ static void block_rope(const float *x, const float *cos, const float *sin, int64
         const float rolled = x[i < half ? i + half : i - half] * sin[i];
         out[i] = straight + rolled;
     }
+}
+
+/* logits [E], the top K ids [K] in descending order and their renormalised softmax weights [K]
+ * for hn [D] (see the top of this file). E dot products at once: E independent sums. */
+static void block_route(const float *hn, const float *router, int64_t D, int64_t E, int64_t K, float *logits,
+                        int32_t *ids, float *weights) {
+    double sums[BLOCK_MAX_EXPERTS] = {0.0}, kept[BLOCK_MAX_EXPERTS];
+    for (int64_t i = 0; i < D; i++)
+        for (int64_t e = 0; e < E; e++) sums[e] += (double)hn[i] * router[e * D + i];
+    for (int64_t e = 0; e < E; e++) logits[e] = (float)sums[e];
+    unsigned char taken[BLOCK_MAX_EXPERTS] = {0};
+    double total = 0.0;
+    for (int64_t k = 0; k < K; k++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; e++)
+            if (!taken[e] && (best < 0 || sums[e] > sums[best])) best = e;
+        taken[best] = 1;
+        ids[k] = (int32_t)best;
+        kept[k] = exp(sums[best] - sums[ids[0]]); /* ids[0] holds the largest: e^0 = 1 */
+        total += kept[k];
+    }
+    for (int64_t k = 0; k < K; k++) weights[k] = (float)(kept[k] / total);
 }
 
 /* KV head b: its cache row, then the attention of its G query heads. */
@@ -114,19 +146,25 @@ static void block_run_range(void *arg, int index, int count) {
         run_rows(&J->o, r0, r1);
         for (int64_t r = r0; r < r1; r++) J->h[r] = J->x[r] + J->o_out[r];
         const int64_t o_items = J->items - J->qkv_items - J->head_items;
-        if (atomic_fetch_add_explicit(&J->o_done, 1, memory_order_acq_rel) == o_items - 1)
+        if (atomic_fetch_add_explicit(&J->o_done, 1, memory_order_acq_rel) == o_items - 1) {
             block_rmsnorm(J->h, J->norm_post, J->eps, J->D, J->hn);
+            if (J->router) block_route(J->hn, J->router, J->D, J->E, J->K, J->logits, J->ids, J->route_weights);
+        }
     }
 }
 
 /* h, hn [D] for one token x [D] at position pos (see the top of this file); parts[0..11]: the
- * qweight, scales and zeros of Wq, Wk, Wv, Wo. */
+ * qweight, scales and zeros of Wq, Wk, Wv, Wo. With router [E, D] (1 <= K <= E <=
+ * BLOCK_MAX_EXPERTS; NULL for none), also logits [E], ids [K] and route_weights [K]. */
 int int4_attention_block_f32(const void *const *parts, const float *x, const float *norm_in,
                              const float *norm_post, float eps, const float *cos, const float *sin,
                              float *k_cache, float *v_cache, int64_t head_stride, int64_t pos, int64_t D,
                              int64_t Kp, int64_t H, int64_t KVH, int64_t Dh, int64_t Kpo, int64_t group_size,
-                             float scale, float *h, float *hn, int n_threads) {
+                             float scale, float *h, float *hn, const float *router, int64_t E, int64_t K,
+                             float *logits, int32_t *ids, float *route_weights, int n_threads) {
     if (!parts || !x || !norm_in || !norm_post || !cos || !sin || !k_cache || !v_cache || !h || !hn)
+        return INT4_EBADARG;
+    if (router && (E < 1 || E > BLOCK_MAX_EXPERTS || K < 1 || K > E || !logits || !ids || !route_weights))
         return INT4_EBADARG;
     for (int i = 0; i < 12; i++)
         if (!parts[i]) return INT4_EBADARG;
@@ -191,6 +229,7 @@ int int4_attention_block_f32(const void *const *parts, const float *x, const flo
     J->items = J->qkv_items + KVH + (D + J->o_chunk - 1) / J->o_chunk;
     J->x = x, J->norm_post = norm_post, J->cos = cos, J->sin = sin;
     J->k_cache = k_cache, J->v_cache = v_cache, J->h = h, J->hn = hn;
+    J->router = router, J->E = E, J->K = K, J->logits = logits, J->ids = ids, J->route_weights = route_weights;
     J->eps = eps, J->scale = scale;
     J->D = D, J->H = H, J->KVH = KVH, J->Dh = Dh, J->L = L, J->pos = pos, J->head_stride = head_stride;
     atomic_init(&J->next, 0);

@@ -1176,3 +1176,5 @@ int int4_linear_f32(const uint8_t *qweight, const uint16_t *scales, const uint16
 #include "attention_block.c"
 /* One token through a layer's chosen experts (int4_moe_f32). */
 #include "moe.c"
+/* Every layer of a resident model for one decode token (int4_decode_stack_f32). */
+#include "decode_stack.c"

@@ -1,4 +1,5 @@
-/* One token through a layer's chosen experts in one call: out = sum_e weight_e * W2_e (silu(W1_e x) * W3_e x).
+/* One token through a layer's chosen experts in one call:
+ *   out = residual + sum_e weight_e * W2_e (silu(W1_e x) * W3_e x)   (residual optional).
  *
  * Included at the end of int4_gemv.c (after attention.c, whose vector e^x it uses), so that it
  * shares the thread pool, the row kernels and the prepared-x layout; not compiled on its own.
@@ -32,7 +33,7 @@ typedef struct {
     float *g, *u;      /* [n][I]: W1_e x and W3_e x */
     float *h;          /* [n][Kp2]: silu(g) * u, zero past I */
     float *d;          /* [n][D]: W2_e h_e */
-    const float *weights;
+    const float *weights, *residual; /* residual: NULL, or added to the sum last */
     float *out;
     int64_t n, I, Kp2, D;
     int64_t gate_chunk, gate_items, out_chunk, items;
@@ -89,17 +90,19 @@ static void moe_run_range(void *arg, int index, int count) {
                 const float term = J->d[e * J->D + r] * J->weights[e];
                 acc = acc + term;
             }
-            J->out[r] = acc;
+            J->out[r] = J->residual ? J->residual[r] + acc : acc;
         }
     }
 }
 
-/* out [D] = sum over e < n of weights[e] * W2_e (silu(W1_e x) * W3_e x) for x [Kp1] (one token).
+/* out [D] = residual + sum over e < n of weights[e] * W2_e (silu(W1_e x) * W3_e x) for x [Kp1]
+ * (one token; residual [D] or NULL for none, added last: torch's float32 `residual + sum`).
  * Expert e's weights are parts[9e .. 9e+8]: qweight, scales, zeros of W1_e [I, Kp1], of W3_e
  * [I, Kp1] and of W2_e [D, Kp2] (Kp2 >= I: W2's padded input), in the int4 layout above, all
  * with group size g. Every weight's rows are computed as int4_linear_f32 computes them. */
-int int4_moe_f32(int n, const void *const *parts, const float *weights, const float *x, float *out, int64_t I,
-                 int64_t Kp1, int64_t D, int64_t Kp2, int64_t group_size, int n_threads) {
+int int4_moe_f32(int n, const void *const *parts, const float *weights, const float *x, float *out,
+                 const float *residual, int64_t I, int64_t Kp1, int64_t D, int64_t Kp2, int64_t group_size,
+                 int n_threads) {
     if (n < 1 || n > MOE_MAX_EXPERTS || !parts || !weights || !x || !out) return INT4_EBADARG;
     if (I <= 0 || D <= 0 || Kp2 < I || check_args(1, I, Kp1, group_size) != INT4_OK) return INT4_EBADARG;
     if (check_args(1, D, Kp2, group_size) != INT4_OK) return INT4_EBADARG;
@@ -153,6 +156,7 @@ int int4_moe_f32(int n, const void *const *parts, const float *weights, const fl
     J->gate_items = n * ((I + J->gate_chunk - 1) / J->gate_chunk);
     J->items = J->gate_items + (D + J->out_chunk - 1) / J->out_chunk;
     J->n = n, J->I = I, J->Kp2 = Kp2, J->D = D, J->weights = weights, J->out = out;
+    J->residual = residual;
     atomic_init(&J->next, 0);
     atomic_init(&J->ready, 0);
     run_parallel(moe_run_range, J, (int)threads);
