@@ -17,15 +17,10 @@ from torch import Tensor, nn
 from mixtral_chat.engine.bindings import Bindings
 from mixtral_chat.engine.config import ModelArgs
 from mixtral_chat.engine.errors import QuantizationError
+from mixtral_chat.quant import native_fused
 from mixtral_chat.quant.int4 import expert_operand, native_parts, same_tensors
-from mixtral_chat.quant.native import (
-    MAX_ROUTED_EXPERTS,
-    AttentionBlockOperand,
-    BlockOutput,
-    ExpertOperand,
-    StackOperand,
-    int4_kernel,
-)
+from mixtral_chat.quant.native import MAX_ROUTED_EXPERTS, int4_kernel
+from mixtral_chat.quant.native_fused import AttentionBlockOperand, BlockOutput, ExpertOperand, StackOperand
 
 # Offloading swaps this for an expert cache: given a layer's expert ids (ascending), return
 # modules that compute each expert. The default is the layer's own resident experts.
@@ -238,7 +233,7 @@ class Expert(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         operand = self.native_operand(x)
         if operand is not None:
-            return operand.kernel.moe((operand,), (1.0,), x)  # [1, D]
+            return native_fused.moe((operand,), (1.0,), x)  # [1, D]
         if self._gate_up_weight is not None and not _still_viewed((self.w1, self.w3), self._gate_up_weight):
             self._gate_up_weight = None  # their weights changed: the fused copy is dropped
         gate_up = _concatenated_output((self.w1, self.w3), self._gate_up_weight, x)  # [T, 2 * hidden]
@@ -355,7 +350,7 @@ class SparseMoE(nn.Module):
         experts = self.expert_source([ids[j] for j in order])
         operands = [e.native_operand(x) if type(e) is Expert else None for e in experts]
         if all(operands):  # one native call for all of them: the bits of the loop below
-            return operands[0].kernel.moe(operands, [scale[j] for j in order], x, residual=residual)
+            return native_fused.moe(operands, [scale[j] for j in order], x, residual=residual)
         outputs = run_experts(x, experts)  # [1, D] each
         out = None
         for j, y in zip(order, outputs, strict=True):
@@ -449,7 +444,8 @@ class DecoderLayer(nn.Module):
         ):
             return None
         a = self.args
-        self._block = found[0][0].attention_block_operand(
+        self._block = native_fused.attention_block_operand(
+            found[0][0],
             [f[1] for f in found],
             attn.q_proj.group_size,
             a.num_attention_heads,
@@ -480,7 +476,7 @@ class DecoderLayer(nn.Module):
         if block is None:
             h = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask, end)
             return h + self.block_sparse_moe(self.post_attention_layernorm(h))
-        out = block.kernel.attention_block(block, x, cos, sin, end - 1)  # h, normed [B, S, D]
+        out = native_fused.attention_block(block, x, cos, sin, end - 1)  # h, normed [B, S, D]
         if out.expert_ids is None:
             return out.h + self.block_sparse_moe(out.normed)
         return self.block_sparse_moe.forward_routed(out)
@@ -559,7 +555,7 @@ class Mixtral(nn.Module):
             experts.append(operands)
             attributes += [(moe, "prefetch_hook"), (moe, "routing_hook"), (moe, "expert_source")]
         try:
-            stack = blocks[0].kernel.decode_stack_operand(blocks, experts)
+            stack = native_fused.decode_stack_operand(blocks, experts)
         except QuantizationError:
             return None
         self._stack = (stack, Bindings(self.layers, attributes))
@@ -595,7 +591,7 @@ class Mixtral(nn.Module):
         x = self.embed_tokens(tokens)  # [B, S, D]
         stack = self.native_decode_stack(x, mask)
         if stack is not None:
-            x = stack.kernel.decode_stack(stack, x, cos, sin, end - 1)  # [B, S, D]
+            x = native_fused.decode_stack(stack, x, cos, sin, end - 1)  # [B, S, D]
         else:
             for layer in self.layers:
                 x = layer(x, cos, sin, input_pos, mask, end)

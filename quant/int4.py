@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mixtral_chat.engine.errors import QuantizationError
+from mixtral_chat.quant import native_fused
 from mixtral_chat.quant.common import PartSpec
 from mixtral_chat.quant.int4_forms import (
     ATEN,
@@ -42,12 +43,12 @@ from mixtral_chat.quant.int4_forms import (
 )
 from mixtral_chat.quant.native import (
     MAX_MULTI,
-    ExpertOperand,
     Int4Kernel,
     int4_kernel,
     kernel_input,
     kernel_output,
 )
+from mixtral_chat.quant.native_fused import ExpertOperand
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 # Rows quantized at once: bounds the float32 temporaries to ~64 MB whatever the matrix size.
@@ -365,7 +366,7 @@ def same_tensors(cached: Sequence[Tensor], tensors: Sequence[Tensor]) -> bool:
 def expert_operand(
     w1: nn.Module, w3: nn.Module, w2: nn.Module, cached: ExpertOperand | None = None
 ) -> ExpertOperand | None:
-    """The native kernel's operand (`Int4Kernel.moe`) for an expert whose three layers are native
+    """The native kernel's operand (`native_fused.moe`) for an expert whose three layers are native
     int4 layers of one kernel and group size; None otherwise. `cached` comes back while the layers
     still hold its tensors (a slot refilled in place keeps them)."""
     found = [native_parts(layer) for layer in (w1, w3, w2)]
@@ -382,4 +383,4 @@ def expert_operand(
         and w1.group_size == w3.group_size == w2.group_size
     ):
         return None
-    return found[0][0].expert_operand(tensors[0:3], tensors[3:6], tensors[6:9], w1.group_size)
+    return native_fused.expert_operand(found[0][0], tensors[0:3], tensors[3:6], tensors[6:9], w1.group_size)

@@ -99,9 +99,12 @@ class Int8Embedding(nn.Module):
         self.register_buffer("scales", scales)
 
     def forward(self, ids: Tensor) -> Tensor:
-        codes = self.qweight[ids].reshape(*ids.shape, -1, GROUP)  # [..., G, 32]
-        rows = codes.to(torch.float32) * self.scales[ids][..., None]  # [..., G, 32]
-        return rows.reshape(*ids.shape, self.embedding_dim).to(self.dtype)  # [..., dim]
+        # index_select, not self.qweight[ids]: after the lm_head's kernel call, advanced indexing
+        # of the int8 codes took ~1 ms at Mixtral's widths for one row (docs/BENCHMARKS.md).
+        flat = ids.reshape(-1)  # [T]
+        codes = self.qweight.index_select(0, flat).view(flat.shape[0], -1, GROUP)  # [T, G, 32]
+        rows = codes.to(torch.float32) * self.scales.index_select(0, flat)[..., None]  # [T, G, 32]
+        return rows.view(*ids.shape, self.embedding_dim).to(self.dtype)  # [..., dim]
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Int8Embedding:
         _stay_on_the_cpu(self.qweight, fn)

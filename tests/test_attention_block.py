@@ -1,5 +1,5 @@
 """A decoder layer's attention half for one token in one native call (quant/csrc/attention_block.c,
-`Int4Kernel.attention_block`), and the engine taking it for every decode step where it applies.
+`native_fused.attention_block`), and the engine taking it for every decode step where it applies.
 
 Bounds are relative errors norm(y - ref) / norm(ref) against float64 with the dequantized weights,
 measured on these cases (printed with -s) and set ~1.5x above the worst. The attention output
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from mixtral_chat.engine.errors import QuantizationError
 from mixtral_chat.engine.model import DecoderLayer, SparseMoE, rope_table, signed_sin
+from mixtral_chat.quant import native_fused
 from mixtral_chat.quant.int4 import Int4Linear, dequantize_int4, quantize_int4
 from mixtral_chat.quant.native import Int4Kernel, build_library, int4_kernel, load_kernel
 
@@ -69,8 +70,18 @@ class Layer:
         self.max_seq_len = 40
         self.cache = [gaussian(1, kv_heads, self.max_seq_len, head_dim, seed=seed + 20 + i) for i in range(2)]
         stored = [tuple(self.parts[n][p] for p in ("qweight", "scales", "zeros")) for n in "qkvo"]
-        self.operand = kernel.attention_block_operand(
-            stored, self.group_size, heads, kv_heads, head_dim, self.norms, 1e-5, self.cache, router, top_k
+        self.operand = native_fused.attention_block_operand(
+            kernel,
+            stored,
+            self.group_size,
+            heads,
+            kv_heads,
+            head_dim,
+            self.norms,
+            1e-5,
+            self.cache,
+            router,
+            top_k,
         )
         cos, sin = rope_table(_Args(head_dim), self.max_seq_len, torch.device("cpu"))
         self.cos, self.sin = cos, signed_sin(sin)
@@ -129,7 +140,7 @@ def test_it_matches_float64_and_writes_the_cache(
         before = [c.clone() for c in layer.cache]
         x = gaussian(1, 1, dim, seed=pos)
         out, normed, k, v = layer.reference(x, pos, before)
-        result = block_kernel.attention_block(layer.operand, x, *layer.rows(pos), pos, threads=2)
+        result = native_fused.attention_block(layer.operand, x, *layer.rows(pos), pos, threads=2)
         h, hn = result.h, result.normed
         assert h.shape == hn.shape == x.shape and h.dtype is torch.float32
         assert result.expert_ids is result.expert_weights is result.router_logits is None
@@ -147,7 +158,7 @@ def test_it_matches_float64_and_writes_the_cache(
         for threads in (1, 3):
             for cache, saved in zip(layer.cache, before, strict=True):
                 cache.copy_(saved)
-            again = block_kernel.attention_block(layer.operand, x, *layer.rows(pos), pos, threads=threads)
+            again = native_fused.attention_block(layer.operand, x, *layer.rows(pos), pos, threads=threads)
             assert torch.equal(again[0], h) and torch.equal(again[1], hn), threads
 
 
@@ -168,8 +179,8 @@ def test_it_routes_its_output_as_the_moe_would(block_kernel: Int4Kernel, experts
     plain = Layer(block_kernel, dim, 4, 2, 24, seed=5)
     for pos in (0, 9, 39):
         x = gaussian(1, 1, dim, seed=100 + pos)
-        result = block_kernel.attention_block(routed.operand, x, *routed.rows(pos), pos)
-        alone = block_kernel.attention_block(plain.operand, x, *plain.rows(pos), pos)
+        result = native_fused.attention_block(routed.operand, x, *routed.rows(pos), pos)
+        alone = native_fused.attention_block(plain.operand, x, *plain.rows(pos), pos)
         assert torch.equal(result.h, alone.h) and torch.equal(result.normed, alone.normed)
         ids, weights, logits = torch_routing(result.normed, router, top_k)
         assert result.expert_ids == ids
@@ -177,14 +188,14 @@ def test_it_routes_its_output_as_the_moe_would(block_kernel: Int4Kernel, experts
         assert relative(result.router_logits, logits) < 1e-6
         torch.testing.assert_close(result.expert_weights, weights, rtol=1e-6, atol=0)
         for threads in (1, 3):
-            again = block_kernel.attention_block(routed.operand, x, *routed.rows(pos), pos, threads=threads)
+            again = native_fused.attention_block(routed.operand, x, *routed.rows(pos), pos, threads=threads)
             assert again.expert_ids == result.expert_ids and again.expert_weights == result.expert_weights
 
 
 def test_equal_logits_route_to_the_lower_id_first(kernel: Int4Kernel) -> None:
     router = gaussian(1, 64, seed=2).repeat(4, 1)  # four equal rows: four equal logits
     layer = Layer(kernel, 64, 4, 2, 16, seed=3, router=router, top_k=3)
-    result = kernel.attention_block(layer.operand, gaussian(1, 1, 64, seed=0), *layer.rows(0), 0)
+    result = native_fused.attention_block(layer.operand, gaussian(1, 1, 64, seed=0), *layer.rows(0), 0)
     assert result.expert_ids == [0, 1, 2]
     assert result.expert_weights == [pytest.approx(1 / 3, rel=1e-6)] * 3
 
@@ -194,30 +205,32 @@ def test_what_does_not_fit_is_refused_in_one_line(kernel: Int4Kernel) -> None:
     x = gaussian(1, 1, 64, seed=0)
     rows = layer.rows(3)
     with pytest.raises(QuantizationError, match="expected 64 float32"):
-        kernel.attention_block(layer.operand, x.double(), *rows, 3)
+        native_fused.attention_block(layer.operand, x.double(), *rows, 3)
     with pytest.raises(QuantizationError, match="cos and sin"):
-        kernel.attention_block(layer.operand, x, layer.cos[:2], rows[1], 3)
+        native_fused.attention_block(layer.operand, x, layer.cos[:2], rows[1], 3)
     with pytest.raises(QuantizationError, match="beyond the cache"):
-        kernel.attention_block(layer.operand, x, *rows, 40)
+        native_fused.attention_block(layer.operand, x, *rows, 40)
     stored = [tuple(layer.parts[n][p] for p in ("qweight", "scales", "zeros")) for n in "qkvo"]
     with pytest.raises(QuantizationError, match="Wk is not"):
-        kernel.attention_block_operand(stored, 32, 4, 1, 16, layer.norms, 1e-5, layer.cache)  # 1 KV head
+        native_fused.attention_block_operand(
+            kernel, stored, 32, 4, 1, 16, layer.norms, 1e-5, layer.cache
+        )  # 1 KV head
     with pytest.raises(QuantizationError, match="a norm weight"):
-        kernel.attention_block_operand(
-            stored, 32, 4, 2, 16, [n.double() for n in layer.norms], 1e-5, layer.cache
+        native_fused.attention_block_operand(
+            kernel, stored, 32, 4, 2, 16, [n.double() for n in layer.norms], 1e-5, layer.cache
         )
     with pytest.raises(QuantizationError, match="the cache"):
-        kernel.attention_block_operand(
-            stored, 32, 4, 2, 16, layer.norms, 1e-5, [c.bfloat16() for c in layer.cache]
+        native_fused.attention_block_operand(
+            kernel, stored, 32, 4, 2, 16, layer.norms, 1e-5, [c.bfloat16() for c in layer.cache]
         )
     for router, top_k in ((gaussian(8, 64, seed=1).double(), 2), (gaussian(8, 64, seed=1), 9)):
         with pytest.raises(QuantizationError, match="the router is not float32"):
-            kernel.attention_block_operand(
-                stored, 32, 4, 2, 16, layer.norms, 1e-5, layer.cache, router, top_k
+            native_fused.attention_block_operand(
+                kernel, stored, 32, 4, 2, 16, layer.norms, 1e-5, layer.cache, router, top_k
             )
     with pytest.raises(QuantizationError, match="the router"):
-        kernel.attention_block_operand(
-            stored, 32, 4, 2, 16, layer.norms, 1e-5, layer.cache, gaussian(65, 64, seed=1), 2
+        native_fused.attention_block_operand(
+            kernel, stored, 32, 4, 2, 16, layer.norms, 1e-5, layer.cache, gaussian(65, 64, seed=1), 2
         )
 
 

@@ -13,7 +13,8 @@ from torch import nn
 from mixtral_chat.engine.bindings import Bindings
 from mixtral_chat.engine.errors import QuantizationError
 from mixtral_chat.engine.model import Mixtral
-from mixtral_chat.quant.native import Int4Kernel, int4_kernel
+from mixtral_chat.quant import native_fused
+from mixtral_chat.quant.native import int4_kernel
 from tests.test_attention_block import quantize_attention
 from tests.test_decode_attention import prefill_then_decode
 from tests.test_moe_kernel import native_experts_model
@@ -37,8 +38,8 @@ def native_model(tiny_model_dir) -> Mixtral:
 def test_every_decode_step_is_one_call_with_the_per_layer_bits(native_model: Mixtral, monkeypatch) -> None:
     decode = prefill_then_decode(native_model, seed=5)
     calls = []
-    real = Int4Kernel.decode_stack
-    monkeypatch.setattr(Int4Kernel, "decode_stack", lambda self, *a: calls.append(1) or real(self, *a))
+    real = native_fused.decode_stack
+    monkeypatch.setattr(native_fused, "decode_stack", lambda *a: calls.append(1) or real(*a))
     stacked = decode()
     assert len(calls) == 10  # each decode step, not the prefill
     caches = [c.clone() for layer in native_model.layers for c in (layer.self_attn.kv_cache.k,)]
@@ -91,13 +92,12 @@ def test_what_does_not_fit_is_refused_in_one_line(native_model: Mixtral) -> None
     native_model.setup_cache(40)
     x = torch.randn(1, 1, native_model.args.hidden_size)
     stack = native_model.native_decode_stack(x, None)
-    kernel = stack.kernel
     with pytest.raises(QuantizationError, match="a block and its experts"):
-        kernel.decode_stack_operand([], [])
+        native_fused.decode_stack_operand([], [])
     with pytest.raises(QuantizationError, match="the layers differ"):
-        kernel.decode_stack_operand(stack.blocks, [layer[:-1] for layer in stack.experts])
+        native_fused.decode_stack_operand(stack.blocks, [layer[:-1] for layer in stack.experts])
     with pytest.raises(QuantizationError, match="expected"):
-        kernel.decode_stack(
+        native_fused.decode_stack(
             stack, x.double(), *(t[:1] for t in (native_model.rope_cos, native_model.rope_sin)), 0
         )
 

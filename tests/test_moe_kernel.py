@@ -1,5 +1,5 @@
 """One token through a layer's chosen experts in one native call (quant/csrc/moe.c,
-`Int4Kernel.moe`), and the engine taking it for every decode step wherever an expert is placed.
+`native_fused.moe`), and the engine taking it for every decode step wherever an expert is placed.
 
 Bounds are relative errors norm(y - ref) / norm(ref), measured on these cases (printed with -s)
 and set ~1.5x above the worst. Against float64 with the dequantized weights and exact silu, the
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mixtral_chat.engine.errors import QuantizationError
+from mixtral_chat.quant import native_fused
 from mixtral_chat.quant.int4 import Int4Linear, dequantize_int4, quantize_int4
 from mixtral_chat.quant.native import Int4Kernel, build_library, int4_kernel, load_kernel
 
@@ -55,7 +56,12 @@ def make_expert(kernel: Int4Kernel, dim: int, hidden: int, group_size: int, seed
     """An expert's three stored weights and the operand the kernel takes for them."""
     w1, w3 = (stored(gaussian(hidden, dim, seed=seed + i, scale=0.1), group_size) for i in (1, 3))
     w2 = stored(gaussian(dim, hidden, seed=seed + 2, scale=0.1), group_size)
-    return {"w1": w1, "w3": w3, "w2": w2, "operand": kernel.expert_operand(w1, w3, w2, group_size)}
+    return {
+        "w1": w1,
+        "w3": w3,
+        "w2": w2,
+        "operand": native_fused.expert_operand(kernel, w1, w3, w2, group_size),
+    }
 
 
 def exact(expert: dict, x: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -90,7 +96,7 @@ def test_one_expert_matches_float64_and_the_per_layer_path(
     expert = make_expert(moe_kernel, dim, hidden, group_size, seed=dim + hidden)
     for seed in range(3):
         x = gaussian(1, dim, seed=seed)
-        got = moe_kernel.moe([expert["operand"]], [1.0], x)
+        got = native_fused.moe([expert["operand"]], [1.0], x)
         assert got.shape == (1, dim) and got.dtype is torch.float32
         for name, reference, bound in (
             ("float64", exact(expert, x, group_size), ORACLE_BOUND),
@@ -111,16 +117,16 @@ def test_several_experts_give_the_float32_sum_of_each_alone(
     operands = [e["operand"] for e in experts]
     x = gaussian(1, dim, seed=7)
     weights = [0.6171875, 0.3828125, 0.25]
-    alone = [moe_kernel.moe([op], [1.0], x) for op in operands]
+    alone = [native_fused.moe([op], [1.0], x) for op in operands]
     for count in (2, 3):
         expected = alone[0] * weights[0]
         for y, w in zip(alone[1:count], weights[1:count], strict=True):
             expected = expected + y * w
         residual = gaussian(1, dim, seed=count)
         for threads in (1, 2, 3):
-            got = moe_kernel.moe(operands[:count], weights[:count], x, threads=threads)
+            got = native_fused.moe(operands[:count], weights[:count], x, threads=threads)
             assert torch.equal(got, expected), (count, threads)
-            with_residual = moe_kernel.moe(operands[:count], weights[:count], x, threads, residual)
+            with_residual = native_fused.moe(operands[:count], weights[:count], x, threads, residual)
             assert torch.equal(with_residual, residual + expected), (count, threads)
 
 
@@ -132,7 +138,7 @@ def test_every_instruction_set_gives_the_same_bits(kernel: Int4Kernel) -> None:
     try:
         for isa in kernel.supported_isas:
             kernel.use_isa(isa)
-            outs[isa] = kernel.moe([e["operand"] for e in experts], [0.5, 0.5], x)
+            outs[isa] = native_fused.moe([e["operand"] for e in experts], [0.5, 0.5], x)
     finally:
         kernel.use_isa(chosen)
     for isa, out in outs.items():
@@ -143,7 +149,7 @@ def test_non_finite_input_reaches_the_output(kernel: Int4Kernel) -> None:
     expert = make_expert(kernel, 64, 128, 32, seed=5)
     x = gaussian(1, 64, seed=1)
     x[0, 3] = float("nan")
-    assert torch.isnan(kernel.moe([expert["operand"]], [1.0], x)).all()
+    assert torch.isnan(native_fused.moe([expert["operand"]], [1.0], x)).all()
 
 
 def test_what_does_not_fit_is_refused_in_one_line(kernel: Int4Kernel) -> None:
@@ -152,25 +158,25 @@ def test_what_does_not_fit_is_refused_in_one_line(kernel: Int4Kernel) -> None:
     x = gaussian(1, 64, seed=1)
     op = small["operand"]
     with pytest.raises(QuantizationError, match="1 to 8 experts"):
-        kernel.moe([], [], x)
+        native_fused.moe([], [], x)
     with pytest.raises(QuantizationError, match="1 to 8 experts"):
-        kernel.moe([op] * 9, [1.0] * 9, x)
+        native_fused.moe([op] * 9, [1.0] * 9, x)
     with pytest.raises(QuantizationError, match="1 to 8 experts"):
-        kernel.moe([op, op], [1.0], x)  # a weight short
+        native_fused.moe([op, op], [1.0], x)  # a weight short
     with pytest.raises(QuantizationError, match="differ in shape"):
-        kernel.moe([op, other["operand"]], [0.5, 0.5], x)
+        native_fused.moe([op, other["operand"]], [0.5, 0.5], x)
     with pytest.raises(QuantizationError, match="expected float32"):
-        kernel.moe([op], [1.0], x.double())
+        native_fused.moe([op], [1.0], x.double())
     with pytest.raises(QuantizationError, match="expected float32"):
-        kernel.moe([op], [1.0], gaussian(2, 64, seed=1))  # two tokens
+        native_fused.moe([op], [1.0], gaussian(2, 64, seed=1))  # two tokens
     for residual in (gaussian(1, 32, seed=2), gaussian(1, 64, seed=2).double()):
         with pytest.raises(QuantizationError, match="the residual must be float32"):
-            kernel.moe([op], [1.0], x, residual=residual)
+            native_fused.moe([op], [1.0], x, residual=residual)
     with pytest.raises(QuantizationError, match="do not make one expert"):
-        kernel.expert_operand(small["w1"], other["w3"], small["w2"], 32)  # w3 of another width
+        native_fused.expert_operand(kernel, small["w1"], other["w3"], small["w2"], 32)  # w3 of another width
     w2_g64 = stored(gaussian(64, 128, seed=3), 64)
     with pytest.raises(QuantizationError, match="w2 is not a stored int4 weight"):
-        kernel.expert_operand(small["w1"], small["w3"], w2_g64, 32)  # another group size
+        native_fused.expert_operand(kernel, small["w1"], small["w3"], w2_g64, 32)  # another group size
 
 
 def native_experts_model(tiny_model_dir):
@@ -199,13 +205,13 @@ def test_every_decode_step_runs_a_layers_experts_in_one_call(tiny_model_dir, mon
     model = native_experts_model(tiny_model_dir)
     decode = prefill_then_decode(model, seed=4)
     calls = []
-    real = Int4Kernel.moe
+    real = native_fused.moe
 
-    def counted(self, operands, *args, **kwargs):
+    def counted(operands, *args, **kwargs):
         calls.append(len(operands))
-        return real(self, operands, *args, **kwargs)
+        return real(operands, *args, **kwargs)
 
-    monkeypatch.setattr(Int4Kernel, "moe", counted)
+    monkeypatch.setattr(native_fused, "moe", counted)
     fused = decode()
     layers = model.args.num_hidden_layers
     assert calls == [model.args.num_experts_per_tok] * (10 * layers)
