@@ -17,7 +17,7 @@ from mixtral_chat.quant import native_fused
 from mixtral_chat.quant.native import int4_kernel
 from tests.test_attention_block import quantize_attention
 from tests.test_decode_attention import prefill_then_decode
-from tests.test_moe_kernel import native_experts_model
+from tests.test_moe_kernel import native_experts_model, native_experts_model_from
 
 pytestmark = pytest.mark.skipif(
     platform.machine().lower() not in ("x86_64", "amd64"), reason="the kernel is vectorized for x86-64"
@@ -121,3 +121,35 @@ def test_bindings_see_rebinding_not_in_place_changes() -> None:
     assert bindings.hold()
     root[1] = nn.Identity()
     assert not bindings.hold()
+
+
+def test_its_workers_sleep_once_it_returns(tmp_path) -> None:
+    """Between its per-layer calls the pool's workers wait awake (decode_stack.c's pool_hot);
+    after it they sleep: an idle process burns no CPU. The model has the small bench widths
+    (hidden 512, intermediate 1024), so that every call runs on 2 threads (the tiny model's
+    run on one and start no worker)."""
+    import resource
+    import time
+
+    from mixtral_chat.engine.weights import load_model
+    from tests.conftest import save_tiny_checkpoint
+
+    if int4_kernel() is None:
+        pytest.skip("the native kernel does not load on this host")
+    widths = dict(hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=2)
+    directory = save_tiny_checkpoint(tmp_path / "small", num_hidden_layers=1, vocab_size=1024, **widths)
+    model = native_experts_model_from(load_model(directory))
+    quantize_attention(model)
+    decode = prefill_then_decode(model, seed=6)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert model.native_decode_stack(torch.zeros(1, 1, 512), None) is not None
+        decode()
+    finally:
+        torch.set_num_threads(threads)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    time.sleep(0.5)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    busy = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert busy < 0.1, busy  # a worker left spinning would burn ~0.5 s

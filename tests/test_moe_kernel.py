@@ -181,10 +181,15 @@ def test_what_does_not_fit_is_refused_in_one_line(kernel: Int4Kernel) -> None:
 
 def native_experts_model(tiny_model_dir):
     """The tiny model with every expert's layers native int4 (g32), as a quantized directory loads."""
-    from mixtral_chat.engine.model import Expert
     from mixtral_chat.engine.weights import load_model
 
-    model = load_model(tiny_model_dir)
+    return native_experts_model_from(load_model(tiny_model_dir))
+
+
+def native_experts_model_from(model):
+    """`model` with every expert's layers made native int4 (g32)."""
+    from mixtral_chat.engine.model import Expert
+
     for module in model.modules():
         if isinstance(module, Expert):
             for name in ("w1", "w2", "w3"):

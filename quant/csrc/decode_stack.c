@@ -45,6 +45,7 @@ int int4_decode_stack_f32(int64_t n_layers, const void *const *parts, const floa
     float weights[MOE_MAX_EXPERTS];
     const void *chosen[9 * MOE_MAX_EXPERTS];
     memcpy(stream, x, (size_t)D * sizeof(float));
+    atomic_fetch_add(&pool_hot, 1); /* 2 calls a layer: the workers wait awake between them */
     int rc = INT4_OK;
     for (int64_t l = 0; l < n_layers && rc == INT4_OK; l++) {
         const void *const *p = parts + l * P;
@@ -60,6 +61,7 @@ int int4_decode_stack_f32(int64_t n_layers, const void *const *parts, const floa
         float *swap = stream;
         stream = next, next = swap;
     }
+    atomic_fetch_sub(&pool_hot, 1);
     free(scratch);
     return rc;
 }

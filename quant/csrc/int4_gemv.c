@@ -83,13 +83,28 @@ static inline float bf16_to_f32(uint16_t h) {
  * thread runs it too and returns once it comes back (see run_parallel). */
 typedef void (*range_fn)(void *arg, int index, int count);
 
+/* One step of a wait: a pause for the first 4096, then the core is yielded, so that a thread
+ * waiting on one whose core is busy elsewhere lets it run. */
+static inline void pause_or_yield(int spins) {
+#ifdef INT4_SIMD
+    if (spins < 4096) {
+        _mm_pause();
+        return;
+    }
+#endif
+    sched_yield();
+}
+
 static pthread_mutex_t call_mu = PTHREAD_MUTEX_INITIALIZER; /* one parallel call at a time */
 static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t pool_go = PTHREAD_COND_INITIALIZER;
 static pthread_cond_t pool_done = PTHREAD_COND_INITIALIZER;
 static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
 static int pool_workers;            /* started workers, ids 1..pool_workers */
-static unsigned long pool_gen;      /* incremented per dispatched task */
+static atomic_ulong pool_gen;       /* incremented per dispatched task (under pool_mu) */
+/* > 0 while a caller makes several calls in a row (decode_stack.c): an idle worker then spins
+ * for the next task instead of sleeping, whose wake-up costs tens of microseconds. */
+static atomic_int pool_hot;
 static range_fn task_fn;
 static void *task_arg;
 static int task_count;              /* threads of the current task; workers with id >= it idle */
@@ -107,8 +122,16 @@ static void *worker_main(void *p) {
     unsigned long seen = start.gen;
     pthread_mutex_lock(&pool_mu);
     for (;;) {
-        while (pool_gen == seen) pthread_cond_wait(&pool_go, &pool_mu);
-        seen = pool_gen;
+        if (atomic_load(&pool_gen) == seen && atomic_load_explicit(&pool_hot, memory_order_relaxed) > 0) {
+            pthread_mutex_unlock(&pool_mu);
+            for (int spins = 0; atomic_load_explicit(&pool_hot, memory_order_relaxed) > 0 &&
+                                atomic_load_explicit(&pool_gen, memory_order_relaxed) == seen;
+                 spins++)
+                pause_or_yield(spins);
+            pthread_mutex_lock(&pool_mu);
+        }
+        while (atomic_load(&pool_gen) == seen) pthread_cond_wait(&pool_go, &pool_mu);
+        seen = atomic_load(&pool_gen);
         /* A worker that wakes after the caller finished (all the work taken) stays out. */
         if (task_open && start.id < task_count) {
             range_fn fn = task_fn;
@@ -148,7 +171,7 @@ static int pool_grow(int wanted) {
         if (!start) break;
         pthread_mutex_lock(&pool_mu);
         start->id = pool_workers + 1;
-        start->gen = pool_gen;
+        start->gen = atomic_load(&pool_gen);
         pthread_mutex_unlock(&pool_mu);
         /* Workers never take signals: the interpreter handles them in its own threads. */
         sigset_t all, old;
@@ -189,7 +212,7 @@ static void run_parallel(range_fn fn, void *arg, int count) {
     task_arg = arg;
     task_count = count;
     task_open = 1;
-    pool_gen++;
+    atomic_fetch_add(&pool_gen, 1);
     pthread_cond_broadcast(&pool_go);
     pthread_mutex_unlock(&pool_mu);
     /* `fn` takes work until none is left; then only the workers already inside are waited for
@@ -950,15 +973,8 @@ static void run_range(void *arg, int index, int count) {
 /* Waits until *counter >= target (acquire): what the other threads of a call publish. Spins a
  * little, then yields the core, so a thread waiting on one whose core is busy elsewhere lets it run. */
 static void wait_for_count(atomic_llong *counter, long long target) {
-    for (int spins = 0; atomic_load_explicit(counter, memory_order_acquire) < target; spins++) {
-#ifdef INT4_SIMD
-        if (spins < 4096) {
-            _mm_pause();
-            continue;
-        }
-#endif
-        sched_yield();
-    }
+    for (int spins = 0; atomic_load_explicit(counter, memory_order_acquire) < target; spins++)
+        pause_or_yield(spins);
 }
 
 /* ------------------------------------------------------------------------------------------- */
