@@ -1,6 +1,7 @@
 """Held-out perplexity of a model in float and in each 4-bit scheme, side by side.
 
     python bench/bench_quality.py [--model assets/demo] [--heldout tests/data/demo_heldout.jsonl]
+    python bench/bench_quality.py --decode-paths    # the replies scored by decode steps
 
 The held-out file holds single-turn chats ({"messages": [user, assistant]}); the loss is the mean
 NLL of the reply tokens and their </s>, as assets/demo/eval.json defines it.
@@ -12,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -62,11 +64,54 @@ def heldout_nll(model, tokenizer: Tokenizer, chats: list[list[dict]]) -> tuple[f
     return total, count
 
 
+def heldout_nll_decoding(model, tokenizer: Tokenizer, chats: list[list[dict]]) -> tuple[float, int]:
+    """`heldout_nll` with the reply scored one decode step at a time (teacher-forced): the path a
+    chat's tokens take, where `heldout_nll`'s one forward is a prefill's."""
+    total, count = 0.0, 0
+    for chat in chats:
+        prompt = tokenizer.encode_chat(chat[:1])
+        ids = [*prompt, *tokenizer.encode(chat[1]["content"]), tokenizer.eos_id]
+        model.setup_cache(len(ids))
+        with torch.no_grad():
+            prefill = torch.tensor([ids[: len(prompt)]])
+            steps = [model(prefill, torch.arange(len(prompt)), last_only=True)[0, -1]]
+            for pos in range(len(prompt), len(ids) - 1):
+                steps.append(model(torch.tensor([[ids[pos]]]), torch.tensor([pos]))[0, -1])
+        logprobs = torch.log_softmax(torch.stack(steps).double(), dim=-1)  # [R, V]
+        targets = torch.tensor(ids[len(prompt) :])  # [R]
+        total -= float(logprobs.gather(-1, targets[:, None]).sum())
+        count += len(targets)
+    return total, count
+
+
+def decode_paths_table(args: argparse.Namespace, chats: list[list[dict]], tokenizer: Tokenizer) -> None:
+    """What the engine runs on a CPU (int4 g64, int8 vocabulary weights), its replies scored by
+    decode steps: the native one-call paths against the per-op path they replaced."""
+    sys.path.insert(0, str(REPO))
+    import bench.bench_decode_paths as paths
+    from mixtral_chat.quant import quantize_model_in_memory
+    from mixtral_chat.quant.int8 import quantize_vocab_weights
+
+    print("\n| int4 g64, int8 vocabulary weights, scored by decode steps | held-out loss | perplexity |")
+    print("| --- | ---: | ---: |")
+    for label, earlier in (("native one-call paths", []), ("per-op path", list(paths.PATHS))):
+        paths.force_earlier_paths(earlier)
+        model = load_model(args.model, "cpu", torch.float32)
+        quantize_model_in_memory(model, "int4", 64, False)
+        if not quantize_vocab_weights(model):
+            raise SystemExit("error: the int8 lm_head needs the native kernel, unavailable here")
+        nll, count = heldout_nll_decoding(model, tokenizer, chats)
+        print(f"| {label} | {nll / count:.4f} | {math.exp(nll / count):.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=REPO / "assets" / "demo")
     parser.add_argument("--heldout", type=Path, default=REPO / "tests" / "data" / "demo_heldout.jsonl")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--decode-paths", action="store_true", help="only the decode-step table: native paths vs per-op"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from mixtral_chat.quant import quantize_model_in_memory
@@ -75,6 +120,9 @@ def main() -> None:
     tokenizer = Tokenizer(args.model / "tokenizer.model")
     print(f"$ python bench/bench_quality.py --model {args.model} --heldout {args.heldout}")
     print(f"{len(chats)} held-out chats\n")
+    if args.decode_paths:
+        decode_paths_table(args, chats, tokenizer)
+        return
     print("| variant | held-out loss | perplexity | vs float32 | seconds |")
     print("| --- | ---: | ---: | ---: | ---: |")
     base = None
