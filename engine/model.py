@@ -444,19 +444,22 @@ class DecoderLayer(nn.Module):
         ):
             return None
         a = self.args
-        self._block = native_fused.attention_block_operand(
-            found[0][0],
-            [f[1] for f in found],
-            attn.q_proj.group_size,
-            a.num_attention_heads,
-            a.num_key_value_heads,
-            a.head_dim,
-            [n.weight for n in norms],
-            norms[0].eps,
-            [cache.k, cache.v],
-            router,
-            self.block_sparse_moe.top_k,
-        )
+        try:
+            self._block = native_fused.attention_block_operand(
+                found[0][0],
+                [f[1] for f in found],
+                attn.q_proj.group_size,
+                a.num_attention_heads,
+                a.num_key_value_heads,
+                a.head_dim,
+                [n.weight for n in norms],
+                norms[0].eps,
+                [cache.k, cache.v],
+                router,
+                self.block_sparse_moe.top_k,
+            )
+        except QuantizationError:  # heads or widths the call does not take: the per-op path
+            return None
         return self._block
 
     def _router(self) -> Tensor | None:

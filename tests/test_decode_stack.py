@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+import mixtral_chat.engine.model as model_module
 from mixtral_chat.engine.bindings import Bindings
 from mixtral_chat.engine.errors import QuantizationError
-from mixtral_chat.engine.model import Mixtral
+from mixtral_chat.engine.model import DecoderLayer, Mixtral
 from mixtral_chat.quant import native_fused
 from mixtral_chat.quant.native import int4_kernel
 from tests.test_attention_block import quantize_attention
@@ -153,3 +154,26 @@ def test_its_workers_sleep_once_it_returns(tmp_path) -> None:
     after = resource.getrusage(resource.RUSAGE_SELF)
     busy = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert busy < 0.1, busy  # a worker left spinning would burn ~0.5 s
+
+
+def test_a_layer_the_calls_refuse_decodes_per_op(native_model: Mixtral, monkeypatch) -> None:
+    """Where an operand cannot be made (the C call would refuse its shapes), that layer and
+    expert take the per-op path: decoding goes on with its logits, nothing raises."""
+    decode = prefill_then_decode(native_model, seed=7)
+    monkeypatch.setattr(Mixtral, "native_decode_stack", lambda self, x, mask: None)
+    monkeypatch.setattr(DecoderLayer, "native_attention_block", lambda self, x, mask: None)
+    monkeypatch.setattr(model_module, "expert_operand", lambda *a, **k: None)
+    per_op = decode()
+    monkeypatch.undo()
+    for layer in native_model.layers:  # no cached operands: each is made, and refused, anew
+        layer._block = None
+        for expert in layer.block_sparse_moe.experts:
+            expert._operand = None
+
+    def refuse(*args, **kwargs):
+        raise QuantizationError("native attention block: the heads do not fit the weights")
+
+    monkeypatch.setattr(native_fused, "attention_block_operand", refuse)
+    monkeypatch.setattr(native_fused, "expert_operand", refuse)
+    assert torch.equal(decode(), per_op)
+    assert native_model.native_decode_stack(torch.zeros(1, 1, native_model.args.hidden_size), None) is None
