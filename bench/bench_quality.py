@@ -49,35 +49,27 @@ def quantize_lm_head(model, group_size: int) -> None:
     model.lm_head = Int4Linear.from_parts(parts, vocab, hidden, group_size, weight.device, weight.dtype)
 
 
-def heldout_nll(model, tokenizer: Tokenizer, chats: list[list[dict]]) -> tuple[float, int]:
+def heldout_nll(
+    model, tokenizer: Tokenizer, chats: list[list[dict]], decode_steps: bool = False
+) -> tuple[float, int]:
+    """Summed NLL of the replies and their count; `decode_steps`: each reply token scored by its
+    own decode step (teacher-forced), the path a chat's tokens take, instead of one forward (a
+    prefill's path)."""
     total, count = 0.0, 0
     for chat in chats:
         prompt = tokenizer.encode_chat(chat[:1])
         ids = [*prompt, *tokenizer.encode(chat[1]["content"]), tokenizer.eos_id]
         model.setup_cache(len(ids))
         with torch.no_grad():
-            logits = model(torch.tensor([ids]), torch.arange(len(ids)))[0]  # [S, V]
-        logprobs = torch.log_softmax(logits[len(prompt) - 1 : -1].double(), dim=-1)  # [R, V]
-        targets = torch.tensor(ids[len(prompt) :])  # [R]
-        total -= float(logprobs.gather(-1, targets[:, None]).sum())
-        count += len(targets)
-    return total, count
-
-
-def heldout_nll_decoding(model, tokenizer: Tokenizer, chats: list[list[dict]]) -> tuple[float, int]:
-    """`heldout_nll` with the reply scored one decode step at a time (teacher-forced): the path a
-    chat's tokens take, where `heldout_nll`'s one forward is a prefill's."""
-    total, count = 0.0, 0
-    for chat in chats:
-        prompt = tokenizer.encode_chat(chat[:1])
-        ids = [*prompt, *tokenizer.encode(chat[1]["content"]), tokenizer.eos_id]
-        model.setup_cache(len(ids))
-        with torch.no_grad():
-            prefill = torch.tensor([ids[: len(prompt)]])
-            steps = [model(prefill, torch.arange(len(prompt)), last_only=True)[0, -1]]
-            for pos in range(len(prompt), len(ids) - 1):
-                steps.append(model(torch.tensor([[ids[pos]]]), torch.tensor([pos]))[0, -1])
-        logprobs = torch.log_softmax(torch.stack(steps).double(), dim=-1)  # [R, V]
+            if decode_steps:
+                prefill = torch.tensor([ids[: len(prompt)]])
+                steps = [model(prefill, torch.arange(len(prompt)), last_only=True)[0, -1]]
+                for pos in range(len(prompt), len(ids) - 1):
+                    steps.append(model(torch.tensor([[ids[pos]]]), torch.tensor([pos]))[0, -1])
+                logits = torch.stack(steps)  # [R, V]
+            else:
+                logits = model(torch.tensor([ids]), torch.arange(len(ids)))[0][len(prompt) - 1 : -1]  # [R, V]
+        logprobs = torch.log_softmax(logits.double(), dim=-1)  # [R, V]
         targets = torch.tensor(ids[len(prompt) :])  # [R]
         total -= float(logprobs.gather(-1, targets[:, None]).sum())
         count += len(targets)
@@ -100,7 +92,7 @@ def decode_paths_table(args: argparse.Namespace, chats: list[list[dict]], tokeni
         quantize_model_in_memory(model, "int4", 64, False)
         if not quantize_vocab_weights(model):
             raise SystemExit("error: the int8 lm_head needs the native kernel, unavailable here")
-        nll, count = heldout_nll_decoding(model, tokenizer, chats)
+        nll, count = heldout_nll(model, tokenizer, chats, decode_steps=True)
         print(f"| {label} | {nll / count:.4f} | {math.exp(nll / count):.3f} |")
 
 

@@ -119,6 +119,14 @@ def kernel(tmp_path_factory: pytest.TempPathFactory):  # -> mixtral_chat.quant.n
     return loaded
 
 
+@pytest.fixture(scope="module", params=["native", "portable"])
+def either_build(request: pytest.FixtureRequest, kernel):  # -> Int4Kernel
+    """The -march=native build (AVX2 or AVX-512 here), then the portable one (the fused calls' tests)."""
+    from mixtral_chat.quant import native
+
+    return kernel if request.param == "native" else native.load_kernel(native.build_library(native=False))
+
+
 @pytest.fixture
 def make_checkpoint(tmp_path: Path) -> Callable[..., Path]:
     counter = iter(range(1000))

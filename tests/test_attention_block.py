@@ -20,7 +20,8 @@ from mixtral_chat.engine.errors import QuantizationError
 from mixtral_chat.engine.model import DecoderLayer, SparseMoE, rope_table, signed_sin
 from mixtral_chat.quant import native_fused
 from mixtral_chat.quant.int4 import Int4Linear, dequantize_int4, quantize_int4
-from mixtral_chat.quant.native import Int4Kernel, build_library, int4_kernel, load_kernel
+from mixtral_chat.quant.native import Int4Kernel, int4_kernel
+from tests.test_moe_kernel import gaussian
 
 OUTPUT_BOUND = 2.3e-2
 NORMED_BOUND = 1.9e-2
@@ -28,16 +29,6 @@ NORMED_BOUND = 1.9e-2
 pytestmark = pytest.mark.skipif(
     platform.machine().lower() not in ("x86_64", "amd64"), reason="the kernel is vectorized for x86-64"
 )
-
-
-@pytest.fixture(scope="module", params=["native", "portable"])
-def block_kernel(request: pytest.FixtureRequest, kernel: Int4Kernel) -> Int4Kernel:
-    """The -march=native build (AVX2 or AVX-512 here) and the portable one."""
-    return kernel if request.param == "native" else load_kernel(build_library(native=False))
-
-
-def gaussian(*shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
 
 
 class Layer:
@@ -133,9 +124,9 @@ SHAPES = [(64, 3, 1, 20), (96, 4, 4, 24), (512, 8, 2, 64)]
 
 @pytest.mark.parametrize(("dim", "heads", "kv_heads", "head_dim"), SHAPES)
 def test_it_matches_float64_and_writes_the_cache(
-    block_kernel: Int4Kernel, dim: int, heads: int, kv_heads: int, head_dim: int
+    either_build: Int4Kernel, dim: int, heads: int, kv_heads: int, head_dim: int
 ) -> None:
-    layer = Layer(block_kernel, dim, heads, kv_heads, head_dim, seed=dim + heads)
+    layer = Layer(either_build, dim, heads, kv_heads, head_dim, seed=dim + heads)
     for pos in (0, 7, 39):
         before = [c.clone() for c in layer.cache]
         x = gaussian(1, 1, dim, seed=pos)
@@ -170,13 +161,13 @@ def torch_routing(normed: torch.Tensor, router: torch.Tensor, top_k: int) -> tup
 
 
 @pytest.mark.parametrize(("experts", "top_k"), [(8, 2), (4, 1), (64, 6)])
-def test_it_routes_its_output_as_the_moe_would(block_kernel: Int4Kernel, experts: int, top_k: int) -> None:
+def test_it_routes_its_output_as_the_moe_would(either_build: Int4Kernel, experts: int, top_k: int) -> None:
     """With the gate's weights, the block also returns hn's routing: torch's ids (largest first),
     weights within 1e-6 and logits within 1e-6 of float64, and h and hn unchanged by it."""
     dim = 96
     router = gaussian(experts, dim, seed=experts, scale=0.3)
-    routed = Layer(block_kernel, dim, 4, 2, 24, seed=5, router=router, top_k=top_k)
-    plain = Layer(block_kernel, dim, 4, 2, 24, seed=5)
+    routed = Layer(either_build, dim, 4, 2, 24, seed=5, router=router, top_k=top_k)
+    plain = Layer(either_build, dim, 4, 2, 24, seed=5)
     for pos in (0, 9, 39):
         x = gaussian(1, 1, dim, seed=100 + pos)
         result = native_fused.attention_block(routed.operand, x, *routed.rows(pos), pos)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from mixtral_chat.engine.errors import QuantizationError
 from mixtral_chat.quant import native_fused
 from mixtral_chat.quant.int4 import Int4Linear, dequantize_int4, quantize_int4
-from mixtral_chat.quant.native import Int4Kernel, build_library, int4_kernel, load_kernel
+from mixtral_chat.quant.native import Int4Kernel, int4_kernel
 
 ORACLE_BOUND = 2.2e-2
 LAYERED_BOUND = 2e-3
@@ -29,12 +29,6 @@ LAYERED_BOUND = 2e-3
 pytestmark = pytest.mark.skipif(
     platform.machine().lower() not in ("x86_64", "amd64"), reason="the kernel is vectorized for x86-64"
 )
-
-
-@pytest.fixture(scope="module", params=["native", "portable"])
-def moe_kernel(request: pytest.FixtureRequest, kernel: Int4Kernel) -> Int4Kernel:
-    """The -march=native build (AVX2 or AVX-512 here) and the portable one."""
-    return kernel if request.param == "native" else load_kernel(build_library(native=False))
 
 
 def gaussian(*shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:
@@ -91,16 +85,16 @@ SHAPES = [(512, 1024, 64), (100, 200, 64), (96, 70, 32)]
 
 @pytest.mark.parametrize(("dim", "hidden", "group_size"), SHAPES)
 def test_one_expert_matches_float64_and_the_per_layer_path(
-    moe_kernel: Int4Kernel, dim: int, hidden: int, group_size: int
+    either_build: Int4Kernel, dim: int, hidden: int, group_size: int
 ) -> None:
-    expert = make_expert(moe_kernel, dim, hidden, group_size, seed=dim + hidden)
+    expert = make_expert(either_build, dim, hidden, group_size, seed=dim + hidden)
     for seed in range(3):
         x = gaussian(1, dim, seed=seed)
         got = native_fused.moe([expert["operand"]], [1.0], x)
         assert got.shape == (1, dim) and got.dtype is torch.float32
         for name, reference, bound in (
             ("float64", exact(expert, x, group_size), ORACLE_BOUND),
-            ("per-layer", layered(moe_kernel, expert, x, group_size).double(), LAYERED_BOUND),
+            ("per-layer", layered(either_build, expert, x, group_size).double(), LAYERED_BOUND),
         ):
             error = float((got.double() - reference).norm() / reference.norm())
             print(f"moe vs {name} {dim}x{hidden} g{group_size}: {error:.2e}")
@@ -109,11 +103,11 @@ def test_one_expert_matches_float64_and_the_per_layer_path(
 
 @pytest.mark.parametrize(("dim", "hidden", "group_size"), SHAPES)
 def test_several_experts_give_the_float32_sum_of_each_alone(
-    moe_kernel: Int4Kernel, dim: int, hidden: int, group_size: int
+    either_build: Int4Kernel, dim: int, hidden: int, group_size: int
 ) -> None:
     """What SparseMoE's per-expert loop computes (each alone, times its weight, summed in order
     in float32) bit for bit, whatever the thread count: so every placement gives the same token."""
-    experts = [make_expert(moe_kernel, dim, hidden, group_size, seed=10 * e) for e in range(3)]
+    experts = [make_expert(either_build, dim, hidden, group_size, seed=10 * e) for e in range(3)]
     operands = [e["operand"] for e in experts]
     x = gaussian(1, dim, seed=7)
     weights = [0.6171875, 0.3828125, 0.25]
