@@ -175,6 +175,13 @@ class Engine:
                 offload_experts(model, ctx, device, offload, options, stored, streamed) if offload else None
             )
             model.setup_cache(ctx)
+            if device.type == "cpu":
+                # The native kernel (compiled once per machine and CPU, ~2-5 s; never raises)
+                # is made ready while loading: else a float32 model's first decode step asks for
+                # it (its decode attention), and the first reply's speed counts the compile.
+                from mixtral_chat.quant.native import int4_kernel
+
+                int4_kernel()
         except torch.OutOfMemoryError as exc:
             raise OutOfMemoryError(f"out of {device.type} memory loading {model_dir}: {exc}") from None
         check_vocab(model_dir, tokenizer, model.args)
