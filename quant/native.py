@@ -122,26 +122,7 @@ class Int4Kernel:
         library.int4_moe_f32.argtypes = moe_args
         library.int4_moe_f32.restype = ctypes.c_int
         self._run_moe = library.int4_moe_f32
-        block_args = [
-            ptr,
-            ptr,
-            ptr,
-            ptr,
-            f32,
-            ptr,
-            ptr,
-            ptr,
-            ptr,
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-        ]
+        block_args = [ptr, ptr, ptr, ptr, f32, ptr, ptr, ptr, ptr, *[i64] * 9]
         router_args = [ptr, i64, i64, ptr, ptr, ptr]
         library.int4_attention_block_f32.argtypes = [*block_args, f32, ptr, ptr, *router_args, ctypes.c_int]
         library.int4_attention_block_f32.restype = ctypes.c_int
