@@ -868,6 +868,43 @@ def run_disk(args: argparse.Namespace, model_dir: Path, trace: TraceChoice, work
     header = ["experts/layer", "prefetch", "page cache", "tok/s", "hit rate", "expert bytes/token"]
     header += ["read from disk/token", "stall ms/token", "RSS", "peak RSS decoding"]
     print(table([*header, "peak RSS loading"], rows), flush=True)
+    print_disk_cost_check(results, ks, model_dir)
+
+
+def print_disk_cost_check(results: dict[int, list[dict[str, Any]]], ks: list[int], model_dir: Path) -> None:
+    """The planner's disk term against the runs: what a cold token's storage reads cost at the rate
+    `bandwidth.measure_disk_gbps` finds on the store's shards (as the engine times a disk store),
+    next to the measured difference between a cold and a warm token (prefetch off)."""
+    from mixtral_chat.engine.offload.bandwidth import measure_disk_gbps
+
+    shards = sorted(model_dir.glob("*.safetensors"), key=lambda path: path.stat().st_size)
+    rates = [rate for rate in (measure_disk_gbps(shards[-1]) for _ in range(3)) if rate] if shards else []
+    if not rates:
+        print("\n(no O_DIRECT read of the shards here: the disk term is not checked)", flush=True)
+        return
+    gbps = median(rates)
+    rows = []
+    for k in ks:
+        cold = [Measurement.from_json(r["off-cold"]) for r in results[k]]
+        warm = [Measurement.from_json(r["off-warm"]) for r in results[k]]
+        read = median([m.extra["read_bytes"] / m.tokens for m in cold])
+        predicted_ms = read / (gbps * 1e9) * 1e3
+        measured_ms = (1 / median([m.tok_s for m in cold]) - 1 / median([m.tok_s for m in warm])) * 1e3
+        rows.append(
+            [
+                str(k),
+                fmt_bytes(read),
+                f"{predicted_ms:.1f}",
+                f"{measured_ms:.1f}",
+                f"{measured_ms / predicted_ms:.2f}",
+            ]
+        )
+    print(
+        f"\nThe cost model's disk term: read from disk per cold token / {gbps:.2f} GB/s (O_DIRECT reads of "
+        f"{shards[-1].name}, median of 3), against cold - warm ms/token (prefetch off).\n"
+    )
+    header = ["experts/layer", "read from disk/token", "predicted ms/token", "cold - warm ms/token"]
+    print(table([*header, "measured/predicted"], rows), flush=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -91,6 +91,7 @@ class LoadOptions:
     on_miss: str = "auto"
     h2d_gbps: float | None = None
     cpu_gbps: float | None = None
+    disk_gbps: float | None = None  # a store on disk: its files read past the page cache
     # The lm_head and embeddings of a 4-bit model on the CPU: "int8" (one float32 scale per 32
     # columns, on the native kernel: a quarter of the bytes the lm_head reads per token and of
     # the RAM both take; quality in docs/BENCHMARKS.md), "float" (as stored), or "auto": int8

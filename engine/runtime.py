@@ -172,7 +172,9 @@ class Engine:
             if vocab_weights == "int8":
                 quantize_vocab_weights(model)
             offloader = (
-                offload_experts(model, ctx, device, offload, options, stored, streamed) if offload else None
+                offload_experts(model, model_dir, ctx, device, offload, options, stored, streamed)
+                if offload
+                else None
             )
             model.setup_cache(ctx)
             if device.type == "cpu":
@@ -474,6 +476,7 @@ def load_weights(
 
 def offload_experts(
     model: Mixtral,
+    model_dir: Path,
     ctx: int,
     device: torch.device,
     offload: OffloadDecision,
@@ -482,16 +485,27 @@ def offload_experts(
     streamed: StreamedExperts | None = None,
 ) -> ExpertOffloader:
     """Move all but the experts to the device, plan each layer's slots and misses (from the host's
-    bandwidths, measured once and cached), start the cache."""
+    bandwidths, measured once and cached), start the cache. A store on disk is timed on the
+    model's shards: the store reads them, or (a loaded model's pack file, in the data directory)
+    they are the nearest thing to it on disk."""
     from mixtral_chat.engine.offload import (
         ExpertOffloader,
         move_non_experts,
         needs_staging,
         plan_offload,
     )
-    from mixtral_chat.engine.offload.bandwidth import measured, with_overrides
+    from mixtral_chat.engine.offload.bandwidth import measured, with_disk, with_overrides
 
-    bandwidths = with_overrides(measured(device), h2d_gbps=options.h2d_gbps, cpu_gbps=options.cpu_gbps)
+    on_disk = offload.store == "disk"
+    bandwidths = measured(device)
+    if on_disk and options.disk_gbps is None:  # the shards a store on disk reads
+        bandwidths = with_disk(bandwidths, sorted(model_dir.glob("*.safetensors")))
+    bandwidths = with_overrides(
+        bandwidths,
+        h2d_gbps=options.h2d_gbps,
+        cpu_gbps=options.cpu_gbps,
+        disk_gbps=options.disk_gbps if on_disk else None,
+    )
     # Experts streamed from the files next to a GPU compute on the CPU only where their CPU form
     # reads the same blobs; loaded experts were built on the CPU, so their form is the CPU's.
     cpu_template = stored.cpu_template() if stored is not None and device.type != "cpu" else None
@@ -513,6 +527,7 @@ def offload_experts(
         on_miss=on_miss,
         bandwidths=bandwidths,
         staging=needs_staging(model, stored, streamed),
+        available_ram_bytes=available_ram_bytes() if on_disk else None,
     )
     return ExpertOffloader(
         model,

@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from mixtral_chat.engine.config import ModelArgs
 from mixtral_chat.engine.models.catalog import MIXTRAL_8X7B_CONFIG, demo_dir
-from mixtral_chat.engine.offload.bandwidth import PROFILES
-from mixtral_chat.engine.offload.placement import COPY, CPU, SPLIT, place_layers
+from mixtral_chat.engine.offload.bandwidth import (
+    ASSUMED_DISK_GBPS,
+    CACHE_FILE,
+    DISK_CHUNK,
+    PROFILES,
+    measure_disk_gbps,
+    with_disk,
+)
+from mixtral_chat.engine.offload.placement import (
+    COPY,
+    CPU,
+    SPLIT,
+    Bandwidths,
+    MissCosts,
+    host_reserve_bytes,
+    place_layers,
+    step_seconds,
+)
 from mixtral_chat.engine.offload.planner import plan_placement, sizes_of_config, sizes_of_model
 from mixtral_chat.engine.offload.store import choose_store
 from mixtral_chat.engine.runtime import default_context
@@ -145,6 +163,7 @@ def test_the_cli_plans_the_demo_on_the_cpu(tmp_path: Path) -> None:
         (("--model", "no-such-model"), 1, "plan also takes a path to a config.json"),
         (("--model", "mixtral-8x7b-instruct", "--gpu-mem", "1"), 1, "too small"),
         (("--model", "mixtral-8x7b-instruct", "--gpu-mem", "-3"), 2, "--gpu-mem must be > 0"),
+        (("--model", "mixtral-8x7b-instruct", "--disk-gbps", "0"), 2, "--disk-gbps must be > 0"),
         (("--model", "mixtral-8x7b-instruct", "--scheme", "int8"), 2, "invalid choice"),
         ((), 2, "--model"),
     ],
@@ -190,6 +209,30 @@ def test_ask_stats_prints_the_plan_the_engine_used(tmp_path: Path) -> None:
     assert "computed on the CPU" in done.stderr
 
 
+def test_ask_stats_counts_the_disk_reads_of_a_store_on_disk(tmp_path: Path) -> None:
+    done = run_cli(
+        "ask",
+        "--model",
+        str(demo_dir()),
+        "--offload",
+        "disk",
+        "--experts-per-layer",
+        "3",
+        "--max-tokens",
+        "4",
+        "--stats",
+        "hello",
+        env={"MIXTRAL_CHAT_HOME": str(tmp_path / "home")},
+    )
+    assert done.returncode == 0, done.stderr
+    plan = [line for line in done.stderr.splitlines() if line.startswith("mixtral-chat: plan: ")]
+    assert any("disk: " in line for line in plan)  # the store's line
+    bound = next(line for line in plan if "decode bound:" in line)
+    assert "disk " in bound and "GB/s" in bound
+    reads = next(line for line in plan if "disk reads: " in line)
+    assert "of RAM left to cache the" in reads  # the engine knows the RAM it has
+
+
 def test_the_store_is_ram_only_with_room_to_spare() -> None:
     """Defect 2: next to a GPU the store was always RAM; now RAM only when it fits what is available."""
     store = 25_370_000_000  # Mixtral's nf4 experts
@@ -201,3 +244,106 @@ def test_the_store_is_ram_only_with_room_to_spare() -> None:
         choose_store(store, store + reserve) == "ram" and choose_store(store, store + reserve - 1) == "disk"
     )
     assert choose_store(10**8, 10**8 + 10**9) == "ram" and choose_store(10**8, 10**9) == "disk"  # 1 GB floor
+
+
+# --- a store on disk: each miss is read from the files first (the page cache holds what RAM allows)
+
+
+def test_a_store_on_disk_pays_for_the_misses_the_page_cache_cannot_hold() -> None:
+    budget = 12 * 10**9
+    sizes = sizes_of_config(MIXTRAL, "nf4", default_context(MIXTRAL, 2, budget), dtype_bytes=2)
+    rates = dataclasses.replace(PROFILES["3060-ddr4"], disk_gbps=2.0)
+    in_ram = plan_placement(sizes, budget_bytes=budget, bandwidths=rates)
+    store = 32 * 8 * sizes.expert_bytes
+    bounds, shares = [], []
+    for ram_gb in (64, 24, 16, 8):
+        ram = ram_gb * 10**9
+        plan = plan_placement(sizes, budget_bytes=budget, store="disk", bandwidths=rates, host_ram_bytes=ram)
+        assert plan.layers == in_ram.layers  # next to a GPU the page cache does not change the slots
+        cacheable = ram - host_reserve_bytes(store)
+        assert plan.page_cache_bytes == cacheable
+        assert plan.disk_share == pytest.approx(max(0.0, 1 - cacheable / store))
+        bounds.append(plan.decode_bound_s)
+        shares.append(plan.disk_share)
+    assert shares[0] == 0.0 and bounds[0] == pytest.approx(in_ram.decode_bound_s)  # all cached
+    assert shares == sorted(shares) and 0 < shares[1] < shares[-1] < 1
+    assert bounds == sorted(bounds) and bounds[-1] > 2 * bounds[0]
+    # A faster disk, a shorter bound; RAM not known, every miss read from the disk.
+    faster = dataclasses.replace(rates, disk_gbps=8.0)
+    plan = plan_placement(
+        sizes, budget_bytes=budget, store="disk", bandwidths=faster, host_ram_bytes=16 * 10**9
+    )
+    assert plan.decode_bound_s < bounds[2]
+    unknown = plan_placement(sizes, budget_bytes=budget, store="disk", bandwidths=rates)
+    assert unknown.disk_share == 1.0 and unknown.decode_bound_s > bounds[-1]
+
+
+def test_on_a_cpu_the_page_cache_is_what_the_plan_leaves_of_the_ram() -> None:
+    """On a CPU the slots, the resident weights and the KV cache are in the same RAM as the page
+    cache: only the rest caches the store's files."""
+    sizes = sizes_of_config(MIXTRAL, "int4", 4096, dtype_bytes=4, vocab_int8=True)
+    rates = Bandwidths(None, 30.0, 30.0, disk_gbps=2.0)
+    ram = 28 * 10**9
+    plan = plan_placement(sizes, budget_bytes=20 * 10**9, store="disk", bandwidths=rates, host_ram_bytes=ram)
+    store = 32 * 8 * sizes.expert_bytes
+    assert plan.page_cache_bytes == ram - host_reserve_bytes(store) - plan.device_bytes
+    assert plan.disk_share == pytest.approx(1 - plan.page_cache_bytes / store)
+
+
+def test_a_step_reads_its_misses_from_the_disk_one_after_another() -> None:
+    costs = MissCosts(device_s=0.001, copy_s=0.004, cpu_s=0.005, read_s=0.050)
+    # One miss copied and one computed on the CPU: each waits for its read, and the disk reads
+    # them one at a time.
+    assert step_seconds(0, 1, 1, costs) == pytest.approx(0.100)
+    assert step_seconds(2, 0, 0, costs) == pytest.approx(0.002)  # hits read nothing
+    assert step_seconds(1, 1, 0, costs) == pytest.approx(0.050 + 0.004 + 0.001 + 0.001)
+    assert MissCosts.of(10**8, Bandwidths(25.0, 40.0, 330.0, disk_gbps=2.0), 0.5).read_s == pytest.approx(
+        0.025
+    )
+    assert MissCosts.of(10**8, Bandwidths(25.0, 40.0, 330.0), 0.5).read_s == 0.0  # a store in RAM
+
+
+def test_the_disk_rate_is_measured_on_the_store_files_past_the_page_cache(tmp_path: Path) -> None:
+    shard = tmp_path / "model-00001.safetensors"
+    shard.write_bytes(os.urandom(2 * DISK_CHUNK))
+    before = shard.read_bytes()
+    base = Bandwidths(None, 30.0, 30.0, source="measured")
+    found = measure_disk_gbps(shard)
+    rates = with_disk(base, [tmp_path / "small.safetensors", shard], cache_dir=tmp_path)
+    assert shard.read_bytes() == before  # read only
+    if found is None:  # a filesystem without O_DIRECT: assumed, and said
+        assert rates.disk_gbps == ASSUMED_DISK_GBPS and rates.source == "measured, disk assumed"
+    else:
+        assert found > 0 and rates.disk_gbps is not None and rates.disk_gbps > 0
+        assert rates.source == "measured"
+        cached = json.loads((tmp_path / CACHE_FILE).read_text())
+        assert [entry["disk_gbps"] for key, entry in cached.items() if "| disk " in key] == [rates.disk_gbps]
+        assert with_disk(base, [shard], cache_dir=tmp_path) == rates  # from the cache
+    small = tmp_path / "small.safetensors"
+    small.write_bytes(b"x" * 4096)
+    assert measure_disk_gbps(small) is None  # less than one chunk: nothing to time
+    assert with_disk(base, [], cache_dir=tmp_path).disk_gbps == ASSUMED_DISK_GBPS  # nothing downloaded
+
+
+def test_the_cli_counts_disk_reads_when_ram_is_short(tmp_path: Path) -> None:
+    bounds = {}
+    for disk in ("1.5", "15"):
+        code, out, err = plan_cli(
+            "--model", "mixtral-8x7b-instruct", "--ram", "16", "--disk-gbps", disk, "--json", home=tmp_path
+        )
+        assert code == 0, err
+        data = json.loads(out)
+        assert data["device"] == "cpu" and data["store"] == "disk"
+        assert (
+            data["bandwidths"]["disk_gbps"] == float(disk)
+            and "flags (disk_gbps)" in data["bandwidths"]["source"]
+        )
+        assert 0 < data["disk_read_share"] < 1 and data["page_cache_bytes"] > 0
+        assert all(row["disk_experts"] == 8 - row["gpu_slots"] for row in data["layers"])
+        bounds[disk] = data["decode_bound_s"]
+    assert bounds["1.5"] > 2 * bounds["15"]
+    code, text, err = plan_cli(
+        "--model", "mixtral-8x7b-instruct", "--ram", "16", "--disk-gbps", "1.5", home=tmp_path
+    )
+    assert code == 0, err
+    assert "disk 1.50 GB/s" in text and "disk reads: " in text and "of RAM left to cache the" in text

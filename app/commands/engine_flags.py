@@ -71,6 +71,7 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
         on_miss=args.on_miss,
         h2d_gbps=args.h2d_gbps,
         cpu_gbps=args.cpu_gbps,
+        disk_gbps=args.disk_gbps,
         vocab_weights=args.vocab_weights,
     )
 
@@ -94,4 +95,10 @@ def add_placement_flags(group: argparse._ArgumentGroup) -> None:
         type=float_range("--cpu-gbps", 0, low_open=True),
         metavar="GBPS",
         help="CPU memory bandwidth the planner assumes (default: measured once per host)",
+    )
+    group.add_argument(
+        "--disk-gbps",
+        type=float_range("--disk-gbps", 0, low_open=True),
+        metavar="GBPS",
+        help="read bandwidth of the disk an expert store on disk is read from (default: measured once)",
     )

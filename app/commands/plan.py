@@ -68,8 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    name, args_of_model, stored_scheme = read_model(args.model)
-    report = make_plan(args, name, args_of_model, stored_scheme)
+    name, args_of_model, stored_scheme, folder = read_model(args.model)
+    report = make_plan(args, name, args_of_model, stored_scheme, folder)
     if args.json:
         print(json.dumps(report["json"]))
     else:
@@ -78,8 +78,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_model(spec: str) -> tuple[str, ModelArgs, str | None]:
-    """The model's name, shape and stored scheme (None: float or unknown), without its weights."""
+def read_model(spec: str) -> tuple[str, ModelArgs, str | None, Path | None]:
+    """The model's name, shape, stored scheme (None: float or unknown) and folder (None: the
+    catalog's config alone), without its weights."""
     from mixtral_chat.engine.checkpoint import read_quant_config_json
     from mixtral_chat.engine.config import CONFIG_FILE, ModelArgs
     from mixtral_chat.engine.models.catalog import CATALOG, MIXTRAL_8X7B_CONFIG
@@ -89,13 +90,15 @@ def read_model(spec: str) -> tuple[str, ModelArgs, str | None]:
     if path.is_file() or (path.is_dir() and (path / CONFIG_FILE).is_file()):
         folder = path if path.is_dir() else path.parent
         quant = read_quant_config_json(folder) or {}
-        return path.name if path.is_dir() else str(path), ModelArgs.from_hf_config(path), quant.get("scheme")
+        label = path.name if path.is_dir() else str(path)
+        return label, ModelArgs.from_hf_config(path), quant.get("scheme"), folder
     if path.is_dir():
         raise ModelNotFoundError(f"{path} holds no {CONFIG_FILE}")
     entry = CATALOG.get(spec) or next((e for e in CATALOG.values() if e.repo_id == spec), None)
     if entry is not None and entry.repo_id is not None:
         # Mixtral-8x7B's own config.json: the plan needs no download.
-        return entry.title, ModelArgs.from_dict(MIXTRAL_8X7B_CONFIG, source=f"catalog:{entry.name}"), None
+        catalog = ModelArgs.from_dict(MIXTRAL_8X7B_CONFIG, source=f"catalog:{entry.name}")
+        return entry.title, catalog, None, None
     from mixtral_chat.engine.models.resolve import resolve_model
 
     try:
@@ -103,11 +106,14 @@ def read_model(spec: str) -> tuple[str, ModelArgs, str | None]:
     except ModelNotFoundError as exc:
         raise ModelNotFoundError(f"{exc} (plan also takes a path to a config.json)") from None
     quant = read_quant_config_json(resolved.path) or {}
-    return resolved.name, ModelArgs.from_hf_config(resolved.path), quant.get("scheme")
+    return resolved.name, ModelArgs.from_hf_config(resolved.path), quant.get("scheme"), resolved.path
 
 
-def make_plan(args: argparse.Namespace, name: str, model: ModelArgs, stored_scheme: str | None) -> dict:
-    """The plan as text lines and as JSON."""
+def make_plan(
+    args: argparse.Namespace, name: str, model: ModelArgs, stored_scheme: str | None, folder: Path | None
+) -> dict:
+    """The plan as text lines and as JSON. A store on disk is timed on `folder`'s shards (the rate
+    is assumed without them)."""
     import torch
 
     from mixtral_chat.engine.offload import bandwidth
@@ -147,22 +153,36 @@ def make_plan(args: argparse.Namespace, name: str, model: ModelArgs, stored_sche
         rates = bandwidth.measured(device)
     if not on_gpu:
         rates = bandwidth.Bandwidths(None, rates.cpu_gbps, rates.cpu_gbps, rates.source)
-    rates = bandwidth.with_overrides(
-        rates, h2d_gbps=args.h2d_gbps if on_gpu else None, cpu_gbps=args.cpu_gbps, device_gbps=args.gpu_gbps
-    )
-
     everything = (
         sizes.resident_bytes
         + sizes.kv_cache_bytes
         + sizes.num_layers * sizes.num_experts * sizes.expert_bytes
     )
     store_bytes = sizes.num_layers * sizes.num_experts * sizes.expert_bytes
-    store = choose_store(store_bytes, ram_bytes)
+    # As the engine decides (runtime.decide_offload): on a CPU the slots are the RAM, the others
+    # stay in the files; next to a GPU they are in RAM where it has room.
+    store = choose_store(store_bytes, ram_bytes) if on_gpu else "disk"
+    if store == "disk" and args.disk_gbps is None:
+        rates = bandwidth.with_disk(rates, sorted(folder.glob("*.safetensors")) if folder else [])
+    rates = bandwidth.with_overrides(
+        rates,
+        h2d_gbps=args.h2d_gbps if on_gpu else None,
+        cpu_gbps=args.cpu_gbps,
+        device_gbps=args.gpu_gbps,
+        disk_gbps=args.disk_gbps if store == "disk" else None,
+    )
     if not on_gpu and everything <= budget:
         plan = plan_placement(sizes, experts_per_layer=sizes.num_experts, store="ram", bandwidths=rates)
         note = "everything fits in RAM: no offloading"
     else:
-        plan = plan_placement(sizes, budget_bytes=budget, store=store, on_miss=args.on_miss, bandwidths=rates)
+        plan = plan_placement(
+            sizes,
+            budget_bytes=budget,
+            store=store,
+            on_miss=args.on_miss,
+            bandwidths=rates,
+            host_ram_bytes=ram_bytes,
+        )
         note = None
     where = f"a {budget / 1e9:.2f} GB GPU" if on_gpu else f"the CPU ({budget / 1e9:.2f} GB of RAM)"
     header = f"plan for {name} ({scheme}, context {context}) on {where}"

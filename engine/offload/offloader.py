@@ -168,7 +168,10 @@ class ExpertOffloader:
         """One cache per layer; warm start with each layer's first k experts, so the first token
         is not all misses (and a layer with fixed slots keeps those)."""
         device = self.model.device
-        costs = MissCosts.of(self.store.layout.nbytes, self.plan.bandwidths) if self.plan.bandwidths else None
+        plan = self.plan
+        costs = None
+        if plan.bandwidths:
+            costs = MissCosts.of(self.store.layout.nbytes, plan.bandwidths, plan.disk_share)
         caches = [
             LayerExpertCache(
                 li,

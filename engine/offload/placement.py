@@ -15,6 +15,11 @@ resident ones.
 Hit rates are estimated as slots / experts (routing spread evenly): the planner has no trace. A
 trace makes it better (`mixtral-chat bench cache` measures LRU), but the estimate keeps the bound
 honest rather than flattering: LRU does somewhat better than k/E on real Mixtral routing.
+
+A store on disk (RAM short of the experts) reads each miss from its files first: from the page
+cache where the kernel kept it, else from the disk. The share that comes from the disk is what the
+RAM left over cannot cache (`disk_read_share`, routing spread evenly again); those reads come one
+after another whichever way the miss then runs, so a step also takes at least its misses' reads.
 """
 
 from __future__ import annotations
@@ -41,17 +46,20 @@ class Bandwidths:
     cpu_gbps: float  # CPU memory read bandwidth: how fast the CPU computes a 4-bit expert
     device_gbps: float  # the device's memory bandwidth: how fast it computes one
     source: str = "assumed"  # "measured", "flags", "assumed", or a mix ("measured + flags")
+    disk_gbps: float | None = None  # reading the store's files past the page cache; None: no disk store
 
     def describe(self) -> str:
         h2d = f"H2D {self.h2d_gbps:.1f} GB/s, " if self.h2d_gbps else ""
         device = f"device memory {self.device_gbps:.1f} GB/s"
-        return f"{h2d}CPU memory {self.cpu_gbps:.1f} GB/s, {device} ({self.source})"
+        disk = f", disk {self.disk_gbps:.2f} GB/s" if self.disk_gbps else ""
+        return f"{h2d}CPU memory {self.cpu_gbps:.1f} GB/s, {device}{disk} ({self.source})"
 
     def to_json(self) -> dict:
         return {
             "h2d_gbps": self.h2d_gbps,
             "cpu_gbps": self.cpu_gbps,
             "device_gbps": self.device_gbps,
+            "disk_gbps": self.disk_gbps,
             "source": self.source,
         }
 
@@ -69,19 +77,24 @@ class MissCosts:
     device_s: float  # a resident expert on the device
     copy_s: float  # copying a missed expert into a slot (then device_s on top)
     cpu_s: float  # computing a missed expert on the CPU
+    read_s: float = 0.0  # reading a missed expert's share past the page cache from a disk store, first
 
     @classmethod
-    def of(cls, expert_bytes: int, bandwidths: Bandwidths) -> MissCosts:
+    def of(cls, expert_bytes: int, bandwidths: Bandwidths, disk_share: float = 0.0) -> MissCosts:
+        """`disk_share`: of a missed expert's bytes, those read from the disk (`disk_read_share`);
+        0 for a store in RAM, or where the disk's rate is not known."""
         device_s = expert_bytes / (bandwidths.device_gbps * 1e9)
         if bandwidths.h2d_gbps is None:  # a CPU device: the "copy" is a host memcpy
             copy_s = expert_bytes / (bandwidths.cpu_gbps * 1e9)
         else:
             copy_s = expert_bytes / (bandwidths.h2d_gbps * 1e9)
         cpu_s = expert_bytes / (bandwidths.cpu_gbps * 1e9) + CPU_CALL_OVERHEAD_S
-        return cls(device_s, copy_s, cpu_s)
+        read_s = disk_share * expert_bytes / (bandwidths.disk_gbps * 1e9) if bandwidths.disk_gbps else 0.0
+        return cls(device_s, copy_s, cpu_s, read_s)
 
     def cheaper_on_miss(self) -> str:
-        """What a miss should do: computing on the CPU against copying then computing."""
+        """What a miss should do: computing on the CPU against copying then computing (a read
+        from the disk comes first either way)."""
         return CPU if self.cpu_s < self.copy_s + self.device_s else COPY
 
 
@@ -89,11 +102,26 @@ def expected_hit_rate(slots: int, num_experts: int) -> float:
     return min(1.0, slots / num_experts)
 
 
+def disk_read_share(store_bytes: int, cacheable_bytes: int) -> float:
+    """Of the misses of a store on disk, the share read from the disk: what `cacheable_bytes` of
+    page cache cannot hold of the store (experts used evenly)."""
+    if store_bytes <= 0:
+        return 0.0
+    return 1.0 - min(1.0, max(0, cacheable_bytes) / store_bytes)
+
+
+def host_reserve_bytes(store_bytes: int) -> int:
+    """RAM kept for the rest of the process and the system beside an expert store: 1 GB or 5% of
+    the store, whichever is more."""
+    return max(1_000_000_000, store_bytes // 20)
+
+
 def step_seconds(hits: int, copies: int, on_cpu: int, costs: MissCosts) -> float:
-    """One step of one layer: the device runs its hits and the copied misses (after their copies),
-    while the CPU runs its share."""
-    device = hits * costs.device_s + copies * (costs.copy_s + costs.device_s)
-    return max(device, on_cpu * costs.cpu_s)
+    """One step of one layer: the device runs its hits and the copied misses (after their reads and
+    copies), while the CPU runs its share (after their reads); the disk reads one miss at a time."""
+    device = hits * costs.device_s + copies * (costs.read_s + costs.copy_s + costs.device_s)
+    cpu = on_cpu * (costs.read_s + costs.cpu_s)
+    return max(device, cpu, (copies + on_cpu) * costs.read_s)
 
 
 def copies_for(misses: int, hits: int, costs: MissCosts, room: int | None = None) -> int:

@@ -25,6 +25,8 @@ from mixtral_chat.engine.offload.placement import (
     LayerPlacement,
     MissCosts,
     decode_seconds,
+    disk_read_share,
+    host_reserve_bytes,
     min_slots,
     mixed_layers,
     place_layers,
@@ -66,6 +68,8 @@ class OffloadPlan:
     bandwidths: Bandwidths | None = None
     decode_bound_s: float | None = None  # predicted seconds per token (None: no bandwidths)
     staging_bytes: int = 0  # ModelSizes.staging_bytes
+    disk_share: float = 0.0  # of a miss's bytes, those read from the disk (a store on disk)
+    page_cache_bytes: int | None = None  # the RAM the disk store's pages were counted on
 
     @property
     def experts_per_layer(self) -> int:
@@ -115,6 +119,8 @@ class OffloadPlan:
         split = sum(layer.on_miss == SPLIT for layer in self.layers)
         if split:
             text += f"; misses shared between the link and the CPU in {split} of {len(self.layers)} layers"
+        if self.store == "disk":
+            text += f"; {self.disk_share:.0%} of each miss read from the disk (the page cache holds the rest)"
         # The predicted bound depends on measured bandwidths: `summary_lines` says it, with them.
         return text
 
@@ -139,6 +145,14 @@ class OffloadPlan:
                 f"{1 / self.decode_bound_s:.1f} tok/s "
                 f"(hit rate estimated as slots/experts; {self.bandwidths.describe()})"
             )
+        if self.store == "disk":
+            cache = (
+                f"{format_bytes(self.page_cache_bytes)} of RAM left to cache the "
+                f"{format_bytes(self.store_bytes)} store"
+                if self.page_cache_bytes is not None
+                else "RAM left for the page cache not known"
+            )
+            lines.append(f"disk reads: {self.disk_share:.0%} of each missed expert ({cache})")
         lines.append("layer  gpu slots  on a miss  cpu-computed  copied  from disk")
         for row in self.to_json()["layers"]:
             lines.append(
@@ -160,6 +174,8 @@ class OffloadPlan:
             "store_bytes": self.store_bytes,
             "decode_bound_s": self.decode_bound_s,
             "bandwidths": self.bandwidths.to_json() if self.bandwidths else None,
+            "disk_read_share": self.disk_share,
+            "page_cache_bytes": self.page_cache_bytes,
             "layers": [
                 {
                     "layer": index,
@@ -270,9 +286,14 @@ def plan_offload(
     bandwidths: Bandwidths | None = None,
     layers: Sequence[LayerPlacement] | None = None,
     staging: bool = False,
+    available_ram_bytes: int | None = None,
 ) -> OffloadPlan:
-    """`plan_placement` for a loaded model."""
+    """`plan_placement` for a loaded model. `available_ram_bytes`: RAM free now (the resident
+    weights already taken, on a CPU device, where they count in the plan's host RAM)."""
     sizes = sizes_of_model(model, context_length, expert_bytes, staging)
+    host_ram = available_ram_bytes
+    if host_ram is not None and _on_the_cpu(bandwidths):
+        host_ram += sizes.resident_bytes
     return plan_placement(
         sizes,
         budget_bytes=budget_bytes,
@@ -281,7 +302,13 @@ def plan_offload(
         on_miss=on_miss,
         bandwidths=bandwidths,
         layers=layers,
+        host_ram_bytes=host_ram,
     )
+
+
+def _on_the_cpu(bandwidths: Bandwidths | None) -> bool:
+    """The compute device is the CPU (no host-to-device link): its plan lives in host RAM."""
+    return bandwidths is None or bandwidths.h2d_gbps is None
 
 
 def plan_placement(
@@ -293,9 +320,14 @@ def plan_placement(
     on_miss: str = COPY,
     bandwidths: Bandwidths | None = None,
     layers: Sequence[LayerPlacement] | None = None,
+    host_ram_bytes: int | None = None,
 ) -> OffloadPlan:
     """Choose each layer's slots and miss handling from a budget (or take the user's k, or an
     explicit placement per layer), with the numbers and the predicted decode bound.
+
+    host_ram_bytes: the host RAM for what the plan keeps there (everything, on a CPU device) and
+    the page cache of a store on disk; unknown (None), every miss of a disk store is read from the
+    disk.
 
     on_miss: COPY (every layer copies its misses; the cache as it always was), CPU (every layer
     computes its misses on the CPU, a layer may have no slots), SPLIT (a step's misses shared
@@ -306,7 +338,14 @@ def plan_placement(
     if on_miss not in (*ON_MISS, AUTO):
         raise MixtralChatError(f"unknown miss handling {on_miss!r} (copy, cpu or auto)")
     L, E, K = sizes.num_layers, sizes.num_experts, sizes.top_k
-    costs = MissCosts.of(sizes.expert_bytes, bandwidths) if bandwidths else None
+    store_bytes = L * E * sizes.expert_bytes
+    # The page cache left beside the plan's host memory; next to a GPU the choice of slots does
+    # not change it, so the placement is chosen with the share it ends with.
+    page_cache = None
+    if store == "disk" and host_ram_bytes is not None:
+        page_cache = max(0, host_ram_bytes - host_reserve_bytes(store_bytes))
+    share = _disk_share(store, store_bytes, page_cache)
+    costs = MissCosts.of(sizes.expert_bytes, bandwidths, share) if bandwidths else None
     if on_miss == AUTO and (bandwidths is None or bandwidths.h2d_gbps is None):
         on_miss = COPY
     if layers is not None:
@@ -321,6 +360,12 @@ def plan_placement(
         chosen = _from_budget(sizes, budget_bytes, on_miss, costs)
     for layer in chosen:
         _check_layer(layer, E, K)
+    if page_cache is not None and _on_the_cpu(bandwidths):  # the slots and the rest take RAM first
+        slots = sum(layer.slots for layer in chosen) * sizes.expert_bytes
+        host_bytes = sizes.resident_bytes + sizes.kv_cache_bytes + sizes.staging_bytes + slots
+        page_cache = max(0, page_cache - host_bytes)
+        share = _disk_share(store, store_bytes, page_cache)
+        costs = MissCosts.of(sizes.expert_bytes, bandwidths, share) if bandwidths else None
     dense_s = sizes.dense_read_bytes / (bandwidths.device_gbps * 1e9) if bandwidths else 0.0
     bound = decode_seconds(chosen, E, K, costs, dense_s) if costs else None
     return OffloadPlan(
@@ -335,7 +380,15 @@ def plan_placement(
         bandwidths=bandwidths,
         decode_bound_s=bound,
         staging_bytes=sizes.staging_bytes,
+        disk_share=share,
+        page_cache_bytes=page_cache,
     )
+
+
+def _disk_share(store: str, store_bytes: int, page_cache: int | None) -> float:
+    if store != "disk":
+        return 0.0
+    return 1.0 if page_cache is None else disk_read_share(store_bytes, page_cache)
 
 
 def _uniform(k: int, L: int, E: int, K: int, on_miss: str, costs: MissCosts | None) -> list[LayerPlacement]:

@@ -21,6 +21,7 @@ from mixtral_chat.engine.config import ModelArgs
 from mixtral_chat.engine.errors import MixtralChatError, OutOfMemoryError
 from mixtral_chat.engine.load_progress import note_read
 from mixtral_chat.engine.model import Expert
+from mixtral_chat.engine.offload.placement import host_reserve_bytes
 from mixtral_chat.quant.blob import ExpertBlobLayout, expert_linears_from_blob
 from mixtral_chat.quant.load import ExpertBlobReader
 
@@ -52,8 +53,7 @@ GB = 1e9
 def choose_store(store_bytes: int, available_ram_bytes: int) -> str:
     """ "ram" when every expert fits in the RAM available with room to spare (1 GB or 5% of the
     store, whichever is more, for the rest of the process and the system), else "disk"."""
-    reserve = max(int(1 * GB), store_bytes // 20)
-    return "ram" if store_bytes + reserve <= available_ram_bytes else "disk"
+    return "ram" if store_bytes + host_reserve_bytes(store_bytes) <= available_ram_bytes else "disk"
 
 
 def pin_in_place(buffer: Tensor) -> None:
