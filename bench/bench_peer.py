@@ -3,6 +3,7 @@
     python bench/bench_peer.py                           # real widths (2 layers) and small widths
     python bench/bench_peer.py --shapes small --rounds 5
     python bench/bench_peer.py --shapes real --layers 2 --prompt-tokens 512 --tokens 32
+    python bench/bench_peer.py --avx2-only               # both engines on AVX2 code alone
 
 Both start from one bf16 safetensors checkpoint in the Hugging Face layout that this script
 writes (random weights, std 0.02, Mixtral's tokenizer from mistral-common):
@@ -24,6 +25,11 @@ logits) and a greedy decode of `--tokens` tokens after it (EOS ignored), on all 
 with nothing else of ours running. Reported: per round tok/s of each, and the median over rounds
 of the per-round ratios (mixtral-chat / llama.cpp), so that a shared machine's load, which
 slows both alike within a round, cancels out of the ratio. Prints markdown.
+
+`--avx2-only` stands in for an AVX2-only host on an AVX-512 one: llama.cpp built without any
+AVX-512 (`<workdir>/venv-avx2`, LLAMA_AVX2_CMAKE_ARGS) against our kernel capped to AVX2
+(MIXTRAL_CHAT_NATIVE_ISA=avx2). The memory system and cores are still this host's, so it shows
+the code paths, not an AVX2 machine's bandwidth.
 """
 
 from __future__ import annotations
@@ -41,6 +47,10 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LLAMA_CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON"
+LLAMA_AVX2_CMAKE_ARGS = (
+    "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF "
+    "-DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AVX_VNNI=OFF"
+)
 SHAPES = {
     "real": dict(
         hidden_size=4096,
@@ -148,9 +158,9 @@ def quantize_ours(source: Path, target: Path) -> Path:
 # --- llama.cpp (its own venv) -----------------------------------------------------------------
 
 
-def llama_venv(workdir: Path) -> Path:
+def llama_venv(workdir: Path, avx2_only: bool = False) -> Path:
     """The venv's python with llama-cpp-python importable: made and installed if needed."""
-    venv = workdir / "venv"
+    venv = workdir / ("venv-avx2" if avx2_only else "venv")
     python = venv / "bin" / "python"
     if (
         python.exists()
@@ -160,7 +170,7 @@ def llama_venv(workdir: Path) -> Path:
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
     env = {
         **os.environ,
-        "CMAKE_ARGS": LLAMA_CMAKE_ARGS,
+        "CMAKE_ARGS": LLAMA_AVX2_CMAKE_ARGS if avx2_only else LLAMA_CMAKE_ARGS,
         "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2),
     }
     print("installing llama-cpp-python (a build from source: ~15 min on 2 cores)", file=sys.stderr)
@@ -313,6 +323,8 @@ def run_worker(python: Path, engine: str, model: Path, args: argparse.Namespace)
         str(args.threads),
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    if args.avx2_only and engine == "ours":
+        env["MIXTRAL_CHAT_NATIVE_ISA"] = "avx2"
     result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if result.returncode != 0:
         raise SystemExit(f"error: the {engine} worker failed:\n{result.stderr.strip()[-2000:]}")
@@ -340,6 +352,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="greedy decode length")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / "build" / "bench_peer")
+    parser.add_argument(
+        "--avx2-only", action="store_true", help="both engines on AVX2 code (llama.cpp built so)"
+    )
     parser.add_argument("--worker", choices=["llama", "ours"], help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -350,12 +365,14 @@ def main() -> None:
 
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    llama_python = llama_venv(workdir)
+    llama_python = llama_venv(workdir, args.avx2_only)
     converter = llama_converter(workdir, llama_python)
     print(host_line())
     print(
         f"\nprefill {args.prompt_tokens} tokens, then greedy decode of {args.tokens}; "
-        f"{args.threads} threads; {args.rounds} alternating rounds; mixtral-chat int4 g64, llama.cpp Q4_0\n"
+        f"{args.threads} threads; {args.rounds} alternating rounds; mixtral-chat int4 g64, llama.cpp Q4_0"
+        + ("; both on AVX2 code alone (--avx2-only)" if args.avx2_only else "")
+        + "\n"
     )
     print("| shape | measure | llama.cpp tok/s | mixtral-chat tok/s | ratio per round | median ratio |")
     print("| --- | --- | --- | --- | --- | ---: |")
