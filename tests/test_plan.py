@@ -186,15 +186,13 @@ def test_a_broken_config_is_one_error_line(tmp_path: Path) -> None:
     assert code == 1 and "Traceback" not in err and str(bad) in err
 
 
-def test_ask_stats_prints_the_plan_the_engine_used(tmp_path: Path) -> None:
+def ask_stats_plan(tmp_path: Path, *placement: str) -> tuple[str, list[str]]:
+    """`ask --stats` on the demo with these placement flags: stderr, and the plan's lines."""
     done = run_cli(
         "ask",
         "--model",
         str(demo_dir()),
-        "--experts-per-layer",
-        "3",
-        "--on-miss",
-        "cpu",
+        *placement,
         "--max-tokens",
         "4",
         "--stats",
@@ -202,34 +200,25 @@ def test_ask_stats_prints_the_plan_the_engine_used(tmp_path: Path) -> None:
         env={"MIXTRAL_CHAT_HOME": str(tmp_path / "home")},
     )
     assert done.returncode == 0, done.stderr
-    rows = [line.split()[2:] for line in done.stderr.splitlines() if line.startswith("mixtral-chat: plan: ")]
+    prefix = "mixtral-chat: plan: "
+    return done.stderr, [line[len(prefix) :] for line in done.stderr.splitlines() if line.startswith(prefix)]
+
+
+def test_ask_stats_prints_the_plan_the_engine_used(tmp_path: Path) -> None:
+    stderr, plan = ask_stats_plan(tmp_path, "--experts-per-layer", "3", "--on-miss", "cpu")
+    rows = [line.split() for line in plan]
     layers = [row for row in rows if row and row[0].isdigit()]
     assert [row[:3] for row in layers] == [[str(i), "3", "cpu"] for i in range(4)]
     assert any(row[:1] == ["decode"] for row in rows)
-    assert "computed on the CPU" in done.stderr
+    assert "computed on the CPU" in stderr
 
 
 def test_ask_stats_counts_the_disk_reads_of_a_store_on_disk(tmp_path: Path) -> None:
-    done = run_cli(
-        "ask",
-        "--model",
-        str(demo_dir()),
-        "--offload",
-        "disk",
-        "--experts-per-layer",
-        "3",
-        "--max-tokens",
-        "4",
-        "--stats",
-        "hello",
-        env={"MIXTRAL_CHAT_HOME": str(tmp_path / "home")},
-    )
-    assert done.returncode == 0, done.stderr
-    plan = [line for line in done.stderr.splitlines() if line.startswith("mixtral-chat: plan: ")]
-    assert any("disk: " in line for line in plan)  # the store's line
+    _, plan = ask_stats_plan(tmp_path, "--offload", "disk", "--experts-per-layer", "3")
+    assert any(line.startswith("disk: ") for line in plan)  # the store's line
     bound = next(line for line in plan if "decode bound:" in line)
     assert "disk " in bound and "GB/s" in bound
-    reads = next(line for line in plan if "disk reads: " in line)
+    reads = next(line for line in plan if line.startswith("disk reads: "))
     assert "of RAM left to cache the" in reads  # the engine knows the RAM it has
 
 
