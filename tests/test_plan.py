@@ -155,6 +155,7 @@ def test_the_cli_plans_the_demo_on_the_cpu(tmp_path: Path) -> None:
     code, out, err = plan_cli("--model", "demo", "--ram", "4", home=tmp_path)
     assert code == 0, err
     assert "no offloading" in out and "on the CPU" in out
+    assert "disk reads" not in out and ", disk " not in out  # nothing read from a disk store
 
 
 @pytest.mark.parametrize(

@@ -159,9 +159,11 @@ def make_plan(
         + sizes.num_layers * sizes.num_experts * sizes.expert_bytes
     )
     store_bytes = sizes.num_layers * sizes.num_experts * sizes.expert_bytes
-    # As the engine decides (runtime.decide_offload): on a CPU the slots are the RAM, the others
-    # stay in the files; next to a GPU they are in RAM where it has room.
-    store = choose_store(store_bytes, ram_bytes) if on_gpu else "disk"
+    # As the engine decides (runtime.decide_offload): on a CPU a model that fits is not offloaded,
+    # else the slots are the RAM and the others stay in the files; next to a GPU they are in RAM
+    # where it has room.
+    fits = not on_gpu and everything <= budget
+    store = "ram" if fits else choose_store(store_bytes, ram_bytes) if on_gpu else "disk"
     if store == "disk" and args.disk_gbps is None:
         rates = bandwidth.with_disk(rates, sorted(folder.glob("*.safetensors")) if folder else [])
     rates = bandwidth.with_overrides(
@@ -171,7 +173,7 @@ def make_plan(
         device_gbps=args.gpu_gbps,
         disk_gbps=args.disk_gbps if store == "disk" else None,
     )
-    if not on_gpu and everything <= budget:
+    if fits:
         plan = plan_placement(sizes, experts_per_layer=sizes.num_experts, store="ram", bandwidths=rates)
         note = "everything fits in RAM: no offloading"
     else:
