@@ -122,6 +122,9 @@ class Int4Kernel:
         library.int4_moe_f32.argtypes = moe_args
         library.int4_moe_f32.restype = ctypes.c_int
         self._run_moe = library.int4_moe_f32
+        library.int4_silu_mul_f32.argtypes = [ptr, ptr, i64, i64, ctypes.c_int]
+        library.int4_silu_mul_f32.restype = ctypes.c_int
+        self._run_silu_mul = library.int4_silu_mul_f32
         block_args = [ptr, ptr, ptr, ptr, f32, ptr, ptr, ptr, ptr, *[i64] * 9]
         router_args = [ptr, i64, i64, ptr, ptr, ptr]
         library.int4_attention_block_f32.argtypes = [*block_args, f32, ptr, ptr, *router_args, ctypes.c_int]
@@ -327,6 +330,21 @@ class Int4Kernel:
             _get_num_threads() if threads is None else threads,
         )
         _check(rc, "int8")
+        return out
+
+    def silu_mul(self, gate_up: Tensor, threads: int | None = None) -> Tensor:
+        """silu(g) * u [M, I] of gate_up [M, 2I] (float32, contiguous, on the CPU; g the first I
+        columns): a batch's expert activations with the bits the one-token moe call gives each
+        row (quant/csrc/moe.c)."""
+        if not (gate_up.dim() == 2 and gate_up.shape[1] % 2 == 0 and gate_up.shape[1] > 0):
+            raise QuantizationError(f"native silu_mul: gate_up is {tuple(gate_up.shape)}, expected [M, 2I]")
+        if not (gate_up.dtype is torch.float32 and gate_up.is_cpu and gate_up.is_contiguous()):
+            raise QuantizationError("native silu_mul: gate_up must be a contiguous float32 CPU tensor")
+        rows, width = gate_up.shape
+        out = gate_up.new_empty((rows, width // 2))
+        count = _get_num_threads() if threads is None else threads
+        rc = self._run_silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, width // 2, count)
+        _check(rc, "silu_mul")
         return out
 
     def decode_attention(self, q: Tensor, k: Tensor, v: Tensor, threads: int | None = None) -> Tensor:

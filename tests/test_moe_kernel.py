@@ -243,3 +243,39 @@ def test_an_experts_operand_follows_its_tensors(tiny_model_dir) -> None:
     assert target.native_operand(x) is not first
     assert torch.equal(target(x), source(x))
     assert target.native_operand(x.double()) is None and target.native_operand(torch.cat([x, x])) is None
+
+
+def test_a_batch_gives_each_token_the_bits_it_gets_alone(tiny_model_dir) -> None:
+    """A prefill's rows through a native int4 expert (W1|W3, silu(g) * u, W2 on the batch) equal
+    each token's one-token call (moe.c): the GEMVs' rows do not depend on the batch, and the
+    batch's silu(g) * u is the one-token call's (`Int4Kernel.silu_mul`), not ATen's."""
+    kernel = int4_kernel()
+    if kernel is None:
+        pytest.skip("the native kernel does not load on this host")
+    model = native_experts_model(tiny_model_dir)
+    expert = model.layers[0].block_sparse_moe.experts[0]
+    x = gaussian(7, model.args.hidden_size, seed=5)
+    with torch.inference_mode():
+        batch = expert(x)
+        alone = torch.cat([expert(x[t : t + 1]) for t in range(x.shape[0])])
+    assert expert.native_operand(x[:1]) is not None  # alone: the one-token call
+    assert torch.equal(batch, alone)
+
+
+def test_silu_mul_is_exact_to_float32_and_refuses_what_does_not_fit(kernel: Int4Kernel) -> None:
+    for rows, width in ((0, 8), (1, 7), (5, 1024), (300, 1000)):  # 300 x 1000: split over the pool
+        gate_up = gaussian(rows, 2 * width, seed=rows, scale=4.0)
+        h = kernel.silu_mul(gate_up)
+        g, u = gate_up[:, :width].double(), gate_up[:, width:].double()
+        reference = F.silu(g) * u
+        assert h.shape == (rows, width) and h.dtype is torch.float32
+        # each element within a few float32 ulps (the vector e^x ~1 ulp, then /, * rounded)
+        assert bool(((h.double() - reference).abs() <= 5e-7 * reference.abs() + 1e-30).all())
+        for r in range(min(rows, 3)):
+            assert torch.equal(kernel.silu_mul(gate_up[r : r + 1].contiguous()), h[r : r + 1])
+    with pytest.raises(QuantizationError, match="expected \\[M, 2I\\]"):
+        kernel.silu_mul(torch.zeros(2, 3))
+    with pytest.raises(QuantizationError, match="contiguous float32 CPU"):
+        kernel.silu_mul(torch.zeros(2, 4, dtype=torch.float64))
+    with pytest.raises(QuantizationError, match="contiguous float32 CPU"):
+        kernel.silu_mul(torch.zeros(4, 2).t())

@@ -95,6 +95,46 @@ static void moe_run_range(void *arg, int index, int count) {
     }
 }
 
+/* Rows of a batch's silu(g) * u: items of `chunk` rows, taken from a shared counter. */
+typedef struct {
+    const float *gate_up; /* [M][2I]: g = the first I columns, u the rest */
+    float *h;             /* [M][I] */
+    int64_t M, I, chunk;
+    atomic_llong next;
+} silu_mul_job_t;
+
+static void silu_mul_run_range(void *arg, int index, int count) {
+    silu_mul_job_t *J = (silu_mul_job_t *)arg;
+    (void)index;
+    (void)count;
+    for (;;) {
+        const int64_t m0 = (int64_t)atomic_fetch_add_explicit(&J->next, 1, memory_order_relaxed) * J->chunk;
+        if (m0 >= J->M) return;
+        const int64_t m1 = m0 + J->chunk < J->M ? m0 + J->chunk : J->M;
+        for (int64_t m = m0; m < m1; m++) {
+            const float *g = J->gate_up + m * 2 * J->I;
+            moe_silu_mul(g, g + J->I, J->h + m * J->I, 0, J->I, J->I);
+        }
+    }
+}
+
+/* h [M, I] = silu(g) * u of gate_up [M, 2I] (a batch through an expert's W1|W3): each row as the
+ * one-token call computes it (moe_silu_mul), so a token's h has the same bits in a prefill as in
+ * a decode step. Many rows are split over the pool; a few stay on the caller's thread (waking
+ * a worker costs more than they take). */
+int int4_silu_mul_f32(const float *gate_up, float *h, int64_t M, int64_t I, int n_threads) {
+    if (M < 0 || I <= 0 || (M > 0 && (!gate_up || !h))) return INT4_EBADARG;
+    if (M == 0) return INT4_OK;
+    int64_t threads = n_threads < 1 ? 1 : n_threads;
+    if (M * I < MIN_WEIGHTS_PER_THREAD) threads = 1;
+    if (threads > M) threads = M;
+    silu_mul_job_t J = {.gate_up = gate_up, .h = h, .M = M, .I = I};
+    J.chunk = (M + threads * 4 - 1) / (threads * 4);
+    atomic_init(&J.next, 0);
+    run_parallel(silu_mul_run_range, &J, (int)threads);
+    return INT4_OK;
+}
+
 /* out [D] = residual + sum over e < n of weights[e] * W2_e (silu(W1_e x) * W3_e x) for x [Kp1]
  * (one token; residual [D] or NULL for none, added last: torch's float32 `residual + sum`).
  * Expert e's weights are parts[9e .. 9e+8]: qweight, scales, zeros of W1_e [I, Kp1], of W3_e
