@@ -1,15 +1,18 @@
-"""A decode path against the one before it, in the model: ms per token, alternating fresh processes.
+"""A CPU path against the one before it, in the model: prefill ms and decode ms per token,
+alternating fresh processes.
 
     python bench/bench_decode_paths.py <int4 model dir> --without stack --rounds 4
     python bench/bench_decode_paths.py build/bench_peer/small-6l-int4 --without stack block moe
+    python bench/bench_decode_paths.py build/bench_peer/small-6l-int4 --without silu --rounds 6
 
 Each run loads the model on the CPU (2 threads unless --threads), prefills `--prompt-tokens`
-random ids, then times a greedy decode of `--tokens` tokens. "without" runs force the earlier path
-by replacing one function:
+random ids (timed: the prefill), then times a greedy decode of `--tokens` tokens. "without" runs
+force the earlier path by replacing one function:
 - stack: every layer in one native call (`Mixtral.native_decode_stack`), then per-layer calls;
 - route: the routing in the attention block's call (`DecoderLayer._router`), then torch's;
 - block: the attention half in one call (`DecoderLayer.native_attention_block`), then per op;
-- moe: a token's experts in one call (`engine.model.expert_operand`), then per expert.
+- moe: a token's experts in one call (`engine.model.expert_operand`), then per expert;
+- silu: a batch's silu(g) * u in the native kernel (`Int4Kernel.silu_mul`, prefill), then ATen's.
 The last greedy token of every run is printed: equal paths give equal tokens. Prints medians.
 (bench/bench_peer.py puts the result beside llama.cpp.)
 """
@@ -24,17 +27,26 @@ import subprocess
 import sys
 import time
 
-PATHS = ("stack", "route", "block", "moe")
+PATHS = ("stack", "route", "block", "moe", "silu")
+
+
+def _aten_silu_mul(self, gate_up, threads=None):  # the batch path before Int4Kernel.silu_mul
+    import torch.nn.functional as F
+
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def force_earlier_paths(names: list[str]) -> None:
     import mixtral_chat.engine.model as model
+    from mixtral_chat.quant.native import Int4Kernel
 
     replaced = {  # path: (owner, attribute, what returns "does not apply")
         "stack": (model.Mixtral, "native_decode_stack", lambda self, x, mask: None),
         "route": (model.DecoderLayer, "_router", lambda self: None),
         "block": (model.DecoderLayer, "native_attention_block", lambda self, x, mask: None),
         "moe": (model, "expert_operand", lambda *args, **kwargs: None),
+        "silu": (Int4Kernel, "silu_mul", _aten_silu_mul),
     }
     for name in names:
         owner, attribute, none = replaced[name]
@@ -56,12 +68,14 @@ def worker(args: argparse.Namespace) -> dict:
     net.setup_cache(args.prompt_tokens + args.tokens + 8)
     prompt = torch.randint(0, 1000, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
+        start = time.perf_counter()
         token = int(net(prompt, torch.arange(args.prompt_tokens), last_only=True)[0, -1].argmax())
+        prefill = time.perf_counter() - start
         start = time.perf_counter()
         for pos in range(args.prompt_tokens, args.prompt_tokens + args.tokens):
             token = int(net(torch.tensor([[token]]), torch.tensor([pos]))[0, -1].argmax())
         elapsed = time.perf_counter() - start
-    return {"ms_per_token": elapsed / args.tokens * 1e3, "last_token": token}
+    return {"ms_per_token": elapsed / args.tokens * 1e3, "prefill_ms": prefill * 1e3, "last_token": token}
 
 
 def main() -> None:
@@ -86,9 +100,11 @@ def main() -> None:
             runs[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
     for mode, label in (("without", f"without {' '.join(args.without)}"), ("with", "as it is")):
         times = [r["ms_per_token"] for r in runs[mode]]
+        prefills = [r["prefill_ms"] for r in runs[mode]]
         tokens = sorted({r["last_token"] for r in runs[mode]})
         print(
-            f"{label}: {' / '.join(f'{t:.2f}' for t in times)} ms/token, "
+            f"{label}: prefill {' / '.join(f'{t:.1f}' for t in prefills)} ms, median "
+            f"{statistics.median(prefills):.1f}; decode {' / '.join(f'{t:.2f}' for t in times)} ms/token, "
             f"median {statistics.median(times):.2f}; last token {tokens}"
         )
 

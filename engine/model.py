@@ -239,7 +239,8 @@ class Expert(nn.Module):
         gate_up = _concatenated_output((self.w1, self.w3), self._gate_up_weight, x)  # [T, 2 * hidden]
         if gate_up is None:
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
-        native = native_parts(self.w1) if gate_up.dtype is torch.float32 and gate_up.is_cpu else None
+        batch_fits = gate_up.dtype is torch.float32 and gate_up.is_cpu and gate_up.is_contiguous()
+        native = native_parts(self.w1) if batch_fits else None
         if native is not None:  # a batch's rows get the one-token call's bits (moe.c)
             return self.w2(native[0].silu_mul(gate_up))  # [T, hidden] -> [T, D]
         gate, up = gate_up.chunk(2, dim=-1)  # [T, hidden] each
