@@ -346,7 +346,7 @@ def plan_placement(
         page_cache = max(0, host_ram_bytes - host_reserve_bytes(store_bytes))
     share = _disk_share(store, store_bytes, page_cache)
     costs = MissCosts.of(sizes.expert_bytes, bandwidths, share) if bandwidths else None
-    if on_miss == AUTO and (bandwidths is None or bandwidths.h2d_gbps is None):
+    if on_miss == AUTO and _on_the_cpu(bandwidths):
         on_miss = COPY
     if layers is not None:
         chosen = list(layers)
