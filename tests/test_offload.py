@@ -80,7 +80,17 @@ def test_offloaded_generation_matches_and_reports_stats(eight_expert_dir: Path) 
     assert stats["hits"] + stats["misses"] > 0
     assert 0.0 <= stats["hit_rate"] <= 1.0
     assert stats["bytes_moved"] > 0
-    assert len(stats["layers"]) == 3 and all(len(layer["resident"]) == 3 for layer in stats["layers"])
+    assert len(stats["layers"]) == 3
+    for layer in stats["layers"]:
+        # The last step's experts (a miss that was copied in) and the prefetch issued after it are
+        # in their slots.
+        copied = layer["misses"] if layer["on_miss"] == "copy" else []
+        assert set(layer["hits"] + copied + layer["prefetched"]) <= set(layer["resident"])
+        assert len(layer["resident"]) <= 3
+    # A slot is empty only after a wrong prediction was cancelled before its copy started (whether
+    # the copy had started is a race with the copy thread) and no miss has refilled it since.
+    empty_slots = sum(3 - len(layer["resident"]) for layer in stats["layers"])
+    assert empty_slots <= stats["prefetch_cancelled"]
     assert engine.info.offload_plan and "3 experts/layer" in engine.info.offload_plan
     engine.close()
 

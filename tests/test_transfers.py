@@ -10,6 +10,7 @@ import torch
 
 from mixtral_chat.engine.model import Expert
 from mixtral_chat.engine.offload import simulate
+from mixtral_chat.engine.offload.cache import LayerExpertCache
 from mixtral_chat.engine.offload.store import RamStore
 from mixtral_chat.engine.offload.trace import load_trace, read_routing_trace, sequences_in
 from mixtral_chat.engine.offload.transfers import PREFETCH, Transfers
@@ -139,3 +140,25 @@ def test_a_trace_of_several_sequences_replays_as_one_stream(tmp_path: Path) -> N
     write_rows(path, [*rows, rows[0]])
     failed = run_cli("bench", "cache", "--trace", str(path))
     assert failed.returncode == 1 and "token 0 layer 0 of sequence a appears twice" in failed.stderr
+
+
+def test_a_wrong_prefetch_still_in_flight_frees_its_slot_and_leaves_the_grid() -> None:
+    store = filled_store()
+    transfers = slow_transfers(store, 0.5, chunks=16)
+    template = Expert(64, 128).to("meta")
+    cache = LayerExpertCache(0, store, template, 3, "lru", CPU, transfers)
+    try:
+        cache.experts_for([0, 1])  # two misses, copied and waited for
+        cache.prefetch([2])  # a guess: its copy takes 0.5 s
+        assert cache.activity.prefetched == [2] and cache.slots.resident == [0, 1, 2]
+        modules = cache.experts_for([0, 1])  # the guess was wrong and its copy has not completed
+        assert cache.slots.resident == [0, 1]
+        assert cache.activity.prefetched == [] and cache.activity.hits == [0, 1]
+        assert cache.slots.counters.prefetch_cancelled == 1
+        for expert, module in zip([0, 1], modules, strict=True):
+            slot = cache.slots.slot_of[expert]
+            assert module is cache.modules[slot] and torch.equal(cache.buffers[slot], store.blob(0, expert))
+        cache.experts_for([0, 3])  # the freed slot takes the miss: nothing resident is evicted
+        assert cache.slots.resident == [0, 1, 3]
+    finally:
+        transfers.close()

@@ -196,6 +196,8 @@ class LayerExpertCache:
             # free, and a later copy into it runs after this one on the one copy thread.
             self.transfers.cancel(transfer)
             self.slots.cancel_prefetch(expert)
+            # The grid must not show it as loaded ahead: it never arrives.
+            self.activity.prefetched = [e for e in self.activity.prefetched if e != expert]
 
     def prefetch(self, expert_ids: Sequence[int]) -> None:
         if self.on_miss != COPY:
