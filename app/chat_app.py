@@ -242,6 +242,7 @@ class ChatApp(App[int]):
         if previous is not None:
             previous.close()  # offload transfers and stores; the weights go with the last reference
         backend = self.settings.backend
+        self.load_progress = None  # the new load's progress starts from nothing
         self.model_status = ModelStatus("loading", f"{backend} (remote)" if backend else spec)
         self._load_serial += 1
         self._load_model_worker(spec, self._load_serial)

@@ -179,15 +179,17 @@ def test_the_engine_computes_misses_on_the_cpu_when_asked(tiny_dir: Path) -> Non
         engine.close()
 
 
-def test_a_cpu_only_host_still_copies_by_default(tiny_dir: Path) -> None:
-    """on_miss auto without a host-to-device link: the cache as it always was."""
-    engine = Engine.load(
-        tiny_dir, LoadOptions(device="cpu", dtype="float32", offload=True, experts_per_layer=3)
-    )
-    try:
-        assert [layer.on_miss for layer in engine.offloader.plan.layers] == [COPY] * 3
-    finally:
-        engine.close()
+def test_a_cpu_only_host_computes_every_miss_in_place_by_default(tiny_dir: Path) -> None:
+    """on_miss auto without a host-to-device link: a miss computes on the store's bytes where they
+    are (a copy into a slot would be a memcpy before the same GEMV), and without a k, no slots."""
+    for k, slots in ((3, 3), (None, 0)):
+        options = LoadOptions(device="cpu", dtype="float32", offload=True, experts_per_layer=k)
+        engine = Engine.load(tiny_dir, options)
+        try:
+            assert engine.offloader is not None
+            assert engine.offloader.plan.layers == (LayerPlacement(slots, CPU),) * 3
+        finally:
+            engine.close()
 
 
 def test_a_copy_layer_needs_top_k_slots_and_a_cpu_layer_none(tiny_dir: Path) -> None:

@@ -72,7 +72,9 @@ def test_offloaded_generation_matches_and_reports_stats(eight_expert_dir: Path) 
     assert resident.cache_stats() is None
     engine = Engine.load(
         eight_expert_dir,
-        LoadOptions(device="cpu", dtype="float32", offload=True, experts_per_layer=3, prefetch=True),
+        LoadOptions(
+            device="cpu", dtype="float32", offload=True, experts_per_layer=3, prefetch=True, on_miss="copy"
+        ),
     )
     assert "".join(engine.chat(messages, config)) == expected
     stats = engine.cache_stats()
@@ -321,6 +323,42 @@ def test_engine_offloads_a_quantized_directory_from_its_files(nf4_dir: Path) -> 
         engine.close()
 
 
+@pytest.mark.parametrize("scheme", ["nf4", "int4"])
+def test_cpu_computed_experts_read_the_mapped_shards_in_place(
+    quantized_dirs: dict[str, Path], scheme: str
+) -> None:
+    """No copy of an expert on a CPU: its tensors are views of the shard's mapping (the page cache)."""
+    import ctypes
+
+    from mixtral_chat.engine.offload.store import FileStore
+    from mixtral_chat.quant.blob import module_tensors
+
+    if scheme == "int4" and not native_int4_available():
+        pytest.skip("int4 computes in place only on the native kernel")
+    model_dir = quantized_dirs[scheme]
+    messages = [{"role": "user", "content": "Tell me a story"}]
+    config = GenerationConfig(max_tokens=8)
+    expected = "".join(Engine.load(model_dir, LoadOptions(device="cpu")).chat(messages, config))
+    engine = Engine.load(model_dir, LoadOptions(device="cpu", offload=True, offload_store="disk"))
+    try:
+        assert "".join(engine.chat(messages, config)) == expected
+        offloader = engine.offloader
+        assert offloader is not None and isinstance(offloader.store, FileStore)
+        assert offloader.cpu_experts is not None
+        mappings = [
+            (ctypes.addressof(ctypes.c_char.from_buffer(mapped)), len(mapped))
+            for mapped in offloader.store._mapped.values()
+        ]
+        assert mappings  # the steps above computed on them
+        for layer in range(3):
+            for expert in range(8):
+                for _, tensor in module_tensors(offloader.cpu_experts.bound(layer, expert)):
+                    start, end = tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()
+                    assert any(base <= start and end <= base + size for base, size in mappings)
+    finally:
+        engine.close()
+
+
 def test_a_truncated_quantized_shard_is_a_clear_error(nf4_dir: Path, tmp_path: Path) -> None:
     import shutil
 
@@ -360,8 +398,12 @@ def test_a_model_that_does_not_fit_is_offloaded_automatically(nf4_dir: Path) -> 
         assert tight.info.offload_plan and tight.info.offload_plan.startswith("auto (the model needs")
         stats = tight.cache_stats()
         assert stats is not None and stats["store"] == "disk" and stats["store_from_files"] is True
-        assert stats["experts_per_layer"] == 3
+        # On a CPU every expert computes in place from the mapped shards: no slots, no copies.
+        assert stats["experts_per_layer"] == 0
         assert "".join(tight.chat(messages, config)) == expected
+        stats = tight.cache_stats()
+        assert stats is not None and stats["bytes_moved"] == 0
+        assert stats["cpu_computed"] == stats["misses"] > 0
     finally:
         tight.close()
 

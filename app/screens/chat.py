@@ -231,7 +231,7 @@ class ChatScreen(ChatActions, ChatAnswering, ChatSync):
     @shows_errors
     async def _model_status_changed(self, status: ModelStatus) -> None:
         if status.state == "loading":
-            self.loading_bar.begin(status.name or "the default model")
+            self.loading_bar.begin(status.name or "the default model", self.chat_app.load_progress)
             self.status_bar.update_info(model=status.name or "model", loading=True, scheme="", device="")
             return
         self.loading_bar.end()

@@ -103,16 +103,20 @@ class ModelLoadingBar(Horizontal):
     def on_mount(self) -> None:
         self.set_interval(0.5, self._tick)
 
-    def begin(self, what: str) -> None:
+    def begin(self, what: str, progress: LoadProgress | None) -> None:
         """A load starts; said again once its model is resolved (the name may change), which keeps
-        the time and the progress already shown."""
+        the time shown. `progress`: the load's own so far (its messages may come before the screen
+        says it is loading), None for none yet."""
         self._what = what
         if not self.display:
             self._started = time.monotonic()
+        self.display = True
+        if progress is None:
             self.progress = None
             self.query_one(ProgressBar).update(total=None, progress=0)
-        self.display = True
-        self._tick()
+            self._tick()
+        else:
+            self.show_progress(progress)
 
     def end(self) -> None:
         self.display = False

@@ -1,21 +1,20 @@
 """Missed experts computed on the CPU, straight from the host store: the hidden state goes to the CPU
 and back (16 KB for Mixtral's [1, 4096] in bf16) instead of the expert's ~99 MB coming over the link.
 
-A RAM store's blob is the expert: a CPU module bound to views of it computes in place, no copy. A
-file-backed store reads the blob into one CPU scratch buffer first; SparseMoE runs its experts one
-after the other, so one buffer serves every call. The module class and blob layout are those of the
-device's slots, so on a CPU-only host a CPU-computed expert runs exactly the code a slot runs (the
-suite checks bit-identical output for every placement).
+Every store holds an expert's blob in host memory: a RAM store's buffer, or a file store's mapping
+of its file (the page cache). A CPU module bound to views of the blob computes in place, no copy.
+The module class and blob layout are those of the device's slots, so on a CPU-only host a
+CPU-computed expert runs exactly the code a slot runs (the suite checks bit-identical output for
+every placement).
 """
 
 from __future__ import annotations
 
 import copy
 
-import torch
 from torch import Tensor, nn
 
-from mixtral_chat.engine.offload.store import ExpertStore, RamStore
+from mixtral_chat.engine.offload.store import ExpertStore
 
 
 class CpuExperts:
@@ -25,35 +24,22 @@ class CpuExperts:
         """`template`: a meta shell of the CPU form of an expert, laid out as the store's blobs."""
         self.store = store
         self.template = template
-        self._bound: dict[tuple[int, int], nn.Module] = {}  # RAM store: one module per expert, on use
-        self._scratch: Tensor | None = None  # file store: the one blob read at a time
-        self._scratch_module: nn.Module | None = None
-        self._scratch_holds: tuple[int, int] | None = None
+        self._bound: dict[tuple[int, int], nn.Module] = {}  # one module per expert, made on first use
 
     def module(self, layer: int, expert: int) -> nn.Module:
         return CpuExpert(self, layer, expert)
 
     def bound(self, layer: int, expert: int) -> nn.Module:
         """The CPU module computing this expert, its tensors views of the blob's bytes."""
-        if isinstance(self.store, RamStore):
-            key = (layer, expert)
-            if key not in self._bound:
-                module = copy.deepcopy(self.template)  # a meta shell: copying it costs nothing
-                self.store.layout.bind(module, self.store.blob(layer, expert))
-                self._bound[key] = module
-            return self._bound[key]
-        if self._scratch is None or self._scratch_module is None:
-            self._scratch = torch.empty(self.store.layout.nbytes, dtype=torch.uint8)
-            self._scratch_module = copy.deepcopy(self.template)
-            self.store.layout.bind(self._scratch_module, self._scratch)
-        if self._scratch_holds != (layer, expert):
-            self.store.copy_into(layer, expert, self._scratch, 0, self.store.layout.nbytes, False)
-            self._scratch_holds = (layer, expert)
-        return self._scratch_module
+        key = (layer, expert)
+        if key not in self._bound:
+            module = copy.deepcopy(self.template)  # a meta shell: copying it costs nothing
+            self.store.layout.bind(module, self.store.blob(layer, expert))
+            self._bound[key] = module
+        return self._bound[key]
 
     def close(self) -> None:
         self._bound.clear()
-        self._scratch = self._scratch_module = self._scratch_holds = None
 
 
 class CpuExpert(nn.Module):

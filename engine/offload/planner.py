@@ -332,8 +332,11 @@ def plan_placement(
     on_miss: COPY (every layer copies its misses; the cache as it always was), CPU (every layer
     computes its misses on the CPU, a layer may have no slots), SPLIT (a step's misses shared
     between the link and the CPU), or AUTO: the cost model picks the placement with the lowest
-    predicted bound. AUTO without a host-to-device link (the device is
-    the CPU) is COPY: CPU-only hosts are unchanged.
+    predicted bound. AUTO without a host-to-device link (the device is the CPU) is CPU, with no
+    slots unless `experts_per_layer` asks for them: there a "copy" is a memcpy from the store
+    before the same GEMV, and a slot holds again what the page cache holds of a store on disk,
+    from the same RAM (the model's disk reads, (store - cache) / store of the misses, come out
+    the same with or without slots), so every expert computes in place from the store.
     """
     if on_miss not in (*ON_MISS, AUTO):
         raise MixtralChatError(f"unknown miss handling {on_miss!r} (copy, cpu or auto)")
@@ -347,7 +350,11 @@ def plan_placement(
     share = _disk_share(store, store_bytes, page_cache)
     costs = MissCosts.of(sizes.expert_bytes, bandwidths, share) if bandwidths else None
     if on_miss == AUTO and _on_the_cpu(bandwidths):
-        on_miss = COPY
+        on_miss = CPU
+        if layers is None and experts_per_layer is None:
+            if budget_bytes is not None:
+                _check_fixed_part_fits(sizes, budget_bytes)
+            experts_per_layer = 0
     if layers is not None:
         chosen = list(layers)
         if len(chosen) != L:
@@ -402,13 +409,8 @@ def _from_budget(
     sizes: ModelSizes, budget_bytes: int, on_miss: str, costs: MissCosts | None
 ) -> list[LayerPlacement]:
     L, E, K = sizes.num_layers, sizes.num_experts, sizes.top_k
-    base = sizes.resident_bytes + sizes.kv_cache_bytes + sizes.staging_bytes
+    base = _check_fixed_part_fits(sizes, budget_bytes)
     total = max(0, budget_bytes - base) // sizes.expert_bytes
-    if budget_bytes < base:
-        raise OutOfMemoryError(
-            f"a memory budget of {budget_bytes / 1e9:.2f} GB is too small: {_fixed_part(sizes)} "
-            f"need {base / 1e9:.2f} GB before any expert"
-        )
     if on_miss == AUTO:
         assert costs is not None
         candidates = [
@@ -430,6 +432,17 @@ def _from_budget(
             f"experts/layer need {need / 1e9:.2f} GB (computing misses on the CPU needs no slots)"
         )
     return placed
+
+
+def _check_fixed_part_fits(sizes: ModelSizes, budget_bytes: int) -> int:
+    """The bytes the plan keeps on the device before any expert; OutOfMemoryError past the budget."""
+    base = sizes.resident_bytes + sizes.kv_cache_bytes + sizes.staging_bytes
+    if budget_bytes < base:
+        raise OutOfMemoryError(
+            f"a memory budget of {budget_bytes / 1e9:.2f} GB is too small: {_fixed_part(sizes)} "
+            f"need {base / 1e9:.2f} GB before any expert"
+        )
+    return base
 
 
 def _fixed_part(sizes: ModelSizes) -> str:
