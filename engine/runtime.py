@@ -15,6 +15,7 @@ from mixtral_chat.engine import load_progress
 from mixtral_chat.engine.capability import GpuSupport, gpu_support
 from mixtral_chat.engine.config import ModelArgs
 from mixtral_chat.engine.errors import ContextTooLongError, MixtralChatError, OutOfMemoryError
+from mixtral_chat.engine.host_ram import available_ram_bytes
 from mixtral_chat.engine.load_progress import LoadProgress
 from mixtral_chat.engine.options import UNQUANTIZED, GenerationConfig, LoadOptions
 from mixtral_chat.engine.tokenizer import StreamingDetokenizer, Tokenizer
@@ -168,9 +169,12 @@ class Engine:
         try:
             stored = open_stored_experts(model_dir, found, device, dtype, offload, options.quant)
             check_offload_can_stream(model_dir, found, device, offload, stored)
-            model, streamed = load_weights(model_dir, found, device, dtype, options.quant, offload, stored)
-            if vocab_weights == "int8":
-                quantize_vocab_weights(model)
+            int8_vocab = vocab_weights == "int8"
+            model, streamed = load_weights(
+                model_dir, found, device, dtype, options.quant, offload, stored, int8_vocab
+            )
+            if int8_vocab:
+                quantize_vocab_weights(model, dtype)
             offloader = (
                 offload_experts(model, model_dir, ctx, device, offload, options, stored, streamed)
                 if offload
@@ -328,21 +332,6 @@ def default_memory_budget_gb(device: torch.device) -> float:
     return max(available_ram_bytes() / 1e9 * 0.8, 0.0)
 
 
-def available_ram_bytes() -> int:
-    """RAM a new allocation can get: MemAvailable counts the page cache the kernel can drop,
-    unlike free pages (which a machine that has read a few files has little of)."""
-    import os
-
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 # -- the steps of Engine.load ---------------------------------------------------------------------
 
 
@@ -445,9 +434,11 @@ def load_weights(
     quant: str | None,
     offload: OffloadDecision | None,
     stored: StoredExperts | None,
+    vocab_as_stored: bool = False,
 ) -> tuple[Mixtral, StreamedExperts | None]:
     """The model; offloaded from a float checkpoint, its experts go into the store as they load
-    (the model keeps meta shells), so they are never held twice."""
+    (the model keeps meta shells), so they are never held twice. `vocab_as_stored`: see
+    `load_model` (the vocabulary weights become int8 next)."""
     import os
 
     from mixtral_chat.engine.weights import load_model  # (torch)
@@ -470,6 +461,7 @@ def load_weights(
         quant=quant,
         skip_experts=stored is not None,
         expert_sink=streamed.put if streamed else None,
+        vocab_as_stored=vocab_as_stored,
     )
     return model, streamed
 

@@ -33,6 +33,8 @@ from mixtral_chat.quant.bnb_checkpoint import load_bnb_4bit_weights, read_bnb_4b
 from mixtral_chat.quant.load import load_quantized_model_weights, quantize_model_in_memory
 from mixtral_chat.quant.schemes import get_scheme
 
+VOCAB_KEYS = ("model.embed_tokens.weight", "lm_head.weight")  # the [vocab, hidden] matrices
+
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _EXPERT_WEIGHT = re.compile(r"layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
 
@@ -170,6 +172,7 @@ def load_model(
     group_size: int | None = None,
     skip_experts: bool = False,
     expert_sink: ExpertSink | None = None,
+    vocab_as_stored: bool = False,
 ) -> Mixtral:
     """Load a model directory (HF safetensors, or a quantized directory with quant_config.json,
     or a bitsandbytes 4-bit checkpoint: config.json with a quantization_config).
@@ -179,9 +182,13 @@ def load_model(
     offloading expert store reads them from the files (`engine.offload.StoredExperts`).
     `expert_sink` (float checkpoints): each expert goes to the sink once read (and quantized with
     `quant`), and the model keeps a meta shell of it: experts are never held twice in RAM.
+    `vocab_as_stored`: the embeddings and lm_head stay in the file's dtype, for a caller that makes
+    them int8 next (`quantize_vocab_weights`): two float32 copies of Mixtral's 32000 x 4096 were
+    1 GB of the load's peak, bf16 ones are half that (float32 of bf16 is exact: the same codes).
     """
+    keep = frozenset(VOCAB_KEYS) if vocab_as_stored else frozenset()
     with heap.loading():  # peak memory: the model plus one tensor (engine/heap.py)
-        return _load_model(model_dir, device, dtype, quant, group_size, skip_experts, expert_sink)
+        return _load_model(model_dir, device, dtype, quant, group_size, skip_experts, expert_sink, keep)
 
 
 def _load_model(
@@ -192,6 +199,7 @@ def _load_model(
     group_size: int | None,
     skip_experts: bool,
     expert_sink: ExpertSink | None,
+    keep_stored_dtype: frozenset[str],
 ) -> Mixtral:
     model_dir = Path(model_dir)
     args = ModelArgs.from_hf_config(model_dir)
@@ -199,7 +207,9 @@ def _load_model(
     device = torch.device(device)
     kind = ckpt.detect(model_dir).kind
     if kind == ckpt.QUANTIZED:
-        load_quantized_model_weights(model, model_dir, device, dtype, skip_experts=skip_experts)
+        load_quantized_model_weights(
+            model, model_dir, device, dtype, skip_experts=skip_experts, keep_stored_dtype=keep_stored_dtype
+        )
     elif skip_experts:
         raise ValueError("skip_experts needs a quantized model directory")
     elif kind == ckpt.BNB_4BIT:
@@ -218,7 +228,7 @@ def _load_model(
             if streaming is not None and streaming.is_expert(key):
                 loaded = streaming.converted(key, tensor, dtype)
             else:
-                loaded = tensor.to(device=device, dtype=dtype)
+                loaded = tensor.to(device=device, dtype=tensor.dtype if key in keep_stored_dtype else dtype)
             # A NaN/inf weight is named here, not met later as NaN logits. One sum per tensor: from
             # the page cache, a 105 MB bf16 load took 42 ms instead of 32, 211 MB float32 116 ms
             # instead of 100 (one core); on a GPU the sum runs there, after the copy.

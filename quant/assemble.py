@@ -54,9 +54,12 @@ class RuntimeAssembler:
         layout: ExpertBlobLayout | None = None,
         where: str = "quantized weights",
         skip_experts: bool = False,
+        keep_stored_dtype: frozenset[str] = frozenset(),
     ) -> None:
+        """`keep_stored_dtype`: float tensors assigned in the dtype the file has, not `dtype`."""
         self.model = model
         self.skip_experts = skip_experts
+        self.keep_stored_dtype = keep_stored_dtype
         self.scheme = scheme
         self.device = device
         self.dtype = dtype
@@ -143,9 +146,8 @@ class RuntimeAssembler:
                 f"{self.where}: tensor '{key}' has shape {tuple(tensor.shape)}, the model expects "
                 f"{tuple(current.shape)} (does config.json match?)"
             )
-        value = tensor.to(
-            device=self.device, dtype=self.dtype if tensor.is_floating_point() else tensor.dtype
-        )
+        wanted = self.dtype if tensor.is_floating_point() and key not in self.keep_stored_dtype else None
+        value = tensor.to(device=self.device, dtype=wanted or tensor.dtype)
         if leaf in module._parameters:
             module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
         else:

@@ -123,19 +123,23 @@ def _stay_on_the_cpu(codes: Tensor, fn: Callable[[Tensor], Tensor]) -> None:
         )
 
 
-def quantize_vocab_weights(model: nn.Module) -> bool:
+def quantize_vocab_weights(model: nn.Module, dtype: torch.dtype | None = None) -> bool:
     """Replace `model.lm_head` and `model.embed_tokens` (float, on the CPU) with their int8 forms,
-    one set of codes when they are tied; False (both kept float) where the kernel cannot run."""
+    one set of codes when they are tied; False where the kernel cannot run (both kept float, in
+    `dtype`). `dtype`: the model's compute dtype, the embedding rows' (default: the weights')."""
     head, embed = model.lm_head.weight, model.embed_tokens.weight
+    dtype = dtype or embed.dtype
     layer = Int8Linear.from_float(head)
     if layer is None:
+        model.lm_head.to(dtype)
+        model.embed_tokens.to(dtype)
         return False
     if embed.data_ptr() == head.data_ptr() and embed.shape == head.shape:  # tied: one int8 matrix
         codes, scales = layer.qweight, layer.scales
     else:
         codes, scales = quantize_int8(embed)
     model.lm_head = layer
-    model.embed_tokens = Int8Embedding(codes, scales, embed.dtype)
+    model.embed_tokens = Int8Embedding(codes, scales, dtype)
     return True
 
 

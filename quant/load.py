@@ -28,11 +28,13 @@ def load_quantized_model_weights(
     device: torch.device | str,
     dtype: torch.dtype,
     skip_experts: bool = False,
+    keep_stored_dtype: frozenset[str] = frozenset(),
 ) -> QuantConfig:
     """Load a quantized directory into `model` (built on the meta device): reads
     quant_config.json, then every tensor shard by shard, one at a time; swaps the quantized
     linears for runtime modules and assigns all other tensors in `dtype` on `device`.
-    `skip_experts` leaves the experts unread (meta shells) for an expert store that reads them."""
+    `skip_experts` leaves the experts unread (meta shells) for an expert store that reads them;
+    `keep_stored_dtype` names float tensors kept in the file's dtype (`RuntimeAssembler`)."""
     model_dir = Path(model_dir)
     config = QuantConfig.read(model_dir)
     scheme = config.handler()
@@ -44,6 +46,7 @@ def load_quantized_model_weights(
         config.expert_layout,
         where=str(model_dir),
         skip_experts=skip_experts,
+        keep_stored_dtype=keep_stored_dtype,
     )
     for file in shard_files(model_dir):
         header, data_start = read_header(file)

@@ -80,15 +80,19 @@ def save_tiny_checkpoint(
     seed: int = 0,
     max_shard_size: str | None = None,
     with_tokenizer: bool = True,
+    dtype: object = None,
     **overrides: object,
 ) -> Path:
-    """Random weights saved by transformers' MixtralForCausalLM.save_pretrained."""
+    """Random weights saved by transformers' MixtralForCausalLM.save_pretrained (in `dtype`, a
+    torch dtype, where given; else float32)."""
     import torch
     from transformers import MixtralConfig, MixtralForCausalLM
 
     config = MixtralConfig(**{**TINY_CONFIG, **overrides})
     torch.manual_seed(seed)
     model = MixtralForCausalLM(config).eval()
+    if dtype is not None:
+        model = model.to(dtype)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(directory, **kwargs)
     if with_tokenizer:

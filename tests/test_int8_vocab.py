@@ -189,6 +189,42 @@ def test_a_4bit_model_on_the_cpu_gets_int8_vocab_weights_and_keeps_its_answers()
     assert torch.equal(a.argmax(-1)[sure], b.argmax(-1)[sure])
 
 
+@pytest.mark.parametrize("stored", ["bfloat16", "quantized"])
+def test_the_vocab_weights_load_in_their_stored_dtype_and_give_the_same_codes(
+    stored: str, tmp_path: Path
+) -> None:
+    """The engine reads the embeddings and lm_head as the file has them (bf16: half the float32
+    copies' bytes while loading) and makes int8 of those: the codes, the scales and the logits
+    are those of quantizing the float32 weights, and the rows come out in the model's dtype."""
+    if native.int4_kernel() is None:
+        pytest.skip(f"no native kernel here: {native.native_unavailable_reason()}")
+    from mixtral_chat.engine.weights import load_model
+    from mixtral_chat.quant import quantize_model_dir
+    from mixtral_chat.quant.int8 import quantize_vocab_weights
+    from tests.conftest import save_tiny_checkpoint
+
+    source = save_tiny_checkpoint(
+        tmp_path / "bf16", seed=3, dtype=torch.bfloat16, hidden_size=64, intermediate_size=128
+    )
+    model_dir = quantize_model_dir(source, tmp_path / "int4", "int4") if stored == "quantized" else source
+    quant = None if stored == "quantized" else "int4"
+    kept = load_model(model_dir, "cpu", torch.float32, quant=quant, vocab_as_stored=True)
+    assert kept.embed_tokens.weight.dtype == kept.lm_head.weight.dtype == torch.bfloat16
+    engine = Engine.load(model_dir, LoadOptions(device="cpu", dtype="float32", quant=quant))
+    reference = load_model(model_dir, "cpu", torch.float32, quant=quant)
+    assert reference.embed_tokens.weight.dtype == torch.float32
+    assert quantize_vocab_weights(reference)
+    net = engine.model
+    assert isinstance(net.embed_tokens, Int8Embedding) and net.embed_tokens.dtype == torch.float32
+    for mine, theirs in ((net.embed_tokens, reference.embed_tokens), (net.lm_head, reference.lm_head)):
+        assert torch.equal(mine.qweight, theirs.qweight) and torch.equal(mine.scales, theirs.scales)
+    ids = torch.tensor([[1, 5, 9, 42, 7]])
+    for model in (net, reference):
+        model.setup_cache(16)
+    with torch.no_grad():
+        assert torch.equal(net(ids, torch.arange(5)), reference(ids, torch.arange(5)))
+
+
 def test_int8_where_it_cannot_run_is_a_clear_error(monkeypatch) -> None:
     monkeypatch.setenv(native.NO_NATIVE_ENV, "1")
     with pytest.raises(MixtralChatError, match="int8 vocabulary weights need the native kernel: disabled by"):

@@ -328,8 +328,6 @@ def test_cpu_computed_experts_read_the_mapped_shards_in_place(
     quantized_dirs: dict[str, Path], scheme: str
 ) -> None:
     """No copy of an expert on a CPU: its tensors are views of the shard's mapping (the page cache)."""
-    import ctypes
-
     from mixtral_chat.engine.offload.store import FileStore
     from mixtral_chat.quant.blob import module_tensors
 
@@ -345,10 +343,7 @@ def test_cpu_computed_experts_read_the_mapped_shards_in_place(
         offloader = engine.offloader
         assert offloader is not None and isinstance(offloader.store, FileStore)
         assert offloader.cpu_experts is not None
-        mappings = [
-            (ctypes.addressof(ctypes.c_char.from_buffer(mapped)), len(mapped))
-            for mapped in offloader.store._mapped.values()
-        ]
+        mappings = [(base, len(mapped)) for mapped, base in offloader.store._mapped.values()]
         assert mappings  # the steps above computed on them
         for layer in range(3):
             for expert in range(8):
@@ -357,6 +352,46 @@ def test_cpu_computed_experts_read_the_mapped_shards_in_place(
                     assert any(base <= start and end <= base + size for base, size in mappings)
     finally:
         engine.close()
+
+
+def test_an_expert_mostly_on_disk_is_read_whole_before_it_is_computed(
+    quantized_dirs: dict[str, Path],
+) -> None:
+    """Page faults on the mapping read slower than one pread of the blob: a CPU expert whose pages
+    are not in memory is read into the scratch buffer, and computes the same output."""
+    import os
+
+    from mixtral_chat.engine.offload.cpu_experts import CpuExperts
+    from mixtral_chat.engine.offload.store import StoredExperts
+    from mixtral_chat.quant.blob import module_tensors
+
+    stored = StoredExperts.open(quantized_dirs["nf4"], torch.device("cpu"), torch.float32)
+    assert stored is not None
+    store = stored.file_store(3, 8)
+    experts = CpuExperts(store, stored.template)
+    try:
+        fd, _ = store._location[(1, 2)]
+        os.fsync(fd)  # written just now: dirty pages cannot be dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if store.resident_share(1, 2) > 0:
+            pytest.skip("this filesystem keeps its pages (tmpfs?): nothing is on disk to read")
+        x = torch.randn(3, 64)
+        from_disk = experts.bound(1, 2)
+        (mapped, base), size = next(iter(store._mapped.values())), store.layout.nbytes
+        tensors = [t for _, t in module_tensors(from_disk)]
+        assert all(not (base <= t.data_ptr() < base + len(mapped)) for t in tensors)  # the scratch
+        assert torch.equal(experts._scratch, store.blob(1, 2)) and size == experts._scratch.numel()
+        read_first = from_disk(x)
+        store.blob(1, 2).sum()  # now in the page cache
+        assert store.resident_share(1, 2) == 1.0
+        assert experts.bound(1, 2) is from_disk  # the scratch still holds it: nothing is read
+        experts.close()  # forget it
+        in_place = experts.bound(1, 2)
+        assert in_place is not from_disk and torch.equal(in_place(x), read_first)
+        assert all(base <= t.data_ptr() < base + len(mapped) for _, t in module_tensors(in_place))
+    finally:
+        experts.close()
+        store.close()
 
 
 def test_a_truncated_quantized_shard_is_a_clear_error(nf4_dir: Path, tmp_path: Path) -> None:

@@ -116,10 +116,11 @@ def make_plan(
     is assumed without them)."""
     import torch
 
+    from mixtral_chat.engine.host_ram import available_ram_bytes
     from mixtral_chat.engine.offload import bandwidth
     from mixtral_chat.engine.offload.planner import plan_placement, sizes_of_config
     from mixtral_chat.engine.offload.store import choose_store
-    from mixtral_chat.engine.runtime import available_ram_bytes, default_context, default_memory_budget_gb
+    from mixtral_chat.engine.runtime import default_context, default_memory_budget_gb
     from mixtral_chat.quant.int8 import vocab_weights_form
 
     has_gpu = torch.cuda.is_available()

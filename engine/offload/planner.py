@@ -120,7 +120,9 @@ class OffloadPlan:
         if split:
             text += f"; misses shared between the link and the CPU in {split} of {len(self.layers)} layers"
         if self.store == "disk":
-            text += f"; {self.disk_share:.0%} of each miss read from the disk (the page cache holds the rest)"
+            text += f"; {self.disk_share:.0%} of each miss read from the disk"
+            if 0 < self.disk_share < 1:
+                text += " (the page cache holds the rest)"
         # The predicted bound depends on measured bandwidths: `summary_lines` says it, with them.
         return text
 
