@@ -16,12 +16,16 @@ the same limits: a host with that much RAM, the user's question (this RAM: which
 Each engine's own memory beside its files (mixtral-chat's torch, its int8 vocabulary weights)
 counts against it, so at 2 layers, where the vocabulary is most of what is not experts, the
 fixed parts weigh far more than in the 32-layer model. Engines:
-- llama.cpp: llama-cpp-python's defaults (the model mmap'd: it computes on the page cache);
+- llama.cpp: llama-cpp-python's defaults (the file mmap'd; this AVX-512 build repacks Q4_0 for
+  its CPU kernels into anonymous memory, so most of the model is not page cache it could drop:
+  seen at a 1.6 GB limit, 1.59 GB anonymous and 2 MB of cache in its cgroup's memory.stat);
 - mixtral-chat: `LoadOptions(device="cpu")`, the engine's own choice: it sees the limit
   (engine/host_ram.py), offloads, and by AUTO computes every expert in place from the mapped
   shards (no slots);
 - mixtral-chat copy: the same with `on_miss="copy"`, what AUTO did before on a CPU: slots from
-  the budget, each miss read into a slot with pread.
+  the budget, each miss read into a slot with pread;
+- mixtral-chat cpu-slots (`--engines` to add it): `on_miss="cpu"`, fixed slots from the budget
+  and every other expert computed as AUTO computes it.
 Each round runs every engine once per share, alternating the order. Reported per run: decode
 tok/s (greedy, after a short prefill), the bytes it read from storage per decode token
 (/proc/self/io read_bytes) and its peak charge; the ratios are mixtral-chat / llama.cpp per round,
@@ -46,7 +50,8 @@ sys.path.insert(0, str(BENCH))
 
 import bench_peer  # noqa: E402  (the models, the llama.cpp venv and its worker)
 
-ENGINES = ("llama", "ours", "ours-copy")
+ENGINES = ("llama", "ours", "ours-copy", "ours-cpu-slots")
+ON_MISS = {"ours": "auto", "ours-copy": "copy", "ours-cpu-slots": "cpu"}
 
 
 # --- a memory cgroup for one process ------------------------------------------------------------
@@ -167,7 +172,7 @@ def worker_llama(model: Path, prompt_tokens: int, tokens: int, threads: int) -> 
         "prefill_tok_s": prompt_tokens / prefill,
         "decode_tok_s": tokens / decode,
         "read_per_token": (read_bytes() - read_before) / tokens,
-        "plan": "mmap",
+        "plan": "llama.cpp defaults",
     }
 
 
@@ -208,7 +213,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--timeout", type=int, default=300, help="seconds a run may take (then: thrashing)")
-    parser.add_argument("--engines", default=",".join(ENGINES), help="which of " + ", ".join(ENGINES))
+    parser.add_argument("--engines", default=",".join(ENGINES[:3]), help="which of " + ", ".join(ENGINES))
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / "build" / "bench_peer")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
@@ -217,8 +222,7 @@ def main() -> None:
         if args.worker == "llama":
             out = worker_llama(args.model, args.prompt_tokens, args.tokens, args.threads)
         else:
-            on_miss = "copy" if args.worker == "ours-copy" else "auto"
-            out = worker_ours(args.model, args.prompt_tokens, args.tokens, args.threads, on_miss)
+            out = worker_ours(args.model, args.prompt_tokens, args.tokens, args.threads, ON_MISS[args.worker])
         print(json.dumps(out))
         return
 
@@ -237,6 +241,7 @@ def main() -> None:
         "llama": (gguf, [gguf], llama_python),
         "ours": (ours_dir, sorted(ours_dir.glob("*.safetensors")), Path(sys.executable)),
         "ours-copy": (ours_dir, sorted(ours_dir.glob("*.safetensors")), Path(sys.executable)),
+        "ours-cpu-slots": (ours_dir, sorted(ours_dir.glob("*.safetensors")), Path(sys.executable)),
     }
     models = {engine: models[engine] for engine in args.engines.split(",")}
     print(bench_peer.host_line())
@@ -276,7 +281,9 @@ def main() -> None:
                 ]
                 ratio = f"**{statistics.median(pairs):.2f}x**" if pairs else ""
             print(f"| {limit / 1e9:.2f} GB | {engine} | {speeds} | {read:.0f} MB | {peak:.2f} GB | {ratio} |")
-        plans = {x["plan"] for x in results["ours"] + results["ours-copy"] if "plan" in x}
+        plans = {
+            x["plan"] for engine, runs in results.items() if engine != "llama" for x in runs if "plan" in x
+        }
         for plan in sorted(plans):
             print(f"|  |  | plan: {plan} |  |  |  |")
 

@@ -481,12 +481,17 @@ def test_expert_cache_panel_shows_residency(home: Path, chat_model_dir: Path) ->
             text = str(panel.render())
             assert "hit rate" in text and stats["plan"] in text
             assert screen.status_bar.info.cache_hit_rate == pytest.approx(stats["hit_rate"])
-            # Each grid row draws that layer's state: 2 resident experts of 4, the rest absent.
+            # Each grid row draws that layer's state: 2 resident experts of 4, a miss of the last
+            # step (computed on the CPU: on a CPU-only host AUTO keeps the slots fixed), the rest
+            # absent.
             rows = [line.split()[1] for line in text.splitlines() if line.strip()[:1].isdigit()]
             expected = [
                 "".join(CELL_STYLES[state][0] for state in cell_states(layer, 4)) for layer in stats["layers"]
             ]
-            assert rows == expected and all(row.count("·") == 2 for row in rows)
+            assert rows == expected
+            for layer, row in zip(stats["layers"], rows, strict=True):
+                drawn = set(layer["resident"]) | set(layer["misses"])
+                assert len(layer["resident"]) == 2 and row.count("·") == 4 - len(drawn)
 
             # The settings screen shows the planner's numbers and saves engine options to the config.
             await pilot.press("f3")

@@ -133,8 +133,8 @@ class FileStore(ExpertStore):
     Either way the bytes live in the kernel's page cache, which caches what RAM can hold and drops
     it under pressure, instead of counting as this process's anonymous memory. A CPU-computed
     expert reads its mapping in place (as llama.cpp computes on its mmap'd model): measured on a
-    Mixtral expert, a pread into a buffer then the GEMV took 3.5x the GEMV on the mapping, which
-    ran as fast as on a RAM store (docs/BENCHMARKS.md).
+    Mixtral expert in the page cache, a pread into a buffer then the GEMV took 4.5-4.8x a RAM
+    store's GEMV, the GEMV on the mapping 1.00-1.10x (`bench/bench_mapped_expert.py`).
     """
 
     def __init__(self, layout: ExpertBlobLayout, num_layers: int, num_experts: int, where: str) -> None:
