@@ -22,7 +22,8 @@ from mixtral_chat.engine.offload.store import ExpertStore
 
 # Computed on the mapping when at least this share of the blob is in memory, else read first.
 # Break-even of the two with the rates measured under a memory limit (docs/BENCHMARKS.md): page
-# faults ~1.9 GB/s, a pread ~3 GB/s from the disk, ~10 GB/s from the page cache, the GEMV ~27 GB/s.
+# faults ~1.9 GB/s, a pread ~3 GB/s from the disk and ~7.5 from the page cache, the GEMV ~27 GB/s
+# (bench_ram_short.py, bench_mapped_expert.py).
 IN_PLACE_FROM = 0.6
 
 
