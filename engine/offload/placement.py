@@ -88,7 +88,9 @@ class MissCosts:
             copy_s = expert_bytes / (bandwidths.cpu_gbps * 1e9)
         else:
             copy_s = expert_bytes / (bandwidths.h2d_gbps * 1e9)
-        cpu_s = expert_bytes / (bandwidths.cpu_gbps * 1e9) + CPU_CALL_OVERHEAD_S
+        # On a CPU device a CPU-computed expert is the device's own call: no hidden state to move.
+        overhead = CPU_CALL_OVERHEAD_S if bandwidths.h2d_gbps is not None else 0.0
+        cpu_s = expert_bytes / (bandwidths.cpu_gbps * 1e9) + overhead
         read_s = disk_share * expert_bytes / (bandwidths.disk_gbps * 1e9) if bandwidths.disk_gbps else 0.0
         return cls(device_s, copy_s, cpu_s, read_s)
 
