@@ -113,8 +113,6 @@ class LayerExpertCache:
         # which `model.run_experts` does after the CPU's share (placement.step_seconds' max).
         assert self.cpu_experts is not None
         on_cpu = self._misses_for_the_cpu(expert_ids)
-        for expert in sorted(on_cpu):
-            self.store.will_need(self.layer, expert)
         copied = [e for e in expert_ids if e not in on_cpu]
         by_expert = {}
         for access in self._start_copies(copied):
@@ -169,9 +167,6 @@ class LayerExpertCache:
         """Fixed slots: a resident expert runs in its slot, any other on the CPU."""
         assert self.cpu_experts is not None
         found = self.slots.lookup(expert_ids)
-        for expert, slot in zip(expert_ids, found, strict=True):
-            if slot is None:
-                self.store.will_need(self.layer, expert)
         self.activity.hits = [e for e, slot in zip(expert_ids, found, strict=True) if slot is not None]
         self.activity.misses = [e for e, slot in zip(expert_ids, found, strict=True) if slot is None]
         if self.pending:  # the warm start's copies

@@ -40,6 +40,9 @@ class CpuExperts:
         self._scratch_holds: tuple[int, int] | None = None
 
     def module(self, layer: int, expert: int) -> nn.Module:
+        """The expert as a step's CPU-computed miss: its blob is asked for now (`will_need`), so
+        its read overlaps whatever runs before it."""
+        self.store.will_need(layer, expert)
         return CpuExpert(self, layer, expert)
 
     def bound(self, layer: int, expert: int) -> nn.Module:
