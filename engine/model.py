@@ -275,6 +275,13 @@ class SparseMoE(nn.Module):
     def _resident_experts(self, expert_ids: Sequence[int]) -> list[nn.Module]:
         return [self.experts[e] for e in expert_ids]
 
+    @property
+    def routes_with_gate(self) -> bool:
+        """Routing is `route` of the class (the gate's top-k), not one set on this layer (a
+        replayed trace, engine/offload/replay.py): only then may native code route with the
+        gate's weight in its place."""
+        return "route" not in self.__dict__
+
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x [T, D] -> router logits [T, E], chosen experts [T, K], float32 weights [T, K]."""
         # T=tokens, E=experts, K=active experts per token, D=hidden size
@@ -468,9 +475,9 @@ class DecoderLayer(nn.Module):
 
     def _router(self) -> Tensor | None:
         """The MoE gate's weight [E, D] where the attention block can route with it: a float32
-        bias-free `Linear` on the CPU, E <= MAX_ROUTED_EXPERTS."""
+        bias-free `Linear` on the CPU, E <= MAX_ROUTED_EXPERTS, that the layer routes with."""
         gate = self.block_sparse_moe.gate
-        if type(gate) is not Linear or gate.bias is not None:
+        if type(gate) is not Linear or gate.bias is not None or not self.block_sparse_moe.routes_with_gate:
             return None
         weight = gate.weight
         fits = weight.dtype is torch.float32 and weight.is_cpu and weight.is_contiguous()
@@ -560,7 +567,9 @@ class Mixtral(nn.Module):
                 return None
             blocks.append(block)
             experts.append(operands)
-            attributes += [(moe, "prefetch_hook"), (moe, "routing_hook"), (moe, "expert_source")]
+            attributes += [
+                (moe, name) for name in ("prefetch_hook", "routing_hook", "expert_source", "route")
+            ]
         try:
             stack = native_fused.decode_stack_operand(blocks, experts)
         except QuantizationError:

@@ -20,7 +20,10 @@ from mixtral_chat.engine.offload.trace import (
     write_routing_trace,
 )
 from mixtral_chat.engine.weights import load_model
+from mixtral_chat.quant.native import int4_kernel
 from tests.conftest import save_tiny_checkpoint
+from tests.test_attention_block import quantize_attention
+from tests.test_moe_kernel import native_experts_model_from
 
 LAYERS = 3
 PROMPT = 6  # prefill tokens
@@ -91,6 +94,35 @@ def test_recorded_routing_reproduces_the_replayed_trace(model_dir: Path, trace_f
     out2 = io.StringIO()
     RoutingTrace(model, out2)
     assert torch.equal(run(model, tokens()), expected_logits)  # the real router again
+
+
+def test_a_native_int4_model_routes_as_the_trace_says(model_dir: Path, trace_file: Path) -> None:
+    """The native attention block and the one-call decode stack route with the gate's weight in C;
+    with a replay installed they leave routing to it (they once kept the gate's choice)."""
+    if int4_kernel() is None:
+        pytest.skip("the native kernel does not load on this host")
+    model = native_experts_model_from(load_model(model_dir))
+    quantize_attention(model)
+    model.setup_cache(64)
+    x = torch.randn(1, 1, model.args.hidden_size)
+    assert model.native_decode_stack(x, None) is not None  # no replay: every layer in one call
+    replay = install_routing_replay(model, trace_file)
+    assert model.native_decode_stack(x, None) is None
+    unheard = run(model, tokens())  # nothing listens: the per-layer path, native attention blocks
+    replay.step = 0
+    out = io.StringIO()
+    RoutingTrace(model, out)
+    heard = run(model, tokens())
+    records = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [r["experts"] for r in records] == [
+        TRACE[(r["token_idx"] % 5) * LAYERS + r["layer"]]["experts"] for r in records
+    ]
+    assert len(records) == STEPS * LAYERS
+    assert torch.equal(unheard, heard)
+    for layer in model.layers:
+        layer.block_sparse_moe.routing_hook = None  # the trace stops listening
+    replay.uninstall()
+    assert model.native_decode_stack(x, None) is not None  # the gate routes again, in one call
 
 
 def decode_counters(
