@@ -2,6 +2,7 @@
 
     python bench/bench_ram_short.py                      # limits 2.0, 1.6, 1.3 GB; 2 rounds
     python bench/bench_ram_short.py --limits-gb 1.5 --rounds 3 --tokens 24
+    python bench/bench_ram_short.py --routing model      # beside llama.cpp, on the models' routing
 
 The models are bench_peer.py's "real" ones (Mixtral-8x7B's widths, 2 layers; made there on first
 use, in the same workdir): mixtral-chat's int4 g64 directory and llama.cpp's Q4_0 GGUF. Each run
@@ -26,10 +27,16 @@ fixed parts weigh far more than in the 32-layer model. Engines:
   the budget, each miss read into a slot with pread;
 - mixtral-chat cpu-slots (`--engines` to add it): `on_miss="cpu"`, fixed slots from the budget
   and every other expert computed as AUTO computes it.
+Routing (`--routing`): random weights route unlike a trained model (the same few experts token
+after token, or none reused), and which experts come back decides what the page cache and the
+slots hold. By default mixtral-chat's decode steps replay a synthetic trace calibrated to
+Mixtral-8x7B-Instruct's LRU hit rates (engine/offload/replay.py), and llama.cpp, which cannot
+replay one, is left out; `--routing model` keeps the model's own router for all (the comparison
+with llama.cpp, on equal routing).
 Each round runs every engine once per share, alternating the order. Reported per run: decode
 tok/s (greedy, after a short prefill), the bytes it read from storage per decode token
-(/proc/self/io read_bytes) and its peak charge; the ratios are mixtral-chat / llama.cpp per round,
-then the median. Prints markdown.
+(/proc/self/io read_bytes) and its peak charge; the ratios are each engine / llama.cpp (with a
+trace: / mixtral-chat copy) per round, then the median. Prints markdown.
 """
 
 from __future__ import annotations
@@ -115,7 +122,9 @@ def read_bytes() -> int:
 # --- the workers (one fresh process each) -----------------------------------------------------------
 
 
-def worker_ours(model: Path, prompt_tokens: int, tokens: int, threads: int, on_miss: str) -> dict:
+def worker_ours(
+    model: Path, prompt_tokens: int, tokens: int, threads: int, on_miss: str, trace: Path | None
+) -> dict:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as app/cli.py does
     import torch
 
@@ -125,6 +134,10 @@ def worker_ours(model: Path, prompt_tokens: int, tokens: int, threads: int, on_m
     torch.set_num_threads(threads)
     engine = Engine.load(model, LoadOptions(device="cpu", on_miss=on_miss))
     net = engine.model
+    if trace is not None:
+        from mixtral_chat.engine.offload.replay import install_routing_replay
+
+        install_routing_replay(net, trace, prediction_recall=None)
     net.setup_cache(prompt_tokens + tokens + 8)
     prompt = torch.tensor([bench_peer.prompt_ids(prompt_tokens)])
     with torch.inference_mode():
@@ -179,7 +192,9 @@ def worker_llama(model: Path, prompt_tokens: int, tokens: int, threads: int) -> 
 # --- the driver -------------------------------------------------------------------------------------
 
 
-def run_one(engine: str, files: list[Path], model: Path, python: Path, limit: int | None, args) -> dict:
+def run_one(
+    engine: str, files: list[Path], model: Path, python: Path, limit: int | None, args, trace: Path | None
+) -> dict:
     cgroup = MemoryCgroup(f"mixtral-bench-{os.getpid()}")
     try:
         cgroup.limit(limit)
@@ -187,6 +202,8 @@ def run_one(engine: str, files: list[Path], model: Path, python: Path, limit: in
         argv = [str(python), __file__, "--worker", engine, "--model", str(model)]
         argv += ["--prompt-tokens", str(args.prompt_tokens), "--tokens", str(args.tokens)]
         argv += ["--threads", str(args.threads)]
+        if trace is not None and engine != "llama":
+            argv += ["--trace", str(trace)]
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         try:
             command = cgroup.command(argv)
@@ -213,16 +230,22 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--timeout", type=int, default=300, help="seconds a run may take (then: thrashing)")
-    parser.add_argument("--engines", default=",".join(ENGINES[:3]), help="which of " + ", ".join(ENGINES))
+    parser.add_argument("--engines", help="which of " + ", ".join(ENGINES) + " (default: all but cpu-slots)")
+    parser.add_argument(
+        "--routing", choices=("trace", "model"), default="trace", help="a Mixtral-like trace, or the router's"
+    )
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / "build" / "bench_peer")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--trace", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         if args.worker == "llama":
             out = worker_llama(args.model, args.prompt_tokens, args.tokens, args.threads)
         else:
-            out = worker_ours(args.model, args.prompt_tokens, args.tokens, args.threads, ON_MISS[args.worker])
+            out = worker_ours(
+                args.model, args.prompt_tokens, args.tokens, args.threads, ON_MISS[args.worker], args.trace
+            )
         print(json.dumps(out))
         return
 
@@ -243,14 +266,25 @@ def main() -> None:
         "ours-copy": (ours_dir, sorted(ours_dir.glob("*.safetensors")), Path(sys.executable)),
         "ours-cpu-slots": (ours_dir, sorted(ours_dir.glob("*.safetensors")), Path(sys.executable)),
     }
-    models = {engine: models[engine] for engine in args.engines.split(",")}
+    trace = None
+    if args.routing == "trace":
+        from mixtral_chat.engine.offload.replay import synthetic_routing_trace
+        from mixtral_chat.engine.offload.trace import write_routing_trace
+
+        trace = workdir / "synthetic-trace-L2.jsonl"
+        write_routing_trace(synthetic_routing_trace(2, num_tokens=512), trace)
+    default = ENGINES[:3] if args.routing == "model" else ENGINES[1:3]
+    models = {engine: models[engine] for engine in (args.engines.split(",") if args.engines else default)}
+    if trace is not None and "llama" in models:
+        raise SystemExit("error: llama.cpp cannot replay a trace: --routing model to compare with it")
     print(bench_peer.host_line())
     print(
         f"\nprefill {args.prompt_tokens}, greedy decode of {args.tokens}; {args.threads} threads; "
-        f"{args.rounds} rounds; real widths, 2 layers\n"
+        f"{args.rounds} rounds; real widths, 2 layers; routing: "
+        f"{'the models own routers' if trace is None else f'a synthetic Mixtral-like trace ({trace})'}\n"
     )
     for engine, (model, files, python) in models.items():
-        out = run_one(engine, files, model, python, None, args)
+        out = run_one(engine, files, model, python, None, args, trace)
         if "error" in out:
             raise SystemExit(f"error: {engine} without a limit {out['error']}")
         size = sum(f.stat().st_size for f in files)
@@ -258,7 +292,8 @@ def main() -> None:
             f"- {engine}: files {size / 1e9:.2f} GB, peak charge without a limit "
             f"{out['peak'] / 1e9:.2f} GB, decode {out['decode_tok_s']:.2f} tok/s ({out['plan']})"
         )
-    print("\n| limit | engine | decode tok/s per round | read/token | peak | vs llama.cpp |")
+    reference = "llama" if "llama" in models else "ours-copy"
+    print(f"\n| limit | engine | decode tok/s per round | read/token | peak | vs {reference} |")
     print("| ---: | --- | --- | ---: | ---: | ---: |")
     for limit in limits:
         results: dict[str, list[dict]] = {engine: [] for engine in models}
@@ -266,17 +301,17 @@ def main() -> None:
             order = list(models) if r % 2 == 0 else list(reversed(models))
             for engine in order:
                 model, files, python = models[engine]
-                results[engine].append(run_one(engine, files, model, python, limit, args))
+                results[engine].append(run_one(engine, files, model, python, limit, args, trace))
         for engine, runs in results.items():
             ok = [x for x in runs if "error" not in x]
             speeds = " / ".join(f"{x['decode_tok_s']:.2f}" if "error" not in x else x["error"] for x in runs)
             read = statistics.median(x["read_per_token"] for x in ok) / 1e6 if ok else float("nan")
             peak = max(x["peak"] for x in runs) / 1e9
             ratio = ""
-            if engine != "llama" and ok and "llama" in results:
+            if engine != reference and ok and reference in results:
                 pairs = [
                     m["decode_tok_s"] / t["decode_tok_s"]
-                    for m, t in zip(runs, results["llama"], strict=True)
+                    for m, t in zip(runs, results[reference], strict=True)
                     if "error" not in m and "error" not in t
                 ]
                 ratio = f"**{statistics.median(pairs):.2f}x**" if pairs else ""

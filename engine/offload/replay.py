@@ -18,7 +18,9 @@ the compute and the transfers stay the real ones.
   (seeded, so runs are repeatable). `prediction_recall=None` leaves those calls to the real router.
 
 `install_routing_replay` overrides `route` and `forward` as instance attributes of each layer's
-`block_sparse_moe`; `RoutingReplay.uninstall()` restores the class methods.
+`block_sparse_moe`; `RoutingReplay.uninstall()` restores the class methods. The native attention
+block and the one-call decode stack, which route with the gate's weight in C, see the override
+(`SparseMoE.routes_with_gate`) and leave routing to it.
 """
 
 from __future__ import annotations
