@@ -10,10 +10,8 @@ quantized shards themselves: no expert is ever materialised outside the cache.
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
-import queue
 import threading
 from pathlib import Path
 
@@ -49,9 +47,6 @@ class ExpertStore:
         """The expert's blob in host memory, uint8 [nbytes]: a CPU module bound to views of it
         computes in place (`CpuExperts`). Only read from: a store's bytes never change."""
         raise NotImplementedError
-
-    def will_need(self, layer: int, expert: int) -> None:
-        """The expert is about to be read: start bringing its bytes in (a file store's)."""
 
     def resident_share(self, layer: int, expert: int) -> float:
         """Of the expert's bytes, the share in memory now (1.0 for a RAM store)."""
@@ -145,7 +140,6 @@ class FileStore(ExpertStore):
         self._staging: dict[int, Tensor] = {}  # per thread, for GPU targets
         self._mapped: dict[int, tuple[mmap.mmap, int]] = {}  # fd -> its file mapped, and where
         self._map_lock = threading.Lock()
-        self._readahead: queue.SimpleQueue[tuple[int, int] | None] | None = None
 
     def copy_into(
         self, layer: int, expert: int, out: Tensor, start: int, end: int, non_blocking: bool
@@ -197,25 +191,6 @@ class FileStore(ExpertStore):
         starts = {first + (pages - window) * i // 3 for i in range(4)}
         return sum(residency.share(base, start * page, window) for start in starts) / len(starts)
 
-    def will_need(self, layer: int, expert: int) -> None:
-        """Ask the kernel to read the blob into the page cache, on a thread of its own: a step's
-        misses are computed one after another, so the next one's read runs while the CPU computes
-        this one, as whole-blob reads rather than a page fault's small readahead. Asking costs
-        ~0.1 ms for a cached Mixtral expert and ~2 ms for one on disk, too much for the compute
-        thread, nothing on this one."""
-        if not hasattr(os, "posix_fadvise"):
-            return
-        if self._readahead is None:
-            self._readahead = queue.SimpleQueue()
-            threading.Thread(target=self._read_ahead, args=(self._readahead,), daemon=True).start()
-        self._readahead.put(self._location[(layer, expert)])
-
-    def _read_ahead(self, requests: queue.SimpleQueue) -> None:
-        while (request := requests.get()) is not None:
-            fd, offset = request
-            with contextlib.suppress(OSError):  # a closed store, or a filesystem that ignores it
-                os.posix_fadvise(fd, offset, self.layout.nbytes, os.POSIX_FADV_WILLNEED)
-
     def place(self, layer: int, expert: int, path: Path, offset: int) -> None:
         """The expert's blob is at `offset` in `path` (each file opened once, read-only)."""
         if path not in self._fd_of:
@@ -228,9 +203,6 @@ class FileStore(ExpertStore):
         return list(self._fd_of.values())
 
     def close(self) -> None:
-        if self._readahead is not None:
-            self._readahead.put(None)
-            self._readahead = None
         for fd in self._fd_of.values():
             os.close(fd)
         self._fd_of.clear()
