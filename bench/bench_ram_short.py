@@ -277,11 +277,11 @@ def main() -> None:
     models = {engine: models[engine] for engine in (args.engines.split(",") if args.engines else default)}
     if trace is not None and "llama" in models:
         raise SystemExit("error: llama.cpp cannot replay a trace: --routing model to compare with it")
+    routing = "each model's own router" if trace is None else f"a synthetic Mixtral-like trace ({trace})"
     print(bench_peer.host_line())
     print(
         f"\nprefill {args.prompt_tokens}, greedy decode of {args.tokens}; {args.threads} threads; "
-        f"{args.rounds} rounds; real widths, 2 layers; routing: "
-        f"{'the models own routers' if trace is None else f'a synthetic Mixtral-like trace ({trace})'}\n"
+        f"{args.rounds} rounds; real widths, 2 layers; routing: {routing}\n"
     )
     for engine, (model, files, python) in models.items():
         out = run_one(engine, files, model, python, None, args, trace)

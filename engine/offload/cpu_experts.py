@@ -40,9 +40,9 @@ class CpuExperts:
         self._scratch_holds: tuple[int, int] | None = None
 
     def module(self, layer: int, expert: int) -> nn.Module:
-        """The expert as a step's CPU-computed miss. Its blob is not asked for ahead
-        (posix_fadvise WILLNEED on a thread was tried): under a memory limit the read-ahead evicted
-        pages still wanted: decode ran 3-18% slower (median; docs/BENCHMARKS.md, 2026-12-07 late)."""
+        """The expert as a step's CPU-computed miss. Its blob is not asked for ahead: a
+        posix_fadvise WILLNEED on a thread, tried, evicted pages still wanted under a memory limit,
+        and decode ran 3-18% slower (medians; docs/BENCHMARKS.md, 2026-12-07 late)."""
         return CpuExpert(self, layer, expert)
 
     def bound(self, layer: int, expert: int) -> nn.Module:
