@@ -21,12 +21,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = REPO_ROOT / "assets" / "demo"
 
 
-def count_decode_ops(model_dir: Path, quant: str | None = None, prefill: int = 4) -> Counter[str]:
-    """ATen ops (by name) in one decode forward of the model in `model_dir` (float32, CPU)."""
-    import torch
+def op_counter():
+    """A TorchDispatchMode that counts the ATen ops run inside it by name (`.ops`), on the thread
+    that entered it (a copy thread's ops are not counted)."""
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    from mixtral_chat.engine.weights import load_model
 
     class OpCounter(TorchDispatchMode):
         def __init__(self) -> None:
@@ -37,12 +35,21 @@ def count_decode_ops(model_dir: Path, quant: str | None = None, prefill: int = 4
             self.ops[str(func.overloadpacket.__name__)] += 1
             return func(*args, **(kwargs or {}))
 
+    return OpCounter()
+
+
+def count_decode_ops(model_dir: Path, quant: str | None = None, prefill: int = 4) -> Counter[str]:
+    """ATen ops (by name) in one decode forward of the model in `model_dir` (float32, CPU)."""
+    import torch
+
+    from mixtral_chat.engine.weights import load_model
+
     model = load_model(model_dir, quant=quant)
     model.setup_cache(prefill + 8)
     tokens = torch.arange(1, prefill + 2).view(1, -1)  # [1, prefill + 1]
     with torch.no_grad():
         model(tokens[:, :prefill], torch.arange(prefill))
-        counter = OpCounter()
+        counter = op_counter()
         with counter:
             model(tokens[:, prefill:], torch.tensor([prefill]))
     return counter.ops

@@ -15,7 +15,9 @@ Every row prints as soon as it is measured:
 - `mixtral-chat ask --gpu-mem B` end to end for each budget;
 - per budget, routing replayed from a Mixtral-calibrated synthetic trace: decode tok/s, hit rate,
   bytes moved and CPU-computed experts per token, the measured bandwidths, the plan's bound and
-  measured/bound, and host syncs per token (counted at `.item()`, `.tolist()` and `int()`).
+  measured/bound, host syncs per token (counted at `.item()`, `.tolist()` and `int()`), ATen ops per
+  token (each a kernel launch or more on CUDA), and the stall per token: the GPU's idle time waiting
+  for copies (CUDA events, engine/offload/stall_clock.py) beside the host thread's wait.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
 from bench_offload import write_checkpoint  # noqa: E402 (the bench folder is not a package)
+from bench_ops import op_counter  # noqa: E402
 
 from mixtral_chat.engine.models.catalog import MIXTRAL_8X7B_CONFIG  # noqa: E402
 
@@ -50,6 +53,11 @@ CONTEXT = 512  # tokens, for the budgets' KV caches and every load
 
 def say(line: str) -> None:
     print(line, flush=True)
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -319,7 +327,8 @@ def figures(
     from mixtral_chat.engine.runtime import Engine
 
     columns = ["budget", "tok/s", "hit rate", "MB moved/token", "CPU experts/token", "H2D GB/s", "CPU GB/s"]
-    columns += ["bound ms", "measured/bound", "syncs/token"]
+    columns += ["bound ms", "measured/bound", "syncs/token", "ops/token"]
+    columns += ["stall ms/token", "host wait ms/token"]
     say("| " + " | ".join(columns) + " |")
     say("|" + "---|" * len(columns))
     for label, gb in budgets:
@@ -347,8 +356,11 @@ def figures(
                 for _ in range(tokens):
                     logits = decode_one(engine.model, int(logits.argmax()), position)
                     position += 1
+                synchronize(device)  # the last token's work is done too
                 seconds = time.perf_counter() - started
-        after = engine.offloader.counters()
+            after = engine.offloader.counters()  # read with the GPU idle: every wait's events reached
+            with op_counter() as ops:  # one more token, counted op by op (slower: not timed)
+                decode_one(engine.model, int(logits.argmax()), position)
         hits, misses = after.hits - before.hits, after.misses - before.misses
         moved = (after.bytes_moved - before.bytes_moved) / tokens / 1e6
         cpu_experts = (after.cpu_computed - before.cpu_computed) / tokens
@@ -359,7 +371,9 @@ def figures(
         say(
             f"| {label} | {tokens / seconds:.2f} | {hits / max(1, hits + misses):.3f} | {moved:.2f} | "
             f"{cpu_experts:.2f} | {h2d} | {rates.cpu_gbps:.1f} | {bound_ms:.2f} | "
-            f"{measured_ms / bound_ms:.2f} | {syncs.count / tokens:.1f} |"
+            f"{measured_ms / bound_ms:.2f} | {syncs.count / tokens:.1f} | {sum(ops.ops.values())} | "
+            f"{(after.stall_s - before.stall_s) / tokens * 1e3:.2f} | "
+            f"{(after.host_wait_s - before.host_wait_s) / tokens * 1e3:.2f} |"
         )
         engine.close()
 

@@ -33,3 +33,10 @@ def test_the_gpu_check_dry_run_passes(tmp_path: Path) -> None:
     assert len(rows) == 3
     hit_rates = [float(row.split("|")[3]) for row in rows]
     assert hit_rates == sorted(hit_rates)  # more memory, more hits
+    header_line = next(line for line in lines if line.startswith("| budget |"))
+    header = [cell.strip() for cell in header_line.split("|")]
+    for row in rows:
+        cells = dict(zip(header, (cell.strip() for cell in row.split("|")), strict=True))
+        assert int(cells["ops/token"]) > 0
+        # On the CPU the compute is the thread that waits: the stall and the host's wait are one.
+        assert cells["stall ms/token"] == cells["host wait ms/token"]

@@ -4,6 +4,7 @@ prefetch replayed through the engine's SlotMap (defect 6); traces with several s
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -160,5 +161,23 @@ def test_a_wrong_prefetch_still_in_flight_frees_its_slot_and_leaves_the_grid() -
             assert module is cache.modules[slot] and torch.equal(cache.buffers[slot], store.blob(0, expert))
         cache.experts_for([0, 3])  # the freed slot takes the miss: nothing resident is evicted
         assert cache.slots.resident == [0, 1, 3]
+    finally:
+        transfers.close()
+
+
+def test_the_stall_is_the_time_the_compute_waited_for_its_copies() -> None:
+    store = filled_store()
+    transfers = slow_transfers(store, 0.15)
+    cache = LayerExpertCache(0, store, Expert(64, 128).to("meta"), 2, "lru", CPU, transfers)
+    try:
+        began = time.perf_counter()
+        cache.experts_for([0, 1])  # two misses: copied one after the other, waited for
+        elapsed = time.perf_counter() - began
+        waited = cache.counters().stall_s
+        assert 0.3 <= waited <= elapsed  # the copies' simulated time, within the step's
+        # On the CPU the compute is the waiting thread: both figures are the one wait.
+        assert cache.counters().host_wait_s == waited
+        cache.experts_for([1, 0])  # both resident: no wait at all
+        assert cache.counters().stall_s == waited
     finally:
         transfers.close()

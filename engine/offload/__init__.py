@@ -3,7 +3,8 @@
 - `store`: one contiguous blob per expert (`quant.blob.ExpertBlobLayout`) in RAM or on disk.
 - `transfers`: copies off the compute path (a CUDA copy stream, or a thread on CPU).
 - `slots`: which expert sits in which slot, eviction policies, counters (pure Python).
-- `cache`: one layer's k slot buffers on the compute device, fed by the store.
+- `cache`: one layer's k slot buffers on the compute device, fed by the store; `stall_clock`:
+  its waits for copies, the GPU's own on CUDA (events).
 - `placement`: where a layer's misses go (copied, computed on the CPU, or split) and the cost
   model (pure); `bandwidth`: the host's rates it uses, measured once and cached;
   `cpu_experts`: experts computed on the CPU from the store; `streamed`: a store filled while

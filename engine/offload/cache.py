@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -25,6 +24,7 @@ from torch import nn
 from mixtral_chat.engine.offload.cpu_experts import CpuExperts
 from mixtral_chat.engine.offload.placement import COPY, CPU, SPLIT, MissCosts, copies_for
 from mixtral_chat.engine.offload.slots import Access, CacheCounters, SlotMap, make_policy
+from mixtral_chat.engine.offload.stall_clock import StallClock
 from mixtral_chat.engine.offload.store import ExpertStore
 from mixtral_chat.engine.offload.transfers import DEMAND, PREFETCH, Transfer, Transfers
 
@@ -67,6 +67,7 @@ class LayerExpertCache:
         self.store = store
         self.transfers = transfers
         self.slots = SlotMap(capacity, make_policy(policy), CacheCounters(), store.layout.nbytes)
+        self.stall = StallClock(device)
         self.staging = staging
         self.buffers: list[torch.Tensor] = []
         self.modules: list[nn.Module] = []
@@ -83,6 +84,12 @@ class LayerExpertCache:
         # Called once this step's own misses are queued, before waiting for them: the next layer's
         # speculative prefetch goes here, so it queues behind this layer's demand.
         self.after_demand: Callable[[], None] | None = None
+
+    def counters(self) -> CacheCounters:
+        """The slots' counters with the waits for copies so far (`stall.StallClock`)."""
+        counters = self.slots.counters
+        counters.stall_s, counters.host_wait_s = self.stall.device_s, self.stall.host_s
+        return counters
 
     def warm_start(self, expert_ids: Sequence[int]) -> None:
         self.slots.start_warm(list(expert_ids))
@@ -156,12 +163,11 @@ class LayerExpertCache:
 
     def _wait_for(self, accesses: Sequence[Access]) -> None:
         """Until these slots' copies (this step's or an earlier prefetch's) have landed."""
-        started = time.perf_counter()
-        for access in accesses:
-            transfer = self.pending.pop(access.slot, None)
-            if transfer is not None:
-                self.transfers.wait(transfer)
-        self.slots.counters.stall_s += time.perf_counter() - started
+        transfers = [t for a in accesses if (t := self.pending.pop(a.slot, None)) is not None]
+        if transfers:
+            with self.stall.waiting():
+                for transfer in transfers:
+                    self.transfers.wait(transfer)
 
     def _slots_or_cpu(self, expert_ids: Sequence[int]) -> list[nn.Module]:
         """Fixed slots: a resident expert runs in its slot, any other on the CPU."""
@@ -170,11 +176,10 @@ class LayerExpertCache:
         self.activity.hits = [e for e, slot in zip(expert_ids, found, strict=True) if slot is not None]
         self.activity.misses = [e for e, slot in zip(expert_ids, found, strict=True) if slot is None]
         if self.pending:  # the warm start's copies
-            started = time.perf_counter()
-            for transfer in self.pending.values():
-                self.transfers.wait(transfer)
+            with self.stall.waiting():
+                for transfer in self.pending.values():
+                    self.transfers.wait(transfer)
             self.pending.clear()
-            self.slots.counters.stall_s += time.perf_counter() - started
         return [
             self.modules[slot] if slot is not None else self.cpu_experts.module(self.layer, e)
             for e, slot in zip(expert_ids, found, strict=True)

@@ -229,7 +229,7 @@ class ExpertOffloader:
     def counters(self) -> CacheCounters:
         total = CacheCounters()
         for cache in self.caches:
-            total.add(cache.slots.counters)
+            total.add(cache.counters())
         return total
 
     def stats(self) -> dict:
@@ -251,6 +251,7 @@ class ExpertOffloader:
             "cpu_computed": total.cpu_computed,
             "cpu_layers": self.plan.cpu_layers,
             "stall_s": round(total.stall_s, 4),
+            "host_wait_s": round(total.host_wait_s, 4),
             "plan": self.plan.describe(),
             "layers": [
                 {

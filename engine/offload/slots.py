@@ -105,7 +105,8 @@ class CacheCounters:
     loads: int = 0  # all loads: misses + prefetches
     cpu_computed: int = 0  # misses computed on the CPU from the host store (no load)
     bytes_moved: int = 0
-    stall_s: float = 0.0  # time the compute waited for loads
+    stall_s: float = 0.0  # time the compute waited for loads (the GPU's on CUDA: stall_clock.py)
+    host_wait_s: float = 0.0  # time the host thread waited for them (stall_s on the CPU)
 
     @property
     def hit_rate(self) -> float:
