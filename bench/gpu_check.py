@@ -17,7 +17,9 @@ Every row prints as soon as it is measured:
   bytes moved and CPU-computed experts per token, the measured bandwidths, the plan's bound and
   measured/bound, host syncs per token (counted at `.item()`, `.tolist()` and `int()`), ATen ops per
   token (each a kernel launch or more on CUDA), and the stall per token: the GPU's idle time waiting
-  for copies (CUDA events, engine/offload/stall_clock.py) beside the host thread's wait.
+  for copies (CUDA events, engine/offload/stall_clock.py) beside the host thread's wait;
+- what launches, syncs and gathering an expert by a device index cost (bench/launch_costs.py),
+  and its per-token arithmetic: the figures that decide device-side routing and CUDA graphs.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from bench_offload import write_checkpoint  # noqa: E402 (the bench folder is not a package)
 from bench_ops import op_counter  # noqa: E402
+from launch_costs import measure as measure_launch_costs  # noqa: E402
+from launch_costs import per_token as launch_costs_per_token  # noqa: E402
 
 from mixtral_chat.engine.models.catalog import MIXTRAL_8X7B_CONFIG  # noqa: E402
 
@@ -319,7 +323,8 @@ def figures(
     tokens: int,
     workdir: Path,
     links: dict[str, float | str],
-) -> None:
+) -> list[int]:
+    """Prints a row per budget; returns each budget's ATen ops per token."""
     from mixtral_chat.engine.generate import decode_one, prefill
     from mixtral_chat.engine.offload.replay import install_routing_replay, synthetic_routing_trace
     from mixtral_chat.engine.offload.trace import write_routing_trace
@@ -331,6 +336,7 @@ def figures(
     columns += ["stall ms/token", "host wait ms/token"]
     say("| " + " | ".join(columns) + " |")
     say("|" + "---|" * len(columns))
+    ops_per_token = []
     for label, gb in budgets:
         options = LoadOptions(device=device, gpu_budget_gb=gb, offload=True, context_length=CONTEXT, **links)
         engine = Engine.load(model_dir, options)
@@ -375,7 +381,9 @@ def figures(
             f"{(after.stall_s - before.stall_s) / tokens * 1e3:.2f} | "
             f"{(after.host_wait_s - before.host_wait_s) / tokens * 1e3:.2f} |"
         )
+        ops_per_token.append(sum(ops.ops.values()))
         engine.close()
+    return ops_per_token
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -399,8 +407,16 @@ def main(argv: list[str] | None = None) -> int:
     budgets = budgets_for(args.dry_run, big)
     links = link_flags(args.dry_run)
     ok &= end_to_end(big, budgets, device, links)
+    costs = measure_launch_costs(
+        shape["hidden_size"],
+        shape["intermediate_size"],
+        shape["num_local_experts"],
+        torch.device(device),
+        say,
+    )
     tokens = args.tokens if not args.dry_run else min(args.tokens, 8)
-    figures(big, budgets, device, tokens, args.workdir, links)
+    ops = figures(big, budgets, device, tokens, args.workdir, links)
+    say(launch_costs_per_token(costs, shape["num_hidden_layers"], shape["num_experts_per_tok"], ops[-1]))
     say("gpu_check: " + ("all checks passed" if ok else "SOME CHECKS FAILED"))
     return 0 if ok else 1
 

@@ -40,3 +40,9 @@ def test_the_gpu_check_dry_run_passes(tmp_path: Path) -> None:
         assert int(cells["ops/token"]) > 0
         # On the CPU the compute is the thread that waits: the stall and the host's wait are one.
         assert cells["stall ms/token"] == cells["host wait ms/token"]
+    costs = [line for line in lines if line.startswith("| launch costs |")]
+    assert len(costs) == 6  # the header and five rows
+    assert "| the same op in a CUDA graph (CUDA only) | - | - |" in costs[2]  # not on the CPU
+    assert any(
+        line.startswith("per token at 4 layers, top-2: gathering the chosen experts costs") for line in lines
+    )
