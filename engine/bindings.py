@@ -1,5 +1,6 @@
 """Whether anything in a module tree was rebound since it was read: the check behind a native
-operand cached across decode steps (engine/model.py `Mixtral.native_decode_stack`).
+operand cached across decode steps (engine/model.py `Mixtral.native_decode_stack`), or behind
+a decode step's CUDA graphs (engine/decode_graphs.py).
 
 An operand holds raw pointers to the tensors it was made from. Loading, moving, quantizing or
 offloading a model rebinds tensors or modules (a new object under the same name), while an
@@ -20,12 +21,15 @@ from torch import nn
 class Bindings:
     """Where each object of a module tree was found: (dictionary, key, object) triples."""
 
-    def __init__(self, root: nn.Module, attributes: Iterable[tuple[nn.Module, str]] = ()) -> None:
-        """Every child module, parameter and buffer under `root`, and the (module, name) plain
-        attributes given (hooks, a bound method), as they are now."""
+    def __init__(
+        self, root: nn.Module | Iterable[nn.Module], attributes: Iterable[tuple[nn.Module, str]] = ()
+    ) -> None:
+        """Every child module, parameter and buffer under `root` (or under each of several), and
+        the (module, name) plain attributes given (hooks, a bound method), as they are now."""
         containers: list[dict] = []
         keys: list[str] = []
-        for module in root.modules():
+        roots = [root] if isinstance(root, nn.Module) else list(root)
+        for module in (m for r in roots for m in r.modules()):
             for table in (module._modules, module._parameters, module._buffers):
                 containers += [table] * len(table)
                 keys += table

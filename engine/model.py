@@ -9,6 +9,7 @@ move them one at a time.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,9 @@ from mixtral_chat.quant import native_fused
 from mixtral_chat.quant.int4 import expert_operand, native_parts, same_tensors
 from mixtral_chat.quant.native import MAX_ROUTED_EXPERTS, int4_kernel
 from mixtral_chat.quant.native_fused import AttentionBlockOperand, BlockOutput, ExpertOperand, StackOperand
+
+if TYPE_CHECKING:
+    from mixtral_chat.engine.decode_graphs import DecodeGraphs
 
 # Offloading swaps this for an expert cache: given a layer's expert ids (ascending), return
 # modules that compute each expert. The default is the layer's own resident experts.
@@ -291,12 +295,14 @@ class SparseMoE(nn.Module):
         weights = weights / weights.sum(dim=-1, keepdim=True)  # renormalise over the kept K
         return router_logits, chosen, weights
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, routed: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+        """x [B, S, D] -> [B, S, D]; `routed`: what `route` gives for x, already computed (by a
+        decode graph, engine/decode_graphs.py)."""
         B, S, D = x.shape
         x = x.view(B * S, D)  # [T, D]
         if self.prefetch_hook is not None:
             self.prefetch_hook(x)
-        router_logits, chosen, weights = self.route(x)
+        router_logits, chosen, weights = self.route(x) if routed is None else routed
         if self.routing_hook is not None:
             self.routing_hook(router_logits, chosen, weights)
         if B * S == 1:
@@ -483,12 +489,18 @@ class DecoderLayer(nn.Module):
         fits = weight.dtype is torch.float32 and weight.is_cpu and weight.is_contiguous()
         return weight if fits and weight.shape[0] <= MAX_ROUTED_EXPERTS else None
 
+    def attention_half(
+        self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, mask: Tensor | None, end: int
+    ) -> Tensor:
+        """x [B, S, D] -> the residual stream after attention, x + attention(norm(x)), [B, S, D]."""
+        return x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask, end)
+
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, mask: Tensor | None, end: int
     ) -> Tensor:
         block = self.native_attention_block(x, mask)
         if block is None:
-            h = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask, end)
+            h = self.attention_half(x, cos, sin, input_pos, mask, end)
             return h + self.block_sparse_moe(self.post_attention_layernorm(h))
         out = native_fused.attention_block(block, x, cos, sin, end - 1)  # h, normed [B, S, D]
         if out.expert_ids is None:
@@ -508,10 +520,13 @@ class Mixtral(nn.Module):
         self.rope_cos: Tensor | None = None
         self.rope_sin: Tensor | None = None  # signed_sin(sin), as apply_rope takes it
         self._stack: tuple[StackOperand, Bindings] | None = None  # see native_decode_stack
+        # A decode token's layers through engine/decode_graphs.py (set on CUDA by Engine.load).
+        self.decode_graphs: DecodeGraphs | None = None
 
     def __getstate__(self) -> dict:
         state = dict(super().__getstate__())
-        state["_stack"] = None  # a copy's tensors are other tensors: its operand is made anew
+        # A copy's tensors are other tensors: its operand and graphs are made anew.
+        state["_stack"] = state["decode_graphs"] = None
         return state
 
     def fuse_weights(self) -> None:
@@ -608,6 +623,8 @@ class Mixtral(nn.Module):
         stack = self.native_decode_stack(x, mask)
         if stack is not None:
             x = native_fused.decode_stack(stack, x, cos, sin, end - 1)  # [B, S, D]
+        elif self.decode_graphs is not None and x.shape[0] * x.shape[1] == 1:
+            x = self.decode_graphs.forward(x, input_pos, end)  # [1, 1, D]
         else:
             for layer in self.layers:
                 x = layer(x, cos, sin, input_pos, mask, end)

@@ -181,6 +181,10 @@ class Engine:
                 else None
             )
             model.setup_cache(ctx)
+            if device.type == "cuda" and options.cuda_graphs:
+                from mixtral_chat.engine.decode_graphs import DecodeGraphs
+
+                model.decode_graphs = DecodeGraphs(model, capture=True)
             if device.type == "cpu":
                 # The native kernel (compiled once per machine and CPU, ~2-5 s; never raises)
                 # is made ready while loading: else a float32 model's first decode step asks for
@@ -316,6 +320,11 @@ class Engine:
     def cache_stats(self) -> dict | None:
         """Expert-cache counters when experts are offloaded; None when all are resident."""
         return self.offloader.stats() if self.offloader else None
+
+    def decode_graphs_state(self) -> str | None:
+        """Whether decode replays CUDA graphs (engine/decode_graphs.py); None where it never does."""
+        graphs = self.model.decode_graphs
+        return graphs.state() if graphs is not None else None
 
     def close(self) -> None:
         if self.offloader:

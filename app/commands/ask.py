@@ -154,16 +154,16 @@ def answer(args: argparse.Namespace, prompt: str, log: ConversationLog | None) -
     system_prompt = continued.system_prompt if continued is not None else (args.system or "")
     messages = [*chat_messages(system_prompt, history), {"role": "user", "content": prompt}]
     stream, pieces, interrupted = stream_answer(args, engine, messages, config, log, prompt, system_prompt)
-    cache = engine.cache_stats()
+    cache, graphs = engine.cache_stats(), engine.decode_graphs_state()
     engine.close()
     text = "".join(pieces)
     if args.json:
         conversation_id = log.conversation_id if log is not None else None
-        print_json(args, engine, text, pieces, stream.stats, cache, interrupted, conversation_id)
+        print_json(args, engine, text, pieces, stream.stats, cache, interrupted, conversation_id, graphs)
     elif text and not text.endswith("\n"):
         sys.stdout.write("\n")
     if args.stats:
-        print_stats(stream.stats, cache)
+        print_stats(stream.stats, cache, graphs)
     return 130 if interrupted else 0
 
 
@@ -339,6 +339,7 @@ def print_json(
     cache: dict | None,
     interrupted: bool,
     conversation_id: int | None,
+    graphs: str | None = None,
 ) -> None:
     finish = "cancelled" if interrupted or stats is None else stats.finish_reason
     print(
@@ -357,6 +358,7 @@ def print_json(
                 },
                 "conversation_id": conversation_id,  # None: not stored (--no-log, or it failed)
                 **({"cache": cache_summary(cache)} if cache and args.stats else {}),
+                **({"decode_graphs": graphs} if graphs and args.stats else {}),
             },
             ensure_ascii=False,
         )
@@ -383,7 +385,7 @@ def cache_summary(cache: dict) -> dict:
     return {k: v for k, v in cache.items() if k != "layers"}
 
 
-def print_stats(stats, cache: dict | None) -> None:
+def print_stats(stats, cache: dict | None, graphs: str | None = None) -> None:
     if stats:
         print(
             f"mixtral-chat: {stats.prompt_tokens} prompt + {stats.completion_tokens} completion tokens, "
@@ -399,3 +401,5 @@ def print_stats(stats, cache: dict | None) -> None:
             f"stalled {cache['stall_s']:.3f} s",
             file=sys.stderr,
         )
+    if graphs:
+        print(f"mixtral-chat: decode graphs: {graphs}", file=sys.stderr)

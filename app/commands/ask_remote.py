@@ -33,6 +33,7 @@ LOCAL_ONLY = {
     "prefetch": False,
     "cache_policy": "lru",
     "vocab_weights": "auto",
+    "cuda_graphs": True,
     "trace_routing": None,
 }
 

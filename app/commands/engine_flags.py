@@ -26,6 +26,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
         type=int_range("--context", 1),
         help="context length in tokens (default: the model's own, shortened if memory is short)",
     )
+    parser.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on a GPU, replay each decode layer's attention as a CUDA graph (off: launch every op)",
+    )
     offload = parser.add_argument_group("expert offloading")
     offload.add_argument(
         "--experts-per-layer",
@@ -73,6 +79,7 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
         cpu_gbps=args.cpu_gbps,
         disk_gbps=args.disk_gbps,
         vocab_weights=args.vocab_weights,
+        cuda_graphs=args.cuda_graphs,
     )
 
 

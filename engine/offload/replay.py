@@ -192,13 +192,13 @@ class RoutingReplay:
                 moe.__dict__.pop(name, None)
         self._installed.clear()
 
-    def _forward(self, moe: SparseMoE, index: int) -> Callable[[Tensor], Tensor]:
+    def _forward(self, moe: SparseMoE, index: int) -> Callable[..., Tensor]:
         forward = type(moe).forward.__get__(moe)
 
-        def replayed_forward(x: Tensor) -> Tensor:
+        def replayed_forward(x: Tensor, routed: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
             outer, self._active_layer = self._active_layer, index
             try:
-                return forward(x)
+                return forward(x, routed)
             finally:
                 self._active_layer = outer
 

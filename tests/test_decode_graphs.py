@@ -1,0 +1,115 @@
+"""engine/decode_graphs.py on the CPU: the bodies a GPU captures, run as they are, give the eager
+decode's logits, across buckets, with a sliding window, offloaded, with a replayed route, and
+after a layer is rebound (issue 14, defect 8)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixtral_chat.engine.decode_graphs import DecodeGraphs, bucket_for
+from mixtral_chat.engine.generate import decode_one, prefill
+from mixtral_chat.engine.offload import ExpertOffloader, plan_offload
+from mixtral_chat.engine.offload.placement import CPU
+from mixtral_chat.engine.offload.replay import install_routing_replay, synthetic_routing_trace
+from mixtral_chat.engine.offload.trace import write_routing_trace
+from mixtral_chat.engine.weights import load_model
+from tests.conftest import save_tiny_checkpoint
+
+LAYERS = 3
+PROMPT = [1, 5, 9, 2, 7]
+STEPS = 20  # positions 5..24: buckets 8, 16 and 32 with the smallest at 4
+SMALLEST = 4
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_checkpoint(
+        tmp_path_factory.mktemp("graphs"), num_local_experts=8, num_hidden_layers=LAYERS, hidden_size=64
+    )
+
+
+def greedy(model, steps: int = STEPS) -> tuple[torch.Tensor, list[int]]:
+    """The logits of a greedy decode after PROMPT, [steps + 1, V], and the tokens it chose."""
+    model.setup_cache(64)
+    logits = [prefill(model, PROMPT, 0)]
+    tokens = []
+    for i in range(steps):
+        tokens.append(int(logits[-1].argmax()))
+        logits.append(decode_one(model, tokens[-1], len(PROMPT) + i))
+    return torch.stack(logits), tokens
+
+
+def with_graphs(model):
+    model.decode_graphs = DecodeGraphs(model, capture=False, smallest_bucket=SMALLEST)
+    return model
+
+
+def test_buckets_are_powers_of_two_within_the_cache() -> None:
+    assert [bucket_for(end, 64, 4) for end in (1, 4, 5, 8, 9, 33, 64)] == [4, 4, 8, 8, 16, 64, 64]
+    assert bucket_for(300, 4096) == 512 and bucket_for(10, 100) == 100 and bucket_for(3000, 2048) == 2048
+
+
+def test_the_graph_bodies_decode_as_the_eager_layers(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expected, tokens = greedy(load_model(model_dir))
+    model = with_graphs(load_model(model_dir))
+    ran: list[tuple[int, int]] = []
+    body = model.decode_graphs._body
+    monkeypatch.setattr(model.decode_graphs, "_body", lambda i, b: (ran.append((i, b)), body(i, b)))
+    got, got_tokens = greedy(model)
+    # Every layer of every decode step ran its body, over the bucket its position needs.
+    assert ran == [
+        (i, bucket_for(len(PROMPT) + s + 1, 64, SMALLEST)) for s in range(STEPS) for i in range(LAYERS)
+    ]
+    assert {b for _, b in ran} == {8, 16, 32}
+    assert got_tokens == tokens
+    # Attention over a masked bucket instead of the written rows alone: the same sums, another order.
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert model.decode_graphs.state() == "eager (no capture)"
+
+
+def test_a_sliding_window_masks_the_bucket_as_the_eager_mask(tmp_path: Path) -> None:
+    directory = save_tiny_checkpoint(tmp_path, num_local_experts=4, num_hidden_layers=2, sliding_window=6)
+    expected, _ = greedy(load_model(directory))
+    got, _ = greedy(with_graphs(load_model(directory)))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("on_miss", ["copy", CPU])
+def test_offloaded_layers_take_the_graphs_route(model_dir: Path, on_miss: str) -> None:
+    expected, _ = greedy(load_model(model_dir))
+    model = with_graphs(load_model(model_dir))
+    offloader = ExpertOffloader(model, plan_offload(model, 64, experts_per_layer=2, on_miss=on_miss))
+    try:
+        got, _ = greedy(model)
+        assert offloader.counters().misses > 0  # the experts really came from the cache
+    finally:
+        offloader.close()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_replayed_route_is_followed_and_a_rebound_layer_is_read_anew(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    trace = tmp_path / "trace.jsonl"
+    write_routing_trace(synthetic_routing_trace(LAYERS, 8, 2, 64), trace)
+    reference = load_model(model_dir)
+    replay = install_routing_replay(reference, trace, prediction_recall=None)
+    expected, _ = greedy(reference)
+    replay.uninstall()
+    model = with_graphs(load_model(model_dir))
+    greedy(model, steps=2)  # buffers made for the gate's own routing first
+    replay = install_routing_replay(model, trace, prediction_recall=None)
+    got, _ = greedy(model)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    replay.uninstall()
+
+    # A rebound weight (a layer moved, requantized or replaced) is what the next token reads.
+    for model_ in (reference, model):
+        o_proj = model_.layers[1].self_attn.o_proj
+        o_proj.weight = torch.nn.Parameter(o_proj.weight.detach() * 0.5, requires_grad=False)
+    torch.testing.assert_close(greedy(model)[0], greedy(reference)[0], rtol=1e-5, atol=1e-5)
