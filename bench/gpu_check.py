@@ -171,6 +171,25 @@ def streamed_as_expected(engine: Any, scheme: str, dry: bool) -> str | None:
     return None
 
 
+def with_decode_graphs(engine: Any, dry: bool) -> Any:
+    """The engine with its decode through engine/decode_graphs.py: captured on CUDA (what
+    `Engine.load` sets there), the same bodies uncaptured on the dry run's CPU."""
+    from mixtral_chat.engine.decode_graphs import DecodeGraphs
+
+    if dry:
+        engine.model.decode_graphs = DecodeGraphs(engine.model, capture=False)
+    return engine
+
+
+def graphs_as_expected(engine: Any, name: str, dry: bool) -> str | None:
+    """On CUDA the graphs row must have captured its graphs (a failed capture runs eagerly, with
+    the same logits, and would pass unseen). Why not, or None."""
+    if name != "CUDA graphs == eager" or dry:
+        return None
+    state = engine.decode_graphs_state()
+    return None if (state or "").startswith("on (") else f"decode graphs {state}"
+
+
 def correctness(workdir: Path, device: str, dry: bool) -> bool:
     from mixtral_chat.engine.options import LoadOptions
     from mixtral_chat.engine.runtime import Engine
@@ -190,7 +209,10 @@ def correctness(workdir: Path, device: str, dry: bool) -> bool:
         cpu.close()
         checks: dict[str, Any] = {
             "device vs CPU float32": lambda d=model_dir: Engine.load(
-                d, LoadOptions(device=device, context_length=64, vocab_weights="float")
+                d, LoadOptions(device=device, context_length=64, vocab_weights="float", cuda_graphs=False)
+            ),
+            "CUDA graphs == eager": lambda d=model_dir: with_decode_graphs(
+                Engine.load(d, LoadOptions(device=device, context_length=64, vocab_weights="float")), dry
             ),
             "loaded on CPU, moved to the device": lambda d=model_dir: loaded_on_cpu_then_moved(d, device),
             "offloaded == resident (copy)": lambda d=model_dir: Engine.load(
@@ -221,7 +243,7 @@ def correctness(workdir: Path, device: str, dry: bool) -> bool:
             try:
                 engine = load()
                 got = greedy_logits(engine, prompt, 8)
-                why_not = streamed_as_expected(engine, scheme, dry)
+                why_not = streamed_as_expected(engine, scheme, dry) or graphs_as_expected(engine, name, dry)
                 engine.close()
                 reference = expected if resident is None else resident
                 diff = float((got - reference).abs().max())
@@ -324,7 +346,7 @@ def figures(
     workdir: Path,
     links: dict[str, float | str],
 ) -> list[int]:
-    """Prints a row per budget; returns each budget's ATen ops per token."""
+    """Prints a row per run; returns each run's ATen ops per token."""
     from mixtral_chat.engine.generate import decode_one, prefill
     from mixtral_chat.engine.offload.replay import install_routing_replay, synthetic_routing_trace
     from mixtral_chat.engine.offload.trace import write_routing_trace
@@ -333,12 +355,18 @@ def figures(
 
     columns = ["budget", "tok/s", "hit rate", "MB moved/token", "CPU experts/token", "H2D GB/s", "CPU GB/s"]
     columns += ["bound ms", "measured/bound", "syncs/token", "ops/token"]
-    columns += ["stall ms/token", "host wait ms/token"]
+    columns += ["stall ms/token", "host wait ms/token", "decode graphs"]
     say("| " + " | ".join(columns) + " |")
     say("|" + "---|" * len(columns))
     ops_per_token = []
-    for label, gb in budgets:
-        options = LoadOptions(device=device, gpu_budget_gb=gb, offload=True, context_length=CONTEXT, **links)
+    # Each budget as the app runs it (CUDA graphs on a GPU), and the largest once more eagerly.
+    runs = [(label, gb, True) for label, gb in budgets] + [
+        (f"{budgets[-1][0]}, eager", budgets[-1][1], False)
+    ]
+    for label, gb, graphs in runs:
+        options = LoadOptions(
+            device=device, gpu_budget_gb=gb, offload=True, context_length=CONTEXT, cuda_graphs=graphs, **links
+        )
         engine = Engine.load(model_dir, options)
         plan = engine.offloader.plan
         args = engine.model.args
@@ -379,7 +407,8 @@ def figures(
             f"{cpu_experts:.2f} | {h2d} | {rates.cpu_gbps:.1f} | {bound_ms:.2f} | "
             f"{measured_ms / bound_ms:.2f} | {syncs.count / tokens:.1f} | {sum(ops.ops.values())} | "
             f"{(after.stall_s - before.stall_s) / tokens * 1e3:.2f} | "
-            f"{(after.host_wait_s - before.host_wait_s) / tokens * 1e3:.2f} |"
+            f"{(after.host_wait_s - before.host_wait_s) / tokens * 1e3:.2f} | "
+            f"{engine.decode_graphs_state() or '-'} |"
         )
         ops_per_token.append(sum(ops.ops.values()))
         engine.close()

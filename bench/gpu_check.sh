@@ -3,7 +3,9 @@
 # correctness (CUDA vs CPU float32, offloaded == resident, a CPU-quantized model on CUDA),
 # `mixtral-chat ask` end to end at --gpu-mem 8, 12 and 24 on a synthetic full-size Mixtral-8x7B,
 # and per budget: tok/s, hit rate, bytes moved and CPU-computed experts per token, the measured
-# bandwidths, the plan's bound and measured/bound, host syncs per token (bench/gpu_check.py).
+# bandwidths, the plan's bound and measured/bound, host syncs and ATen ops per token, the GPU's
+# stall (CUDA events), with CUDA graphs and once without; what a launch, a sync and gathering an
+# expert cost (bench/gpu_check.py, bench/launch_costs.py).
 # Every row prints as it is measured; record them with the date in docs/BENCHMARKS.md.
 #
 #   bash bench/gpu_check.sh             # on a CUDA machine (installs this checkout, no deps)

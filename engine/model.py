@@ -136,9 +136,11 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor, end: int) -> tuple[Tensor, Tensor]:
-        """Write k/v [B, KVH, S, D] at input_pos; return the cache up to `end` positions."""
-        self.k[:, :, input_pos] = k
-        self.v[:, :, input_pos] = v
+        """Write k/v [B, KVH, S, D] at input_pos; return the cache up to `end` positions.
+
+        index_copy_, not an indexed assignment: a CUDA graph captures it (engine/decode_graphs.py)."""
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
@@ -617,17 +619,18 @@ class Mixtral(nn.Module):
             end = int(input_pos[-1]) + 1
         if end > self.max_seq_len:
             raise ValueError(f"position {end - 1} is beyond the cache ({self.max_seq_len} tokens)")
-        mask = self.attention_mask(input_pos, end)
-        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [S, D]
         x = self.embed_tokens(tokens)  # [B, S, D]
-        stack = self.native_decode_stack(x, mask)
-        if stack is not None:
-            x = native_fused.decode_stack(stack, x, cos, sin, end - 1)  # [B, S, D]
-        elif self.decode_graphs is not None and x.shape[0] * x.shape[1] == 1:
-            x = self.decode_graphs.forward(x, input_pos, end)  # [1, 1, D]
+        if self.decode_graphs is not None and x.shape[0] * x.shape[1] == 1:
+            x = self.decode_graphs.forward(x, input_pos, end)  # [1, 1, D]: its own rope and mask
         else:
-            for layer in self.layers:
-                x = layer(x, cos, sin, input_pos, mask, end)
+            mask = self.attention_mask(input_pos, end)
+            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [S, D]
+            stack = self.native_decode_stack(x, mask)
+            if stack is not None:
+                x = native_fused.decode_stack(stack, x, cos, sin, end - 1)  # [B, S, D]
+            else:
+                for layer in self.layers:
+                    x = layer(x, cos, sin, input_pos, mask, end)
         if last_only:
             x = x[:, -1:]  # [B, 1, D]
         return self.lm_head(self.norm(x)).float()
