@@ -25,7 +25,8 @@ class Bindings:
         self, root: nn.Module | Iterable[nn.Module], attributes: Iterable[tuple[nn.Module, str]] = ()
     ) -> None:
         """Every child module, parameter and buffer under `root` (or under each of several), and
-        the (module, name) plain attributes given (hooks, a bound method), as they are now."""
+        the (module, name) attributes given (hooks, a bound method; a child module, where `name`
+        is one: the entry in its parent), as they are now."""
         containers: list[dict] = []
         keys: list[str] = []
         roots = [root] if isinstance(root, nn.Module) else list(root)
@@ -34,7 +35,7 @@ class Bindings:
                 containers += [table] * len(table)
                 keys += table
         for module, name in attributes:
-            containers.append(module.__dict__)
+            containers.append(module._modules if name in module._modules else module.__dict__)
             keys.append(name)
         self._containers, self._keys = containers, keys
         self._objects = list(map(dict.get, containers, keys))

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from mixtral_chat.engine.bindings import Bindings
-from mixtral_chat.engine.model import DecoderLayer, Mixtral
+from mixtral_chat.engine.model import Mixtral
 
 BUCKET_MIN = 256  # cache positions; attention over fewer costs no less on a GPU
 
@@ -85,9 +85,14 @@ class DecodeGraphs:
             x = buffers.h + layer.block_sparse_moe(buffers.normed, buffers.route)
         return x
 
+    def current(self) -> bool:
+        """The static tensors and graphs made so far still read the model as it is (nothing they
+        read was rebound since)."""
+        return self._made_for is not None and self._made_for.hold()
+
     def _hold(self) -> None:
         """Static tensors and graphs for the model as it is now: made anew if anything was rebound."""
-        if self._made_for is not None and self._made_for.hold():
+        if self.current():
             return
         model = self.model
         self._graphs.clear()
@@ -97,7 +102,6 @@ class DecodeGraphs:
         self._position = torch.zeros(1, dtype=torch.long, device=like.device)
         self._key_positions = torch.arange(model.max_seq_len, device=like.device)
         self._buffers = []
-        attributes = [(model, "rope_cos"), (model, "rope_sin")]
         for layer in model.layers:
             moe = layer.block_sparse_moe
             route = None
@@ -110,18 +114,17 @@ class DecodeGraphs:
                 )
             static = [torch.zeros(1, 1, D, dtype=like.dtype, device=like.device) for _ in range(3)]
             self._buffers.append(LayerBuffers(*static, route))
-            attributes.append((moe, "route"))
-        parts = [m for layer in model.layers for m in self._graphed_modules(layer)]
-        self._made_for = Bindings(parts, attributes)
-
-    @staticmethod
-    def _graphed_modules(layer: DecoderLayer) -> list[torch.nn.Module]:
-        return [
-            layer.input_layernorm,
-            layer.self_attn,
-            layer.post_attention_layernorm,
-            layer.block_sparse_moe.gate,
-        ]
+        # What the graphs read, and where each of it hangs: a replaced module is a rebinding too.
+        read, entries = [], [(model, "rope_cos"), (model, "rope_sin")]
+        for index, layer in enumerate(model.layers):
+            moe = layer.block_sparse_moe
+            read += [layer.input_layernorm, layer.self_attn, layer.post_attention_layernorm, moe.gate]
+            entries += [(model.layers, str(index)), (moe, "gate"), (moe, "route")]
+            entries += [
+                (layer, name) for name in ("input_layernorm", "self_attn", "post_attention_layernorm")
+            ]
+            entries.append((layer, "block_sparse_moe"))
+        self._made_for = Bindings(read, entries)
 
     def _body(self, index: int, bucket: int) -> None:
         """Layer `index`'s attention half over `bucket` cache positions, buffers to buffers."""

@@ -4,6 +4,7 @@ after a layer is rebound (issue 14, defect 8)."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from mixtral_chat.engine.decode_graphs import DecodeGraphs, bucket_for
 from mixtral_chat.engine.generate import decode_one, prefill
+from mixtral_chat.engine.model import RMSNorm
 from mixtral_chat.engine.offload import ExpertOffloader, plan_offload
 from mixtral_chat.engine.offload.placement import CPU
 from mixtral_chat.engine.offload.replay import install_routing_replay, synthetic_routing_trace
@@ -92,24 +94,52 @@ def test_offloaded_layers_take_the_graphs_route(model_dir: Path, on_miss: str) -
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_a_replayed_route_is_followed_and_a_rebound_layer_is_read_anew(
-    model_dir: Path, tmp_path: Path
-) -> None:
+def test_a_route_replayed_mid_answer_is_followed(model_dir: Path, tmp_path: Path) -> None:
     trace = tmp_path / "trace.jsonl"
     write_routing_trace(synthetic_routing_trace(LAYERS, 8, 2, 64), trace)
-    reference = load_model(model_dir)
-    replay = install_routing_replay(reference, trace, prediction_recall=None)
-    expected, _ = greedy(reference)
-    replay.uninstall()
-    model = with_graphs(load_model(model_dir))
-    greedy(model, steps=2)  # buffers made for the gate's own routing first
-    replay = install_routing_replay(model, trace, prediction_recall=None)
-    got, _ = greedy(model)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    replay.uninstall()
+    runs = []
+    for model in (load_model(model_dir), with_graphs(load_model(model_dir))):
+        model.setup_cache(64)
+        logits, tokens = [prefill(model, PROMPT, 0)], [3, 8, 1, 4, 6, 2, 9, 5, 7, 1]
+        for i, token in enumerate(tokens):
+            if i == 2:  # the graphs' buffers were made for the gate's own routing
+                replay = install_routing_replay(model, trace, prediction_recall=None)
+            logits.append(decode_one(model, token, len(PROMPT) + i))
+        replay.uninstall()
+        runs.append(torch.stack(logits))
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-5)
 
-    # A rebound weight (a layer moved, requantized or replaced) is what the next token reads.
-    for model_ in (reference, model):
-        o_proj = model_.layers[1].self_attn.o_proj
+
+def test_the_graphs_are_made_anew_when_what_they_read_is_rebound(model_dir: Path, tmp_path: Path) -> None:
+    """Uncaptured bodies read the modules afresh each call; captured graphs keep their pointers,
+    so every rebinding must make them anew (`DecodeGraphs.current`)."""
+    model = with_graphs(load_model(model_dir))
+    graphs = model.decode_graphs
+    trace = tmp_path / "trace.jsonl"
+    write_routing_trace(synthetic_routing_trace(LAYERS, 8, 2, 64), trace)
+
+    def rebind_o_proj() -> None:
+        o_proj = model.layers[1].self_attn.o_proj
         o_proj.weight = torch.nn.Parameter(o_proj.weight.detach() * 0.5, requires_grad=False)
-    torch.testing.assert_close(greedy(model)[0], greedy(reference)[0], rtol=1e-5, atol=1e-5)
+
+    def replace_a_norm() -> None:
+        model.layers[0].post_attention_layernorm = RMSNorm(model.args.hidden_size, model.args.rms_norm_eps)
+
+    def replace_a_gate() -> None:
+        moe = model.layers[2].block_sparse_moe
+        moe.gate = copy.deepcopy(moe.gate)
+
+    rebindings = {
+        "a weight": rebind_o_proj,
+        "a norm": replace_a_norm,
+        "a gate": replace_a_gate,
+        "the cache": lambda: model.setup_cache(64),
+        "a replayed route": lambda: install_routing_replay(model, trace, prediction_recall=None),
+    }
+    greedy(model, steps=1)
+    for what, rebind in rebindings.items():
+        assert graphs.current(), what
+        rebind()
+        assert not graphs.current(), what
+        greedy(model, steps=1)  # made anew
+    assert graphs.current()

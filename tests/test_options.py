@@ -131,7 +131,7 @@ def test_the_engine_table_keeps_its_keys(isolated_home: Path) -> None:
     keys = [line.split(" = ")[0] for line in engine_table]
     # The keys the settings have always written, then the one the CLI also sets, then what a
     # missed expert does (issue 14; the bandwidths stay unset: measured per host), then the
-    # vocabulary weights' form (issue 16).
+    # vocabulary weights' form (issue 16), then whether CUDA replays decode graphs (issue 14).
     assert keys == [
         "device",
         "dtype",
@@ -142,5 +142,6 @@ def test_the_engine_table_keeps_its_keys(isolated_home: Path) -> None:
         "cache_policy",
         "on_miss",
         "vocab_weights",
+        "cuda_graphs",
     ]
     assert load_settings() == settings
