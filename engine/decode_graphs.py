@@ -1,35 +1,43 @@
-"""A decode token's attention halves replayed as CUDA graphs (issue 14, defect 8).
+"""A decode token's layers replayed as CUDA graphs (issue 14, defect 8).
 
 Eager decode on a GPU is launch-bound: each op costs a few microseconds of host time whatever its
-size, and a layer's attention half (the input norm, q|k|v, rope, the cache row, attention, o, the
-residual, the post-attention norm and the routing) is most of a layer's ops. Captured once, each
-layer's half is one graph launch. The experts stay eager: which ones run is read on the host (one
-sync per layer, what the expert cache needs), and each may be a slot, a miss or computed on the
-CPU.
+size. Captured once, each layer takes two graph launches:
+- its attention half (the input norm, q|k|v, rope, the cache row, attention, o, the residual, the
+  post-attention norm and, where the layer routes with its gate, the routing);
+- its chosen experts' weighted sum, where every chosen expert is on the device (resident, or in
+  a slot whose copy has landed). Which experts run is read on the host in between (one sync per
+  layer, what the expert cache needs); a miss computed on the CPU, or one whose copy is still in
+  flight, keeps the layer's experts eager.
 
 A graph replays fixed shapes at fixed addresses, so each layer reads its input from a static
 buffer, the position from one static tensor shared by all layers, and writes its outputs (the
-residual stream, its norm and the route) into static buffers; attention covers a fixed number of
-cache positions, a bucket (a power of two of at least BUCKET_MIN, at most the cache), masked to
-those written so far. A graph is captured per (layer, bucket) on first use.
+residual stream, its norm, the route, the experts' sum) into static buffers; attention covers a
+fixed number of cache positions, a bucket (a power of two of at least BUCKET_MIN, at most the
+cache), masked to those written so far. Graphs are captured on first use: per (layer, bucket)
+for attention, per (layer, expert modules, their places in the route) for experts (a slot module
+keeps its tensors while its contents change, so a slot's graph serves every expert copied in).
 
 Without capture (a CPU, or `capture=False`) the same bodies run as they are, so the suite runs
-this path on the CPU. A graph is made anew when anything it reads was rebound (`Bindings`: a
-moved or requantized layer, a new cache, a replayed route), and a failed capture turns capture off
-for good, with its reason in `state()`: the bodies then run eagerly, with the same results.
+this path on the CPU. Graphs are made anew when anything they read was rebound (`Bindings`: a
+moved or requantized layer, a replaced module, a new cache, a replayed route), and a failed
+capture turns that kind of graph off for good, with its reason in `state()`: its bodies then run
+eagerly, with the same results.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from mixtral_chat.engine.bindings import Bindings
 from mixtral_chat.engine.model import Mixtral
 
 BUCKET_MIN = 256  # cache positions; attention over fewer costs no less on a GPU
+ATTENTION, EXPERTS = "attention", "experts"  # the two kinds of graph
 
 
 def bucket_for(end: int, max_seq_len: int, smallest: int = BUCKET_MIN) -> int:
@@ -43,23 +51,31 @@ def bucket_for(end: int, max_seq_len: int, smallest: int = BUCKET_MIN) -> int:
 
 @dataclass
 class LayerBuffers:
-    """One layer's static tensors (each [1, 1, D] but the route's), read and written by its graphs."""
+    """One layer's static tensors, read and written by its graphs."""
 
-    x: Tensor  # the layer's input
-    h: Tensor  # x + attention: the residual stream after attention
-    normed: Tensor  # post_attention_layernorm(h): the experts' input
+    x: Tensor  # [1, 1, D]: the layer's input
+    h: Tensor  # [1, 1, D]: x + attention, the residual stream after attention
+    normed: Tensor  # [1, 1, D]: post_attention_layernorm(h), the experts' input
     route: tuple[Tensor, Tensor, Tensor] | None  # router logits [1, E], chosen [1, K], weights [1, K]
+    weights: Tensor  # [1, K] float32: the route's weights, as the experts' graphs read them
+    experts_out: Tensor  # [1, D]: the chosen experts' weighted sum
+
+
+@dataclass
+class Captured:
+    graph: torch.cuda.CUDAGraph
+    made_for: Bindings | None  # what an experts' graph reads besides the layer's own (its modules)
 
 
 class DecodeGraphs:
-    """Every layer's attention half for one decode token, captured per bucket (see the module)."""
+    """Every layer of one decode token through its graphs (see the module)."""
 
     def __init__(self, model: Mixtral, capture: bool, smallest_bucket: int = BUCKET_MIN) -> None:
         self.model = model
-        self.capture = capture
+        self.capture = {ATTENTION: capture, EXPERTS: capture}
         self.smallest_bucket = smallest_bucket
-        self.failure: str | None = None  # why capture was turned off
-        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.failures: dict[str, str] = {}  # kind -> why its capture was turned off
+        self._graphs: dict[tuple, Captured] = {}
         self._made_for: Bindings | None = None
         self._pool = None
         self._position: Tensor | None = None  # [1] long: the token's position, every layer's
@@ -67,10 +83,21 @@ class DecodeGraphs:
         self._buffers: list[LayerBuffers] = []
 
     def state(self) -> str:
-        """What the stats say: on (how many graphs), eager (no capture), or off with the reason."""
-        if self.failure is not None:
-            return f"eager: capture failed ({self.failure})"
-        return f"on ({len(self._graphs)} captured)" if self.capture else "eager (no capture)"
+        """What the stats say: on (how many graphs of each kind), or eager, and why."""
+        if not any(self.capture.values()) and not self.failures:
+            return "eager (no capture)"
+        parts = [
+            f"{kind} eager: capture failed ({self.failures[kind]})"
+            if kind in self.failures
+            else f"{sum(key[0] == kind for key in self._graphs)} {kind} graphs"
+            for kind in (ATTENTION, EXPERTS)
+        ]
+        return "on: " + ", ".join(parts)
+
+    def current(self) -> bool:
+        """The static tensors and graphs made so far still read the model as it is (nothing they
+        read was rebound since)."""
+        return self._made_for is not None and self._made_for.hold()
 
     def forward(self, x: Tensor, input_pos: Tensor, end: int) -> Tensor:
         """One token x [1, 1, D] at input_pos [1] (end = its position + 1) through every layer."""
@@ -81,14 +108,10 @@ class DecodeGraphs:
         for index, layer in enumerate(self.model.layers):
             buffers = self._buffers[index]
             buffers.x.copy_(x)
-            self._run(index, bucket)
+            self._replay((ATTENTION, index, bucket), functools.partial(self._attention, index, bucket))
+            # The experts: graphed by `_experts` through SparseMoE.graphed_experts where they can be.
             x = buffers.h + layer.block_sparse_moe(buffers.normed, buffers.route)
         return x
-
-    def current(self) -> bool:
-        """The static tensors and graphs made so far still read the model as it is (nothing they
-        read was rebound since)."""
-        return self._made_for is not None and self._made_for.hold()
 
     def _hold(self) -> None:
         """Static tensors and graphs for the model as it is now: made anew if anything was rebound."""
@@ -98,35 +121,39 @@ class DecodeGraphs:
         self._graphs.clear()
         self._pool = None
         like = model.norm.weight
-        D = model.args.hidden_size
+        D, E = model.args.hidden_size, model.args.num_local_experts
         self._position = torch.zeros(1, dtype=torch.long, device=like.device)
         self._key_positions = torch.arange(model.max_seq_len, device=like.device)
         self._buffers = []
-        for layer in model.layers:
+        for index, layer in enumerate(model.layers):
             moe = layer.block_sparse_moe
+            K = moe.top_k
             route = None
             if moe.routes_with_gate:  # a replayed route reads the host per token: it stays outside
-                E, K = model.args.num_local_experts, moe.top_k
                 route = (
                     torch.zeros(1, E, dtype=like.dtype, device=like.device),
                     torch.zeros(1, K, dtype=torch.long, device=like.device),
                     torch.zeros(1, K, dtype=torch.float32, device=like.device),
                 )
             static = [torch.zeros(1, 1, D, dtype=like.dtype, device=like.device) for _ in range(3)]
-            self._buffers.append(LayerBuffers(*static, route))
-        # What the graphs read, and where each of it hangs: a replaced module is a rebinding too.
+            weights = route[2] if route is not None else torch.zeros(1, K, device=like.device)
+            experts_out = torch.zeros(1, D, dtype=like.dtype, device=like.device)
+            self._buffers.append(LayerBuffers(*static, route, weights, experts_out))
+            moe.graphed_experts = functools.partial(self._experts, index)
+        # What the attention graphs read, and where each of it hangs: a replaced module is a
+        # rebinding too. (Each experts' graph watches its own modules.)
         read, entries = [], [(model, "rope_cos"), (model, "rope_sin")]
         for index, layer in enumerate(model.layers):
             moe = layer.block_sparse_moe
             read += [layer.input_layernorm, layer.self_attn, layer.post_attention_layernorm, moe.gate]
-            entries += [(model.layers, str(index)), (moe, "gate"), (moe, "route")]
+            entries += [(model.layers, str(index)), (moe, "gate"), (moe, "route"), (moe, "graphed_experts")]
             entries += [
-                (layer, name) for name in ("input_layernorm", "self_attn", "post_attention_layernorm")
+                (layer, name)
+                for name in ("input_layernorm", "self_attn", "post_attention_layernorm", "block_sparse_moe")
             ]
-            entries.append((layer, "block_sparse_moe"))
         self._made_for = Bindings(read, entries)
 
-    def _body(self, index: int, bucket: int) -> None:
+    def _attention(self, index: int, bucket: int) -> None:
         """Layer `index`'s attention half over `bucket` cache positions, buffers to buffers."""
         model, layer, buffers = self.model, self.model.layers[index], self._buffers[index]
         assert self._position is not None and self._key_positions is not None
@@ -149,27 +176,68 @@ class DecodeGraphs:
             ):
                 static.copy_(value)
 
-    def _run(self, index: int, bucket: int) -> None:
-        if not self.capture:
-            self._body(index, bucket)
-            return
-        graph = self._graphs.get((index, bucket))
-        if graph is None:
-            graph = self._captured(index, bucket)
-            if graph is None:  # capture failed: run eagerly from now on
-                self._body(index, bucket)
-                return
-        graph.replay()
+    def _experts(
+        self, index: int, x: Tensor, experts: Sequence[nn.Module], order: list[int], weights: Tensor
+    ) -> Tensor | None:
+        """SparseMoE.graphed_experts for layer `index`: the weighted sum [1, D] of `experts` (in
+        ascending id order; expert i has the route's weight order[i]) on this layer's normed
+        input, from one graph; None where that cannot be (another input; an expert computed on
+        the CPU or waiting for its copy: see model.run_experts)."""
+        buffers = self._buffers[index]
+        if x.data_ptr() != buffers.normed.data_ptr() or any(
+            hasattr(e, "forward_on_host") or getattr(e, "waits_for_copy", False) for e in experts
+        ):
+            return None
+        if weights is not buffers.weights:  # a replayed route's: into the buffer the graph reads
+            buffers.weights.copy_(weights)
+        key = (EXPERTS, index, tuple(map(id, experts)), tuple(order))
+        captured = self._graphs.get(key)
+        if captured is not None and captured.made_for is not None and not captured.made_for.hold():
+            del self._graphs[key]  # a module of it was rebound
+        body = functools.partial(self._experts_body, buffers, tuple(experts), tuple(order))
+        self._replay(key, body, lambda: Bindings(experts))
+        return buffers.experts_out
 
-    def _captured(self, index: int, bucket: int) -> torch.cuda.CUDAGraph | None:
-        """The graph of `_body(index, bucket)`, after a warm-up run on a side stream (as capture
-        requires; it computes what the replay then computes again). None, capture off, on failure."""
+    @staticmethod
+    def _experts_body(buffers: LayerBuffers, experts: Sequence[nn.Module], order: Sequence[int]) -> None:
+        """What SparseMoE._token_experts computes eagerly, with the weights read on the device:
+        each product in float32, rounded once to x's dtype (as a product with a float does)."""
+        x = buffers.normed.view(1, -1)  # [1, D]
+        out = None
+        for expert, j in zip(experts, order, strict=True):
+            y = expert(x)  # [1, D]
+            y = (y.float() * buffers.weights[0, j]).to(y.dtype)
+            out = y if out is None else out + y
+        assert out is not None
+        buffers.experts_out.copy_(out)
+
+    def _replay(
+        self, key: tuple, body: Callable[[], None], made_for: Callable[[], Bindings] | None = None
+    ) -> None:
+        """Run `body` from its graph: captured now if new, eagerly if its kind does not capture."""
+        kind = key[0]
+        if not self.capture[kind]:
+            body()
+            return
+        captured = self._graphs.get(key)
+        if captured is None:
+            captured = self._captured(key, body, made_for)
+            if captured is None:  # capture failed: this kind runs eagerly from now on
+                body()
+                return
+        captured.graph.replay()
+
+    def _captured(
+        self, key: tuple, body: Callable[[], None], made_for: Callable[[], Bindings] | None
+    ) -> Captured | None:
+        """The graph of `body`, after a warm-up run on a side stream (as capture requires; it
+        computes what the replay then computes again). None, and its kind off, on failure."""
         device = self.model.norm.weight.device
         try:
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
-                self._body(index, bucket)
+                body()
             torch.cuda.current_stream(device).wait_stream(side)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
@@ -177,11 +245,14 @@ class DecodeGraphs:
             # One pool for every graph: each replays alone, and keeps nothing past its end but
             # what it writes into the static buffers.
             with torch.cuda.graph(graph, pool=self._pool):
-                self._body(index, bucket)
+                body()
         except Exception as exc:  # any capture error: the eager bodies give the same results
-            self.capture = False
-            self.failure = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
-            self._graphs.clear()
+            kind = key[0]
+            self.capture[kind] = False
+            self.failures[kind] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+            for stale in [k for k in self._graphs if k[0] == kind]:
+                del self._graphs[stale]
             return None
-        self._graphs[(index, bucket)] = graph
-        return graph
+        captured = Captured(graph, made_for() if made_for is not None else None)
+        self._graphs[key] = captured
+        return captured

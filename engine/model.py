@@ -277,6 +277,12 @@ class SparseMoE(nn.Module):
         # Called with (router logits [T, E], chosen experts [T, K], weights [T, K]) after routing:
         # the routing trace listens here.
         self.routing_hook: Callable[[Tensor, Tensor, Tensor], None] | None = None
+        # A decode token's chosen experts as one CUDA graph (engine/decode_graphs.py): given x
+        # [1, D], the expert modules in ascending id order, their index in the route and the
+        # route's weights [1, K], their weighted sum [1, D]; or None where it cannot.
+        self.graphed_experts: (
+            Callable[[Tensor, Sequence[nn.Module], list[int], Tensor], Tensor | None] | None
+        ) = None
 
     def _resident_experts(self, expert_ids: Sequence[int]) -> list[nn.Module]:
         return [self.experts[e] for e in expert_ids]
@@ -358,18 +364,28 @@ class SparseMoE(nn.Module):
         # One host read for both (a sync each on a GPU): ids are small ints, exact in float32.
         K = chosen.shape[1]
         packed = torch.cat((chosen.to(weights.dtype), weights), dim=1).tolist()[0]  # [2K]
-        return self._token_experts(x, [int(e) for e in packed[:K]], packed[K:], None)
+        return self._token_experts(x, [int(e) for e in packed[:K]], packed[K:], None, weights)
 
     def _token_experts(
-        self, x: Tensor, ids: list[int], scale: list[float], residual: Tensor | None
+        self,
+        x: Tensor,
+        ids: list[int],
+        scale: list[float],
+        residual: Tensor | None,
+        weights: Tensor | None = None,
     ) -> Tensor:
-        """x [1, D] through experts `ids` with weights `scale` (floats), summed in ascending id
-        order, plus `residual` [1, D] if given (added last) -> [1, D]."""
+        """x [1, D] through experts `ids` with weights `scale` (floats; `weights` [1, K], the same
+        on the device, where known), summed in ascending id order, plus `residual` [1, D] if given
+        (added last) -> [1, D]."""
         order = sorted(range(len(ids)), key=ids.__getitem__)
         experts = self.expert_source([ids[j] for j in order])
         operands = [e.native_operand(x) if type(e) is Expert else None for e in experts]
         if all(operands):  # one native call for all of them: the bits of the loop below
             return native_fused.moe(operands, [scale[j] for j in order], x, residual=residual)
+        if self.graphed_experts is not None and weights is not None:
+            out = self.graphed_experts(x, experts, order, weights)  # the loop below, one graph
+            if out is not None:
+                return out if residual is None else residual + out
         outputs = run_experts(x, experts)  # [1, D] each
         out = None
         for j, y in zip(order, outputs, strict=True):

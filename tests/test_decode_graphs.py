@@ -59,15 +59,20 @@ def test_the_graph_bodies_decode_as_the_eager_layers(
 ) -> None:
     expected, tokens = greedy(load_model(model_dir))
     model = with_graphs(load_model(model_dir))
+    graphs = model.decode_graphs
     ran: list[tuple[int, int]] = []
-    body = model.decode_graphs._body
-    monkeypatch.setattr(model.decode_graphs, "_body", lambda i, b: (ran.append((i, b)), body(i, b)))
+    summed: list[int] = []
+    attention, experts = graphs._attention, graphs._experts_body
+    monkeypatch.setattr(graphs, "_attention", lambda i, b: (ran.append((i, b)), attention(i, b)))
+    monkeypatch.setattr(graphs, "_experts_body", lambda buffers, *a: (summed.append(1), experts(buffers, *a)))
     got, got_tokens = greedy(model)
-    # Every layer of every decode step ran its body, over the bucket its position needs.
-    assert ran == [
+    # Every layer of every decode step ran its attention body, over the bucket its position
+    # needs, and its experts' body (every expert is resident).
+    expected_runs = [
         (i, bucket_for(len(PROMPT) + s + 1, 64, SMALLEST)) for s in range(STEPS) for i in range(LAYERS)
     ]
-    assert {b for _, b in ran} == {8, 16, 32}
+    assert ran == expected_runs and {b for _, b in ran} == {8, 16, 32}
+    assert len(summed) == STEPS * LAYERS
     assert got_tokens == tokens
     # Attention over a masked bucket instead of the written rows alone: the same sums, another order.
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -82,16 +87,27 @@ def test_a_sliding_window_masks_the_bucket_as_the_eager_mask(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("on_miss", ["copy", CPU])
-def test_offloaded_layers_take_the_graphs_route(model_dir: Path, on_miss: str) -> None:
+def test_offloaded_layers_take_the_graphs_route(
+    model_dir: Path, on_miss: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     expected, _ = greedy(load_model(model_dir))
     model = with_graphs(load_model(model_dir))
+    graphs = model.decode_graphs
+    summed: list[int] = []
+    experts = graphs._experts_body
+    monkeypatch.setattr(graphs, "_experts_body", lambda buffers, *a: (summed.append(1), experts(buffers, *a)))
     offloader = ExpertOffloader(model, plan_offload(model, 64, experts_per_layer=2, on_miss=on_miss))
     try:
         got, _ = greedy(model)
-        assert offloader.counters().misses > 0  # the experts really came from the cache
+        counters = offloader.counters()
+        assert counters.misses > 0  # the experts really came from the cache
     finally:
         offloader.close()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    if on_miss == "copy":  # every miss was copied into a slot and waited for: all graphed
+        assert len(summed) == STEPS * LAYERS
+    else:  # a layer with a miss computed on the CPU keeps its experts eager
+        assert 0 < len(summed) < STEPS * LAYERS and counters.cpu_computed > 0
 
 
 def test_a_route_replayed_mid_answer_is_followed(model_dir: Path, tmp_path: Path) -> None:
