@@ -27,6 +27,7 @@ eagerly, with the same results.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -64,7 +65,17 @@ class LayerBuffers:
 @dataclass
 class Captured:
     graph: torch.cuda.CUDAGraph
-    made_for: Bindings | None  # what an experts' graph reads besides the layer's own (its modules)
+    # An experts' graph's own modules (its key holds their ids) and their tensors as captured.
+    modules: tuple[nn.Module, ...] = ()
+    made_for: Bindings | None = None
+
+    def reads(self, modules: Sequence[nn.Module]) -> bool:
+        """Still the graph of these very modules, with nothing under them rebound."""
+        return (
+            all(map(operator.is_, self.modules, modules))
+            and self.made_for is not None
+            and self.made_for.hold()
+        )
 
 
 class DecodeGraphs:
@@ -87,12 +98,12 @@ class DecodeGraphs:
         if not any(self.capture.values()) and not self.failures:
             return "eager (no capture)"
         parts = [
-            f"{kind} eager: capture failed ({self.failures[kind]})"
+            f"{kind} eager (capture failed: {self.failures[kind]})"
             if kind in self.failures
             else f"{sum(key[0] == kind for key in self._graphs)} {kind} graphs"
             for kind in (ATTENTION, EXPERTS)
         ]
-        return "on: " + ", ".join(parts)
+        return ("on: " if any(self.capture.values()) else "eager: ") + ", ".join(parts)
 
     def current(self) -> bool:
         """The static tensors and graphs made so far still read the model as it is (nothing they
@@ -192,10 +203,10 @@ class DecodeGraphs:
             buffers.weights.copy_(weights)
         key = (EXPERTS, index, tuple(map(id, experts)), tuple(order))
         captured = self._graphs.get(key)
-        if captured is not None and captured.made_for is not None and not captured.made_for.hold():
-            del self._graphs[key]  # a module of it was rebound
+        if captured is not None and not captured.reads(experts):
+            del self._graphs[key]  # another module under the same id, or one of them rebound
         body = functools.partial(self._experts_body, buffers, tuple(experts), tuple(order))
-        self._replay(key, body, lambda: Bindings(experts))
+        self._replay(key, body, lambda graph: Captured(graph, tuple(experts), Bindings(experts)))
         return buffers.experts_out
 
     @staticmethod
@@ -212,7 +223,10 @@ class DecodeGraphs:
         buffers.experts_out.copy_(out)
 
     def _replay(
-        self, key: tuple, body: Callable[[], None], made_for: Callable[[], Bindings] | None = None
+        self,
+        key: tuple,
+        body: Callable[[], None],
+        kept: Callable[[torch.cuda.CUDAGraph], Captured] = Captured,
     ) -> None:
         """Run `body` from its graph: captured now if new, eagerly if its kind does not capture."""
         kind = key[0]
@@ -221,14 +235,14 @@ class DecodeGraphs:
             return
         captured = self._graphs.get(key)
         if captured is None:
-            captured = self._captured(key, body, made_for)
+            captured = self._captured(key, body, kept)
             if captured is None:  # capture failed: this kind runs eagerly from now on
                 body()
                 return
         captured.graph.replay()
 
     def _captured(
-        self, key: tuple, body: Callable[[], None], made_for: Callable[[], Bindings] | None
+        self, key: tuple, body: Callable[[], None], kept: Callable[[torch.cuda.CUDAGraph], Captured]
     ) -> Captured | None:
         """The graph of `body`, after a warm-up run on a side stream (as capture requires; it
         computes what the replay then computes again). None, and its kind off, on failure."""
@@ -244,7 +258,9 @@ class DecodeGraphs:
             graph = torch.cuda.CUDAGraph()
             # One pool for every graph: each replays alone, and keeps nothing past its end but
             # what it writes into the static buffers.
-            with torch.cuda.graph(graph, pool=self._pool):
+            # thread_local: the expert copy thread keeps using CUDA on its own stream meanwhile,
+            # which the default ("global") mode would count as an error in this capture.
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 body()
         except Exception as exc:  # any capture error: the eager bodies give the same results
             kind = key[0]
@@ -253,6 +269,6 @@ class DecodeGraphs:
             for stale in [k for k in self._graphs if k[0] == kind]:
                 del self._graphs[stale]
             return None
-        captured = Captured(graph, made_for() if made_for is not None else None)
+        captured = kept(graph)
         self._graphs[key] = captured
         return captured

@@ -159,3 +159,15 @@ def test_the_graphs_are_made_anew_when_what_they_read_is_rebound(model_dir: Path
         assert not graphs.current(), what
         greedy(model, steps=1)  # made anew
     assert graphs.current()
+
+
+def test_a_failed_capture_leaves_the_bodies_eager_and_says_why(model_dir: Path) -> None:
+    expected, _ = greedy(load_model(model_dir))
+    model = load_model(model_dir)
+    # Capture on the CPU fails at its first CUDA call, as a capture a GPU refuses would.
+    model.decode_graphs = DecodeGraphs(model, capture=True, smallest_bucket=SMALLEST)
+    got, _ = greedy(model)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    state = model.decode_graphs.state()
+    assert state.startswith("eager: attention eager (capture failed: RuntimeError: ")
+    assert ", experts eager (capture failed: " in state
