@@ -53,6 +53,7 @@ FULL_BUDGETS_GB = (8.0, 12.0, 24.0)
 # CUDA against CPU float32: bf16/fp16 activations and another kernel order (stated, not tuned).
 LOGITS_TOLERANCE = 0.15
 CONTEXT = 512  # tokens, for the budgets' KV caches and every load
+WARMUP_TOKENS = 64  # decode tokens before the timed ones: the routing trace's pairs mostly seen
 
 
 def say(line: str) -> None:
@@ -355,7 +356,7 @@ def figures(
 
     columns = ["budget", "tok/s", "hit rate", "MB moved/token", "CPU experts/token", "H2D GB/s", "CPU GB/s"]
     columns += ["bound ms", "measured/bound", "syncs/token", "ops/token"]
-    columns += ["stall ms/token", "host wait ms/token", "decode graphs"]
+    columns += ["stall ms/token", "host wait ms/token", "decode graphs", "captured while timed"]
     say("| " + " | ".join(columns) + " |")
     say("|" + "---|" * len(columns))
     ops_per_token = []
@@ -363,9 +364,14 @@ def figures(
     runs = [(label, gb, True) for label, gb in budgets] + [
         (f"{budgets[-1][0]}, eager", budgets[-1][1], False)
     ]
-    for label, gb, graphs in runs:
+    for label, gb, with_graphs in runs:
         options = LoadOptions(
-            device=device, gpu_budget_gb=gb, offload=True, context_length=CONTEXT, cuda_graphs=graphs, **links
+            device=device,
+            gpu_budget_gb=gb,
+            offload=True,
+            context_length=CONTEXT,
+            cuda_graphs=with_graphs,
+            **links,
         )
         engine = Engine.load(model_dir, options)
         plan = engine.offloader.plan
@@ -380,11 +386,13 @@ def figures(
         with torch.no_grad():
             logits = prefill(engine.model, [1], 0)
             position = 1
-            for _ in range(4):  # warm-up
+            for _ in range(WARMUP_TOKENS):  # the cache warmed, most graphs captured
                 logits = decode_one(engine.model, int(logits.argmax()), position)
                 position += 1
             before = engine.offloader.counters()
             before = type(before)(**vars(before))
+            graphs = engine.model.decode_graphs
+            captures = (graphs.captures, graphs.capture_s) if graphs is not None else (0, 0.0)
             with SyncCounter() as syncs:
                 started = time.perf_counter()
                 for _ in range(tokens):
@@ -393,6 +401,10 @@ def figures(
                 synchronize(device)  # the last token's work is done too
                 seconds = time.perf_counter() - started
             after = engine.offloader.counters()  # read with the GPU idle: every wait's events reached
+            if graphs is not None:  # graphs new in the timed tokens: their capture is in its time
+                captures = (graphs.captures - captures[0], graphs.capture_s - captures[1])
+            if graphs is not None:
+                graphs.frozen = True  # nothing captured while a dispatch mode counts the ops
             with op_counter() as ops:  # one more token, counted op by op (slower: not timed)
                 decode_one(engine.model, int(logits.argmax()), position)
         hits, misses = after.hits - before.hits, after.misses - before.misses
@@ -408,7 +420,7 @@ def figures(
             f"{measured_ms / bound_ms:.2f} | {syncs.count / tokens:.1f} | {sum(ops.ops.values())} | "
             f"{(after.stall_s - before.stall_s) / tokens * 1e3:.2f} | "
             f"{(after.host_wait_s - before.host_wait_s) / tokens * 1e3:.2f} | "
-            f"{engine.decode_graphs_state() or '-'} |"
+            f"{engine.decode_graphs_state() or '-'} | {captures[0]} ({captures[1] * 1e3:.0f} ms) |"
         )
         ops_per_token.append(sum(ops.ops.values()))
         engine.close()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -86,6 +87,9 @@ class DecodeGraphs:
         self.capture = {ATTENTION: capture, EXPERTS: capture}
         self.smallest_bucket = smallest_bucket
         self.failures: dict[str, str] = {}  # kind -> why its capture was turned off
+        self.captures = 0  # graphs captured so far (each costs a warm-up run and the capture)
+        self.frozen = False  # True: no new captures, bodies without a graph run eagerly
+        self.capture_s = 0.0  # host time they took
         self._graphs: dict[tuple, Captured] = {}
         self._made_for: Bindings | None = None
         self._pool = None
@@ -234,6 +238,9 @@ class DecodeGraphs:
             body()
             return
         captured = self._graphs.get(key)
+        if captured is None and self.frozen:
+            body()
+            return
         if captured is None:
             captured = self._captured(key, body, kept)
             if captured is None:  # capture failed: this kind runs eagerly from now on
@@ -247,6 +254,7 @@ class DecodeGraphs:
         """The graph of `body`, after a warm-up run on a side stream (as capture requires; it
         computes what the replay then computes again). None, and its kind off, on failure."""
         device = self.model.norm.weight.device
+        began = time.perf_counter()
         try:
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
@@ -269,6 +277,9 @@ class DecodeGraphs:
             for stale in [k for k in self._graphs if k[0] == kind]:
                 del self._graphs[stale]
             return None
+        finally:
+            self.captures += 1
+            self.capture_s += time.perf_counter() - began
         captured = kept(graph)
         self._graphs[key] = captured
         return captured

@@ -97,6 +97,6 @@ class LoadOptions:
     # the RAM both take; quality in docs/BENCHMARKS.md), "float" (as stored), or "auto": int8
     # where that kernel runs, else float. Float models keep them float under "auto" (the reference).
     vocab_weights: str = "auto"  # auto | float | int8
-    # On CUDA, each decode layer's attention half is replayed from a CUDA graph (engine/decode_graphs.py):
-    # eager decode there is bound by kernel launches. Off: every op is launched eagerly.
+    # On CUDA, a decode layer's attention half and its chosen experts are replayed from CUDA graphs
+    # (engine/decode_graphs.py): eager decode there is bound by kernel launches. Off: all eager.
     cuda_graphs: bool = True

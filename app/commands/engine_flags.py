@@ -30,7 +30,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
         "--cuda-graphs",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="on a GPU, replay each decode layer's attention as a CUDA graph (off: launch every op)",
+        help="on a GPU, replay decode layers' attention and experts as CUDA graphs (off: launch every op)",
     )
     offload = parser.add_argument_group("expert offloading")
     offload.add_argument(
