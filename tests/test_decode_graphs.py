@@ -171,3 +171,11 @@ def test_a_failed_capture_leaves_the_bodies_eager_and_says_why(model_dir: Path) 
     state = model.decode_graphs.state()
     assert state.startswith("eager: attention eager (capture failed: RuntimeError: ")
     assert ", experts eager (capture failed: " in state
+
+
+def test_frozen_graphs_capture_nothing_new(model_dir: Path) -> None:
+    model = load_model(model_dir)
+    model.decode_graphs = graphs = DecodeGraphs(model, capture=True, smallest_bucket=SMALLEST)
+    graphs.frozen = True  # what gpu_check sets while it counts ops: bodies without a graph run eagerly
+    greedy(model, steps=3)
+    assert graphs.captures == 0 and graphs.state() == "on: 0 attention graphs, 0 experts graphs"
