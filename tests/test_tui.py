@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("textual")
 
 from textual.pilot import Pilot
-from textual.widgets import Button, Input, OptionList, TabbedContent
+from textual.widgets import Button, Input, OptionList, Switch, TabbedContent
 
 from mixtral_chat.app.chat_app import ChatApp
 from mixtral_chat.app.screens.dialogs import ConfirmScreen, SearchScreen, TextInputScreen
@@ -501,13 +501,16 @@ def test_expert_cache_panel_shows_residency(home: Path, chat_model_dir: Path) ->
             settings_screen.query_one(TabbedContent).active = "engine-tab"
             await pilot.pause()
             settings_screen.query_one("#context-length", Input).value = "2048"
+            graphs = settings_screen.query_one("#cuda-graphs", Switch)
+            assert graphs.value  # on by default
+            graphs.value = False
             await pilot.click("#save-engine")
             await wait_for(
                 pilot, lambda: load_settings().engine.context_length == 2048, "the saved engine options"
             )
             saved = load_settings()
             assert saved.engine.context_length == 2048 and saved.engine.offload
-            assert saved.engine.experts_per_layer == 2
+            assert saved.engine.experts_per_layer == 2 and not saved.engine.cuda_graphs
 
     run(scenario)
 

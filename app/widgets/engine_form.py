@@ -46,6 +46,8 @@ class EngineForm(Grid):
         yield Input(_text(options.gpu_budget_gb), placeholder="free memory", type="number", id="gpu-budget")
         yield Label("Prefetch experts")
         yield Switch(options.prefetch, id="prefetch")
+        yield Label("CUDA graphs (GPU decode)")
+        yield Switch(options.cuda_graphs, id="cuda-graphs")
         yield Label("Offloaded experts live in")
         yield _select(STORES, options.offload_store, "offload-store")
         yield Label("Context length (tokens)")
@@ -67,6 +69,7 @@ class EngineForm(Grid):
         options.experts_per_layer = experts
         options.gpu_budget_gb = budget
         options.prefetch = self.query_one("#prefetch", Switch).value
+        options.cuda_graphs = self.query_one("#cuda-graphs", Switch).value
         options.offload_store = str(self.query_one("#offload-store", Select).value)
         options.context_length = context
 
