@@ -88,8 +88,8 @@ class DecodeGraphs:
         self.smallest_bucket = smallest_bucket
         self.failures: dict[str, str] = {}  # kind -> why its capture was turned off
         self.captures = 0  # graphs captured so far (each costs a warm-up run and the capture)
-        self.frozen = False  # True: no new captures, bodies without a graph run eagerly
         self.capture_s = 0.0  # host time they took
+        self.frozen = False  # True: no new captures, bodies without a graph run eagerly
         self._graphs: dict[tuple, Captured] = {}
         self._made_for: Bindings | None = None
         self._pool = None

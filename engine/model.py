@@ -284,6 +284,11 @@ class SparseMoE(nn.Module):
             Callable[[Tensor, Sequence[nn.Module], list[int], Tensor], Tensor | None] | None
         ) = None
 
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state["graphed_experts"] = None  # a copy's graphs are made anew, for its own tensors
+        return state
+
     def _resident_experts(self, expert_ids: Sequence[int]) -> list[nn.Module]:
         return [self.experts[e] for e in expert_ids]
 
