@@ -1,10 +1,11 @@
 """What a decode step's launches and host syncs cost on a device, and what routing on the device
-would add: the figures that decide issue 14's last two steps before anyone builds them.
+would add: the figures behind issue 14's last two steps.
 
 - Device-side routing as gpt-fast does it (defect 7's all-resident path) gathers each chosen
-  expert's weights by a device index, a copy of the expert, to save one host sync per layer.
-- CUDA graphs (defect 8) replay the dense part's launches at a graph's cost per op instead of an
-  eager launch's.
+  expert's weights by a device index, a copy of the expert, to save one host sync per layer:
+  not built; these rows decide whether it would pay.
+- CUDA graphs (defect 8, engine/decode_graphs.py) replay launches at a graph's cost per op
+  instead of an eager launch's: these rows say what that saves a token.
 
 Rows, each printed as measured:
 - one eager op (a 1-element `add_`), back to back: the device's time per op (CUDA events around

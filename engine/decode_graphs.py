@@ -93,6 +93,7 @@ class DecodeGraphs:
         self._graphs: dict[tuple, Captured] = {}
         self._made_for: Bindings | None = None
         self._pool = None
+        self._side: torch.cuda.Stream | None = None  # the warm-up runs' stream
         self._position: Tensor | None = None  # [1] long: the token's position, every layer's
         self._key_positions: Tensor | None = None  # [max_seq_len] long: 0, 1, 2, ...
         self._buffers: list[LayerBuffers] = []
@@ -256,7 +257,9 @@ class DecodeGraphs:
         device = self.model.norm.weight.device
         began = time.perf_counter()
         try:
-            side = torch.cuda.Stream(device)
+            if self._side is None:  # one for every warm-up: its freed blocks serve the next
+                self._side = torch.cuda.Stream(device)
+            side = self._side
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 body()
