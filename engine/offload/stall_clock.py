@@ -11,7 +11,9 @@ does not block): the decode path takes no host sync for this figure.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -27,7 +29,10 @@ class StallClock:
         self.cuda = device.type == "cuda"
         self.host_s = 0.0
         self._device_s = 0.0  # the waits read so far
-        self._unread: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # (began, ended) on CUDA
+        # (began, ended) pairs on CUDA, oldest first: the decode thread appends, stats readers
+        # (the answer loop's thread, the TUI's) read them under the lock.
+        self._unread: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()
+        self._reading = threading.Lock()
 
     @contextmanager
     def waiting(self) -> Iterator[None]:
@@ -39,7 +44,8 @@ class StallClock:
             waited = time.perf_counter() - began
             self.host_s += waited
             if began_on_device is None:
-                self._device_s += waited
+                with self._reading:
+                    self._device_s += waited
             else:
                 self._unread.append((began_on_device, self._record()))
 
@@ -51,12 +57,9 @@ class StallClock:
     @property
     def device_s(self) -> float:
         """The compute's stall so far: every wait whose end the device has reached (on CUDA one
-        still queued counts once the GPU gets there)."""
-        unread = []
-        for began, ended in self._unread:
-            if ended.query():
+        still queued counts once the GPU gets there; one stream reaches them in order)."""
+        with self._reading:
+            while self._unread and self._unread[0][1].query():
+                began, ended = self._unread.popleft()
                 self._device_s += began.elapsed_time(ended) / 1e3  # ms -> s
-            else:
-                unread.append((began, ended))
-        self._unread = unread
-        return self._device_s
+            return self._device_s
