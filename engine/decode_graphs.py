@@ -87,7 +87,7 @@ class DecodeGraphs:
         self.capture = {ATTENTION: capture, EXPERTS: capture}
         self.smallest_bucket = smallest_bucket
         self.failures: dict[str, str] = {}  # kind -> why its capture was turned off
-        self.captures = 0  # graphs captured so far (each costs a warm-up run and the capture)
+        self.captures = 0  # capture attempts so far (each costs a warm-up run and the capture)
         self.capture_s = 0.0  # host time they took
         self.frozen = False  # True: no new captures, bodies without a graph run eagerly
         self._graphs: dict[tuple, Captured] = {}
@@ -108,7 +108,8 @@ class DecodeGraphs:
             else f"{sum(key[0] == kind for key in self._graphs)} {kind} graphs"
             for kind in (ATTENTION, EXPERTS)
         ]
-        return ("on: " if any(self.capture.values()) else "eager: ") + ", ".join(parts)
+        took = f" (capturing took {self.capture_s:.2f} s)" if self.captures else ""
+        return ("on: " if any(self.capture.values()) else "eager: ") + ", ".join(parts) + took
 
     def current(self) -> bool:
         """The static tensors and graphs made so far still read the model as it is (nothing they
