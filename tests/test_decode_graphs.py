@@ -1,6 +1,7 @@
-"""engine/decode_graphs.py on the CPU: the bodies a GPU captures, run as they are, give the eager
-decode's logits, across buckets, with a sliding window, offloaded, with a replayed route, and
-after a layer is rebound (issue 14, defect 8)."""
+"""engine/decode_graphs.py on the CPU: the bodies a GPU captures (attention halves, chosen
+experts), run as they are, give the eager decode's logits, across buckets, with a sliding
+window, offloaded, with a route replayed mid-answer, after every rebinding, and when a capture
+fails (issue 14, defect 8)."""
 
 from __future__ import annotations
 
