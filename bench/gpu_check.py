@@ -42,6 +42,7 @@ from bench_offload import write_checkpoint  # noqa: E402 (the bench folder is no
 from bench_ops import op_counter  # noqa: E402
 from launch_costs import measure as measure_launch_costs  # noqa: E402
 from launch_costs import per_token as launch_costs_per_token  # noqa: E402
+from launch_costs import synchronize  # noqa: E402
 
 from mixtral_chat.engine.models.catalog import MIXTRAL_8X7B_CONFIG  # noqa: E402
 
@@ -58,11 +59,6 @@ WARMUP_TOKENS = 64  # decode tokens before the timed ones: the routing trace's p
 
 def say(line: str) -> None:
     print(line, flush=True)
-
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -398,15 +394,16 @@ def figures(
                 for _ in range(tokens):
                     logits = decode_one(engine.model, int(logits.argmax()), position)
                     position += 1
-                synchronize(device)  # the last token's work is done too
+                synchronize(torch.device(device))  # the last token's work is done too
                 seconds = time.perf_counter() - started
             after = engine.offloader.counters()  # read with the GPU idle: every wait's events reached
             if graphs is not None:  # graphs new in the timed tokens: their capture is in its time
                 captures = (graphs.captures - captures[0], graphs.capture_s - captures[1])
             if graphs is not None:
                 graphs.frozen = True  # nothing captured while a dispatch mode counts the ops
-            with op_counter() as ops:  # one more token, counted op by op (slower: not timed)
+            with op_counter() as counted:  # one more token, counted op by op (slower: not timed)
                 decode_one(engine.model, int(logits.argmax()), position)
+            ops = sum(counted.ops.values())
         hits, misses = after.hits - before.hits, after.misses - before.misses
         moved = (after.bytes_moved - before.bytes_moved) / tokens / 1e6
         cpu_experts = (after.cpu_computed - before.cpu_computed) / tokens
@@ -417,12 +414,12 @@ def figures(
         say(
             f"| {label} | {tokens / seconds:.2f} | {hits / max(1, hits + misses):.3f} | {moved:.2f} | "
             f"{cpu_experts:.2f} | {h2d} | {rates.cpu_gbps:.1f} | {bound_ms:.2f} | "
-            f"{measured_ms / bound_ms:.2f} | {syncs.count / tokens:.1f} | {sum(ops.ops.values())} | "
+            f"{measured_ms / bound_ms:.2f} | {syncs.count / tokens:.1f} | {ops} | "
             f"{(after.stall_s - before.stall_s) / tokens * 1e3:.2f} | "
             f"{(after.host_wait_s - before.host_wait_s) / tokens * 1e3:.2f} | "
             f"{engine.decode_graphs_state() or '-'} | {captures[0]} ({captures[1] * 1e3:.0f} ms) |"
         )
-        ops_per_token.append(sum(ops.ops.values()))
+        ops_per_token.append(ops)
         engine.close()
     return ops_per_token
 
