@@ -13,9 +13,11 @@ A graph replays fixed shapes at fixed addresses, so each layer reads its input f
 buffer, the position from one static tensor shared by all layers, and writes its outputs (the
 residual stream, its norm, the route, the experts' sum) into static buffers; attention covers a
 fixed number of cache positions, a bucket (a power of two of at least BUCKET_MIN, at most the
-cache), masked to those written so far. Graphs are captured on first use: per (layer, bucket)
-for attention, per (layer, expert modules, their places in the route) for experts (a slot module
-keeps its tensors while its contents change, so a slot's graph serves every expert copied in).
+cache), masked to those written so far. A body runs eagerly at its first use and is captured
+at its second (CAPTURE_AT_USE): per (layer, bucket) for attention, per (layer, expert modules,
+their places in the route) for experts (a slot module keeps its tensors while its contents
+change, so a slot's graph serves every expert copied in). A pair of experts a layer chooses
+once in an answer never costs a capture.
 
 Without capture (a CPU, or `capture=False`) the same bodies run as they are, so the suite runs
 this path on the CPU. Graphs are made anew when anything they read was rebound (`Bindings`: a
@@ -26,6 +28,7 @@ eagerly, with the same results.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
 import time
@@ -40,6 +43,8 @@ from mixtral_chat.engine.model import Mixtral
 
 BUCKET_MIN = 256  # cache positions; attention over fewer costs no less on a GPU
 ATTENTION, EXPERTS = "attention", "experts"  # the two kinds of graph
+# A capture costs a warm-up run, the capture and its instantiation; bodies used once are not worth it.
+CAPTURE_AT_USE = 2
 
 
 def bucket_for(end: int, max_seq_len: int, smallest: int = BUCKET_MIN) -> int:
@@ -91,6 +96,7 @@ class DecodeGraphs:
         self.capture_s = 0.0  # host time they took
         self.frozen = False  # True: no new captures, bodies without a graph run eagerly
         self._graphs: dict[tuple, Captured] = {}
+        self._uses: dict[tuple, int] = {}  # key -> runs without a graph so far
         self._made_for: Bindings | None = None
         self._pool = None
         self._side: torch.cuda.Stream | None = None  # the warm-up runs' stream
@@ -136,6 +142,7 @@ class DecodeGraphs:
             return
         model = self.model
         self._graphs.clear()
+        self._uses.clear()
         self._pool = None
         like = model.norm.weight
         D, E = model.args.hidden_size, model.args.num_local_experts
@@ -234,16 +241,18 @@ class DecodeGraphs:
         body: Callable[[], None],
         kept: Callable[[torch.cuda.CUDAGraph], Captured] = Captured,
     ) -> None:
-        """Run `body` from its graph: captured now if new, eagerly if its kind does not capture."""
+        """Run `body` from its graph: captured now at its CAPTURE_AT_USE-th use, eagerly before
+        that, when frozen, or if its kind does not capture."""
         kind = key[0]
         if not self.capture[kind]:
             body()
             return
         captured = self._graphs.get(key)
-        if captured is None and self.frozen:
-            body()
-            return
         if captured is None:
+            self._uses[key] = uses = self._uses.get(key, 0) + 1
+            if self.frozen or uses < CAPTURE_AT_USE:
+                body()
+                return
             captured = self._captured(key, body, kept)
             if captured is None:  # capture failed: this kind runs eagerly from now on
                 body()
@@ -253,27 +262,11 @@ class DecodeGraphs:
     def _captured(
         self, key: tuple, body: Callable[[], None], kept: Callable[[torch.cuda.CUDAGraph], Captured]
     ) -> Captured | None:
-        """The graph of `body`, after a warm-up run on a side stream (as capture requires; it
-        computes what the replay then computes again). None, and its kind off, on failure."""
-        device = self.model.norm.weight.device
+        """The graph of `body` (see _graph_of) kept as `kept` makes it. None, and its kind off, on
+        failure."""
         began = time.perf_counter()
         try:
-            if self._side is None:  # one for every warm-up: its freed blocks serve the next
-                self._side = torch.cuda.Stream(device)
-            side = self._side
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                body()
-            torch.cuda.current_stream(device).wait_stream(side)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            # One pool for every graph: each replays alone, and keeps nothing past its end but
-            # what it writes into the static buffers.
-            # thread_local: the expert copy thread keeps using CUDA on its own stream meanwhile,
-            # which the default ("global") mode would count as an error in this capture.
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                body()
+            graph = self._graph_of(body)
         except Exception as exc:  # any capture error: the eager bodies give the same results
             kind = key[0]
             self.capture[kind] = False
@@ -287,3 +280,37 @@ class DecodeGraphs:
         captured = kept(graph)
         self._graphs[key] = captured
         return captured
+
+    def _graph_of(self, body: Callable[[], None]) -> torch.cuda.CUDAGraph:
+        """`body` captured on the side stream, after a warm-up run there (capture requires one:
+        lazily made workspaces are made outside the capture; it computes what the replay then
+        computes again).
+
+        capture_begin and capture_end, not torch.cuda.graph: that one synchronizes the device and
+        empties the device's and the pinned host memory's caches at each capture, which here
+        (hundreds of captures over the first answers, expert copies in flight) would wait for
+        every copy and hand back blocks the allocator then asks CUDA for again."""
+        device = self.model.norm.weight.device
+        if self._side is None:  # one for every capture: its freed blocks serve the next warm-up
+            self._side = torch.cuda.Stream(device)
+        if self._pool is None:
+            # One pool for every graph: each replays alone, and keeps nothing past its end but
+            # what it writes into the static buffers.
+            self._pool = torch.cuda.graph_pool_handle()
+        side, current = self._side, torch.cuda.current_stream(device)
+        side.wait_stream(current)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(side):
+            body()
+            # thread_local: the expert copy thread keeps using CUDA on its own stream meanwhile,
+            # which the default ("global") mode would count as an error in this capture.
+            graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+            try:
+                body()
+            except BaseException:
+                with contextlib.suppress(Exception):  # the body's error is the one to report
+                    graph.capture_end()
+                raise
+            graph.capture_end()
+        current.wait_stream(side)
+        return graph

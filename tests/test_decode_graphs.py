@@ -1,17 +1,18 @@
 """engine/decode_graphs.py on the CPU: the bodies a GPU captures (attention halves, chosen
 experts), run as they are, give the eager decode's logits, across buckets, with a sliding
 window, offloaded, with a route replayed mid-answer, after every rebinding, and when a capture
-fails (issue 14, defect 8)."""
+fails; and when graphs are captured, with a stand-in for CUDA's (issue 14, defect 8)."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from mixtral_chat.engine.decode_graphs import DecodeGraphs, bucket_for
+from mixtral_chat.engine.decode_graphs import ATTENTION, CAPTURE_AT_USE, DecodeGraphs, bucket_for
 from mixtral_chat.engine.generate import decode_one, prefill
 from mixtral_chat.engine.model import RMSNorm
 from mixtral_chat.engine.offload import ExpertOffloader, plan_offload
@@ -180,3 +181,42 @@ def test_frozen_graphs_capture_nothing_new(model_dir: Path) -> None:
     graphs.frozen = True  # what gpu_check sets while it counts ops: bodies without a graph run eagerly
     greedy(model, steps=3)
     assert graphs.captures == 0 and graphs.state() == "on: 0 attention graphs, 0 experts graphs"
+
+
+class ReplayedBody:
+    """What a captured graph does on a GPU, on the CPU: replay runs the body it was made from."""
+
+    def __init__(self, body: Callable[[], None]) -> None:
+        self.body, self.replays = body, 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        self.body()
+
+
+class BodiesAsGraphs(DecodeGraphs):
+    """DecodeGraphs whose captures need no CUDA: which bodies get a graph, and when, is under test."""
+
+    def _graph_of(self, body: Callable[[], None]) -> ReplayedBody:  # type: ignore[override]
+        body()  # the warm-up run, as on a GPU
+        return ReplayedBody(body)
+
+
+def test_a_body_is_captured_at_its_second_use_and_replayed_after(model_dir: Path) -> None:
+    expected, _ = greedy(load_model(model_dir))
+    model = load_model(model_dir)
+    model.decode_graphs = graphs = BodiesAsGraphs(model, capture=True, smallest_bucket=SMALLEST)
+    got, _ = greedy(model)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    uses, kept = graphs._uses, graphs._graphs
+    assert graphs.captures == len(kept) and not graphs.failures
+    assert all(uses[key] == CAPTURE_AT_USE for key in kept)  # captured at the second use, then replayed
+    used_once = [key for key, n in uses.items() if n == 1]
+    assert used_once and not any(key in kept for key in used_once)  # chosen once: never captured
+    assert any(key[0] != ATTENTION for key in kept)  # experts' graphs too
+    # Each layer's attention served every step: eagerly before its capture, from its graph after.
+    served = sum(uses[key] - (key in kept) for key in uses if key[0] == ATTENTION)
+    served += sum(graph.graph.replays for key, graph in kept.items() if key[0] == ATTENTION)
+    assert served == STEPS * LAYERS
+    state = graphs.state()
+    assert state.startswith(f"on: {sum(k[0] == ATTENTION for k in kept)} attention graphs, ")
