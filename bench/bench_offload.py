@@ -231,13 +231,25 @@ def write_checkpoint(directory: Path, config: dict[str, Any], dtype: torch.dtype
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
     (directory / "config.json").write_text(json.dumps(hf_config, indent=1))
-    import mistral_common  # Mixtral's sentencepiece model ships with it; the engine needs one
-
-    shutil.copy(
-        Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", directory / "tokenizer.model"
-    )
+    shutil.copy(tokenizer_model(), directory / "tokenizer.model")
     marker.write_text(json.dumps(want))
     return directory
+
+
+def tokenizer_model() -> Path:
+    """A sentencepiece model for a generated checkpoint: Mixtral's own (it ships with mistral-common,
+    a test dependency; bench/gpu_carry.sh copies it for the GPU machines, whose image has no
+    mistral-common), else the demo's 8192 pieces (a caller fits the vocabulary to them:
+    bench/gpu_check.py)."""
+    try:
+        import mistral_common
+    except ImportError:
+        from mixtral_chat.engine import paths
+
+        carry = os.environ.get("GPU_CARRY") or Path(__file__).resolve().parent.parent / ".gpu_carry"
+        carried = Path(carry) / "tokenizer.model"
+        return carried if carried.exists() else paths.assets_dir() / "demo" / "tokenizer.model"
+    return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 
 
 def build_random_model(

@@ -9,7 +9,9 @@ new layer indices (the format of a quantized layer does not depend on its index)
 `Engine.load` as the app loads any model.
 
 Every row prints as soon as it is measured:
-- correctness: device logits against CPU float32 on a small model (int4, nf4); offloaded == resident
+- correctness: device logits against CPU float32 on a small model (int4, and nf4 where bitsandbytes
+  is installed: it quantizes nf4, and runs it on CUDA; the GPU machines' image has none, so a
+  slimmed copy can travel with the run, bench/gpu_carry.sh); offloaded == resident
   on the device; a model quantized on the CPU then run on the device (defect 1): loaded on the CPU
   and moved with `.to()`, and offloaded with int4 streamed from the files into slots that repack;
 - `mixtral-chat ask --gpu-mem B` end to end for each budget;
@@ -38,7 +40,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_offload import write_checkpoint  # noqa: E402 (the bench folder is not a package)
+from bench_offload import tokenizer_model, write_checkpoint  # noqa: E402 (the bench folder is not a package)
 from bench_ops import op_counter  # noqa: E402
 from launch_costs import measure as measure_launch_costs  # noqa: E402
 from launch_costs import per_token as launch_costs_per_token  # noqa: E402
@@ -187,16 +189,39 @@ def graphs_as_expected(engine: Any, name: str, dry: bool) -> str | None:
     return None if (state or "").startswith("on:") and "failed" not in state else f"decode graphs {state}"
 
 
-def correctness(workdir: Path, device: str, dry: bool) -> bool:
+def without_bitsandbytes() -> str | None:
+    """Why nf4 cannot run here (bitsandbytes quantizes it, and runs it on CUDA), or None."""
+    from mixtral_chat.quant.bnb import bitsandbytes
+
+    try:
+        bitsandbytes()
+    except Exception as exc:  # absent, or present and broken: nf4's rows are skipped either way
+        return f"bitsandbytes does not import ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
+    return None
+
+
+def fitted_to_the_tokenizer(shape: dict[str, Any]) -> dict[str, Any]:
+    """shape, its vocabulary cut to the tokenizer's pieces where the tokenizer has fewer (the demo's
+    8192, where Mixtral's is not at hand: `ask` refuses ids its tokenizer cannot decode)."""
+    import sentencepiece
+
+    pieces = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_model())).vocab_size()
+    return shape if pieces >= shape["vocab_size"] else {**shape, "vocab_size": pieces}
+
+
+def correctness(workdir: Path, small: dict[str, Any], device: str, dry: bool) -> bool:
     from mixtral_chat.engine.options import LoadOptions
     from mixtral_chat.engine.runtime import Engine
 
     ok = True
-    prompt = [1, 415, 2936, 9060, 285, 1142]
+    prompt = [1, 415, 2936, 6040, 285, 1142]  # ids any tokenizer here holds (the demo's has 8192)
     for scheme in ("int4", "nf4"):
+        if scheme == "nf4" and (why := without_bitsandbytes()):
+            say(f"| correctness | nf4 | every row | SKIP | {why} |")
+            continue
         # Quantized on the CPU (`mixtral-chat quantize`): on CUDA every row below is defect 1's
         # check too, and the last two rows are its two paths (load on the CPU, then move; offload).
-        model_dir = quantized_model(workdir, SMALL, scheme, torch.float32)
+        model_dir = quantized_model(workdir, small, scheme, torch.float32)
         # Float vocabulary weights everywhere (a CPU would take int8 ones, quant/int8.py): the
         # rows compare the 4-bit paths, and the dry run's stay bit-identical.
         cpu = Engine.load(
@@ -282,15 +307,15 @@ class SyncCounter:
             setattr(torch.Tensor, name, original)
 
 
-def budgets_for(dry: bool, model_dir: Path) -> list[tuple[str, float]]:
+def budgets_for(dry: bool, model_dir: Path, scheme: str) -> list[tuple[str, float]]:
     """(label, GB): the full-size budgets, or the small model's at the same shares of its experts."""
     if not dry:
         return [(f"{gb:g} GB", gb) for gb in FULL_BUDGETS_GB]
     from mixtral_chat.engine.config import ModelArgs
     from mixtral_chat.engine.offload.planner import sizes_of_config
 
-    full = sizes_of_config(ModelArgs.from_dict(FULL), "nf4", 4096)
-    small = sizes_of_config(ModelArgs.from_hf_config(model_dir), "nf4", CONTEXT, dtype_bytes=4)
+    full = sizes_of_config(ModelArgs.from_dict(FULL), scheme, 4096)
+    small = sizes_of_config(ModelArgs.from_hf_config(model_dir), scheme, CONTEXT, dtype_bytes=4)
     out = []
     for gb in FULL_BUDGETS_GB:
         share = (gb * 1e9 - full.resident_bytes - full.kv_cache_bytes) / (32 * 8 * full.expert_bytes)
@@ -439,10 +464,17 @@ def main(argv: list[str] | None = None) -> int:
     say(f"gpu_check on {where}, torch {torch.__version__}")
     say("| check | model | what | result | detail |")
     say("|---|---|---|---|---|")
-    ok = correctness(args.workdir, device, args.dry_run)
-    shape = SMALL if args.dry_run else FULL
-    big = quantized_model(args.workdir, shape, "nf4", torch.float32 if args.dry_run else torch.bfloat16)
-    budgets = budgets_for(args.dry_run, big)
+    small, shape = (
+        fitted_to_the_tokenizer(SMALL),
+        fitted_to_the_tokenizer(FULL if not args.dry_run else SMALL),
+    )
+    say(f"gpu_check: tokenizer {tokenizer_model()}, vocabulary {shape['vocab_size']}")
+    ok = correctness(args.workdir, small, device, args.dry_run)
+    # nf4, CUDA's default scheme (quant.default_scheme), where bitsandbytes runs; else int4.
+    scheme = "int4" if without_bitsandbytes() else "nf4"
+    say(f"gpu_check: the figures' model is {scheme}")
+    big = quantized_model(args.workdir, shape, scheme, torch.float32 if args.dry_run else torch.bfloat16)
+    budgets = budgets_for(args.dry_run, big, scheme)
     links = link_flags(args.dry_run)
     ok &= end_to_end(big, budgets, device, links)
     costs = measure_launch_costs(

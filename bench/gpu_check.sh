@@ -11,11 +11,17 @@
 #   bash bench/gpu_check.sh             # on a CUDA machine (installs this checkout, no deps)
 #   bash bench/gpu_check.sh --dry-run   # the same logic on a small model on the CPU (the suite runs it)
 #
-# bitsandbytes is optional: without it nf4 runs on the repository's own kernels where it can.
+# bitsandbytes is optional: without it the nf4 rows are skipped and the figures are int4's. The GPU
+# machines' image has neither it nor Mixtral's tokenizer: bench/gpu_carry.sh makes both, here, into
+# .gpu_carry/ to carry there (GPU_CARRY names another folder).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+export GPU_CARRY=${GPU_CARRY:-$PWD/.gpu_carry}
+if [[ -d "$GPU_CARRY/site" ]]; then
+    export PYTHONPATH="$GPU_CARRY/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 if [[ "${1:-}" != "--dry-run" ]]; then
     "$PYTHON" -m pip install --no-build-isolation --no-deps -e . >/dev/null
