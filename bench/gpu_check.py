@@ -462,17 +462,15 @@ def main(argv: list[str] | None = None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     where = "CPU (dry run)" if args.dry_run else torch.cuda.get_device_name(0)
     say(f"gpu_check on {where}, torch {torch.__version__}")
-    say("| check | model | what | result | detail |")
-    say("|---|---|---|---|---|")
-    small, shape = (
-        fitted_to_the_tokenizer(SMALL),
-        fitted_to_the_tokenizer(FULL if not args.dry_run else SMALL),
-    )
+    small = fitted_to_the_tokenizer(SMALL)
+    shape = small if args.dry_run else fitted_to_the_tokenizer(FULL)
     say(f"gpu_check: tokenizer {tokenizer_model()}, vocabulary {shape['vocab_size']}")
-    ok = correctness(args.workdir, small, device, args.dry_run)
     # nf4, CUDA's default scheme (quant.default_scheme), where bitsandbytes runs; else int4.
     scheme = "int4" if without_bitsandbytes() else "nf4"
     say(f"gpu_check: the figures' model is {scheme}")
+    say("| check | model | what | result | detail |")
+    say("|---|---|---|---|---|")
+    ok = correctness(args.workdir, small, device, args.dry_run)
     big = quantized_model(args.workdir, shape, scheme, torch.float32 if args.dry_run else torch.bfloat16)
     budgets = budgets_for(args.dry_run, big, scheme)
     links = link_flags(args.dry_run)
