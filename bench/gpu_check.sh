@@ -11,6 +11,11 @@
 #   bash bench/gpu_check.sh             # on a CUDA machine (installs this checkout, no deps)
 #   bash bench/gpu_check.sh --dry-run   # the same logic on a small model on the CPU (the suite runs it)
 #
+# On a lent device: `bash bench/gpu_carry.sh` here first, then one run with carry [".gpu_carry"],
+# timeout_s 590 and the command `set -o pipefail; bash bench/gpu_check.sh 2>&1 | tee $OUT/gpu_check.log`
+# (the log comes back even if the run is cut off). Run again at once if it was: the machine stays
+# warm 30 s, and the models built under .bench/gpu_check are reused.
+#
 # bitsandbytes is optional: without it the nf4 rows are skipped and the figures are int4's. The GPU
 # machines' image has neither it nor Mixtral's tokenizer: bench/gpu_carry.sh makes both, here, into
 # .gpu_carry/ to carry there (GPU_CARRY names another folder).
