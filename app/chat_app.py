@@ -34,6 +34,8 @@ from mixtral_chat.app.settings import Settings, SettingsError, save_settings
 from mixtral_chat.app.storage import HEARTBEAT_S, Instance, Storage, StorageError
 
 if TYPE_CHECKING:
+    from textual.notifications import SeverityLevel
+
     from mixtral_chat.app.remote import RemoteEngine
     from mixtral_chat.engine.load_progress import LoadProgress
     from mixtral_chat.engine.runtime import Engine
@@ -105,11 +107,25 @@ class ChatApp(App[int]):
         self.loading_threads: set[threading.Thread] = set()
         # Which load is current: a superseded load that finishes late is dropped, not used.
         self._load_serial = 0
+        self._default_once_loaded: tuple[int, str] | None = None  # (serial, model): see load_model
         self.load_progress: LoadProgress | None = None  # the weights read by the current load
 
     @property
     def model_name(self) -> str | None:
         return self.engine.info.name if self.engine is not None else None
+
+    def notify(
+        self,
+        message: str,
+        *,
+        title: str = "",
+        severity: SeverityLevel = "information",
+        timeout: float | None = None,
+        markup: bool = True,
+    ) -> None:
+        """Every notification as plain text, whatever a caller asks: they carry chat titles, paths,
+        model names and error lines (an "[Errno 28]", a chat named "[/]"), never markup."""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=False)
 
     def on_mount(self) -> None:
         if self.settings.theme in self.available_themes:
@@ -234,7 +250,9 @@ class ChatApp(App[int]):
 
     # -- model loading ---------------------------------------------------------------------------
 
-    def load_model(self, spec: str | None) -> None:
+    def load_model(self, spec: str | None, *, make_default: bool = False) -> None:
+        """Load `spec` (None: the default model) in a worker; `make_default`: it becomes the
+        default model once it has loaded (a model that fails to load never does)."""
         if self.chat_screen.is_generating:
             self.notify("Stop the answer being written before loading another model.", severity="warning")
             return
@@ -245,6 +263,7 @@ class ChatApp(App[int]):
         self.load_progress = None  # the new load's progress starts from nothing
         self.model_status = ModelStatus("loading", f"{backend} (remote)" if backend else spec)
         self._load_serial += 1
+        self._default_once_loaded = (self._load_serial, spec) if make_default and spec else None
         self._load_model_worker(spec, self._load_serial)
 
     @work(thread=True, exclusive=True, group="load-model", exit_on_error=False)
@@ -301,8 +320,19 @@ class ChatApp(App[int]):
             message.engine.close()  # superseded by a later load
             return
         self.engine = message.engine
+        if self._default_once_loaded is not None and self._default_once_loaded[0] == message.serial:
+            self._make_default(self._default_once_loaded[1])
         self.model_status = ModelStatus("ready", message.engine.info.name)
         self.notify(f"{message.engine.info.name} loaded in {message.seconds:.1f} s.", timeout=3)
+
+    def _make_default(self, name: str) -> None:
+        from mixtral_chat.engine.errors import MixtralChatError
+        from mixtral_chat.engine.models.registry import set_default
+
+        try:
+            set_default(name)
+        except MixtralChatError as exc:
+            self.notify(str(exc), severity="error")
 
     def on_model_load_failed(self, message: ModelLoad.Failed) -> None:
         if message.serial != self._load_serial:

@@ -30,6 +30,9 @@ CONNECT_TIMEOUT_S = 10.0
 # Between two pieces of an answer: a queued request on a busy server, or a long prompt's prefill
 # on a CPU, may take minutes before its first token.
 READ_TIMEOUT_S = 600.0
+# A model list is cheap on any server, however busy: one that sends none this soon (a port that
+# accepts and stays silent) is an error line, not a model loading for ten minutes.
+LIST_TIMEOUT_S = 20.0
 
 
 class RemoteError(MixtralChatError):
@@ -68,7 +71,7 @@ class RemoteBackend:
 
     def models(self) -> list[str]:
         """The ids that the server's GET /v1/models lists, in its order."""
-        with self._client() as client:
+        with self._client(min(self._read_timeout_s, LIST_TIMEOUT_S)) as client:
             response = self._send(client, "GET", "/models")
             raw = response.read()
             if response.status_code != 200:
@@ -172,10 +175,10 @@ class RemoteBackend:
                 finish_reason=finish if finish in ("stop", "length") else "cancelled",  # type: ignore[arg-type]
             )
 
-    def _client(self):
+    def _client(self, read_timeout_s: float | None = None):
         import httpx2
 
-        timeout = httpx2.Timeout(self._read_timeout_s, connect=CONNECT_TIMEOUT_S)
+        timeout = httpx2.Timeout(read_timeout_s or self._read_timeout_s, connect=CONNECT_TIMEOUT_S)
         return httpx2.Client(timeout=timeout, follow_redirects=False)
 
     def _send(self, client, method: str, path: str, body: dict | None = None, *, stream: bool = False):
@@ -193,7 +196,7 @@ class RemoteBackend:
                 f"cannot reach {self.base}: no connection within {CONNECT_TIMEOUT_S:g} s"
             ) from None
         except httpx2.TimeoutException:
-            raise RemoteError(f"{url}: no answer within {self._read_timeout_s:g} s (time-out)") from None
+            raise RemoteError(f"{url}: no answer within {client.timeout.read:g} s (time-out)") from None
         except httpx2.HTTPError as exc:
             raise RemoteError(f"cannot reach {self.base}: {_network_reason(exc)}") from None
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mixtral_chat.engine.errors import MixtralChatError
-from mixtral_chat.engine.options import GenerationConfig, GenerationConfigError, LoadOptions
+from mixtral_chat.engine.options import GenerationConfig, GenerationConfigError, LoadOptions, LoadOptionsError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -116,6 +116,10 @@ def settings_from_dict(data: dict[str, Any]) -> Settings:
                 raise SettingsError(str(exc)) from None
         elif item.name == "engine":
             settings.engine = _dataclass_from(settings.engine, value, "engine")
+            try:
+                settings.engine.check()
+            except LoadOptionsError as exc:
+                raise SettingsError(f"engine.{exc}") from None
         elif item.name in ("keymap", "personas"):
             setattr(settings, item.name, _string_table(value, item.name))
         elif item.name == "endpoints":

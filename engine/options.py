@@ -6,7 +6,8 @@ Torch-free (base layer): the CLI imports it at start-up to check its flags again
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 from mixtral_chat.engine.errors import MixtralChatError
 
@@ -25,6 +26,27 @@ SEED_MAX = 2**64 - 1
 
 class GenerationConfigError(MixtralChatError):
     """A sampling value outside its bounds; the message names the field and the value."""
+
+
+# The one set of load bounds (settings file and screen, CLI flags, Engine.load).
+CONTEXT_MIN = 16  # tokens: below it not even a short prompt and its answer fit
+EXPERTS_PER_LAYER_MIN = 1  # the most is the model's own count, checked against its config
+GPU_BUDGET_MIN = 0.0  # GB, inclusive
+# Each string option's values ("cuda:N" too, for device).
+LOAD_CHOICES: dict[str, tuple[str, ...]] = {
+    "device": ("auto", "cpu", "cuda"),
+    "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "quant": ("none", "int4", "nf4"),
+    "offload_store": ("ram", "disk"),
+    "cache_policy": ("lru", "lfu"),
+    "on_miss": ("auto", "copy", "cpu", "split"),
+    "vocab_weights": ("auto", "float", "int8"),
+}
+BANDWIDTHS = ("simulate_link_gbps", "h2d_gbps", "cpu_gbps", "disk_gbps")  # GB/s, each > 0
+
+
+class LoadOptionsError(MixtralChatError, ValueError):
+    """A load option outside its bounds; the message names the settings file's key and the value."""
 
 
 # The scheme name of float weights (`--quant none`, and `engine.info.scheme` for them).
@@ -100,3 +122,30 @@ class LoadOptions:
     # On CUDA, a decode layer's attention half and its chosen experts are replayed from CUDA graphs
     # (engine/decode_graphs.py): eager decode there is bound by kernel launches. Off: all eager.
     cuda_graphs: bool = True
+
+    def check(self) -> None:
+        """Raise LoadOptionsError for the first value outside its bounds (the CLI's flags are
+        checked against the same bounds as they parse, app/commands/engine_flags.py)."""
+        if self.context_length is not None and self.context_length < CONTEXT_MIN:
+            raise LoadOptionsError(
+                f"context_length must be at least {CONTEXT_MIN}, got {self.context_length}"
+            )
+        if self.experts_per_layer is not None and self.experts_per_layer < EXPERTS_PER_LAYER_MIN:
+            raise LoadOptionsError(
+                f"experts_per_layer must be at least {EXPERTS_PER_LAYER_MIN}, got {self.experts_per_layer}"
+            )
+        budget = self.gpu_budget_gb
+        if budget is not None and not (GPU_BUDGET_MIN <= budget < math.inf):  # NaN fails both
+            raise LoadOptionsError(f"gpu_budget_gb must be a finite number of GB >= 0, got {budget}")
+        for name in BANDWIDTHS:
+            value = getattr(self, name)
+            if value is not None and not (0 < value < math.inf):
+                raise LoadOptionsError(f"{name} must be a finite number of GB/s > 0, got {value}")
+        for item in fields(self):
+            allowed = LOAD_CHOICES.get(item.name)
+            value = getattr(self, item.name)
+            if allowed is None or value is None or value in allowed:
+                continue
+            if item.name == "device" and value.startswith("cuda:") and value[5:].isdigit():
+                continue
+            raise LoadOptionsError(f"{item.name} must be one of {', '.join(allowed)}, got {value!r}")

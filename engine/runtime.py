@@ -152,6 +152,7 @@ class Engine:
         # A copy: the app's settings hold the options it passes, and its settings screen may
         # edit them while this load runs in a thread.
         options = dataclasses.replace(options) if options else LoadOptions()
+        options.check()
         device = resolve_device(options.device)
         dtype = resolve_dtype(options.dtype, device)
         tokenizer = Tokenizer(model_dir / "tokenizer.model")

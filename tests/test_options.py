@@ -4,6 +4,7 @@ file and the CLI (engine/options.py)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,14 @@ from mixtral_chat.engine.options import (
     GenerationConfig,
     GenerationConfigError,
     LoadOptions,
+    LoadOptionsError,
 )
 from tests.conftest import run_cli
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 # field, a value outside its bounds, the one-line message (the settings file's wording).
 OUT_OF_BOUNDS = [
@@ -99,6 +106,51 @@ def test_the_cli_accepts_the_temperature_cap(isolated_home: Path) -> None:
     result = run_cli("ask", "--temperature", "5", "--seed", "1", "--max-tokens", "2", "--json", "hi")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["usage"]["completion_tokens"] <= 2
+
+
+# key, a value outside its bounds (as the settings file writes it), the one-line message.
+LOAD_OUT_OF_BOUNDS = [
+    ("context_length", "-5", "context_length must be at least 16, got -5"),
+    ("context_length", "8", "context_length must be at least 16, got 8"),
+    ("experts_per_layer", "0", "experts_per_layer must be at least 1, got 0"),
+    ("gpu_budget_gb", "-3.0", "gpu_budget_gb must be a finite number of GB >= 0, got -3.0"),
+    ("gpu_budget_gb", "inf", "gpu_budget_gb must be a finite number of GB >= 0, got inf"),
+    ("gpu_budget_gb", "nan", "gpu_budget_gb must be a finite number of GB >= 0, got nan"),
+    ("h2d_gbps", "0.0", "h2d_gbps must be a finite number of GB/s > 0, got 0.0"),
+    ("device", '"tpu"', "device must be one of auto, cpu, cuda, got 'tpu'"),
+    ("device", '"cuda:x"', "device must be one of auto, cpu, cuda, got 'cuda:x'"),
+    ("on_miss", '"never"', "on_miss must be one of auto, copy, cpu, split, got 'never'"),
+    ("offload_store", '"tape"', "offload_store must be one of ram, disk, got 'tape'"),
+]
+LOAD_IDS = [f"{key}={value}" for key, value, _ in LOAD_OUT_OF_BOUNDS]
+
+
+@pytest.mark.parametrize(("key", "value", "message"), LOAD_OUT_OF_BOUNDS, ids=LOAD_IDS)
+def test_load_options_out_of_bounds_are_one_line_in_the_settings_file_and_the_engine(
+    tmp_path: Path, key: str, value: str, message: str
+) -> None:
+    path = tmp_path / CONFIG_FILENAME
+    path.write_text(f"[engine]\n{key} = {value}\n")
+    with pytest.raises(SettingsError) as info:
+        load_settings(path)
+    assert str(info.value) == f"{path}: engine.{message}"
+    # What Engine.load checks first, for options from anywhere (a caller of the engine, the screen).
+    options = LoadOptions(**{key: tomllib.loads(f"v = {value}")["v"]})
+    with pytest.raises(LoadOptionsError) as raised:
+        options.check()
+    assert str(raised.value) == message
+
+
+def test_load_options_at_their_bounds_are_accepted(tmp_path: Path) -> None:
+    LoadOptions(context_length=16, experts_per_layer=1, gpu_budget_gb=0.0, device="cuda:1").check()
+    LoadOptions(quant="nf4", dtype="float16", h2d_gbps=1e-3).check()
+
+
+def test_engine_load_checks_the_options_before_reading_anything(tiny_model_dir: Path) -> None:
+    from mixtral_chat.engine.runtime import Engine
+
+    with pytest.raises(LoadOptionsError, match=r"^context_length must be at least 16, got 4$"):
+        Engine.load(tiny_model_dir, LoadOptions(context_length=4))
 
 
 def test_an_existing_engine_table_loads_into_the_load_options(tmp_path: Path) -> None:

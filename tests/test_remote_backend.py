@@ -160,6 +160,21 @@ def test_a_server_that_never_answers_is_a_time_out_line() -> None:
         assert stream.stats is not None and stream.stats.finish_reason == "cancelled"
 
 
+def test_the_model_list_has_its_own_short_time_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connecting (the TUI's "loading" of a remote model) asks for the model list: a port that
+    accepts and stays silent fails in LIST_TIMEOUT_S, not in an answer's READ_TIMEOUT_S."""
+    from mixtral_chat.app import remote
+
+    monkeypatch.setattr(remote, "LIST_TIMEOUT_S", 0.3)  # 20 s as shipped
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        backend = remote.RemoteBackend(f"http://127.0.0.1:{silent.getsockname()[1]}/v1")
+        assert backend._read_timeout_s == remote.READ_TIMEOUT_S == 600
+        with pytest.raises(remote.RemoteError, match=r"/v1/models: no answer within 0.3 s \(time-out\)$"):
+            backend.models()
+
+
 # -- an answer cut short -----------------------------------------------------------------------------
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from mixtral_chat.app.argtypes import float_range, int_range
-from mixtral_chat.engine.options import LoadOptions
+from mixtral_chat.engine.options import CONTEXT_MIN, EXPERTS_PER_LAYER_MIN, GPU_BUDGET_MIN, LoadOptions
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -23,7 +23,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     )
     parser.add_argument(
         "--context",
-        type=int_range("--context", 1),
+        type=int_range("--context", CONTEXT_MIN),
         help="context length in tokens (default: the model's own, shortened if memory is short)",
     )
     parser.add_argument(
@@ -35,12 +35,15 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     offload = parser.add_argument_group("expert offloading")
     offload.add_argument(
         "--experts-per-layer",
-        type=int_range("--experts-per-layer", 1),
+        type=int_range("--experts-per-layer", EXPERTS_PER_LAYER_MIN),
         metavar="K",
         help="experts kept on the compute device per layer",
     )
     offload.add_argument(
-        "--gpu-mem", type=float_range("--gpu-mem", 0), metavar="GB", help="memory budget for the planner"
+        "--gpu-mem",
+        type=float_range("--gpu-mem", GPU_BUDGET_MIN),
+        metavar="GB",
+        help="memory budget for the planner",
     )
     offload.add_argument(
         "--prefetch",

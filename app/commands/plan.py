@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from mixtral_chat.app.argtypes import float_range, int_range
 from mixtral_chat.app.commands.engine_flags import add_placement_flags
+from mixtral_chat.engine.options import CONTEXT_MIN
 
 if TYPE_CHECKING:
     from mixtral_chat.engine.config import ModelArgs
@@ -46,7 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="GB",
         help="host RAM for the expert store",
     )
-    parser.add_argument("--context", type=int_range("--context", 1), help="context length in tokens")
+    parser.add_argument(
+        "--context", type=int_range("--context", CONTEXT_MIN), help="context length in tokens"
+    )
     parser.add_argument(
         "--scheme", choices=SCHEMES, help="4-bit scheme (default: the model's, else the device's)"
     )

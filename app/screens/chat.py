@@ -85,7 +85,7 @@ class ChatScreen(ChatActions, ChatAnswering, ChatSync):
                 yield Label("Chats", classes="sidebar-title")
                 yield ConversationList(id="conversations")
             with Vertical(id="chat-column"):
-                yield Label(DEFAULT_TITLE, id="chat-title")
+                yield Label(DEFAULT_TITLE, id="chat-title", markup=False)
                 yield MessageList(id="messages")
                 yield ModelLoadingBar(id="loading")
                 yield PromptInput(self.storage.recent_user_prompts(), id="prompt")

@@ -35,7 +35,7 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Label(self.question, classes="dialog-question")
+            yield Label(self.question, classes="dialog-question", markup=False)
             with Horizontal(classes="dialog-buttons"):
                 yield Button(self.confirm_label, variant="error" if self.danger else "primary", id="confirm")
                 yield Button("Cancel", id="cancel")
@@ -63,7 +63,7 @@ class DeleteModelScreen(ConfirmScreen):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Label(self.question, classes="dialog-question")
+            yield Label(self.question, classes="dialog-question", markup=False)
             if self.hf_cache_label is not None:
                 yield Checkbox(self.hf_cache_label, False, id="delete-hf-cache")
             with Horizontal(classes="dialog-buttons"):
@@ -88,7 +88,7 @@ class TextInputScreen(ModalScreen[str | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Label(self.question, classes="dialog-question")
+            yield Label(self.question, classes="dialog-question", markup=False)
             yield Input(self.value, id="text-input")
             with Horizontal(classes="dialog-buttons"):
                 yield Button("OK", variant="primary", id="ok")
@@ -247,7 +247,7 @@ class SearchScreen(ModalScreen[SearchHit | None]):
             yield Label("Search all conversations", classes="dialog-title")
             yield Input(self.initial_query, placeholder="words to find…", id="search-input")
             yield OptionList(id="search-results")
-            yield Label("", id="search-count")
+            yield Label("", id="search-count", markup=False)
         yield Footer()  # the dialog's keys
 
     def on_mount(self) -> None:

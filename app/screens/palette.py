@@ -8,8 +8,11 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
+from textual.content import Content
 
 if TYPE_CHECKING:
+    from textual.fuzzy import Matcher
+
     from mixtral_chat.app.chat_app import ChatApp
 
 # (title, help, action on the chat screen)
@@ -75,14 +78,14 @@ class ChatCommands(Provider):
 
     async def discover(self) -> Hits:
         for title, help, command in self._commands():
-            yield DiscoveryHit(title, command, help=help)
+            yield DiscoveryHit(Content(title), command, text=title, help=help)
 
     async def search(self, query: str) -> Hits:
         matcher = self.matcher(query)
         for title, help, command in self._commands():
             score = matcher.match(title)
             if score > 0:
-                yield Hit(score, matcher.highlight(title), command, help=help)
+                yield Hit(score, highlighted(matcher, title), command, text=title, help=help)
         screen = self.chat_app.chat_screen
         if self.screen is not screen:
             return
@@ -92,6 +95,18 @@ class ChatCommands(Provider):
             if score > 0:
                 yield Hit(
                     score,
-                    matcher.highlight(title),
+                    highlighted(matcher, title),
                     partial(screen.open_conversation, conversation.id, follow_model=True),
+                    text=title,
                 )
+
+
+def highlighted(matcher: Matcher, text: str) -> Content:
+    """`matcher.highlight(text)` without reading text as markup: chat titles and model names are
+    the user's own (a "[/]" in one would raise)."""
+    content = Content(text)
+    _, offsets = matcher.fuzzy_search.match(matcher.query, text)
+    for offset in offsets:
+        if not text[offset].isspace():
+            content = content.stylize(matcher.match_style, offset, offset + 1)
+    return content

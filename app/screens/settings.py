@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -109,9 +109,9 @@ class SettingsScreen(Screen[None]):
         yield Label("Settings", id="settings-title")
         with TabbedContent(initial="models-tab"):
             with TabPane("Models", id="models-tab"), VerticalScroll():
-                yield Label("", id="disk-free", classes="settings-note")
+                yield Label("", id="disk-free", classes="settings-note", markup=False)
                 yield ModelsTable(id="models-table")
-                yield Label("", id="model-detail", classes="settings-note")
+                yield Label("", id="model-detail", classes="settings-note", markup=False)
                 with Horizontal(classes="settings-buttons"):
                     yield Button("Use", id="use-model", variant="primary")
                     yield Button("Download", id="download-model")
@@ -120,7 +120,7 @@ class SettingsScreen(Screen[None]):
                     yield Button("Cancel", id="cancel-pull", disabled=True)
                 with Horizontal(id="download-row"):
                     yield ProgressBar(id="download-progress", show_eta=False)
-                    yield Label("", id="download-label")
+                    yield Label("", id="download-label", markup=False)
                 with Horizontal(id="add-model-row"):
                     yield Input(
                         placeholder="Add a hub repo id (org/name) or a model directory", id="add-model-input"
@@ -128,7 +128,7 @@ class SettingsScreen(Screen[None]):
                     yield Button("Add", id="add-model")
             with TabPane("Engine", id="engine-tab"), VerticalScroll():
                 yield EngineForm(settings.engine, self._context_hint(), id="engine-form")
-                yield Label("", id="plan-note", classes="settings-note")
+                yield Label("", id="plan-note", classes="settings-note", markup=False)
                 with Horizontal(classes="settings-buttons"):
                     yield Button("Save", id="save-engine", variant="primary")
                     yield Button("Save and reload the model", id="save-reload")
@@ -302,19 +302,15 @@ class SettingsScreen(Screen[None]):
 
     @on(Button.Pressed, "#use-model")
     def _use(self) -> None:
-        from mixtral_chat.engine.errors import MixtralChatError
-        from mixtral_chat.engine.models.registry import set_default
-
         entry = self.selected_entry()
         if entry is None:
             return
-        try:
-            set_default(entry.name)
-        except MixtralChatError as exc:
-            self.notify(str(exc), severity="error")
+        if not entry.installed:  # the model in use stays loaded
+            self.notify(f"{entry.name} is not installed ({entry.status}).", severity="warning")
             return
         self.chat_app.model_spec = entry.name
-        self.chat_app.load_model(entry.name)
+        # The default once it has loaded: one that fails to load leaves the default as it was.
+        self.chat_app.load_model(entry.name, make_default=True)
         self.refresh_models()
 
     @on(Button.Pressed, "#download-model")
@@ -582,11 +578,19 @@ class SettingsScreen(Screen[None]):
 
     # -- engine ----------------------------------------------------------------------------------
 
-    def _read_engine_settings(self) -> bool:
+    def _save_engine_settings(self) -> bool:
+        """The form's options into the settings and the config file; on any failure neither
+        changes (the form keeps what was typed, to correct)."""
+        engine = self.chat_app.settings.engine
+        saved = replace(engine)
         try:
-            self.query_one("#engine-form", EngineForm).apply_to(self.chat_app.settings.engine)
+            self.query_one("#engine-form", EngineForm).apply_to(engine)
         except ValueError as exc:
             self.notify(str(exc), severity="error")
+            return False
+        if not self.chat_app.save_settings():
+            for item in fields(saved):
+                setattr(engine, item.name, getattr(saved, item.name))
             return False
         return True
 
@@ -597,15 +601,19 @@ class SettingsScreen(Screen[None]):
 
     @on(Button.Pressed, "#save-engine")
     def _save(self) -> None:
-        if self._read_engine_settings() and self.chat_app.save_settings():
+        if self._save_engine_settings():
             self.notify("Saved. Engine options apply when a model is next loaded.")
 
     @on(Button.Pressed, "#save-reload")
     def _save_reload(self) -> None:
-        if self._read_engine_settings() and self.chat_app.save_settings():
+        if self._save_engine_settings():
             self.chat_app.load_model(self.chat_app.model_spec)
 
     def action_close(self) -> None:
+        form = self.query_one("#engine-form", EngineForm)
+        if form.edited(self.chat_app.settings.engine):  # shown again as they are in effect
+            form.show(self.chat_app.settings.engine)
+            self.notify("The Engine tab's changes were not saved: they are discarded.")
         self.app.pop_screen()
 
 

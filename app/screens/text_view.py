@@ -24,7 +24,7 @@ class TextViewScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog text-view"):
-            yield Label(self.title_text, classes="dialog-question")
+            yield Label(self.title_text, classes="dialog-question", markup=False)
             yield TextArea(self.text, read_only=True, soft_wrap=True, id="text-view-area")
         yield Footer()  # the dialog's keys
 

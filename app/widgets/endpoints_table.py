@@ -9,6 +9,7 @@ from typing import Any
 from textual.widgets import DataTable
 
 from mixtral_chat.app.settings import Endpoint
+from mixtral_chat.app.widgets.cells import plain
 
 
 def key_source(endpoint: Endpoint) -> str:
@@ -37,7 +38,8 @@ class EndpointsTable(DataTable[Any]):
         for name, endpoint in endpoints.items():
             mark = "●" if name == in_use else ""
             self.add_row(
-                mark, name, endpoint.url, endpoint.model or "first listed", key_source(endpoint), key=name
+                *plain(mark, name, endpoint.url, endpoint.model or "first listed", key_source(endpoint)),
+                key=name,
             )
 
     def selected_name(self) -> str | None:

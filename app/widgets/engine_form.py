@@ -3,6 +3,8 @@ their bounds checked. It edits the options the app holds only when `apply_to` su
 
 from __future__ import annotations
 
+import dataclasses
+
 from textual.app import ComposeResult
 from textual.containers import Grid
 from textual.widgets import Input, Label, Select, Switch
@@ -13,7 +15,6 @@ DEVICES = [("auto", "auto"), ("CPU", "cpu"), ("CUDA GPU", "cuda")]
 DTYPES = [("auto", "auto"), ("float32", "float32"), ("bfloat16", "bfloat16")]
 LOAD_SCHEMES = [("as stored", "stored"), ("none", "none"), ("int4", "int4"), ("nf4", "nf4")]
 STORES = [("RAM", "ram"), ("disk", "disk")]
-MIN_CONTEXT = 16
 
 
 class EngineForm(Grid):
@@ -58,20 +59,40 @@ class EngineForm(Grid):
     def apply_to(self, options: LoadOptions) -> None:
         """Write the form into `options`. Raises ValueError (one line, naming the field) and then
         changes nothing."""
-        experts = _optional_int(self.query_one("#experts-per-layer", Input).value, "experts per layer", 1)
-        budget = _optional_float(self.query_one("#gpu-budget", Input).value, "memory budget")
-        context = _optional_int(self.query_one("#context-length", Input).value, "context length", MIN_CONTEXT)
-        quant = str(self.query_one("#quant", Select).value)
-        options.device = str(self.query_one("#device", Select).value)
-        options.dtype = str(self.query_one("#dtype", Select).value)
-        options.quant = None if quant == "stored" else quant
-        options.offload = self.query_one("#offload", Switch).value
-        options.experts_per_layer = experts
-        options.gpu_budget_gb = budget
-        options.prefetch = self.query_one("#prefetch", Switch).value
-        options.cuda_graphs = self.query_one("#cuda-graphs", Switch).value
-        options.offload_store = str(self.query_one("#offload-store", Select).value)
-        options.context_length = context
+        read = self.read(options)
+        read.check()  # LoadOptionsError is a ValueError
+        for item in dataclasses.fields(read):
+            setattr(options, item.name, getattr(read, item.name))
+
+    def edited(self, options: LoadOptions) -> bool:
+        """The form no longer shows `options` (a field changed, or holds what is not a number)."""
+        try:
+            return self.read(options) != options
+        except ValueError:
+            return True
+
+    def show(self, options: LoadOptions) -> None:
+        """The form anew, showing `options`."""
+        self.options = options
+        self.refresh(recompose=True)
+
+    def read(self, options: LoadOptions) -> LoadOptions:
+        """A copy of `options` with the form's values; ValueError for text that is not a number."""
+        return dataclasses.replace(
+            options,
+            experts_per_layer=_optional_int(
+                self.query_one("#experts-per-layer", Input).value, "experts per layer"
+            ),
+            gpu_budget_gb=_optional_float(self.query_one("#gpu-budget", Input).value, "memory budget"),
+            context_length=_optional_int(self.query_one("#context-length", Input).value, "context length"),
+            device=str(self.query_one("#device", Select).value),
+            dtype=str(self.query_one("#dtype", Select).value),
+            quant=None if (quant := str(self.query_one("#quant", Select).value)) == "stored" else quant,
+            offload=self.query_one("#offload", Switch).value,
+            prefetch=self.query_one("#prefetch", Switch).value,
+            cuda_graphs=self.query_one("#cuda-graphs", Switch).value,
+            offload_store=str(self.query_one("#offload-store", Select).value),
+        )
 
 
 def _select(choices: list[tuple[str, str]], value: str, id: str) -> Select[str]:
@@ -84,17 +105,14 @@ def _text(value: object) -> str:
     return "" if value is None else str(value)
 
 
-def _optional_int(text: str, what: str, minimum: int) -> int | None:
+def _optional_int(text: str, what: str) -> int | None:
     text = text.strip()
     if not text:
         return None
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise ValueError(f"{what}: {text!r} is not a whole number") from None
-    if value < minimum:
-        raise ValueError(f"{what} must be at least {minimum}")
-    return value
 
 
 def _optional_float(text: str, what: str) -> float | None:
@@ -102,9 +120,6 @@ def _optional_float(text: str, what: str) -> float | None:
     if not text:
         return None
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise ValueError(f"{what}: {text!r} is not a number") from None
-    if not value > 0:
-        raise ValueError(f"{what} must be positive")
-    return value

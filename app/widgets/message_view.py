@@ -90,7 +90,7 @@ class MessageView(Vertical, can_focus=True):
         # Imported here: markdown-it costs start-up time, and the first frame has no messages.
         from textual.widgets import Markdown
 
-        yield Label(self._header_text(), classes="message-header")
+        yield Label(self._header_text(), classes="message-header", markup=False)
         yield Markdown(self.text, classes="message-body")
 
     @property
@@ -140,11 +140,16 @@ class MessageView(Vertical, can_focus=True):
         self.text += text
         await self._stream.write(text)
 
-    async def finish(self, text: str, status: str) -> None:
-        """End streaming: render the whole text once (complete code fences) and mark the status."""
+    async def stop_stream(self) -> None:
+        """Stop the MarkdownStream's task, its pending text written (before the view goes: a task
+        left behind is destroyed pending)."""
         if self._stream is not None:
             stream, self._stream = self._stream, None
             await stream.stop()
+
+    async def finish(self, text: str, status: str) -> None:
+        """End streaming: render the whole text once (complete code fences) and mark the status."""
+        await self.stop_stream()
         self.text = text
         await self.body.update(text)
         self.set_status(status)
@@ -258,6 +263,8 @@ class MessageList(VerticalScroll):
         if include_id is not None:
             start = min([start] + [index for index, m in enumerate(messages) if m.id == include_id])
         self._earlier = messages[:start]
+        for view in self.query(MessageView):  # an answer streaming into a view about to go
+            await view.stop_stream()
         await self.remove_children()
         widgets: list[Widget] = []
         if self._earlier:

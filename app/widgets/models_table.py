@@ -7,9 +7,11 @@ import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich.text import Text
 from textual.widgets import DataTable
 from textual.widgets.data_table import CellDoesNotExist
 
+from mixtral_chat.app.widgets.cells import plain
 from mixtral_chat.engine.options import UNQUANTIZED
 from mixtral_chat.engine.units import format_size
 
@@ -70,26 +72,30 @@ class ModelsTable(DataTable[Any]):
             )
             progress = pulling[1] if pulling is not None and pulling[0] == entry.name else None
             self.add_row(
-                marks,
-                entry.name,
-                status_text(entry, active, progress),
-                format_size(entry.size_on_disk),
-                format_size(entry.download_bytes),
-                entry.scheme or "-",
-                entry.repo_id or (str(entry.path) if entry.path else entry.source),
+                *plain(
+                    marks,
+                    entry.name,
+                    status_text(entry, active, progress),
+                    format_size(entry.size_on_disk),
+                    format_size(entry.download_bytes),
+                    entry.scheme or "-",
+                    entry.repo_id or (str(entry.path) if entry.path else entry.source),
+                ),
                 key=entry.name,
             )
         names = {entry.name for entry in entries}
         if loaded is not None and not any(_is_active(entry, active) for entry in entries):
             # Loaded from a directory given with --model, not in the registry.
             self.add_row(
-                ACTIVE_MARK,
-                loaded.name,
-                "active (not registered)",
-                "-",
-                "-",
-                loaded.scheme if loaded.scheme != UNQUANTIZED else "-",
-                str(active),
+                *plain(
+                    ACTIVE_MARK,
+                    loaded.name,
+                    "active (not registered)",
+                    "-",
+                    "-",
+                    loaded.scheme if loaded.scheme != UNQUANTIZED else "-",
+                    str(active),
+                ),
                 key=None if loaded.name in names else loaded.name,
             )
         if selected in names:
@@ -98,7 +104,7 @@ class ModelsTable(DataTable[Any]):
     def show_status(self, entry: ModelEntry, progress: PullProgress | None) -> None:
         # CellDoesNotExist: the row was refreshed away; the next refresh shows it again.
         with contextlib.suppress(CellDoesNotExist):
-            self.update_cell(entry.name, "status", status_text(entry, None, progress))
+            self.update_cell(entry.name, "status", Text(status_text(entry, None, progress)))
 
     def selected_name(self) -> str | None:
         if self.row_count == 0:

@@ -111,7 +111,7 @@ ASK_VALUES = [
     (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
     (["--top-p", "nan"], "--top-p must be in (0, 1], got nan"),
     (["--top-k", "-1"], "--top-k must be an integer >= 0, got -1"),
-    (["--context", "0"], "--context must be a positive integer, got 0"),
+    (["--context", "8"], "--context must be an integer >= 16, got 8"),
     (["--seed", "1.5"], "--seed expects an integer, got '1.5'"),
     (
         ["--seed", str(2**64)],
