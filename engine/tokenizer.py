@@ -32,6 +32,21 @@ _BLANK_LINE = "\n\n"
 _REPLACEMENT_CHAR = "\ufffd"
 
 
+def well_formed(text: str) -> str:
+    """`text` as valid Unicode: undecodable bytes (which Python keeps in a command line as lone
+    surrogates) and lone surrogates become U+FFFD. Neither sentencepiece nor SQLite takes them."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:  # the bytes a command line or a pipe held, each bad one replaced once
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is not an escaped byte (JSON's "\ud800")
+        raw = text.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "replace")
+
+
 class Tokenizer:
     """A sentencepiece `tokenizer.model` plus the Mixtral-Instruct chat template."""
 

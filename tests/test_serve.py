@@ -168,6 +168,13 @@ def test_bad_json_and_a_bad_schema_are_400(demo_server: ServeProcess, api_key: s
     assert bad_json.json()["error"]["type"] == "invalid_request_error"
     not_an_object = httpx2.post(url, content=b"[1, 2]", headers=headers)
     assert not_an_object.status_code == 400
+    # Valid JSON, but no text: a lone surrogate (neither the tokenizer nor SQLite takes one).
+    for content in (b'"caf\\ud800"', b'[{"type": "text", "text": "\\udc80"}]'):
+        body = b'{"model": "demo", "messages": [{"role": "user", "content": ' + content + b"}]}"
+        surrogate = httpx2.post(url, content=body, headers=headers)
+        assert surrogate.status_code == 400, surrogate.text
+        error = surrogate.json()["error"]
+        assert error["param"].startswith("messages[0].content") and "lone surrogate" in error["message"]
 
 
 @pytest.mark.parametrize(

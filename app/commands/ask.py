@@ -108,16 +108,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def read_prompt(args: argparse.Namespace) -> str:
+    """PROMPT and piped stdin, as valid Unicode (a byte that is not UTF-8, in either, becomes
+    U+FFFD: a Latin-1 file piped in is still answered)."""
     from mixtral_chat.app.errors import UsageError
+    from mixtral_chat.engine.tokenizer import well_formed
 
     # A blank PROMPT counts as none, as blank stdin does.
-    parts = [args.prompt] if args.prompt and args.prompt.strip() else []
+    parts = [well_formed(args.prompt)] if args.prompt and args.prompt.strip() else []
     if not sys.stdin.isatty():
-        piped = sys.stdin.read()
+        piped = sys.stdin.buffer.read().decode("utf-8", "replace")
         if piped.strip():
             parts.append(piped)
     if not parts:
         raise UsageError("no prompt: give PROMPT or pipe text on stdin")
+    if args.system is not None:
+        args.system = well_formed(args.system)
     return "\n\n".join(part.strip("\n") for part in parts)
 
 

@@ -167,7 +167,7 @@ def _messages(messages: Any) -> list[dict[str, str]]:
 def _content(content: Any, param: str) -> str:
     """A string, or a list of text parts (joined): images and audio are not for this model."""
     if isinstance(content, str):
-        return content
+        return _unicode(content, param)
     if isinstance(content, list):
         texts = []
         for index, part in enumerate(content):
@@ -178,11 +178,20 @@ def _content(content: Any, param: str) -> str:
                     "this model reads text only",
                     param=f"{param}[{index}]",
                 )
-            texts.append(part["text"])
+            texts.append(_unicode(part["text"], f"{param}[{index}].text"))
         return "".join(texts)
     raise bad_request(
         f"{param} must be a string or a list of text parts, got {_json_type(content)}", param=param
     )
+
+
+def _unicode(text: str, param: str) -> str:
+    """JSON may escape a lone surrogate ("\\ud800"): that is no text, for the tokenizer or SQLite."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request(f"{param} is not valid Unicode (it holds a lone surrogate)", param=param) from None
+    return text
 
 
 def _max_tokens(body: dict[str, Any]) -> int | None:

@@ -22,6 +22,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mixtral_chat.app.storage import Storage
 from tests.conftest import run_cli, save_tiny_checkpoint
 
 # Calls the CLI's main() and prints its exit code and whether torch got imported.
@@ -417,3 +418,28 @@ def test_sigint_during_quantize_keeps_the_work_and_says_how_to_resume(tmp_path: 
     from mixtral_chat.engine.weights import load_model
 
     load_model(dst)  # a complete model directory
+
+
+def test_bytes_that_are_not_utf8_are_answered_as_replacement_characters(home: Path) -> None:
+    """A Latin-1 byte in PROMPT and in piped text: answered and stored with U+FFFD in its place,
+    not a sentencepiece error about casting to C++."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mixtral_chat.app.cli",
+            "ask",
+            "--max-tokens",
+            "2",
+            "--json",
+            b"caf\xe9 au lait",
+        ],
+        input=b"na\xefve\n",
+        capture_output=True,
+        env={**os.environ, "MIXTRAL_CHAT_HOME": str(home)},
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    conversation_id = json.loads(done.stdout)["conversation_id"]
+    with Storage() as storage:
+        assert storage.messages(conversation_id)[0].content == "caf\ufffd au lait\n\nna\ufffdve"
