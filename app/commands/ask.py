@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     from mixtral_chat.app.conversation_log import ConversationLog
 
     prompt = read_prompt(args)
-    check_history_flags(args)
+    check_flags(args)
     # Before the model loads: an unknown --cid or a busy chat is said at once.
     log = ConversationLog.open(
         continue_latest=args.continue_latest,
@@ -190,11 +190,23 @@ def answer_remotely(args: argparse.Namespace, prompt: str, log: ConversationLog 
     return 130 if interrupted else 0
 
 
-def check_history_flags(args: argparse.Namespace) -> None:
+def check_flags(args: argparse.Namespace) -> None:
+    """What the flags ask for that can be refused before anything loads or is stored."""
+    import os
+
     from mixtral_chat.app.errors import UsageError
 
     if args.system is not None and (args.continue_latest or args.cid is not None):
         raise UsageError("--system starts a new chat: a continued chat keeps its own system prompt")
+    trace = getattr(args, "trace_routing", None)
+    if trace:
+        folder = Path(trace).expanduser().resolve().parent
+        if Path(trace).is_dir():
+            raise UsageError(f"--trace-routing {trace}: that is a folder; give a file name")
+        if not folder.is_dir():
+            raise UsageError(f"--trace-routing {trace}: no folder {folder}")
+        if not os.access(folder, os.W_OK):
+            raise UsageError(f"--trace-routing {trace}: {folder} is not writable")
 
 
 def print_warning(line: str) -> None:
@@ -324,6 +336,10 @@ def stream_answer(
         interrupted = True
         stop.set()
         status = "stopped"
+    except BrokenPipeError:  # the reader left (`| head`): stopped there, what it read is kept
+        stop.set()
+        status = "stopped"
+        raise
     finally:
         if trace_file:
             trace_file.close()

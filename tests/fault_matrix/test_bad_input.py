@@ -119,6 +119,12 @@ ASK_VALUES = [
         f"--seed must be an integer from {-(2**63)} to {2**64 - 1}, got {2**64}",
     ),
     (["--simulate-link-gbps", "0"], "--simulate-link-gbps must be > 0 and finite, got 0"),
+    # A trace that cannot be written: said before the model loads (and before a chat is stored).
+    (
+        ["--trace-routing", "/nonexistent/dir/t.jsonl"],
+        "--trace-routing /nonexistent/dir/t.jsonl: no folder /nonexistent/dir",
+    ),
+    (["--trace-routing", "/tmp"], "--trace-routing /tmp: that is a folder; give a file name"),
 ]
 
 
@@ -443,3 +449,25 @@ def test_bytes_that_are_not_utf8_are_answered_as_replacement_characters(home: Pa
     conversation_id = json.loads(done.stdout)["conversation_id"]
     with Storage() as storage:
         assert storage.messages(conversation_id)[0].content == "caf\ufffd au lait\n\nna\ufffdve"
+
+
+CLI = [sys.executable, "-m", "mixtral_chat.app.cli"]
+
+
+def test_a_reader_that_leaves_ends_the_answer_quietly(home: Path, tiny_model_dir: Path) -> None:
+    """`ask ... | head -c 5`: no "error: Broken pipe", the shell's code for a closed pipe, and the
+    stored answer is stopped where the reader left, not failed."""
+    process = subprocess.Popen(
+        [*CLI, "ask", "--model", str(tiny_model_dir), "--max-tokens", "400", "a long answer, please"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    process.stdout.read(5)  # a random model: it writes to its last token, never stopping early
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 141 and stderr == b""
+    with Storage() as storage:
+        [chat] = storage.list_conversations()
+        answer = storage.messages(chat.id)[-1]
+        assert answer.role == "assistant" and answer.status == "stopped" and answer.content
