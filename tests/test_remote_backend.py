@@ -60,6 +60,8 @@ def test_ask_backend_answers_as_the_local_engine_does(
     assert remote_answer["usage"] == local_answer["usage"]  # the server's usage counts
     assert remote_answer["model"] == "demo" and remote_answer["backend"] == server.base_url
     assert remote_answer["finish_reason"] == "stop"
+    # Stored as a chat of its own, as the local answer was: both say which.
+    assert remote_answer["conversation_id"] == local_answer["conversation_id"] + 1
 
     streamed = ask(home, "--backend", server.base_url, "--api-key-env", KEY_ENV, prompt, key=api_key)
     assert streamed.stdout == local_answer["text"] + "\n"

@@ -87,7 +87,9 @@ def run_remote(
     text = "".join(pieces)
     stats = stream.stats
     if args.json:
-        print_json(text, model, backend.base, stats, interrupted)
+        print_json(
+            text, model, backend.base, stats, interrupted, log.conversation_id if log is not None else None
+        )
     elif text and not text.endswith("\n"):
         sys.stdout.write("\n")
     return stats, interrupted
@@ -111,7 +113,15 @@ def check_local_flags(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag} is for the local engine; the server at --backend decides that")
 
 
-def print_json(text: str, model: str, base: str, stats: GenerationStats | None, interrupted: bool) -> None:
+def print_json(
+    text: str,
+    model: str,
+    base: str,
+    stats: GenerationStats | None,
+    interrupted: bool,
+    conversation_id: int | None,
+) -> None:
+    """The local `ask --json`'s keys that a remote answer has (no expert cache, no decode graphs)."""
     import json
 
     finish = "cancelled" if interrupted or stats is None else stats.finish_reason
@@ -130,6 +140,7 @@ def print_json(text: str, model: str, base: str, stats: GenerationStats | None, 
                     "ttft_s": round(stats.ttft_s, 4) if stats else None,
                     "decode_tok_s": round(stats.decode_tok_s, 2) if stats else None,
                 },
+                "conversation_id": conversation_id,  # None: not stored (--no-log, or it failed)
             },
             ensure_ascii=False,
         )
