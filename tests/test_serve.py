@@ -296,6 +296,28 @@ def test_a_non_loopback_address_needs_a_key_before_the_model_loads(home: Path) -
     assert result.stderr.splitlines()[-1].startswith("mixtral-chat: error: --host 0.0.0.0 is reachable")
 
 
+@pytest.mark.parametrize(
+    ("flags", "env_key", "message"),
+    [
+        (["--host", "0.0.0.0", "--api-key", "   "], None, "the API key (--api-key or "),
+        (["--api-key", ""], None, "the API key (--api-key or "),
+        ([], " padded-key ", "the API key (--api-key or "),
+        (["--cors", ""], None, "--cors '': give an origin such as http://localhost:3000, or *"),
+        (["--cors", "app.example.com"], None, "--cors 'app.example.com': give an origin"),
+    ],
+    ids=["blank key", "empty key", "key with spaces from the environment", "empty origin", "no scheme"],
+)
+def test_a_key_or_origin_no_client_could_send_is_refused_before_the_model_loads(
+    home: Path, flags: list[str], env_key: str | None, message: str
+) -> None:
+    env = {"MIXTRAL_CHAT_HOME": str(home), "MIXTRAL_CHAT_API_KEY": env_key or ""}
+    result = run_cli("serve", *flags, env=env)
+    assert result.returncode == 2 and "using the bundled demo" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith(f"mixtral-chat: error: {message}"), result.stderr
+    if env_key:
+        assert env_key.strip() not in result.stderr  # a key is never said
+
+
 def test_the_cli_starts_without_the_server_stack() -> None:
     code = (
         "import sys\nfrom mixtral_chat.app import cli\n"

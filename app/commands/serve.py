@@ -65,7 +65,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from mixtral_chat.app.commands import ask
 
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    check_key_and_origins(api_key, args.cors)
     check_host(args.host, api_key)
     listener = open_listener(args.host, args.port)
     resolved = ask.resolve_the_model(args)
@@ -78,6 +79,20 @@ def run(args: argparse.Namespace) -> int:
         engine.close()
     print("mixtral-chat serve: stopped", file=sys.stderr)
     return 0
+
+
+def check_key_and_origins(api_key: str | None, origins: list[str]) -> None:
+    """A key a client could send, and origins a browser sends (the key itself is never said)."""
+    from mixtral_chat.app.errors import UsageError
+
+    if api_key is not None and (not api_key.strip() or api_key != api_key.strip()):
+        raise UsageError(
+            f"the API key (--api-key or {API_KEY_ENV}) is blank or starts or ends with spaces: "
+            "clients could not send it"
+        )
+    for origin in origins:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise UsageError(f"--cors {origin!r}: give an origin such as http://localhost:3000, or *")
 
 
 def check_host(host: str, api_key: str | None) -> None:
