@@ -136,16 +136,19 @@ class ConversationLog:
         self._versions = {message.id: message.version for message in history}
         return history
 
-    def begin(self, prompt: str, *, system_prompt: str, model: str) -> None:
-        """Store the prompt and an empty answer row (marked streaming). In a continued chat that
-        changed since `prepare` read it, ConversationChanged (or ConversationBusy) is raised."""
+    def begin(
+        self, prompt: str, *, system_prompt: str, model: str, generation: dict[str, Any] | None = None
+    ) -> None:
+        """Store the prompt and an empty answer row (marked streaming); a new chat keeps
+        `generation` as its own settings. In a continued chat that changed since `prepare` read
+        it, ConversationChanged (or ConversationBusy) is raised."""
         if not self.write:
             return
         try:
             if self.conversation is None:
                 self.storage.register_instance(kind="ask")
                 self.conversation = self.storage.create_conversation(
-                    title_from_text(prompt), system_prompt=system_prompt, model=model
+                    title_from_text(prompt), system_prompt=system_prompt, model=model, generation=generation
                 )
                 self._start_heartbeat()
             chat_id = self.conversation.id

@@ -167,6 +167,24 @@ def test_continue_answers_after_the_earlier_turns_and_appends_to_the_latest_chat
     assert logged.continued["usage"]["prompt_tokens"] == prompt_tokens(history)
 
 
+def test_a_chat_begun_with_sampling_flags_is_continued_with_them(tmp_path: Path) -> None:
+    home = Home(tmp_path / "home")
+    flags = {"temperature": 0.9, "top_k": 5, "seed": 3, "max_tokens": 4}
+    for args in (
+        ["--temperature", "0.9", "--top-k", "5", "--seed", "3", "--max-tokens", "4", "A dog?"],
+        ["-c", "And a cat?"],  # no flags: the chat's own settings
+        ["-c", "--max-tokens", "2", "And a cow?"],  # a flag: for this answer alone
+    ):
+        result = home.cli("ask", *args)
+        assert result.returncode == 0, result.stderr
+    chat_id = 1
+    with home.storage() as storage:
+        assert storage.get_conversation(chat_id).generation == flags
+        used = [m.stats["generation"] for m in storage.messages(chat_id) if m.role == "assistant"]
+    assert used[0] == used[1] and {k: used[1][k] for k in flags} == flags
+    assert used[2] == {**used[1], "max_tokens": 2}
+
+
 def test_no_log_stores_nothing_even_when_it_continues_a_chat(logged: Logged) -> None:
     assert logged.unlogged["conversation_id"] is None and logged.peeked["conversation_id"] is None
     with logged.home.storage() as storage:

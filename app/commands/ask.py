@@ -213,16 +213,20 @@ def print_warning(line: str) -> None:
     print(f"mixtral-chat: warning: {line}", file=sys.stderr)
 
 
+def generation_flags(args: argparse.Namespace) -> dict[str, float | int]:
+    """The sampling flags given: a new chat keeps them as its own settings, so `ask -c` answers
+    it as it began (a continued chat's flags are for that answer alone)."""
+    names = ("temperature", "top_p", "top_k", "max_tokens", "seed")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
 def generation_config(args: argparse.Namespace, continued: Conversation | None = None) -> GenerationConfig:
     """`ask`'s defaults (greedy), then a continued chat's own settings, then the flags given."""
     from mixtral_chat.app.chat_session import generation_values
     from mixtral_chat.app.errors import UsageError
     from mixtral_chat.engine.errors import MixtralChatError
 
-    values = generation_values(DEFAULT_GENERATION, continued)
-    for name in ("temperature", "top_p", "top_k", "max_tokens", "seed"):
-        if getattr(args, name) is not None:
-            values[name] = getattr(args, name)
+    values = {**generation_values(DEFAULT_GENERATION, continued), **generation_flags(args)}
     try:
         return GenerationConfig(**values)
     except (MixtralChatError, TypeError, ValueError) as exc:
@@ -309,7 +313,9 @@ def stream_answer(
     # stream is iterated.
     stream = engine.chat(messages, config, stop_event=stop)
     if log is not None:
-        log.begin(prompt, system_prompt=system_prompt, model=engine.info.name)
+        log.begin(
+            prompt, system_prompt=system_prompt, model=engine.info.name, generation=generation_flags(args)
+        )
     pieces: list[str] = []
     interrupted = False
     status = "error"  # unless the loop ends

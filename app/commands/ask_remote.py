@@ -49,6 +49,7 @@ def run_remote(
 ) -> tuple[GenerationStats | None, bool]:
     """Print the answer to `messages` (and store the exchange in `log`, as the local `ask`
     does); returns its client-side stats and whether Ctrl+C stopped it."""
+    from mixtral_chat.app.commands.ask import generation_flags
     from mixtral_chat.app.remote import RemoteBackend
 
     backend = RemoteBackend(args.backend or "", api_key(args))
@@ -56,7 +57,7 @@ def run_remote(
     stop = threading.Event()
     stream = backend.chat(messages, config, model, stop_event=stop)
     if log is not None:
-        log.begin(prompt, system_prompt=system_prompt, model=model)
+        log.begin(prompt, system_prompt=system_prompt, model=model, generation=generation_flags(args))
     pieces: list[str] = []
     interrupted = False
     status = "error"  # unless the loop ends
