@@ -139,13 +139,34 @@ def run(args: argparse.Namespace) -> int:
         write=not args.no_log,
         warn=print_warning,
     )
+    stopped_by = stop_on_termination()
     try:
         if args.backend or args.api_key_env:
-            return answer_remotely(args, prompt, log)
-        return answer(args, prompt, log)
+            code = answer_remotely(args, prompt, log)
+        else:
+            code = answer(args, prompt, log)
+        return 128 + stopped_by[0] if code == 130 and stopped_by else code
     finally:
         if log is not None:
             log.close()
+
+
+def stop_on_termination() -> list[int]:
+    """SIGTERM and SIGHUP (`timeout`, a closed terminal) stop the answer as Ctrl+C does: what was
+    printed is stored as stopped, the chat released. Returns the list the signal's number lands in
+    (the exit code is then 128 + it, as the shell reports a process it ended)."""
+    import signal
+
+    received: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), stop)
+    return received
 
 
 def answer(args: argparse.Namespace, prompt: str, log: ConversationLog | None) -> int:

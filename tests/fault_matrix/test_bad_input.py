@@ -471,3 +471,24 @@ def test_a_reader_that_leaves_ends_the_answer_quietly(home: Path, tiny_model_dir
         [chat] = storage.list_conversations()
         answer = storage.messages(chat.id)[-1]
         assert answer.role == "assistant" and answer.status == "stopped" and answer.content
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_termination_mid_answer_keeps_what_was_printed(home: Path, tiny_model_dir: Path, signum: int) -> None:
+    """`timeout 5 mixtral-chat ask ...` or a closed terminal: stopped as Ctrl+C stops it (the
+    printed text stored as stopped, no instance left registered), exit 128 + the signal."""
+    process = subprocess.Popen(
+        [*CLI, "ask", "--model", str(tiny_model_dir), "--max-tokens", "3000", "a long answer, please"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    printed = process.stdout.read(20)
+    process.send_signal(signum)
+    process.communicate(timeout=120)
+    assert process.returncode == 128 + signum
+    with Storage() as storage:
+        [chat] = storage.list_conversations()
+        answer = storage.messages(chat.id)[-1]
+        assert answer.status == "stopped" and answer.content.encode().startswith(printed)
+        assert storage.other_instances() == []
