@@ -83,12 +83,14 @@ class ConversationLog:
         if not continuing and not write:
             return None
         try:
-            storage = Storage(path)
+            storage, repaired = Storage.checked(path)  # a damaged file is left as it is
         except StorageError as exc:
             if continuing:
                 raise
             warn(f"{NOT_LOGGED}: {exc}")
             return None
+        for notice in repaired:
+            warn(notice)
         try:
             conversation = cls._find(storage, continue_latest, conversation_id) if continuing else None
         except BaseException:
@@ -144,10 +146,11 @@ class ConversationLog:
         it, ConversationChanged (or ConversationBusy) is raised."""
         if not self.write:
             return
+        created = None  # the chat made here, gone again if its first messages cannot be stored
         try:
             if self.conversation is None:
                 self.storage.register_instance(kind="ask")
-                self.conversation = self.storage.create_conversation(
+                self.conversation = created = self.storage.create_conversation(
                     title_from_text(prompt), system_prompt=system_prompt, model=model, generation=generation
                 )
                 self._start_heartbeat()
@@ -157,6 +160,9 @@ class ConversationLog:
         except (ConversationBusy, ConversationChanged):
             raise  # another app answers in the chat, or changed it: the caller says so as an error
         except StorageError as exc:
+            if created is not None:  # no chat without its prompt in the history
+                with contextlib.suppress(StorageError):
+                    self.storage.delete_conversation(created.id)
             self._give_up(exc)
             return
         self._saver = PartialAnswerSaver(self.storage, answer.id)

@@ -22,15 +22,9 @@ def open_storage(ask: Callable[[str], bool] = ask_yes_no) -> tuple[Storage, list
     with a fresh database; None if the offer is declined."""
     path = default_db_path()
     try:
-        storage = Storage(path)
+        return Storage.checked(path)
     except DamagedDatabaseError as exc:
         damaged = exc
-    else:
-        try:
-            return storage, storage.check()
-        except DamagedDatabaseError as exc:
-            storage.close()
-            damaged = exc
     print(f"mixtral-chat: error: {damaged}", file=sys.stderr)
     if not ask(f"Move it aside to {path.name}.damaged-<date> and start with a fresh database? [y/N] "):
         return None

@@ -251,6 +251,26 @@ def test_a_damaged_database_costs_the_log_not_the_answer(home: Home) -> None:
     assert home.db.read_bytes().startswith(b"not a database")  # never touched
 
 
+@pytest.mark.parametrize("page", [2, 4, 7], ids=["conversations", "messages", "search index"])
+def test_a_database_with_a_damaged_page_is_left_untouched(home: Home, page: int) -> None:
+    """A database that opens but has a damaged page (the tables', or the search index's): ask
+    answers and says the log is lost, history says the file is damaged; no byte changes."""
+    assert home.cli("ask", *FEW_TOKENS, "What is a lighthouse?").returncode == 0
+    data = bytearray(home.db.read_bytes())
+    page_size = int.from_bytes(data[16:18], "big")
+    for offset in range((page - 1) * page_size + 8, page * page_size, 3):
+        data[offset] = 0xAB
+    home.db.write_bytes(bytes(data))
+    result = home.cli("ask", *FEW_TOKENS, "What is a harbour?")
+    assert result.returncode == 0 and result.stdout.strip()
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and warnings[0].startswith(NOT_LOGGED_WARNING), result.stderr
+    assert "is damaged" in warnings[0] and "move it aside" in warnings[0]
+    listed = home.cli("history", "list")
+    assert listed.returncode == 1 and "is damaged" in one_error(listed)
+    assert home.db.read_bytes() == bytes(data)  # never touched
+
+
 def test_a_locked_database_costs_the_log_not_the_answer(home: Home) -> None:
     """Another process holds the write lock past the busy timeout (10 s): the answer prints."""
     with Storage(home.db):  # the database exists, as after any earlier run

@@ -70,7 +70,12 @@ def _open() -> Storage | None:
     from mixtral_chat.app.storage import Storage, default_db_path
 
     path = default_db_path()
-    return Storage(path) if path.exists() else None
+    if not path.exists():
+        return None
+    storage, repaired = Storage.checked(path)  # damage: the one line that says what to do
+    for notice in repaired:
+        print(f"mixtral-chat: warning: {notice}", file=sys.stderr)
+    return storage
 
 
 def _no_conversation(conversation_id: int) -> MixtralChatError:

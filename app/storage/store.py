@@ -81,6 +81,17 @@ class Storage:
                     self.unregister_instance()
             self._conn.close()
 
+    @classmethod
+    def checked(cls, path: Path | None = None) -> tuple[Storage, list[str]]:
+        """The database opened and checked for damage (`check`), and what the check repaired.
+        Raises DamagedDatabaseError (closed again) for a damaged file, which is then untouched."""
+        storage = cls(path)
+        try:
+            return storage, storage.check()
+        except BaseException:
+            storage.close()
+            raise
+
     def check(self) -> list[str]:
         """Look for damage: raises DamagedDatabaseError if the file is damaged (quick_check);
         a damaged full-text index is rebuilt from the messages table (the notice says so).
