@@ -11,6 +11,8 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
+from mixtral_chat.app.argtypes import one_of
+from mixtral_chat.app.commands.quantize import GROUP_SIZES
 from mixtral_chat.app.progress import PhaseProgress, Row
 from mixtral_chat.app.terminal import ask_yes_no
 from mixtral_chat.engine.units import format_bytes, format_count, format_size
@@ -44,7 +46,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pull.add_argument(
         "--scheme", choices=("int4", "nf4"), help="4-bit scheme (default: the best for this device)"
     )
-    pull.add_argument("--group-size", type=int, choices=(32, 64, 128), help="quantization group size")
+    pull.add_argument(
+        "--group-size",
+        type=one_of("--group-size", GROUP_SIZES),
+        help="quantization group size (32/64/128/256)",
+    )
     pull.add_argument(
         "--keep-original", action="store_true", help="keep the bf16 originals after quantizing without asking"
     )

@@ -183,6 +183,12 @@ def test_cli_group_sizes_are_the_schemes() -> None:
     assert all(tuple(sizes) == GROUP_SIZES for sizes in SCHEME_GROUP_SIZES.values())
 
 
+def test_models_pull_takes_the_same_group_sizes(home: Path) -> None:
+    rc, torch_imported, stderr = run_main("models", "pull", "org/any", "--group-size", "7")
+    assert rc == 2 and not torch_imported
+    assert error_line(stderr).endswith("--group-size must be one of 32, 64, 128, 256, got 7")
+
+
 # ---------------------------------------------------------------------------------------------
 # Whitespace-only prompts.
 
