@@ -284,6 +284,7 @@ LOAD_QUIET_S = 1.0
 
 
 def load_engine(args: argparse.Namespace, resolved: ResolvedModel) -> Engine:
+    from mixtral_chat.engine import checkpoint as ckpt
     from mixtral_chat.engine.runtime import Engine
 
     rows = PhaseProgress(sys.stderr, log_interval_s=math.inf)
@@ -308,6 +309,13 @@ def load_engine(args: argparse.Namespace, resolved: ResolvedModel) -> Engine:
         engine = Engine.load(resolved.path, load_options(args), name=resolved.name, progress=loading)
     finally:
         rows.close()
+    if args.quant is not None and ckpt.detect(resolved.path).kind != ckpt.FLOAT:
+        # --quant quantizes float weights as they load; a 4-bit model runs as it was quantized.
+        print(
+            f"mixtral-chat: --quant {args.quant} is for float models: {resolved.name} is "
+            f"{engine.info.scheme} already and runs as it is",
+            file=sys.stderr,
+        )
     plan = engine.info.offload_plan
     # Automatic offloading is always announced: it explains a slower answer.
     if plan and (args.stats or plan.startswith("auto")):

@@ -498,3 +498,18 @@ def test_termination_mid_answer_keeps_what_was_printed(home: Path, tiny_model_di
         answer = storage.messages(chat.id)[-1]
         assert answer.status == "stopped" and answer.content.encode().startswith(printed)
         assert storage.other_instances() == []
+
+
+def test_quant_on_a_quantized_model_says_it_runs_as_it_is(
+    home: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    int4 = tmp_path / "int4"
+    assert run_cli("quantize", str(tiny_model_dir), str(int4), "--scheme", "int4").returncode == 0
+    asked = run_cli("ask", "--model", str(int4), "--quant", "nf4", "--max-tokens", "2", "--no-log", "hi")
+    assert asked.returncode == 0, asked.stderr
+    assert "mixtral-chat: --quant nf4 is for float models: " in asked.stderr
+    assert "is int4 already and runs as it is" in asked.stderr
+    on_float = run_cli(
+        "ask", "--model", str(tiny_model_dir), "--quant", "int4", "--max-tokens", "2", "--no-log", "hi"
+    )
+    assert on_float.returncode == 0 and "is for float models" not in on_float.stderr
