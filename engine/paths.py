@@ -13,7 +13,12 @@ HOME_ENV = "MIXTRAL_CHAT_HOME"
 def _base(kind: str) -> Path:
     override = os.environ.get(HOME_ENV)
     if override:
-        return Path(override) / kind
+        home = Path(override)
+        if home.exists() and not home.is_dir():  # every file under it would fail, each its own way
+            from mixtral_chat.engine.errors import MixtralChatError
+
+            raise MixtralChatError(f"{HOME_ENV}={override} is a file, not a folder: give it a folder")
+        return home / kind
     import platformdirs
 
     getter = {

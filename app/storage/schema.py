@@ -105,7 +105,13 @@ def default_db_path() -> Path:
 
 def connect(path: Path) -> sqlite3.Connection:
     """A connection in autocommit mode (transactions are explicit), WAL, foreign keys on."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # an unwritable home: the caller decides (ask answers without its log)
+        reason = exc.strerror or type(exc).__name__
+        raise StorageError(
+            f"cannot create the folder for the conversation database {path.parent}: {reason}"
+        ) from exc
     try:
         conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row

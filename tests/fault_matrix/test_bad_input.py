@@ -513,3 +513,29 @@ def test_quant_on_a_quantized_model_says_it_runs_as_it_is(
         "ask", "--model", str(tiny_model_dir), "--quant", "int4", "--max-tokens", "2", "--no-log", "hi"
     )
     assert on_float.returncode == 0 and "is for float models" not in on_float.stderr
+
+
+def test_a_home_that_is_a_file_is_said_once(tmp_path: Path) -> None:
+    home_file = tmp_path / "home"
+    home_file.write_text("not a folder")
+    for command in (["ask", "hi"], ["models", "list"]):
+        result = run_cli(*command, env={"MIXTRAL_CHAT_HOME": str(home_file)})
+        assert result.returncode == 1
+        assert error_line(result.stderr) == (
+            f"mixtral-chat: error: MIXTRAL_CHAT_HOME={home_file} is a file, not a folder: give it a folder"
+        )
+
+
+def test_a_data_folder_that_cannot_be_made_costs_the_log_not_the_answer(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """(As root no permission stops a mkdir: a file where the folder goes does.)"""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "data").write_text("in the way")
+    result = run_cli(
+        "ask", "--model", str(tiny_model_dir), "--max-tokens", "2", "hi", env={"MIXTRAL_CHAT_HOME": str(home)}
+    )
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr
+    [warning] = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert "not saved in the conversation history: cannot create the folder for the conversation" in warning
