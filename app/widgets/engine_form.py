@@ -96,9 +96,11 @@ class EngineForm(Grid):
 
 
 def _select(choices: list[tuple[str, str]], value: str, id: str) -> Select[str]:
-    # A value the form does not offer (say "cuda:1" from the config file) shows as the first choice.
-    known = {choice for _, choice in choices}
-    return Select(choices, value=value if value in known else choices[0][1], allow_blank=False, id=id)
+    # A value the form does not offer (say "cuda:1" from the config file) is offered too: shown
+    # as it is in effect, and kept by a save.
+    if value not in {choice for _, choice in choices}:
+        choices = [*choices, (value, value)]
+    return Select(choices, value=value, allow_blank=False, id=id)
 
 
 def _text(value: object) -> str:
