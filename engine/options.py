@@ -30,7 +30,9 @@ class GenerationConfigError(MixtralChatError):
 
 # The one set of load bounds (settings file and screen, CLI flags, Engine.load).
 CONTEXT_MIN = 16  # tokens: below it not even a short prompt and its answer fit
-EXPERTS_PER_LAYER_MIN = 1  # the most is the model's own count, checked against its config
+# 0: no slots, every expert computed on the CPU (on_miss "cpu"); the most is the model's own
+# count, checked against its config.
+EXPERTS_PER_LAYER_MIN = 0
 GPU_BUDGET_MIN = 0.0  # GB, inclusive
 # Each string option's values ("cuda:N" too, for device).
 LOAD_CHOICES: dict[str, tuple[str, ...]] = {

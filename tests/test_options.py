@@ -112,7 +112,7 @@ def test_the_cli_accepts_the_temperature_cap(isolated_home: Path) -> None:
 LOAD_OUT_OF_BOUNDS = [
     ("context_length", "-5", "context_length must be at least 16, got -5"),
     ("context_length", "8", "context_length must be at least 16, got 8"),
-    ("experts_per_layer", "0", "experts_per_layer must be at least 1, got 0"),
+    ("experts_per_layer", "-1", "experts_per_layer must be at least 0, got -1"),
     ("gpu_budget_gb", "-3.0", "gpu_budget_gb must be a finite number of GB >= 0, got -3.0"),
     ("gpu_budget_gb", "inf", "gpu_budget_gb must be a finite number of GB >= 0, got inf"),
     ("gpu_budget_gb", "nan", "gpu_budget_gb must be a finite number of GB >= 0, got nan"),

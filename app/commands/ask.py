@@ -116,7 +116,8 @@ def read_prompt(args: argparse.Namespace) -> str:
     # A blank PROMPT counts as none, as blank stdin does.
     parts = [well_formed(args.prompt)] if args.prompt and args.prompt.strip() else []
     if not sys.stdin.isatty():
-        piped = sys.stdin.buffer.read().decode("utf-8", "replace")
+        raw = getattr(sys.stdin, "buffer", None)  # none on a stand-in stream (a StringIO)
+        piped = raw.read().decode("utf-8", "replace") if raw is not None else sys.stdin.read()
         if piped.strip():
             parts.append(piped)
     if not parts:
@@ -205,7 +206,15 @@ def answer_remotely(args: argparse.Namespace, prompt: str, log: ConversationLog 
     history = log.prepare() if log is not None else []
     system_prompt = continued.system_prompt if continued is not None else (args.system or "")
     messages = [*chat_messages(system_prompt, history), {"role": "user", "content": prompt}]
-    stats, interrupted = run_remote(args, messages, config, log, prompt=prompt, system_prompt=system_prompt)
+    stats, interrupted = run_remote(
+        args,
+        messages,
+        config,
+        log,
+        prompt=prompt,
+        system_prompt=system_prompt,
+        generation=generation_flags(args),
+    )
     if args.stats:
         print_stats(stats, None)
     return 130 if interrupted else 0

@@ -46,10 +46,11 @@ def run_remote(
     *,
     prompt: str,
     system_prompt: str,
+    generation: dict[str, float | int] | None = None,
 ) -> tuple[GenerationStats | None, bool]:
     """Print the answer to `messages` (and store the exchange in `log`, as the local `ask`
-    does); returns its client-side stats and whether Ctrl+C stopped it."""
-    from mixtral_chat.app.commands.ask import generation_flags
+    does, a new chat keeping `generation`, the sampling flags given); returns its client-side
+    stats and whether Ctrl+C stopped it."""
     from mixtral_chat.app.remote import RemoteBackend
 
     backend = RemoteBackend(args.backend or "", api_key(args))
@@ -57,7 +58,7 @@ def run_remote(
     stop = threading.Event()
     stream = backend.chat(messages, config, model, stop_event=stop)
     if log is not None:
-        log.begin(prompt, system_prompt=system_prompt, model=model, generation=generation_flags(args))
+        log.begin(prompt, system_prompt=system_prompt, model=model, generation=generation)
     pieces: list[str] = []
     interrupted = False
     status = "error"  # unless the loop ends

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from mixtral_chat.app.argtypes import float_range, int_range
-from mixtral_chat.engine.options import CONTEXT_MIN, EXPERTS_PER_LAYER_MIN, GPU_BUDGET_MIN, LoadOptions
+from mixtral_chat.engine.options import CONTEXT_MIN, GPU_BUDGET_MIN, LoadOptions
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -35,7 +35,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     offload = parser.add_argument_group("expert offloading")
     offload.add_argument(
         "--experts-per-layer",
-        type=int_range("--experts-per-layer", EXPERTS_PER_LAYER_MIN),
+        type=int_range("--experts-per-layer", 1),  # at least top-k, against the model's config
         metavar="K",
         help="experts kept on the compute device per layer",
     )
