@@ -147,6 +147,11 @@ def run(args: argparse.Namespace) -> int:
         else:
             code = answer(args, prompt, log)
         return 128 + stopped_by[0] if code == 130 and stopped_by else code
+    except KeyboardInterrupt:  # before the answer streams (the model loading): nothing to keep
+        if not stopped_by:
+            raise
+        print(file=sys.stderr)
+        return 128 + stopped_by[0]
     finally:
         if log is not None:
             log.close()
