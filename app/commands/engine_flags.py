@@ -6,19 +6,20 @@ from __future__ import annotations
 import argparse
 
 from mixtral_chat.app.argtypes import float_range, int_range
-from mixtral_chat.engine.options import CONTEXT_MIN, GPU_BUDGET_MIN, LoadOptions
+from mixtral_chat.engine.options import CONTEXT_MIN, GPU_BUDGET_MIN, LOAD_CHOICES, LoadOptions
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """Device, dtype, in-memory quantization, context and the offloading group (returned, for a
     command's own offloading flags)."""
+    # Narrower than LOAD_CHOICES: no cuda:N or float16 on the command line.
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    parser.add_argument("--quant", choices=["none", "int4", "nf4"], help="quantize a float model in memory")
+    parser.add_argument("--quant", choices=LOAD_CHOICES["quant"], help="quantize a float model in memory")
     parser.add_argument(
         "--vocab-weights",
         default="auto",
-        choices=["auto", "float", "int8"],
+        choices=LOAD_CHOICES["vocab_weights"],
         help="a 4-bit model's lm_head and embeddings on the CPU (auto: int8 where the native kernel runs)",
     )
     parser.add_argument(
@@ -51,8 +52,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
         default=False,
         help="speculative loading of the next layer's experts (off: it measured slower, docs/BENCHMARKS.md)",
     )
-    offload.add_argument("--offload", choices=["ram", "disk"], help="where the other experts live")
-    offload.add_argument("--cache-policy", default="lru", choices=["lru", "lfu"])
+    offload.add_argument(
+        "--offload", choices=LOAD_CHOICES["offload_store"], help="where the other experts live"
+    )
+    offload.add_argument("--cache-policy", default="lru", choices=LOAD_CHOICES["cache_policy"])
     add_placement_flags(offload)
     offload.add_argument(
         "--simulate-link-gbps",
@@ -91,7 +94,7 @@ def add_placement_flags(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--on-miss",
         default="auto",
-        choices=["auto", "copy", "cpu", "split"],
+        choices=LOAD_CHOICES["on_miss"],
         help="missed experts: copied to the device, computed on the CPU, or split (auto: planned)",
     )
     group.add_argument(
